@@ -1,0 +1,146 @@
+"""The agent's side of a data connection: forward it to the tunnel's upstream.
+
+HTTP tunnels are proxied exchange by exchange (so each can be captured); TCP and TLS
+tunnels are relayed as raw bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from backend import pages
+from backend.http1 import (
+    MAX_HEAD,
+    HTTPError,
+    UpstreamError,
+    parse_request_head,
+    proxy_exchange,
+    read_head,
+)
+from backend.relay import close, relay, tune
+
+if TYPE_CHECKING:
+    from backend.agent.tunnels import Tunnel
+    from backend.protocol import StartData
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where a tunnel forwards to, parsed from ``addr`` the way ngrok reads it."""
+
+    scheme: str  # http | https | tcp | tls
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, addr: str, proto: str) -> Upstream:
+        text = addr.strip()
+        scheme = {"http": "http", "https": "http", "tcp": "tcp", "tls": "tcp"}[proto]
+        if "://" in text:
+            scheme, text = text.split("://", 1)
+            scheme = scheme.lower()
+            if scheme not in ("http", "https", "tcp", "tls"):
+                raise ValueError(f"unsupported upstream scheme {scheme!r}")
+        text = text.split("/", 1)[0]
+        if text.isdigit():
+            host, port = "localhost", int(text)
+        elif text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            port = int(rest.lstrip(":") or _default_port(scheme))
+        elif ":" in text:
+            host, port_s = text.rsplit(":", 1)
+            if not port_s.isdigit():
+                raise ValueError(f"invalid port in upstream address {addr!r}")
+            port = int(port_s)
+        else:
+            host, port = text, _default_port(scheme)
+        if not 0 < port < 65536:
+            raise ValueError(f"port out of range in upstream address {addr!r}")
+        return cls(scheme, host or "localhost", port)
+
+    @property
+    def display(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        ctx = None
+        if self.scheme in ("https", "tls"):
+            # Like ngrok, the agent does not verify local upstream certificates.
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        r, w = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, ssl=ctx, limit=MAX_HEAD), 10
+        )
+        tune(w)
+        return r, w
+
+
+def _default_port(scheme: str) -> int:
+    return {"http": 80, "https": 443}.get(scheme, 80)
+
+
+async def serve_http(
+    tunnel: Tunnel, start: StartData, r: asyncio.StreamReader, w: asyncio.StreamWriter
+) -> None:
+    """Proxy HTTP exchanges arriving on a data connection to the tunnel's upstream."""
+    up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    try:
+        while True:
+            raw = await read_head(r)
+            if raw is None:
+                return
+            req = parse_request_head(raw)
+            obs = tunnel.observe(start, req)
+            if up is None or up[0].at_eof():
+                close(up[1] if up else None)
+                try:
+                    up = await tunnel.upstream.connect()
+                except (OSError, TimeoutError) as exc:
+                    up = None
+                    err = exc.strerror or type(exc).__name__ if isinstance(exc, OSError) else "timeout"
+                    resp = pages.upstream_refused(tunnel.upstream.display, str(err))
+                    if obs is not None:
+                        obs.synthetic_response(resp)
+                    w.write(resp)
+                    await w.drain()
+                    return
+            try:
+                res = await proxy_exchange(req, raw, r, w, up[0], up[1], obs)
+            except UpstreamError as exc:
+                if not exc.response_started:
+                    resp = pages.upstream_refused(tunnel.upstream.display, str(exc))
+                    if obs is not None:
+                        obs.synthetic_response(resp)
+                    w.write(resp)
+                    await w.drain()
+                return
+            finally:
+                if obs is not None:
+                    obs.finish()
+            if res.upgraded:
+                await relay(r, w, up[0], up[1])
+                return
+            if not res.keep_alive:
+                return
+    except HTTPError as exc:
+        w.write(pages.bad_request(exc.status, exc.msg))
+    except (OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        if up is not None:
+            close(up[1])
+        close(w)
+
+
+async def serve_tcp(tunnel: Tunnel, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    try:
+        up_r, up_w = await tunnel.upstream.connect()
+    except (OSError, TimeoutError):
+        close(w)
+        return
+    await relay(r, w, up_r, up_w)

@@ -1,0 +1,100 @@
+"""Tunnel definitions (ngrok's config shape) and the agent's live tunnel objects."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from backend.agent.forward import Upstream
+from backend.agent.metrics import TunnelMetrics
+from backend.http1 import Head
+from backend.protocol import StartData
+
+
+class TunnelConfig(BaseModel):
+    """One tunnel, as in an ngrok config file or a ``POST /api/tunnels`` body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = ""
+    proto: Literal["http", "https", "tcp", "tls"] = "http"
+    addr: str
+    url: str = Field(default="", description="public URL to ask for; empty = random")
+    binding: Literal["public", "internal", "kubernetes"] | None = None
+    pooling_enabled: bool = False
+    metadata: str = ""
+    description: str = ""
+    inspect: bool = True
+    traffic_policy: str = ""
+
+    @field_validator("addr", mode="before")
+    @classmethod
+    def _addr_str(cls, v):
+        return str(v) if isinstance(v, int) else v
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url_alias(cls, v):
+        return v or ""
+
+
+class Tunnel:
+    """A running tunnel: its config, upstream, public URL (once bound) and metrics."""
+
+    def __init__(self, config: TunnelConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.upstream = Upstream.parse(config.addr, config.proto)
+        self.endpoint_id: str | None = None
+        self.public_url: str = ""
+        self.metrics = TunnelMetrics()
+        self.error: str | None = None
+        self.started = time.time()
+        self.capture = None  # set by the agent when inspection is on
+
+    @property
+    def online(self) -> bool:
+        return self.endpoint_id is not None
+
+    def observe(self, start: StartData, req: Head) -> Exchange:
+        return Exchange(self, start, req)
+
+
+class Exchange:
+    """Watches one HTTP exchange through the agent: timing, and capture when enabled."""
+
+    __slots__ = ("_t0", "capture", "req", "resp", "start", "tunnel")
+
+    def __init__(self, tunnel: Tunnel, start: StartData, req: Head) -> None:
+        self.tunnel = tunnel
+        self.start = start
+        self.req = req
+        self.resp: Head | None = None
+        self._t0 = time.perf_counter_ns()
+        self.capture = tunnel.capture.begin(tunnel, start, req) if tunnel.capture else None
+
+    def request_body(self, chunk: bytes) -> None:
+        if self.capture is not None:
+            self.capture.request_body(chunk)
+
+    def response_head(self, head: Head) -> None:
+        self.resp = head
+        if self.capture is not None:
+            self.capture.response_head(head)
+
+    def response_body(self, chunk: bytes) -> None:
+        if self.capture is not None:
+            self.capture.response_body(chunk)
+
+    def synthetic_response(self, raw: bytes) -> None:
+        """Record a response the agent made itself (e.g. the 502 for a refused upstream)."""
+        if self.capture is not None:
+            self.capture.synthetic_response(raw)
+
+    def finish(self) -> None:
+        duration = time.perf_counter_ns() - self._t0
+        self.tunnel.metrics.request_done(duration)
+        if self.capture is not None:
+            self.capture.finish(duration)

@@ -1,0 +1,397 @@
+"""``burrow serve``, ``burrow agent`` and ``burrow http|tcp|tls``: the engine's commands.
+
+Every long-running command prints, with ``--json``, one JSON object per line, the
+first being ``{"event": "ready", ...}`` with every address it listens on.  Errors a
+user can cause give one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from backend import __version__
+from backend.netutil import AddressError, is_loopback, parse_hostport
+
+
+class CLIError(Exception):
+    """A one-line error for the user."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + line
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("BURROW_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "burrow"
+
+
+def _emit(ev: dict) -> None:
+    sys.stdout.write(json.dumps(ev, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def _check_addr(flag: str, value: str, allow_remote: bool) -> str:
+    try:
+        host, _ = parse_hostport(value)
+    except AddressError as exc:
+        raise CLIError(f"{flag}: {exc}") from None
+    if not allow_remote and not is_loopback(host):
+        raise CLIError(f"{flag} {value} is not a loopback address; pass --allow-remote to bind it anyway")
+    return value
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    lo_s, sep, hi_s = text.partition("-")
+    try:
+        lo = int(lo_s)
+        hi = int(hi_s) if sep else lo
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port range {text!r} (expected LOW-HIGH)") from None
+    if not 1 <= lo <= hi <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port range {text!r}")
+    return lo, hi
+
+
+# --------------------------------------------------------------------------- parsers
+def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Self-hosted tunnels that speak ngrok's wire formats.")
+    parser.add_argument("--version", action="version", version=f"burrow {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    s = sub.add_parser("serve", help="run the edge: ingress, public listeners and cloud API")
+    s.add_argument("--data-dir", type=Path, default=None)
+    s.add_argument("--api-addr", default="127.0.0.1:4041")
+    s.add_argument("--ingress-addr", default="127.0.0.1:4042")
+    s.add_argument("--http-addr", default="127.0.0.1:4080")
+    s.add_argument("--https-addr", default="127.0.0.1:4443", help="'off' disables the https listener")
+    s.add_argument("--tcp-ports", type=_port_range, default=(20000, 29999))
+    s.add_argument("--tcp-host", default=None, help="host name used in tcp:// URLs")
+    s.add_argument("--domain", default="burrow.localhost")
+    s.add_argument("--api-key", action="append", default=None)
+    s.add_argument("--authtoken", action="append", default=None)
+    s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --api-addr")
+    s.add_argument("--json", action="store_true")
+
+    def conn_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server-addr", default=None, help="edge ingress HOST:PORT")
+        p.add_argument("--authtoken", default=None)
+        p.add_argument("--root-cas", default=None, help="CA file to verify the edge with")
+        p.add_argument("--web-addr", default=None, help="agent API address (default 127.0.0.1:4040)")
+        p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --web-addr")
+        p.add_argument("--no-data-tls", action="store_true", help="plain TCP data connections")
+        p.add_argument("--pool-size", type=int, default=None)
+        p.add_argument("--json", action="store_true")
+
+    for proto in ("http", "tcp", "tls"):
+        t = sub.add_parser(proto, help=f"start one {proto} tunnel to ADDR")
+        t.add_argument("addr", metavar="ADDR", help="upstream: PORT, HOST:PORT or URL")
+        t.add_argument("--url", default="")
+        t.add_argument("--name", default="")
+        t.add_argument("--binding", choices=["public", "internal", "kubernetes"], default=None)
+        t.add_argument("--pooling-enabled", action="store_true")
+        t.add_argument("--metadata", default="")
+        t.add_argument("--description", default="")
+        t.add_argument("--inspect", choices=["true", "false"], default="true")
+        t.add_argument("--traffic-policy-file", type=Path, default=None)
+        conn_flags(t)
+
+    a = sub.add_parser("agent", help="run an agent with the tunnels of a config file")
+    a.add_argument("--config", type=Path, default=None)
+    conn_flags(a)
+    return parser
+
+
+# ---------------------------------------------------------------------------- running
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        runner = {"serve": _serve, "agent": _agent, "http": _agent, "tcp": _agent, "tls": _agent}
+        return _run(runner[args.command](args))
+    except CLIError as exc:
+        print(f"burrow {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(coro) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+async def _until_signal(*stoppers) -> asyncio.Event:
+    ev = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, ev.set)
+    return ev
+
+
+async def _serve(args) -> int:
+    from backend.edge.server import Edge, EdgeConfig
+
+    _check_addr("--api-addr", args.api_addr, args.allow_remote)
+    for flag in ("ingress_addr", "http_addr"):
+        _check_addr("--" + flag.replace("_", "-"), getattr(args, flag), True)
+    https = None if args.https_addr.lower() in ("", "off", "none") else args.https_addr
+    if https:
+        _check_addr("--https-addr", https, True)
+    authtokens = args.authtoken or ([os.environ["BURROW_AUTHTOKEN"]] if os.environ.get("BURROW_AUTHTOKEN") else [])
+    api_keys = args.api_key or ([os.environ["BURROW_API_KEY"]] if os.environ.get("BURROW_API_KEY") else [])
+    cfg = EdgeConfig(
+        data_dir=(args.data_dir or default_data_dir()).expanduser(),
+        api_addr=args.api_addr,
+        ingress_addr=args.ingress_addr,
+        http_addr=args.http_addr,
+        https_addr=https,
+        tcp_ports=args.tcp_ports,
+        tcp_host=args.tcp_host,
+        domain=args.domain.lower().strip("."),
+        api_keys=api_keys,
+        authtokens=authtokens,
+    )
+    edge = Edge(cfg, on_event=_emit if args.json else None)
+    stop = await _until_signal()
+    try:
+        await edge.start()
+    except OSError as exc:
+        await edge.stop()
+        raise CLIError(f"cannot listen: {exc.strerror or exc}") from None
+    except Exception as exc:  # a broken data dir, an unreadable CA ...
+        await edge.stop()
+        raise CLIError(str(exc)) from None
+    info = edge.ready_info()
+    if args.json:
+        _emit({"event": "ready", "version": __version__, **info})
+    else:
+        print(f"burrow edge {__version__}")
+        rows = [
+            ("cloud API", info["api_url"]),
+            ("agent ingress", info["ingress_addr"]),
+            ("public http", info["http_url"]),
+            ("public https", info["https_url"] or "off"),
+            ("domain", info["domain"]),
+            ("CA certificate", info["ca_file"]),
+            ("data dir", info["data_dir"]),
+        ]
+        if edge.created_credentials:
+            rows.append(("authtoken", edge.bootstrap["authtoken"] + "  (shown once; also in data dir)"))
+            rows.append(("API key", edge.bootstrap["api_key"]))
+        for k, v in rows:
+            print(f"  {k:<15} {v}")
+        sys.stdout.flush()
+    await stop.wait()
+    await edge.stop()
+    if args.json:
+        _emit({"event": "stopped"})
+    return 0
+
+
+def _load_config(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise CLIError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise CLIError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def _tunnels_from_config(conf: dict) -> list:
+    """Read ngrok-style ``tunnels:`` (a mapping) and ``endpoints:`` (a list)."""
+    from backend.agent.tunnels import TunnelConfig
+
+    out = []
+    try:
+        for name, t in (conf.get("tunnels") or {}).items():
+            out.append(TunnelConfig.model_validate({**(t or {}), "name": name}))
+        for e in conf.get("endpoints") or []:
+            up = (e.get("upstream") or {}).get("url", "")
+            url = e.get("url", "")
+            proto = url.split("://", 1)[0] if "://" in url else "http"
+            out.append(
+                TunnelConfig.model_validate(
+                    {
+                        "name": e.get("name", ""),
+                        "proto": proto,
+                        "addr": up,
+                        "url": url,
+                        "metadata": e.get("metadata", ""),
+                        "description": e.get("description", ""),
+                        "pooling_enabled": e.get("pooling_enabled", False),
+                    }
+                )
+            )
+    except (ValidationError, AttributeError, TypeError) as exc:
+        msg = exc.errors()[0] if isinstance(exc, ValidationError) else {"msg": str(exc), "loc": ()}
+        loc = ".".join(str(x) for x in msg.get("loc", ()))
+        raise CLIError(f"invalid tunnel in config: {loc} {msg['msg']}".strip()) from None
+    return out
+
+
+async def _agent(args) -> int:
+    from backend.agent.agent import Agent, AgentConfig, AgentError
+    from backend.agent.api import start_agent_api
+    from backend.agent.tunnels import TunnelConfig
+
+    conf = _load_config(getattr(args, "config", None))
+    aconf = conf.get("agent") if isinstance(conf.get("agent"), dict) else conf
+    data_dir = default_data_dir()
+    boot = {}
+    with contextlib.suppress(OSError, ValueError):
+        boot = json.loads((data_dir / "bootstrap.json").read_text())
+    authtoken = (
+        args.authtoken or os.environ.get("BURROW_AUTHTOKEN") or aconf.get("authtoken") or boot.get("authtoken")
+    )
+    if not authtoken:
+        raise CLIError("no authtoken: pass --authtoken or set BURROW_AUTHTOKEN")
+    server_addr = (
+        args.server_addr or os.environ.get("BURROW_SERVER_ADDR") or aconf.get("server_addr") or "127.0.0.1:4042"
+    )
+    try:
+        parse_hostport(server_addr)
+    except AddressError as exc:
+        raise CLIError(f"--server-addr: {exc}") from None
+    root_cas = args.root_cas or aconf.get("root_cas")
+    if root_cas is None and (data_dir / "ca.pem").exists():
+        root_cas = str(data_dir / "ca.pem")
+    if root_cas is not None and not Path(root_cas).is_file():
+        raise CLIError(f"--root-cas: no such file {root_cas}")
+    web_explicit = args.web_addr or aconf.get("web_addr")
+    web_addr = web_explicit or "127.0.0.1:4040"
+    if str(web_addr).lower() != "false":
+        _check_addr("--web-addr", web_addr, args.allow_remote)
+
+    if args.command == "agent":
+        tunnels = _tunnels_from_config(conf)
+    else:
+        policy = ""
+        if args.traffic_policy_file is not None:
+            try:
+                policy = args.traffic_policy_file.read_text()
+            except OSError as exc:
+                raise CLIError(f"cannot read {args.traffic_policy_file}: {exc.strerror}") from None
+        try:
+            tunnels = [
+                TunnelConfig(
+                    name=args.name,
+                    proto=args.command,
+                    addr=args.addr,
+                    url=args.url,
+                    binding=args.binding,
+                    pooling_enabled=args.pooling_enabled,
+                    metadata=args.metadata,
+                    description=args.description,
+                    inspect=args.inspect == "true",
+                    traffic_policy=policy,
+                )
+            ]
+        except ValidationError as exc:
+            raise CLIError(exc.errors()[0]["msg"]) from None
+
+    display = None
+    ready_sent = False
+
+    def events(ev: dict) -> None:  # the ready line comes first; earlier events are in it
+        if args.json and ready_sent:
+            _emit(ev)
+    try:
+        agent = Agent(
+            AgentConfig(
+                server_addr=server_addr,
+                authtoken=authtoken,
+                root_cas=root_cas,
+                data_tls=not args.no_data_tls,
+                pool_size=args.pool_size or int(aconf.get("pool_size", 4)),
+                metadata=str(aconf.get("metadata", "")),
+                tunnels=tunnels,
+            ),
+            on_event=events,
+        )
+    except AgentError as exc:
+        raise CLIError(str(exc)) from None
+
+    api = None
+    web = ""
+    if str(web_addr).lower() != "false":
+        try:
+            api = await start_agent_api(agent, web_addr)
+        except OSError as exc:
+            if web_explicit:
+                raise CLIError(f"cannot listen on --web-addr {web_addr}: {exc.strerror}") from None
+            host = parse_hostport(web_addr)[0]
+            api = await start_agent_api(agent, f"{host}:0")
+        web = "{}:{}".format(*api.addr)
+
+    stop = await _until_signal()
+    runner = asyncio.ensure_future(agent.run())
+    waiter = asyncio.ensure_future(agent.wait_connected(3600 * 24 * 365))
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({runner, waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        if runner.done():
+            exc = runner.exception()
+            if isinstance(exc, AgentError):
+                raise CLIError(str(exc)) from None
+            if exc is not None:
+                raise exc
+            return 0
+        if waiter.done():
+            ready = {
+                "event": "ready",
+                "version": __version__,
+                "web_addr": web,
+                "session_id": agent.session_id,
+                "tunnels": [agent.tunnel_info(t) for t in agent.tunnels.values()],
+            }
+            ready_sent = True
+            if args.json:
+                _emit(ready)
+            else:
+                from backend.agent.status import StatusDisplay
+
+                display = StatusDisplay(agent, web)
+                display.start()
+            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if runner.done() and isinstance(runner.exception(), AgentError):
+                raise CLIError(str(runner.exception())) from None
+        return 0
+    finally:
+        if display is not None:
+            display.stop()
+        waiter.cancel()
+        stopper.cancel()
+        await agent.stop()
+        runner.cancel()
+        with contextlib.suppress(BaseException):
+            await runner
+        if api is not None:
+            await api.stop()

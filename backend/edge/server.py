@@ -1,0 +1,587 @@
+"""The edge: agent ingress, public HTTP/HTTPS and TCP listeners, and the cloud API.
+
+One asyncio process.  Agents dial the ingress port (TLS; the first byte tells a TLS
+ClientHello from a plain data connection), authenticate with an authtoken on a
+control connection, and park pre-warmed data connections in their session's pool.
+A public connection takes one data connection and keeps it for its lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backend import pages
+from backend import protocol as p
+from backend.edge.sessions import AgentEndpoint, Registry, Session, SessionClosed
+from backend.http1 import (
+    MAX_HEAD,
+    HTTPError,
+    UpstreamError,
+    add_headers,
+    parse_request_head,
+    proxy_exchange,
+    read_head,
+)
+from backend.ids import new_id, random_name
+from backend.netutil import format_hostport, normalize_host, parse_hostport, valid_hostname
+from backend.relay import close, relay, tune
+from backend.store import Store, open_store
+from backend.store.base import new_token
+from backend.tls import LocalCA
+
+log = logging.getLogger("burrow.edge")
+
+HEAD_TIMEOUT = 30.0  # first request head must arrive within this (408 otherwise)
+IDLE_TIMEOUT = 75.0  # keep-alive connections idle longer than this are closed
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass
+class EdgeConfig:
+    data_dir: Path
+    api_addr: str = "127.0.0.1:4041"
+    ingress_addr: str = "127.0.0.1:4042"
+    http_addr: str = "127.0.0.1:4080"
+    https_addr: str | None = "127.0.0.1:4443"
+    tcp_ports: tuple[int, int] = (20000, 29999)
+    domain: str = "burrow.localhost"
+    tcp_host: str | None = None
+    api_keys: list[str] = field(default_factory=list)
+    authtokens: list[str] = field(default_factory=list)
+    heartbeat_interval: float = 10.0
+    heartbeat_timeout: float = 30.0
+    region: str = "local"
+
+
+class Edge:
+    def __init__(self, config: EdgeConfig, on_event: Callable[[dict], None] | None = None):
+        self.config = config
+        self.registry = Registry()
+        self.on_event = on_event or (lambda ev: None)
+        self.store: Store | None = None
+        self.ca: LocalCA | None = None
+        self.bootstrap: dict[str, str] = {}
+        self.created_credentials = False
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._ingress_sock: socket.socket | None = None
+        self._api_server = None
+        self.addrs: dict[str, tuple[str, int]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(cfg.data_dir / "burrow.db")
+        self._bootstrap_credentials()
+        self.ca = LocalCA.load_or_create(cfg.data_dir)
+        names = ["localhost", "127.0.0.1", "::1", cfg.domain]
+        ingress_ctx = self.ca.sni_context(names)
+
+        host, port = parse_hostport(cfg.ingress_addr)
+        self._ingress_sock = _listen(host, port)
+        self.addrs["ingress"] = self._ingress_sock.getsockname()[:2]
+        self._spawn(self._ingress_loop(self._ingress_sock, ingress_ctx))
+
+        host, port = parse_hostport(cfg.http_addr)
+        srv = await asyncio.start_server(
+            lambda r, w: self._public_http(r, w, "http"), host, port, limit=MAX_HEAD, backlog=1024
+        )
+        self._servers.append(srv)
+        self.addrs["http"] = srv.sockets[0].getsockname()[:2]
+
+        if cfg.https_addr:
+            host, port = parse_hostport(cfg.https_addr)
+            https_ctx = self.ca.sni_context([*names, f"*.{cfg.domain}"])
+            srv = await asyncio.start_server(
+                lambda r, w: self._public_http(r, w, "https"),
+                host,
+                port,
+                limit=MAX_HEAD,
+                backlog=1024,
+                ssl=https_ctx,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            )
+            self._servers.append(srv)
+            self.addrs["https"] = srv.sockets[0].getsockname()[:2]
+
+        if cfg.api_addr:
+            from backend.edge.api import start_api
+
+            self._api_server, self.addrs["api"] = await start_api(self, cfg.api_addr)
+
+    async def stop(self) -> None:
+        for s in list(self.registry.sessions.values()):
+            self.registry.remove_session(s)
+        for srv in self._servers:
+            srv.close()
+        if self._ingress_sock is not None:
+            self._ingress_sock.close()
+        if self._api_server is not None:
+            await self._api_server.stop()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.store is not None:
+            self.store.close()
+
+    def ready_info(self) -> dict:
+        def url(scheme: str, key: str) -> str | None:
+            if key not in self.addrs:
+                return None
+            return f"{scheme}://{format_hostport(*self.addrs[key])}"
+
+        return {
+            "api_url": url("http", "api"),
+            "ingress_addr": format_hostport(*self.addrs["ingress"]),
+            "http_url": url("http", "http"),
+            "https_url": url("https", "https"),
+            "ca_file": str(self.ca.ca_file) if self.ca else None,
+            "domain": self.config.domain,
+            "data_dir": str(self.config.data_dir),
+        }
+
+    def _bootstrap_credentials(self) -> None:
+        """Create the credentials given on the command line, or a first pair on first run.
+
+        A generated pair is written once to ``bootstrap.json`` (mode 0600) in the data
+        dir so that a local agent and console can find it, like ngrok's config file
+        holds an authtoken; the database keeps only hashes.
+        """
+        assert self.store is not None
+        acct = self.store.default_account()
+        for tok in self.config.authtokens:
+            self.store.add_authtoken(acct.id, tok, description="from the command line")
+        for key in self.config.api_keys:
+            self.store.add_api_key(acct.id, key, description="from the command line")
+        path = self.config.data_dir / "bootstrap.json"
+        if path.exists():
+            with contextlib.suppress(OSError, ValueError):
+                self.bootstrap = json.loads(path.read_text())
+            return
+        if self.config.authtokens and self.config.api_keys:
+            return
+        boot = {"authtoken": new_token("bat_"), "api_key": new_token("bak_")}
+        self.store.add_authtoken(acct.id, boot["authtoken"], description="bootstrap")
+        self.store.add_api_key(acct.id, boot["api_key"], description="bootstrap")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(boot, f)
+        self.bootstrap = boot
+        self.created_credentials = True
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    # ------------------------------------------------------------------- ingress
+    async def _ingress_loop(self, lsock: socket.socket, ctx: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(lsock)
+            except OSError as exc:
+                if lsock.fileno() < 0:
+                    return
+                log.warning("ingress accept failed: %s", exc)
+                await asyncio.sleep(0.05)
+                continue
+            self._spawn(self._on_ingress(sock, ctx))
+
+    async def _on_ingress(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        writer = None
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer_ip = sock.getpeername()[0]
+            first = await asyncio.wait_for(_peek(loop, sock), HANDSHAKE_TIMEOUT)
+            if not first:
+                sock.close()
+                return
+            tls = first == b"\x16"  # a TLS handshake record
+            reader = asyncio.StreamReader(limit=2 * p.MAX_FRAME)
+            proto = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: proto,
+                sock,
+                ssl=ctx if tls else None,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls else None,
+            )
+            writer = asyncio.StreamWriter(transport, proto, reader, loop)
+            msg = await asyncio.wait_for(p.read_msg(reader), HANDSHAKE_TIMEOUT)
+            if isinstance(msg, p.Auth) and tls:
+                await self._control(reader, writer, msg, peer_ip)
+            elif isinstance(msg, p.DataHello):
+                s = self.registry.sessions.get(msg.session_id)
+                if s is None or not s.check_key(msg.key) or not s.add_data(reader, writer):
+                    close(writer)
+                writer = None  # owned by the pool now (or closed)
+            else:
+                close(writer)
+        except (OSError, EOFError, TimeoutError, ssl.SSLError, p.ProtocolError) as exc:
+            log.debug("ingress connection dropped: %s", exc)
+            close(writer)
+            if writer is None:
+                sock.close()
+        except asyncio.IncompleteReadError:
+            close(writer)
+
+    async def _control(
+        self, r: asyncio.StreamReader, w: asyncio.StreamWriter, auth: p.Auth, peer_ip: str
+    ) -> None:
+        assert self.store is not None
+        cred = self.store.find_authtoken(auth.authtoken)
+        if cred is None:
+            p.write_msg(
+                w,
+                p.Error(
+                    code="ERR_NGROK_107",
+                    msg="authentication failed: the authtoken is invalid or has been revoked",
+                ),
+            )
+            with contextlib.suppress(OSError):
+                await w.drain()
+            close(w)
+            self.on_event({"event": "auth_failed", "ip": peer_ip})
+            return
+        cfg = self.config
+        s = Session(
+            id=new_id("ts"),
+            key=secrets.token_urlsafe(24),
+            account_id=cred.account_id,
+            client_id=auth.client_id,
+            credential_id=cred.id,
+            writer=w,
+            agent_version=auth.version,
+            os=auth.os,
+            hostname=auth.hostname,
+            metadata=auth.metadata,
+            ip=peer_ip,
+            region=cfg.region,
+        )
+        old = self.registry.add_session(s)
+        if old is not None:
+            self._end_session(old, "replaced by a new session of the same agent")
+        p.write_msg(
+            w,
+            p.AuthOk(
+                session_id=s.id,
+                session_key=s.key,
+                account_id=s.account_id,
+                region=cfg.region,
+                heartbeat_interval=cfg.heartbeat_interval,
+                heartbeat_timeout=cfg.heartbeat_timeout,
+            ),
+        )
+        self.on_event({"event": "session_started", "session_id": s.id, "ip": peer_ip})
+        pinger = asyncio.ensure_future(self._pinger(s))
+        reason = "agent disconnected"
+        try:
+            while not s.closed:
+                msg = await asyncio.wait_for(p.read_msg(r), cfg.heartbeat_timeout)
+                if isinstance(msg, p.Ping):
+                    s.send(p.Pong(id=msg.id, sent=msg.sent))
+                elif isinstance(msg, p.Pong):
+                    s.latency = max(0.0, asyncio.get_running_loop().time() - msg.sent)
+                elif isinstance(msg, p.Bind):
+                    s.send(await self._bind(s, msg))
+                elif isinstance(msg, p.Unbind):
+                    ep = s.endpoints.get(msg.endpoint_id)
+                    if ep is not None:
+                        self.registry.remove_endpoint(ep)
+                        self.on_event({"event": "endpoint_offline", "url": ep.url})
+                    s.send(p.UnbindOk(req_id=msg.req_id))
+                else:
+                    reason = f"unexpected {msg.type} message"
+                    break
+        except TimeoutError:
+            reason = "heartbeat timeout"
+        except p.ProtocolError as exc:
+            reason = str(exc)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            pinger.cancel()
+            self._end_session(s, reason)
+
+    def _end_session(self, s: Session, reason: str) -> None:
+        if s.closed and s.id not in self.registry.sessions:
+            return
+        gone = self.registry.remove_session(s)
+        self.on_event(
+            {
+                "event": "session_ended",
+                "session_id": s.id,
+                "reason": reason,
+                "endpoints": [ep.url for ep in gone],
+            }
+        )
+
+    def stop_session(self, session_id: str, restart: bool = False) -> bool:
+        """End a live session from the API; ``restart`` asks the agent to come back."""
+        s = self.registry.sessions.get(session_id)
+        if s is None:
+            return False
+        s.send(p.Restart(reason="restart requested") if restart else p.Stop(reason="stopped"))
+        self._end_session(s, "restarted by the API" if restart else "stopped by the API")
+        return True
+
+    async def _pinger(self, s: Session) -> None:
+        loop = asyncio.get_running_loop()
+        n = 0
+        while not s.closed:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            n += 1
+            s.send(p.Ping(id=n, sent=loop.time()))
+
+    # ---------------------------------------------------------------------- bind
+    async def _bind(self, s: Session, msg: p.Bind) -> p._Msg:
+        try:
+            ep = await self._make_endpoint(s, msg)
+        except BindError as exc:
+            return p.Error(req_id=msg.req_id, code=exc.code, msg=str(exc))
+        self.registry.add_endpoint(ep)
+        self.on_event({"event": "endpoint_online", "url": ep.url, "session_id": s.id})
+        return p.BindOk(req_id=msg.req_id, endpoint_id=ep.id, name=ep.name, url=ep.url)
+
+    async def _make_endpoint(self, s: Session, msg: p.Bind) -> AgentEndpoint:
+        cfg = self.config
+        scheme, host, port = _split_url(msg.url, msg.proto)
+        if scheme != msg.proto:
+            raise BindError("ERR_NGROK_9034", f"url scheme {scheme!r} does not match proto {msg.proto!r}")
+        if msg.proto == "tls":
+            raise BindError("ERR_NGROK_9035", "tls endpoints are not served by this edge yet")
+        if host and "." not in host and host != "localhost":
+            host = f"{host}.{cfg.domain}"
+        internal = host.endswith(".internal")
+        binding = msg.binding or ("internal" if internal else "public")
+        if internal and binding != "internal":
+            raise BindError("ERR_NGROK_9036", ".internal hostnames need the internal binding")
+        if binding == "internal" and not internal:
+            raise BindError("ERR_NGROK_9036", "the internal binding needs a .internal hostname")
+        if binding == "kubernetes":
+            raise BindError("ERR_NGROK_9036", "the kubernetes binding is not available on this edge")
+        if host and not valid_hostname(host):
+            raise BindError("ERR_NGROK_9031", f"invalid hostname {host!r}")
+        common = dict(
+            id=new_id("ep"),
+            session=s,
+            name=msg.name,
+            proto=msg.proto,
+            binding=binding,
+            pooling_enabled=msg.pooling_enabled,
+            metadata=msg.metadata,
+            description=msg.description,
+            upstream_url=msg.upstream_url,
+        )
+        if msg.proto in ("http", "https"):
+            if internal:
+                return self._claim(AgentEndpoint(url=f"{scheme}://{host}", host=host, port=0, **common))
+            if msg.proto == "https" and "https" not in self.addrs:
+                raise BindError("ERR_NGROK_9037", "this edge has no https listener")
+            if not host:
+                host = f"{random_name()}.{cfg.domain}"
+            lport = self.addrs[msg.proto][1]
+            default = 80 if msg.proto == "http" else 443
+            url = f"{scheme}://{host}" + ("" if lport == default else f":{lport}")
+            return self._claim(AgentEndpoint(url=url, host=host, port=lport, **common))
+        # tcp
+        if internal:
+            if not port:
+                raise BindError("ERR_NGROK_9038", "internal tcp endpoints need a port")
+            return self._claim(
+                AgentEndpoint(url=f"tcp://{host}:{port}", host=f"{host}:{port}", port=port, **common)
+            )
+        tcp_host = cfg.tcp_host or ("localhost" if cfg.domain.endswith("localhost") else cfg.domain)
+        lo, hi = cfg.tcp_ports
+        if port:
+            if not lo <= port <= hi:
+                raise BindError("ERR_NGROK_9039", f"tcp port {port} is outside the edge's range {lo}-{hi}")
+            existing = self.registry.route("public", "tcp", port)
+            if existing is not None:
+                if existing.session.account_id != s.account_id or not (
+                    msg.pooling_enabled and existing.pooling_enabled
+                ):
+                    raise BindError("ERR_NGROK_334", f"The endpoint 'tcp://{tcp_host}:{port}' is already online.")
+                # pooled: shares the listener of the endpoint already online
+                return AgentEndpoint(url=f"tcp://{tcp_host}:{port}", host="", port=port, **common)
+            candidates = [port]
+        else:
+            start = secrets.randbelow(hi - lo + 1)
+            candidates = [lo + (start + i) % (hi - lo + 1) for i in range(min(64, hi - lo + 1))]
+        bind_host = parse_hostport(cfg.http_addr)[0]
+        for cand in candidates:
+            if self.registry.route("public", "tcp", cand) is not None:
+                continue
+            ep = AgentEndpoint(url=f"tcp://{tcp_host}:{cand}", host="", port=cand, **common)
+            try:
+                ep.server = await asyncio.start_server(
+                    lambda r, w, _port=cand: self._public_tcp(r, w, _port), bind_host, cand, backlog=1024
+                )
+            except OSError:
+                continue
+            return ep
+        raise BindError("ERR_NGROK_9040", f"no free tcp port in {lo}-{hi}")
+
+    def _claim(self, ep: AgentEndpoint) -> AgentEndpoint:
+        other = self.registry.conflicts(ep.route_key, ep.session.account_id, ep.pooling_enabled)
+        if other is not None:
+            raise BindError(
+                "ERR_NGROK_334",
+                f"The endpoint '{ep.url}' is already online. Stop the agent serving it, or "
+                "enable pooling on both to share its traffic.",
+            )
+        return ep
+
+    # ------------------------------------------------------------- public traffic
+    async def _public_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, scheme: str) -> None:
+        peer = writer.get_extra_info("peername") or ("", 0)
+        client_ip, client_port = peer[0], peer[1]
+        tune(writer)
+        dc: tuple[AgentEndpoint, asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        first = True
+        try:
+            while True:
+                try:
+                    raw = await asyncio.wait_for(read_head(reader), HEAD_TIMEOUT if first else IDLE_TIMEOUT)
+                except TimeoutError:
+                    if first:
+                        writer.write(pages.bad_request(408, "request timeout"))
+                    break
+                if raw is None:
+                    break
+                first = False
+                req = parse_request_head(raw)
+                host = normalize_host(req.host)
+                ep = self.registry.route("public", scheme, host) if host else None
+                if ep is None:
+                    writer.write(pages.endpoint_offline(host or "(no Host header)"))
+                    break
+                if dc is not None and (dc[0] is not ep or dc[1].at_eof()):
+                    dc[0].session.release(dc[2])
+                    dc = None
+                if dc is None:
+                    try:
+                        dr, dw = await ep.session.open_data(ep, client_ip, client_port)
+                    except SessionClosed:
+                        writer.write(pages.endpoint_offline(host))
+                        break
+                    dc = (ep, dr, dw)
+                fwd = add_headers(
+                    raw,
+                    [
+                        (b"X-Forwarded-For", client_ip.encode()),
+                        (b"X-Forwarded-Host", req.host.encode("latin-1")),
+                        (b"X-Forwarded-Proto", scheme.encode()),
+                    ],
+                )
+                try:
+                    res = await proxy_exchange(req, fwd, reader, writer, dc[1], dc[2])
+                except UpstreamError as exc:
+                    if not exc.response_started:
+                        writer.write(pages.no_agent(host))
+                    break
+                if res.upgraded:
+                    await relay(reader, writer, dc[1], dc[2])
+                    break
+                if not res.keep_alive:
+                    break
+        except HTTPError as exc:
+            writer.write(pages.bad_request(exc.status, exc.msg))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if dc is not None:
+                dc[0].session.release(dc[2])
+            with contextlib.suppress(Exception):
+                await writer.drain()
+            close(writer)
+
+    async def _public_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
+        peer = writer.get_extra_info("peername") or ("", 0)
+        ep = self.registry.route("public", "tcp", port)
+        if ep is None:
+            close(writer)
+            return
+        tune(writer)
+        try:
+            dr, dw = await ep.session.open_data(ep, peer[0], peer[1])
+        except SessionClosed:
+            close(writer)
+            return
+        try:
+            await relay(reader, writer, dr, dw)
+        finally:
+            ep.session.release(dw)
+
+
+class BindError(Exception):
+    def __init__(self, code: str, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+def _split_url(url: str, proto: str) -> tuple[str, str, int]:
+    """Split an endpoint URL into (scheme, lower-case host, port); all parts optional."""
+    if not url:
+        return proto, "", 0
+    scheme = proto
+    rest = url.strip()
+    if "://" in rest:
+        scheme, rest = rest.split("://", 1)
+        scheme = scheme.lower()
+    rest = rest.split("/", 1)[0]
+    host, port = rest, 0
+    if ":" in rest:
+        host, port_s = rest.rsplit(":", 1)
+        if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+            raise BindError("ERR_NGROK_9031", f"invalid port in url {url!r}")
+        port = int(port_s)
+    return scheme, host.lower().rstrip("."), port
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """Wait until ``sock`` is readable and return its first byte without consuming it."""
+    fut = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())
+    try:
+        return sock.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return b""

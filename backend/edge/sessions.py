@@ -1,0 +1,222 @@
+"""Live edge state: agent sessions, their data-connection pools and agent endpoints.
+
+Nothing here is persisted: agent endpoints exist exactly as long as the session that
+bound them, and are rebuilt when agents reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hmac
+import itertools
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from backend import protocol as p
+from backend.relay import close
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(eq=False)
+class AgentEndpoint:
+    id: str
+    session: Session
+    name: str
+    proto: str  # http | https | tcp | tls
+    url: str  # public URL as shown to users
+    host: str  # lower-case hostname ("" for tcp)
+    port: int  # public port (the tcp port for tcp endpoints)
+    binding: str
+    pooling_enabled: bool
+    metadata: str = ""
+    description: str = ""
+    upstream_url: str = ""
+    created_at: str = field(default_factory=now_rfc3339)
+    server: asyncio.AbstractServer | None = None  # tcp listener
+
+    @property
+    def route_key(self) -> tuple[str, str, str | int]:
+        """Key under which the edge routes traffic to this endpoint."""
+        if self.proto == "tcp":
+            return (self.binding, "tcp", self.port)
+        return (self.binding, self.proto, self.host)
+
+
+class SessionClosed(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    key: str
+    account_id: str
+    client_id: str
+    credential_id: str
+    writer: asyncio.StreamWriter
+    agent_version: str = ""
+    os: str = ""
+    hostname: str = ""
+    metadata: str = ""
+    ip: str = ""
+    transport: str = "ngrok/2"
+    region: str = "local"
+    started_at: str = field(default_factory=now_rfc3339)
+    endpoints: dict[str, AgentEndpoint] = field(default_factory=dict)
+    latency: float | None = None
+    closed: bool = False
+    _pool: collections.deque = field(default_factory=collections.deque)
+    _pool_event: asyncio.Event = field(default_factory=asyncio.Event)
+    _waiters: int = 0
+    _requested: int = 0
+    _active: set = field(default_factory=set)
+
+    POOL_MAX = 256
+
+    def send(self, msg: p._Msg) -> None:
+        if not self.closed and not self.writer.is_closing():
+            p.write_msg(self.writer, msg)
+
+    def check_key(self, key: str) -> bool:
+        return hmac.compare_digest(self.key.encode(), key.encode())
+
+    # ------------------------------------------------------------- data connections
+    def add_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Park a fresh data connection in the pool.  False if it was refused."""
+        if self.closed or len(self._pool) >= self.POOL_MAX:
+            return False
+        self._requested = max(0, self._requested - 1)
+        self._pool.append((reader, writer))
+        self._pool_event.set()
+        return True
+
+    async def open_data(
+        self, ep: AgentEndpoint, client_addr: str, client_port: int, timeout: float = 10.0
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Take a pooled data connection and announce which endpoint it now serves."""
+        deadline = time.monotonic() + timeout
+        while not self.closed:
+            while self._pool:
+                r, w = self._pool.popleft()
+                if r.at_eof() or w.is_closing():
+                    close(w)
+                    continue
+                p.write_msg(
+                    w,
+                    p.StartData(
+                        endpoint_id=ep.id,
+                        name=ep.name,
+                        proto=ep.proto,
+                        url=ep.url,
+                        client_addr=client_addr,
+                        client_port=client_port,
+                    ),
+                )
+                self._active.add(w)
+                return r, w
+            # Pool is dry: ask the agent for more, sized to the queue of waiters.
+            self._waiters += 1
+            try:
+                want = self._waiters - self._requested
+                if want > 0:
+                    self._requested += want
+                    self.send(p.NeedData(count=want))
+                self._pool_event.clear()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._pool_event.wait(), left)
+            finally:
+                self._waiters -= 1
+        raise SessionClosed("no data connection from the agent")
+
+    def release(self, writer: asyncio.StreamWriter) -> None:
+        self._active.discard(writer)
+        close(writer)
+
+    def shutdown(self) -> None:
+        """End the session: close control, pooled and active data connections."""
+        if self.closed:
+            return
+        self.closed = True
+        self._pool_event.set()
+        while self._pool:
+            close(self._pool.popleft()[1])
+        for w in list(self._active):
+            close(w)
+        self._active.clear()
+        close(self.writer)
+
+
+class Registry:
+    """Sessions by id and by (account, client id); endpoints by route key."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+        self._by_client: dict[tuple[str, str], Session] = {}
+        self._routes: dict[tuple, list[AgentEndpoint]] = {}
+        self._rr = itertools.count()
+
+    def add_session(self, s: Session) -> Session | None:
+        """Register ``s``; return the stale session of the same agent it replaces."""
+        old = self._by_client.get((s.account_id, s.client_id))
+        self.sessions[s.id] = s
+        self._by_client[(s.account_id, s.client_id)] = s
+        return old
+
+    def remove_session(self, s: Session) -> list[AgentEndpoint]:
+        """Forget a session and take all of its endpoints offline at once."""
+        self.sessions.pop(s.id, None)
+        if self._by_client.get((s.account_id, s.client_id)) is s:
+            del self._by_client[(s.account_id, s.client_id)]
+        gone = list(s.endpoints.values())
+        for ep in gone:
+            self.remove_endpoint(ep)
+        s.shutdown()
+        return gone
+
+    # ---------------------------------------------------------------- endpoints
+    def conflicts(self, key: tuple, account_id: str, pooling: bool) -> AgentEndpoint | None:
+        """Return an online endpoint that forbids binding ``key`` again, if any."""
+        for ep in self._routes.get(key, ()):
+            if ep.session.account_id != account_id or not (pooling and ep.pooling_enabled):
+                return ep
+        return None
+
+    def add_endpoint(self, ep: AgentEndpoint) -> None:
+        self._routes.setdefault(ep.route_key, []).append(ep)
+        ep.session.endpoints[ep.id] = ep
+
+    def remove_endpoint(self, ep: AgentEndpoint) -> None:
+        eps = self._routes.get(ep.route_key)
+        if eps is not None:
+            with contextlib.suppress(ValueError):
+                eps.remove(ep)
+            if not eps:
+                del self._routes[ep.route_key]
+        ep.session.endpoints.pop(ep.id, None)
+        if ep.server is not None:
+            if eps:  # a pooled tcp endpoint remains: it inherits the listener
+                eps[0].server = ep.server
+            else:
+                ep.server.close()
+            ep.server = None
+
+    def route(self, binding: str, proto: str, host_or_port: str | int) -> AgentEndpoint | None:
+        """Pick the endpoint for a public connection (round robin across a pool)."""
+        eps = self._routes.get((binding, proto, host_or_port))
+        if not eps:
+            return None
+        if len(eps) == 1:
+            return eps[0]
+        return eps[next(self._rr) % len(eps)]
+
+    def endpoints(self) -> list[AgentEndpoint]:
+        return [ep for eps in self._routes.values() for ep in eps]

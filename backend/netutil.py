@@ -1,0 +1,72 @@
+"""Small address helpers shared by the edge, the agent and the command line."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+_HOST_RE = re.compile(r"^(?=.{1,253}$)(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+class AddressError(ValueError):
+    pass
+
+
+def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Parse ``host:port``, ``:port``, ``port`` or ``[v6]:port`` into (host, port)."""
+    text = text.strip()
+    if not text:
+        raise AddressError("empty address")
+    if text.isdigit():
+        host, port_s = default_host, text
+    elif text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise AddressError(f"invalid address {text!r}")
+        host, port_s = text[1:end], text[end + 2 :]
+    else:
+        host, sep, port_s = text.rpartition(":")
+        if not sep:
+            raise AddressError(f"invalid address {text!r}: expected HOST:PORT")
+        host = host or default_host
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise AddressError(f"invalid port in {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise AddressError(f"port out of range in {text!r}")
+    return host, port
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def valid_hostname(host: str) -> bool:
+    return bool(_HOST_RE.match(host))
+
+
+def normalize_host(host_header: str) -> str:
+    """Lower-case hostname from a Host header, without port or trailing dot."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1 : h.find("]")] if "]" in h else h
+    h = h.rsplit(":", 1)[0] if ":" in h else h
+    return h.rstrip(".")

@@ -1,0 +1,64 @@
+"""Raw bidirectional byte relay between two stream pairs (TCP tunnels, upgrades)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+BLOCK = 256 * 1024
+
+
+def tune(writer: asyncio.StreamWriter) -> None:
+    """Set TCP_NODELAY and large buffers on the socket behind a writer, if any."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """Copy until EOF, then half-close the writer (or close it if it cannot)."""
+    total = 0
+    try:
+        while chunk := await reader.read(BLOCK):
+            total += len(chunk)
+            writer.write(chunk)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        try:
+            if writer.can_write_eof() and not writer.is_closing():
+                writer.write_eof()
+            else:
+                writer.close()
+        except (OSError, RuntimeError):
+            writer.close()
+    return total
+
+
+async def relay(
+    a_r: asyncio.StreamReader,
+    a_w: asyncio.StreamWriter,
+    b_r: asyncio.StreamReader,
+    b_w: asyncio.StreamWriter,
+) -> tuple[int, int]:
+    """Relay a↔b until both directions end; returns (bytes a→b, bytes b→a)."""
+    t1 = asyncio.ensure_future(pipe(a_r, b_w))
+    t2 = asyncio.ensure_future(pipe(b_r, a_w))
+    try:
+        up, down = await asyncio.gather(t1, t2)
+    finally:
+        t1.cancel()
+        t2.cancel()
+        close(a_w)
+        close(b_w)
+    return up, down
+
+
+def close(writer: asyncio.StreamWriter | None) -> None:
+    if writer is not None:
+        with contextlib.suppress(Exception):
+            writer.close()
