@@ -125,6 +125,14 @@ def _framing(headers: list[tuple[bytes, bytes]], is_request: bool) -> tuple[int,
     return (NO_BODY if is_request else UNTIL_CLOSE), 0, conn
 
 
+def _keep_alive(version: str, conn: set[bytes]) -> bool:
+    # Decided from the head itself: httptools resets its flags once a body-less
+    # message completes, so its should_keep_alive() cannot be trusted here.
+    if version == "1.1":
+        return b"close" not in conn
+    return b"keep-alive" in conn and b"close" not in conn
+
+
 def parse_request_head(raw: bytes) -> Head:
     col = _Collector()
     parser = httptools.HttpRequestParser(col)
@@ -153,7 +161,7 @@ def parse_request_head(raw: bytes) -> Head:
         raw=raw,
         headers=col.headers,
         version=parser.get_http_version(),
-        keep_alive=parser.should_keep_alive(),
+        keep_alive=_keep_alive(parser.get_http_version(), conn),
         framing=framing,
         length=length,
         method=method,
@@ -175,12 +183,12 @@ def parse_response_head(raw: bytes, request_method: bytes = b"GET") -> Head:
         raise UpstreamError(f"malformed response: {exc}") from None
     status = parser.get_status_code()
     try:
-        framing, length, _conn = _framing(col.headers, False)
+        framing, length, conn = _framing(col.headers, False)
     except HTTPError as exc:
         raise UpstreamError(exc.msg) from None
     if request_method == b"HEAD" or status < 200 or status in (204, 304):
         framing, length = NO_BODY, 0
-    keep_alive = parser.should_keep_alive() and framing != UNTIL_CLOSE
+    keep_alive = _keep_alive(parser.get_http_version(), conn) and framing != UNTIL_CLOSE
     return Head(
         raw=raw,
         headers=col.headers,

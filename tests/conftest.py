@@ -1,0 +1,34 @@
+"""Shared test fixtures: real burrow processes on 127.0.0.1 with port 0."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.procs import BurrowProc, start_agent, start_edge
+
+# Textual and rich must render colours in snapshot tests regardless of the caller's env.
+os.environ.pop("NO_COLOR", None)
+
+
+@pytest.fixture
+def edge(tmp_path) -> BurrowProc:
+    proc = start_edge(tmp_path / "edge")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def agents(edge, tmp_path):
+    """Factory: ``agents(proto, addr, *flags)`` starts an agent against ``edge``."""
+    started: list[BurrowProc] = []
+
+    def make(proto: str, addr: str | int, *flags: str, check: bool = True) -> BurrowProc:
+        proc = start_agent(edge, proto, str(addr), *flags, home=tmp_path / "home", check=check)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,241 @@
+"""The data path end to end: real edge and agent processes, real upstreams and clients."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+
+import httpx
+import pytest
+import websockets
+
+from tests.procs import BurrowProc, host_of, start_edge
+from tests.upstreams import HTTPUpstream, TCPEcho, raw_exchange
+
+
+def _client(edge: BurrowProc) -> httpx.AsyncClient:
+    host, port = edge.http_addr
+    return httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=20)
+
+
+async def test_get_returns_upstream_response_byte_for_byte(edge, agents):
+    async with HTTPUpstream() as up:
+        a = agents("http", up.port)
+        host = host_of(a.public_url)
+        raw = await raw_exchange(
+            *edge.http_addr,
+            f"GET /bytes/70000 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode(),
+        )
+        assert raw == up.sent[0]
+        head, _ = up.requests[0]
+        assert head.startswith(b"GET /bytes/70000 HTTP/1.1\r\n")
+        assert f"Host: {host}".encode() in head
+        assert b"X-Forwarded-For: 127.0.0.1" in head
+        assert b"X-Forwarded-Proto: http" in head
+
+
+async def test_5mb_post_reaches_upstream_and_comes_back(edge, agents):
+    body = os.urandom(5 * 1024 * 1024)
+    async with HTTPUpstream() as up:
+        a = agents("http", up.port)
+        async with _client(edge) as c:
+            r = await c.post("/echo", content=body, headers={"Host": host_of(a.public_url)})
+        assert r.status_code == 200
+        assert up.requests[0][1] == body
+        assert r.headers["x-body-sha256"] == hashlib.sha256(body).hexdigest()
+        assert r.content == body
+
+
+async def test_chunked_expect_continue_and_keep_alive(edge, agents):
+    async with HTTPUpstream() as up:
+        a = agents("http", up.port)
+        host = host_of(a.public_url).encode()
+        r, w = await asyncio.open_connection(*edge.http_addr)
+        # 1: a chunked response relayed verbatim
+        w.write(b"GET /chunked HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        expected = up._respond("GET", "/chunked", b"")
+        got = await asyncio.wait_for(r.readexactly(len(expected)), 10)
+        assert got == expected
+        # 2: same connection, Expect: 100-continue with a chunked request body
+        w.write(
+            b"POST /echo HTTP/1.1\r\nHost: " + host + b"\r\nExpect: 100-continue\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        cont = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        assert cont == b"HTTP/1.1 100 Continue\r\n\r\n"
+        w.write(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        assert await asyncio.wait_for(r.readexactly(11), 10) == b"hello world"
+        # 3: HEAD has no body even with a Content-Length
+        w.write(b"HEAD /bytes/100 HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        assert b"Content-Length: 100" in head
+        w.write(b"GET /last HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        rest = await asyncio.wait_for(r.read(), 10)
+        assert rest.startswith(b"HTTP/1.1 200 OK") and rest.endswith(b"GET /last\n")
+        w.close()
+        assert len(up.requests) == 4
+
+
+async def test_tcp_echo_through_tcp_endpoint(edge, agents):
+    async with TCPEcho() as up:
+        a = agents("tcp", up.port)
+        url = a.public_url
+        assert url.startswith("tcp://")
+        port = int(url.rsplit(":", 1)[1])
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        payload = os.urandom(1024 * 1024)
+        w.write(payload)
+        await w.drain()
+        got = await asyncio.wait_for(r.readexactly(len(payload)), 20)
+        assert got == payload
+        w.write_eof()
+        assert await asyncio.wait_for(r.read(), 10) == b""
+        w.close()
+
+
+async def test_websocket_echo_through_http_endpoint(edge, agents):
+    async def echo(ws):
+        async for msg in ws:
+            await ws.send(msg)
+
+    async with websockets.serve(echo, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        a = agents("http", port)
+        host = host_of(a.public_url)
+        eh, ep = edge.http_addr
+        async with websockets.connect(f"ws://{host}:{ep}/ws", host=eh, port=ep) as ws:
+            for msg in ["hello", b"\x00\x01binary", "x" * 100_000]:
+                await ws.send(msg)
+                assert await asyncio.wait_for(ws.recv(), 10) == msg
+
+
+async def test_refused_upstream_gives_502(edge, agents):
+    with socket_port() as free_port:
+        pass
+    a = agents("http", free_port)
+    async with _client(edge) as c:
+        r = await c.get("/", headers={"Host": host_of(a.public_url)})
+    assert r.status_code == 502
+    assert r.headers["ngrok-error-code"] == "ERR_NGROK_8012"
+    assert f"localhost:{free_port}" in r.text
+
+
+async def test_unknown_host_gives_404_offline(edge):
+    async with _client(edge) as c:
+        r = await c.get("/", headers={"Host": "nobody.burrow.localhost"})
+    assert r.status_code == 404
+    assert r.headers["ngrok-error-code"] == "ERR_NGROK_3200"
+    assert "ERR_NGROK_3200" in r.text
+    assert "endpoint nobody.burrow.localhost is offline" in r.text
+
+
+async def test_sigkill_takes_url_offline_and_restart_serves_again(edge, agents):
+    async with HTTPUpstream() as up, _client(edge) as c:
+        a = agents("http", up.port)
+        url = a.public_url
+        host = host_of(url)
+        assert (await c.get("/", headers={"Host": host})).status_code == 200
+        a.kill()
+        killed = time.monotonic()
+        while True:
+            r = await c.get("/", headers={"Host": host})
+            if r.status_code == 404:
+                break
+            assert time.monotonic() - killed < 1.0, "URL still online 1 s after SIGKILL"
+            await asyncio.sleep(0.02)
+        assert r.headers["ngrok-error-code"] == "ERR_NGROK_3200"
+        assert time.monotonic() - killed < 1.0
+
+        restarted = time.monotonic()
+        b = agents("http", up.port, "--url", url, check=False)
+        while True:
+            r = await c.get("/hi", headers={"Host": host})
+            if r.status_code == 200:
+                break
+            assert time.monotonic() - restarted < 2.0, "restarted agent not serving within 2 s"
+            await asyncio.sleep(0.02)
+        assert r.text == "GET /hi\n"
+        assert b.wait_event("ready")["tunnels"][0]["public_url"] == url
+
+
+async def test_edge_restart_brings_agent_back(tmp_path, agents, edge):
+    async with HTTPUpstream() as up:
+        a = agents("http", up.port)
+        url = a.public_url
+        host = host_of(url)
+        ports = {
+            "ingress": int(edge.ready["ingress_addr"].rsplit(":", 1)[1]),
+            "http": edge.http_addr[1],
+        }
+        edge.stop()
+        a.wait_event("disconnected", 10)
+        edge2 = start_edge(tmp_path / "edge", **ports)
+        try:
+            ev = a.wait_event("session", 15)
+            assert ev["tunnels"][0]["public_url"] == url
+            async with _client(edge2) as c:
+                r = await c.get("/again", headers={"Host": host})
+            assert r.status_code == 200 and r.text == "GET /again\n"
+        finally:
+            edge2.stop()
+
+
+def test_bad_authtoken_is_refused_with_one_line(edge, agents):
+    a = agents("http", 9, "--authtoken", "wrong-token", check=False)
+    assert a.wait_exit() != 0
+    err = a.stderr.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    assert "authtoken" in err and "invalid" in err
+
+
+def test_unreachable_server_is_one_line_error(tmp_path):
+    with socket_port() as port:
+        pass
+    p = BurrowProc(
+        ["http", "8080", "--server-addr", f"127.0.0.1:{port}", "--authtoken", "x", "--web-addr", "127.0.0.1:0"],
+        env={"XDG_DATA_HOME": str(tmp_path), "BURROW_DATA_DIR": str(tmp_path / "b")},
+    )
+    assert p.wait_exit() != 0
+    err = p.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert "cannot reach the edge" in err
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["http"], "ADDR"),
+        (["http", "80", "--binding", "nope"], "--binding"),
+        (["serve", "--tcp-ports", "9-1"], "port range"),
+        (["serve", "--api-addr", "0.0.0.0:4041", "--data-dir", "/nonexistent/x"], "loopback"),
+        (["agent", "--config", "/nonexistent/burrow.yml", "--authtoken", "x"], "cannot read"),
+    ],
+)
+def test_bad_flags_give_one_line_error(args, words, tmp_path):
+    p = BurrowProc(args, env={"XDG_DATA_HOME": str(tmp_path), "BURROW_DATA_DIR": str(tmp_path / "b")})
+    assert p.wait_exit() != 0
+    err = p.stderr.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert words in err
+
+
+class socket_port:
+    """A port that was free a moment ago (nothing listens on it after the block)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        return self.port
+
+    def __exit__(self, *exc) -> None:
+        pass
