@@ -270,11 +270,12 @@ class Agent:
                 raise ConnectionResetError("restart requested by the edge")
 
     async def _pinger(self, interval: float) -> None:
+        """Ping at once (so latency is known from the start), then every ``interval``."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(interval)
             self._ping_ids += 1
             self._send(p.Ping(id=self._ping_ids, sent=loop.time()))
+            await asyncio.sleep(interval)
 
     def _send(self, msg: p._Msg) -> None:
         if self._writer is not None and not self._writer.is_closing():

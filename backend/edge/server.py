@@ -171,7 +171,7 @@ class Edge:
             return
         if self.config.authtokens and self.config.api_keys:
             return
-        boot = {"authtoken": new_token("bat_"), "api_key": new_token("bak_")}
+        boot = {"authtoken": new_token("bat"), "api_key": new_token("bak")}
         self.store.add_authtoken(acct.id, boot["authtoken"], description="bootstrap")
         self.store.add_api_key(acct.id, boot["api_key"], description="bootstrap")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
