@@ -95,6 +95,13 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
         p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --web-addr")
         p.add_argument("--no-data-tls", action="store_true", help="plain TCP data connections")
         p.add_argument("--pool-size", type=int, default=None)
+        p.add_argument("--inspect-db-size", type=int, default=None, help="bytes; 0 = 50 MB, -1 = off")
+        p.add_argument("--inspect-db", default=None, help="SQLite file keeping captures across restarts")
+        p.add_argument("--inspect-body-cap", type=int, default=None, help="bytes of each body to capture")
+        p.add_argument("--log", default=None, help="'stdout' or a file: logfmt log lines like ngrok's")
+        p.add_argument("--log-format", default="logfmt", choices=["logfmt", "json", "term"])
+        p.add_argument("--log-level", default="info")
+        p.add_argument("--region", default=None, help="accepted for ngrok compatibility")
         p.add_argument("--json", action="store_true")
 
     for proto in ("http", "tcp", "tls"):
@@ -113,6 +120,14 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
     a = sub.add_parser("agent", help="run an agent with the tunnels of a config file")
     a.add_argument("--config", type=Path, default=None)
     conn_flags(a)
+
+    # ngrok's own spelling, so tools that launch "ngrok start --none" (pyngrok) can run burrow
+    st = sub.add_parser("start", help="ngrok-compatible: start tunnels from the config (--none: none)")
+    st.add_argument("names", nargs="*")
+    st.add_argument("--none", action="store_true")
+    st.add_argument("--all", action="store_true")
+    st.add_argument("--config", type=Path, action="append", default=None)
+    conn_flags(st)
     return parser
 
 
@@ -124,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        runner = {"serve": _serve, "agent": _agent, "http": _agent, "tcp": _agent, "tls": _agent}
+        runner = {"serve": _serve, "agent": _agent, "start": _agent, "http": _agent, "tcp": _agent, "tls": _agent}
         return _run(runner[args.command](args))
     except CLIError as exc:
         print(f"burrow {args.command}: error: {exc}", file=sys.stderr)
@@ -209,6 +224,17 @@ async def _serve(args) -> int:
     return 0
 
 
+def _int_opt(flag: int | None, conf_value, default: int) -> int:
+    if flag is not None:
+        return flag
+    if conf_value is None:
+        return default
+    try:
+        return int(conf_value)
+    except (TypeError, ValueError):
+        raise CLIError(f"expected an integer in the config, got {conf_value!r}") from None
+
+
 def _load_config(path: Path | None) -> dict:
     if path is None:
         return {}
@@ -262,7 +288,13 @@ async def _agent(args) -> int:
     from backend.agent.api import start_agent_api
     from backend.agent.tunnels import TunnelConfig
 
-    conf = _load_config(getattr(args, "config", None))
+    cfg_arg = getattr(args, "config", None)
+    if isinstance(cfg_arg, list):  # "start" accepts --config several times; later files win
+        conf = {}
+        for path in cfg_arg:
+            conf.update(_load_config(path))
+    else:
+        conf = _load_config(cfg_arg)
     aconf = conf.get("agent") if isinstance(conf.get("agent"), dict) else conf
     data_dir = default_data_dir()
     boot = {}
@@ -292,6 +324,17 @@ async def _agent(args) -> int:
 
     if args.command == "agent":
         tunnels = _tunnels_from_config(conf)
+    elif args.command == "start":
+        every = _tunnels_from_config(conf)
+        if args.none:
+            tunnels = []
+        elif args.all or not args.names:
+            tunnels = every
+        else:
+            tunnels = [t for t in every if t.name in args.names]
+            missing = set(args.names) - {t.name for t in tunnels}
+            if missing:
+                raise CLIError(f"no tunnel named {sorted(missing)[0]!r} in the config")
     else:
         policy = ""
         if args.traffic_policy_file is not None:
@@ -320,7 +363,18 @@ async def _agent(args) -> int:
     display = None
     ready_sent = False
 
+    logger = None
+    if args.log and args.log.lower() not in ("false", "none"):
+        from backend.logfmt import LogfmtWriter
+
+        try:
+            logger = LogfmtWriter(args.log)
+        except OSError as exc:
+            raise CLIError(f"--log {args.log}: {exc.strerror}") from None
+
     def events(ev: dict) -> None:  # the ready line comes first; earlier events are in it
+        if logger is not None:
+            logger.event(ev)
         if args.json and ready_sent:
             _emit(ev)
     try:
@@ -333,6 +387,9 @@ async def _agent(args) -> int:
                 pool_size=args.pool_size or int(aconf.get("pool_size", 4)),
                 metadata=str(aconf.get("metadata", "")),
                 tunnels=tunnels,
+                inspect_db_size=_int_opt(args.inspect_db_size, aconf.get("inspect_db_size"), 0),
+                inspect_body_cap=_int_opt(args.inspect_body_cap, aconf.get("inspect_body_cap"), 1024 * 1024),
+                inspect_db=args.inspect_db or aconf.get("inspect_db"),
             ),
             on_event=events,
         )
@@ -350,6 +407,8 @@ async def _agent(args) -> int:
             host = parse_hostport(web_addr)[0]
             api = await start_agent_api(agent, f"{host}:0")
         web = "{}:{}".format(*api.addr)
+        if logger is not None:
+            logger("info", "starting web service", obj="web", addr=web, allow_hosts="[]")
 
     stop = await _until_signal()
     runner = asyncio.ensure_future(agent.run())
@@ -375,6 +434,8 @@ async def _agent(args) -> int:
             ready_sent = True
             if args.json:
                 _emit(ready)
+            elif logger is not None and args.log == "stdout":
+                pass  # the log is the display
             else:
                 from backend.agent.status import StatusDisplay
 

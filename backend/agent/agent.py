@@ -27,6 +27,8 @@ from pathlib import Path
 from backend import __version__
 from backend import protocol as p
 from backend.agent import forward
+from backend.agent.events import EventHub
+from backend.agent.inspect import DEFAULT_BODY_CAP, InspectionStore
 from backend.agent.tunnels import Tunnel, TunnelConfig
 from backend.netutil import parse_hostport
 from backend.relay import close, tune
@@ -54,6 +56,10 @@ class AgentConfig:
     # Connect attempts before giving up when the edge was never reached (0 = forever).
     initial_attempts: int = 3
     tunnels: list[TunnelConfig] = field(default_factory=list)
+    # Inspection: ngrok's inspect_db_size (0 = 50 MB, -1 = off), body cap, SQLite file.
+    inspect_db_size: int = 0
+    inspect_body_cap: int = DEFAULT_BODY_CAP
+    inspect_db: str | Path | None = None
 
 
 def backoff(attempt: int, fast: int = 3, base: float = 0.5, cap: float = 30.0) -> float:
@@ -66,7 +72,14 @@ def backoff(attempt: int, fast: int = 3, base: float = 0.5, cap: float = 30.0) -
 class Agent:
     def __init__(self, config: AgentConfig, on_event: Callable[[dict], None] | None = None):
         self.config = config
-        self.on_event = on_event or (lambda ev: None)
+        self._on_event = on_event or (lambda ev: None)
+        self.events = EventHub()
+        self.capture: InspectionStore | None = None
+        if config.inspect_db_size != -1:
+            self.capture = InspectionStore(
+                config.inspect_db_size, config.inspect_body_cap, config.inspect_db
+            )
+            self.capture.subscribe(self.events.publish)
         self.client_id = uuid.uuid4().hex
         self.tunnels: dict[str, Tunnel] = {}
         self.session_id: str | None = None
@@ -85,7 +98,6 @@ class Agent:
         self._host, self._port = parse_hostport(config.server_addr)
         self._ctx = client_context(config.root_cas)
         self._ping_ids = 0
-        self.capture = None  # an inspection store, attached by the caller
         for tc in config.tunnels:
             self._add_tunnel(tc)
 
@@ -94,6 +106,7 @@ class Agent:
         """Keep a session alive until :meth:`stop`.  Raises AgentError on fatal errors."""
         attempt = 0
         ever = False
+        self._spawn(self._metrics_ticker())
         while not self._stopped.is_set():
             try:
                 await self._session()
@@ -120,12 +133,19 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), delay)
 
+    def on_event(self, ev: dict) -> None:
+        self._on_event(ev)
+        if self.events.active:
+            self.events.publish(ev["event"], ev)
+
     async def stop(self) -> None:
         self._stopped.set()
         close(self._writer)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.capture is not None:
+            self.capture.close()
 
     async def wait_connected(self, timeout: float) -> None:
         await asyncio.wait_for(self._connected.wait(), timeout)
@@ -268,6 +288,16 @@ class Agent:
             elif isinstance(msg, p.Restart):
                 self.on_event({"event": "restart", "reason": msg.reason})
                 raise ConnectionResetError("restart requested by the edge")
+
+    async def _metrics_ticker(self, interval: float = 1.0) -> None:
+        """Publish every tunnel's metrics once a second, only while someone listens."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.events.active:
+                self.events.publish(
+                    "metrics",
+                    {"tunnels": {t.name: t.metrics.to_api() for t in self.tunnels.values()}},
+                )
 
     async def _pinger(self, interval: float) -> None:
         """Ping at once (so latency is known from the start), then every ``interval``."""

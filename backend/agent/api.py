@@ -1,7 +1,9 @@
 """The agent API at ``web_addr`` (ngrok's ``127.0.0.1:4040/api``).
 
-Shapes follow ngrok's agent API documentation; errors use its body
-``{"error_code": int, "status_code": int, "msg": str, "details": {...}}``.
+Shapes follow ngrok's agent API documentation (seed ``003``); errors use its body
+``{"error_code": int, "status_code": int, "msg": str, "details": {...}}``.  burrow's
+additions are new fields and new paths only: ``replay_of``, ``body_size`` and
+``truncated`` on captures, edit fields on replay, and ``GET /api/events`` (SSE).
 """
 
 from __future__ import annotations
@@ -9,12 +11,21 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from backend import __version__
 from backend.agent.agent import AgentError
+from backend.agent.replay import ReplayError, ReplayRequest, replay
 from backend.agent.tunnels import TunnelConfig
-from backend.httpserver import APIServer, Request, Response, Router, empty, json_response
+from backend.httpserver import (
+    APIServer,
+    Request,
+    Response,
+    Router,
+    StreamResponse,
+    empty,
+    json_response,
+)
 
 if TYPE_CHECKING:
     from backend.agent.agent import Agent
@@ -30,6 +41,28 @@ def agent_error(req: Request | None, status: int, msg: str, details: dict | None
     )
 
 
+class BadRequest(Exception):
+    pass
+
+
+def _body(req: Request) -> dict:
+    if not req.body.strip():
+        raise BadRequest("a JSON object body is required")
+    try:
+        data = req.json()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    return data
+
+
+def _validation_msg(exc: ValidationError) -> str:
+    e = exc.errors()[0]
+    loc = ".".join(str(x) for x in e.get("loc", ())) or "body"
+    return f"{loc}: {e.get('msg')}"
+
+
 def tunnel_json(t: Tunnel) -> dict:
     return {
         "name": t.name,
@@ -42,8 +75,67 @@ def tunnel_json(t: Tunnel) -> dict:
     }
 
 
+def endpoint_json(t: Tunnel) -> dict:
+    """The v3 ``/api/endpoints`` shape (what pyngrok 9 reads by default)."""
+    return {
+        "id": t.endpoint_id or "",
+        "name": t.name,
+        "uri": f"/api/endpoints/{t.name}",
+        "url": t.public_url,
+        "public_url": t.public_url,
+        "proto": t.config.proto,
+        "upstream": {"url": t.upstream.display, "protocol": "http1"},
+        "traffic_policy": t.config.traffic_policy,
+        "pooling_enabled": t.config.pooling_enabled,
+        "bindings": [t.config.binding] if t.config.binding else ["public"],
+        "metadata": t.config.metadata,
+        "description": t.config.description,
+        "inspect": t.config.inspect,
+        "metrics": t.metrics.to_api(),
+    }
+
+
+class _EndpointBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = ""
+    url: str = ""
+    upstream: dict | None = None
+    traffic_policy: str | dict | None = None
+    pooling_enabled: bool = False
+    bindings: list[str] | None = None
+    metadata: str = ""
+    description: str = ""
+    inspect: bool = True
+
+    def tunnel_config(self, name: str | None = None) -> TunnelConfig:
+        up = (self.upstream or {}).get("url")
+        if not up:
+            raise BadRequest("upstream.url is required")
+        proto = self.url.split("://", 1)[0].lower() if "://" in self.url else ""
+        if not proto:
+            up_scheme = str(up).split("://", 1)[0].lower() if "://" in str(up) else "http"
+            proto = {"tcp": "tcp", "tls": "tls"}.get(up_scheme, "http")
+        policy = self.traffic_policy
+        if isinstance(policy, dict):
+            policy = json.dumps(policy)
+        return TunnelConfig(
+            name=name or self.name,
+            proto=proto,
+            addr=str(up),
+            url=self.url,
+            binding=(self.bindings or [None])[0],
+            pooling_enabled=self.pooling_enabled,
+            metadata=self.metadata,
+            description=self.description,
+            inspect=self.inspect,
+            traffic_policy=policy or "",
+        )
+
+
 def build_router(agent: Agent) -> Router:
     router = Router()
+    store = agent.capture
 
     async def root(req: Request) -> Response:
         return json_response(
@@ -53,67 +145,177 @@ def build_router(agent: Agent) -> Router:
                 "endpoints": "/api/endpoints",
                 "requests": "/api/requests/http",
                 "status": "/api/status",
+                "events": "/api/events",
             }
         )
 
-    async def status(req: Request) -> Response:
+    def status_json() -> dict:
         legs = []
         if agent.session_id:
             ms = f"{agent.latency * 1000:.0f}ms" if agent.latency is not None else ""
             legs.append({"region": agent.region, "latency": ms})
-        return json_response(
-            {
-                "status": agent.status,
-                "agent_version": __version__,
-                "session": {"id": agent.session_id, "legs": legs},
-                "uri": "/api/status",
-            }
-        )
+        return {
+            "status": agent.status,
+            "agent_version": __version__,
+            "session": {"id": agent.session_id, "legs": legs},
+            "uri": "/api/status",
+        }
 
+    async def status(req: Request) -> Response:
+        return json_response(status_json())
+
+    # ------------------------------------------------------------- tunnels
     async def list_tunnels(req: Request) -> Response:
         return json_response(
             {"tunnels": [tunnel_json(t) for t in agent.tunnels.values()], "uri": "/api/tunnels"}
         )
 
+    def _find(name: str) -> Tunnel | None:
+        return agent.tunnels.get(name)
+
     async def get_tunnel(req: Request) -> Response:
-        t = agent.tunnels.get(req.params["name"])
+        t = _find(req.params["name"])
         if t is None:
             return agent_error(req, 404, f"tunnel {req.params['name']!r} not found")
         return json_response(tunnel_json(t))
 
-    async def start_tunnel(req: Request) -> Response:
+    async def _start(tc: TunnelConfig) -> Tunnel:
         try:
-            body = req.json()
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
-            tc = TunnelConfig.model_validate(body)
-        except (ValueError, json.JSONDecodeError) as exc:
-            msg = _validation_msg(exc) if isinstance(exc, ValidationError) else str(exc)
-            return agent_error(req, 400, f"invalid tunnel configuration: {msg}")
-        try:
-            t = await agent.start_tunnel(tc)
+            return await agent.start_tunnel(tc)
         except AgentError as exc:
-            return agent_error(req, 502, "failed to start tunnel", {"err": str(exc)})
-        return json_response(tunnel_json(t), 201)
+            raise _Failed(str(exc)) from None
+
+    async def start_tunnel(req: Request) -> Response:
+        tc = TunnelConfig.model_validate(_body(req))
+        return json_response(tunnel_json(await _start(tc)), 201)
 
     async def stop_tunnel(req: Request) -> Response:
         if not await agent.stop_tunnel(req.params["name"]):
             return agent_error(req, 404, f"tunnel {req.params['name']!r} not found")
         return empty(204)
 
-    router.add("GET", "/api", root)
-    router.add("GET", "/api/status", status)
-    router.add("GET", "/api/tunnels", list_tunnels)
-    router.add("POST", "/api/tunnels", start_tunnel)
-    router.add("GET", "/api/tunnels/{name}", get_tunnel)
-    router.add("DELETE", "/api/tunnels/{name}", stop_tunnel)
+    # ----------------------------------------------------------- endpoints
+    async def list_endpoints(req: Request) -> Response:
+        return json_response(
+            {"endpoints": [endpoint_json(t) for t in agent.tunnels.values()], "uri": "/api/endpoints"}
+        )
+
+    async def get_endpoint(req: Request) -> Response:
+        t = _find(req.params["name"])
+        if t is None:
+            return agent_error(req, 404, f"endpoint {req.params['name']!r} not found")
+        return json_response(endpoint_json(t))
+
+    async def create_endpoint(req: Request) -> Response:
+        tc = _EndpointBody.model_validate(_body(req)).tunnel_config()
+        return json_response(endpoint_json(await _start(tc)), 201)
+
+    async def put_endpoint(req: Request) -> Response:
+        name = req.params["name"]
+        tc = _EndpointBody.model_validate(_body(req)).tunnel_config(name)
+        existed = await agent.stop_tunnel(name)
+        t = await _start(tc)
+        return json_response(endpoint_json(t), 200 if existed else 201)
+
+    async def delete_endpoint(req: Request) -> Response:
+        if not await agent.stop_tunnel(req.params["name"]):
+            return agent_error(req, 404, f"endpoint {req.params['name']!r} not found")
+        return empty(204)
+
+    # ------------------------------------------------------------ requests
+    def _need_store() -> None:
+        if store is None:
+            raise _NotFound("inspection is off for this agent (inspect_db_size -1)")
+
+    async def list_requests(req: Request) -> Response:
+        limit_s = req.arg("limit")
+        limit = None
+        if limit_s:
+            try:
+                limit = int(limit_s)
+            except ValueError:
+                return agent_error(req, 400, f"limit must be an integer, not {limit_s!r}")
+            if limit < 0:
+                return agent_error(req, 400, "limit must not be negative")
+        caps = store.list(limit, req.arg("tunnel_name")) if store is not None else []
+        return json_response({"uri": "/api/requests/http", "requests": [c.to_api() for c in caps]})
+
+    async def get_request(req: Request) -> Response:
+        _need_store()
+        cap = store.get(req.params["id"])
+        if cap is None:
+            return agent_error(req, 404, f"captured request {req.params['id']!r} not found")
+        return json_response(cap.to_api())
+
+    async def replay_request(req: Request) -> Response:
+        _need_store()
+        rr = ReplayRequest.model_validate(_body(req))
+        cap = store.get(rr.id)
+        if cap is None:
+            return agent_error(req, 404, f"captured request {rr.id!r} not found")
+        name = rr.tunnel_name or cap.tunnel_name
+        t = _find(name)
+        if t is None:
+            return agent_error(req, 404, f"tunnel {name!r} not found")
+        try:
+            new_id = await replay(t, cap, rr)
+        except ReplayError as exc:
+            return agent_error(req, exc.status, str(exc))
+        headers = [("Burrow-Capture-Id", new_id)] if new_id else []
+        return Response(204, b"", content_type="", headers=headers)
+
+    async def delete_requests(req: Request) -> Response:
+        if store is not None:
+            store.clear()
+        return empty(204)
+
+    async def events(req: Request) -> StreamResponse:
+        hello = {
+            "status": status_json(),
+            "tunnels": [tunnel_json(t) for t in agent.tunnels.values()],
+        }
+        return StreamResponse(agent.events.stream(hello))
+
+    async def guarded(handler, req: Request):
+        try:
+            return await handler(req)
+        except BadRequest as exc:
+            return agent_error(req, 400, str(exc))
+        except ValidationError as exc:
+            return agent_error(req, 400, f"invalid body: {_validation_msg(exc)}")
+        except _NotFound as exc:
+            return agent_error(req, 404, str(exc))
+        except _Failed as exc:
+            return agent_error(req, 502, "failed to start tunnel", {"err": str(exc)})
+
+    def add(method: str, path: str, handler) -> None:
+        router.add(method, path, lambda req, h=handler: guarded(h, req))
+
+    add("GET", "/api", root)
+    add("GET", "/api/status", status)
+    add("GET", "/api/tunnels", list_tunnels)
+    add("POST", "/api/tunnels", start_tunnel)
+    add("GET", "/api/tunnels/{name}", get_tunnel)
+    add("DELETE", "/api/tunnels/{name}", stop_tunnel)
+    add("GET", "/api/endpoints", list_endpoints)
+    add("POST", "/api/endpoints", create_endpoint)
+    add("GET", "/api/endpoints/{name}", get_endpoint)
+    add("PUT", "/api/endpoints/{name}", put_endpoint)
+    add("DELETE", "/api/endpoints/{name}", delete_endpoint)
+    add("GET", "/api/requests/http", list_requests)
+    add("POST", "/api/requests/http", replay_request)
+    add("DELETE", "/api/requests/http", delete_requests)
+    add("GET", "/api/requests/http/{id}", get_request)
+    add("GET", "/api/events", events)
     return router
 
 
-def _validation_msg(exc: ValidationError) -> str:
-    e = exc.errors()[0]
-    loc = ".".join(str(x) for x in e.get("loc", ())) or "body"
-    return f"{loc}: {e.get('msg')}"
+class _NotFound(Exception):
+    pass
+
+
+class _Failed(Exception):
+    pass
 
 
 async def start_agent_api(agent: Agent, addr: str) -> APIServer:

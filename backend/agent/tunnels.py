@@ -58,8 +58,8 @@ class Tunnel:
     def online(self) -> bool:
         return self.endpoint_id is not None
 
-    def observe(self, start: StartData, req: Head) -> Exchange:
-        return Exchange(self, start, req)
+    def observe(self, start: StartData, req: Head, replay_of: str | None = None) -> Exchange:
+        return Exchange(self, start, req, replay_of)
 
 
 class Exchange:
@@ -67,13 +67,14 @@ class Exchange:
 
     __slots__ = ("_t0", "capture", "req", "resp", "start", "tunnel")
 
-    def __init__(self, tunnel: Tunnel, start: StartData, req: Head) -> None:
+    def __init__(self, tunnel: Tunnel, start: StartData, req: Head, replay_of: str | None = None) -> None:
         self.tunnel = tunnel
         self.start = start
         self.req = req
         self.resp: Head | None = None
         self._t0 = time.perf_counter_ns()
-        self.capture = tunnel.capture.begin(tunnel, start, req) if tunnel.capture else None
+        cap = tunnel.capture
+        self.capture = cap.begin(tunnel, start, req, replay_of) if cap is not None else None
 
     def request_body(self, chunk: bytes) -> None:
         if self.capture is not None:

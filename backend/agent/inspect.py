@@ -1,0 +1,444 @@
+"""The inspection store: every HTTP exchange the agent forwards, captured as it streams.
+
+Bodies are teed while they flow, up to ``body_cap`` bytes per message; the rest still
+reaches the client and the capture records that it was truncated and the full size.
+Captures are kept newest-first and evicted oldest-first once the bytes they hold pass
+``max_bytes`` (ngrok's ``inspect_db_size``).  Each capture is charged a fixed overhead
+on top of its bytes so that many tiny exchanges also stay within the bound.
+
+With a ``db_path`` captures are also written to SQLite (in batches, off the data path's
+critical section) and loaded back at start, so they survive an agent restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from backend.http1 import Head, parse_response_head
+from backend.ids import capture_id
+
+log = logging.getLogger("burrow.inspect")
+
+DEFAULT_DB_SIZE = 50 * 1024 * 1024
+DEFAULT_BODY_CAP = 1024 * 1024
+OVERHEAD = 700  # bytes charged per capture for its Python objects
+
+
+def resolve_db_size(value: int) -> int:
+    """ngrok's rule: 0 means 50 MB, -1 means inspection is off (returned as -1)."""
+    if value == 0:
+        return DEFAULT_DB_SIZE
+    return value
+
+
+def _headers_json(headers: list[tuple[bytes, bytes]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for k, v in headers:
+        out.setdefault(k.decode("latin-1"), []).append(v.decode("latin-1"))
+    return out
+
+
+class _Half:
+    """One captured message (request or response): head bytes plus capped body."""
+
+    __slots__ = ("body", "body_size", "cap", "head")
+
+    def __init__(self, head: bytes, cap: int) -> None:
+        self.head = head
+        self.body = bytearray()
+        self.body_size = 0
+        self.cap = cap
+
+    def add(self, chunk: bytes) -> int:
+        """Tee a chunk; returns how many bytes were stored."""
+        self.body_size += len(chunk)
+        room = self.cap - len(self.body)
+        if room <= 0:
+            return 0
+        if len(chunk) > room:
+            chunk = chunk[:room]
+        self.body += chunk
+        return len(chunk)
+
+    @property
+    def truncated(self) -> bool:
+        return self.body_size > len(self.body)
+
+    @property
+    def raw(self) -> bytes:
+        return self.head + bytes(self.body)
+
+
+class Capture:
+    """One exchange, in the shape of ngrok's captured request."""
+
+    __slots__ = (
+        "_req_head",
+        "_resp_head",
+        "duration",
+        "id",
+        "remote_addr",
+        "replay_of",
+        "req",
+        "resp",
+        "size",
+        "start",
+        "tunnel_name",
+    )
+
+    def __init__(
+        self,
+        tunnel_name: str,
+        remote_addr: str,
+        req_head: Head,
+        cap: int,
+        replay_of: str | None = None,
+    ) -> None:
+        self.id = capture_id()
+        self.tunnel_name = tunnel_name
+        self.remote_addr = remote_addr
+        self.start = time.time()
+        self.duration = 0
+        self.req = _Half(req_head.raw, cap)
+        self._req_head = req_head
+        self.resp: _Half | None = None
+        self._resp_head: Head | None = None
+        self.replay_of = replay_of
+        self.size = OVERHEAD + len(req_head.raw)
+
+    # ------------------------------------------------------------ json shapes
+    def summary(self) -> dict:
+        """A list entry without raw bytes (used by the event stream)."""
+        rh = self._req_head
+        d = {
+            "id": self.id,
+            "uri": f"/api/requests/http/{self.id}",
+            "tunnel_name": self.tunnel_name,
+            "remote_addr": self.remote_addr,
+            "start": _rfc3339(self.start),
+            "duration": self.duration,
+            "method": rh.method.decode("latin-1"),
+            "path": rh.target.decode("latin-1"),
+            "status_code": self._resp_head.status if self._resp_head else None,
+            "request_size": self.req.body_size,
+            "response_size": self.resp.body_size if self.resp else 0,
+            "replay_of": self.replay_of,
+        }
+        return d
+
+    def to_api(self) -> dict:
+        rh = self._req_head
+        req = {
+            "method": rh.method.decode("latin-1"),
+            "proto": f"HTTP/{rh.version}",
+            "headers": _headers_json(rh.headers),
+            "uri": rh.target.decode("latin-1"),
+            "raw": base64.b64encode(self.req.raw).decode(),
+            "body_size": self.req.body_size,
+            "truncated": self.req.truncated,
+        }
+        resp = None
+        if self.resp is not None and self._resp_head is not None:
+            h = self._resp_head
+            reason = h.reason.decode("latin-1")
+            resp = {
+                "status": f"{h.status} {reason}".strip(),
+                "status_code": h.status,
+                "proto": f"HTTP/{h.version}",
+                "headers": _headers_json(h.headers),
+                "raw": base64.b64encode(self.resp.raw).decode(),
+                "body_size": self.resp.body_size,
+                "truncated": self.resp.truncated,
+            }
+        return {
+            "uri": f"/api/requests/http/{self.id}",
+            "id": self.id,
+            "tunnel_name": self.tunnel_name,
+            "remote_addr": self.remote_addr,
+            "start": _rfc3339(self.start),
+            "duration": self.duration,
+            "request": req,
+            "response": resp,
+            "replay_of": self.replay_of,
+        }
+
+
+def _rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+class CaptureObserver:
+    """Tees one exchange into its Capture (an :class:`backend.http1.Observer`)."""
+
+    __slots__ = ("_store", "cap")
+
+    def __init__(self, store: InspectionStore, cap: Capture) -> None:
+        self._store = store
+        self.cap = cap
+
+    def request_body(self, chunk: bytes) -> None:
+        self._store._grow(self.cap, self.cap.req.add(chunk))
+
+    def response_head(self, head: Head) -> None:
+        c = self.cap
+        c._resp_head = head
+        c.resp = _Half(head.raw, self._store.body_cap)
+        self._store._grow(c, len(head.raw))
+
+    def response_body(self, chunk: bytes) -> None:
+        if self.cap.resp is not None:
+            self._store._grow(self.cap, self.cap.resp.add(chunk))
+
+    def synthetic_response(self, raw: bytes) -> None:
+        end = raw.find(b"\r\n\r\n") + 4
+        self.response_head(parse_response_head(raw[:end], self.cap._req_head.method))
+        self.response_body(raw[end:])
+
+    def finish(self, duration_ns: int) -> None:
+        self.cap.duration = duration_ns
+        self._store._finished(self.cap)
+
+
+class InspectionStore:
+    def __init__(
+        self,
+        max_bytes: int = DEFAULT_DB_SIZE,
+        body_cap: int = DEFAULT_BODY_CAP,
+        db_path: str | Path | None = None,
+    ) -> None:
+        self.max_bytes = resolve_db_size(max_bytes)
+        self.body_cap = body_cap
+        self.total = 0
+        self._caps: collections.OrderedDict[str, Capture] = collections.OrderedDict()
+        self._listeners: list[Callable[[str, dict], None]] = []
+        self._db: _CaptureDB | None = _CaptureDB(Path(db_path)) if db_path else None
+        if self._db is not None:
+            for c in self._db.load(self.max_bytes):
+                self._caps[c.id] = c
+                self.total += c.size
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    # ------------------------------------------------------------- capturing
+    def begin(self, tunnel, start, req: Head, replay_of: str | None = None) -> CaptureObserver | None:
+        if not self.enabled:
+            return None
+        addr = start.client_addr if start is not None else "127.0.0.1"
+        cap = Capture(tunnel.name, addr, req, self.body_cap, replay_of)
+        self._caps[cap.id] = cap
+        self.total += cap.size
+        self._evict()
+        if self._listeners:
+            self._emit("request_started", cap.summary())
+        return CaptureObserver(self, cap)
+
+    def _grow(self, cap: Capture, n: int) -> None:
+        if n:
+            cap.size += n
+            if cap.id in self._caps:
+                self.total += n
+                if self.total > self.max_bytes:
+                    self._evict()
+
+    def _finished(self, cap: Capture) -> None:
+        if self._db is not None and cap.id in self._caps:
+            self._db.put(cap)
+        if self._listeners:
+            self._emit("request_completed", cap.summary())
+
+    def _evict(self) -> None:
+        while self.total > self.max_bytes and len(self._caps) > 1:
+            _, old = self._caps.popitem(last=False)
+            self.total -= old.size
+            if self._db is not None:
+                self._db.delete(old.id)
+
+    # --------------------------------------------------------------- queries
+    def list(self, limit: int | None = None, tunnel_name: str | None = None) -> list[Capture]:
+        out = []
+        for cap in reversed(self._caps.values()):
+            if tunnel_name is not None and cap.tunnel_name != tunnel_name:
+                continue
+            out.append(cap)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def get(self, cid: str) -> Capture | None:
+        return self._caps.get(cid)
+
+    def clear(self) -> None:
+        self._caps.clear()
+        self.total = 0
+        if self._db is not None:
+            self._db.clear()
+        if self._listeners:
+            self._emit("requests_cleared", {})
+
+    def __len__(self) -> int:
+        return len(self._caps)
+
+    # ----------------------------------------------------------------- events
+    def subscribe(self, fn: Callable[[str, dict], None]) -> Callable[[], None]:
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+
+    def _emit(self, name: str, data: dict) -> None:
+        for fn in list(self._listeners):
+            fn(name, data)
+
+    async def flush(self) -> None:
+        if self._db is not None:
+            await self._db.flush()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+class _CaptureDB:
+    """SQLite persistence for captures; writes are batched and done in a thread."""
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS captures (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT UNIQUE NOT NULL,
+        meta TEXT NOT NULL,
+        req_head BLOB NOT NULL, req_body BLOB NOT NULL,
+        resp_head BLOB, resp_body BLOB
+    );
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(path, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.executescript(self.SCHEMA)
+        self._puts: list[Capture] = []
+        self._deletes: list[str] = []
+        self._clear = False
+        self._task: asyncio.Task | None = None
+
+    def load(self, max_bytes: int) -> list[Capture]:
+        from backend.http1 import parse_request_head
+
+        rows = self.conn.execute(
+            "SELECT id, meta, req_head, req_body, resp_head, resp_body FROM captures ORDER BY seq DESC"
+        ).fetchall()
+        out: list[Capture] = []
+        total = 0
+        for cid, meta_s, rqh, rqb, rsh, rsb in rows:
+            try:
+                meta = json.loads(meta_s)
+                req = parse_request_head(bytes(rqh))
+                cap = Capture(meta["tunnel_name"], meta["remote_addr"], req, meta["cap"], meta.get("replay_of"))
+            except Exception as exc:  # a damaged row must not stop the agent
+                log.warning("skipping unreadable capture %s: %s", cid, exc)
+                continue
+            cap.id = cid
+            cap.start = meta["start"]
+            cap.duration = meta["duration"]
+            cap.req.body = bytearray(rqb)
+            cap.req.body_size = meta["req_size"]
+            cap.size += len(rqb)
+            if rsh is not None:
+                with contextlib.suppress(Exception):
+                    cap._resp_head = parse_response_head(bytes(rsh), req.method)
+                    cap.resp = _Half(bytes(rsh), meta["cap"])
+                    cap.resp.body = bytearray(rsb or b"")
+                    cap.resp.body_size = meta["resp_size"]
+                    cap.size += len(rsh) + len(rsb or b"")
+            if total + cap.size > max_bytes:
+                break
+            total += cap.size
+            out.append(cap)
+        out.reverse()
+        return out
+
+    def put(self, cap: Capture) -> None:
+        self._puts.append(cap)
+        self._schedule()
+
+    def delete(self, cid: str) -> None:
+        self._deletes.append(cid)
+        self._schedule()
+
+    def clear(self) -> None:
+        self._puts.clear()
+        self._deletes.clear()
+        self._clear = True
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._task is None or self._task.done():
+            with contextlib.suppress(RuntimeError):
+                self._task = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(0.1)
+        await self.flush()
+
+    async def flush(self) -> None:
+        puts, deletes, clear = self._puts, self._deletes, self._clear
+        self._puts, self._deletes, self._clear = [], [], False
+        if puts or deletes or clear:
+            await asyncio.to_thread(self._write, self._rows(puts), deletes, clear)
+
+    @staticmethod
+    def _rows(puts: list[Capture]) -> list[tuple]:
+        return [
+            (
+                c.id,
+                json.dumps(
+                    {
+                        "tunnel_name": c.tunnel_name,
+                        "remote_addr": c.remote_addr,
+                        "start": c.start,
+                        "duration": c.duration,
+                        "replay_of": c.replay_of,
+                        "cap": c.req.cap,
+                        "req_size": c.req.body_size,
+                        "resp_size": c.resp.body_size if c.resp else 0,
+                    }
+                ),
+                c.req.head,
+                bytes(c.req.body),
+                c.resp.head if c.resp else None,
+                bytes(c.resp.body) if c.resp else None,
+            )
+            for c in puts
+        ]
+
+    def _write(self, rows: list[tuple], deletes: list[str], clear: bool) -> None:
+        with self.conn:
+            if clear:
+                self.conn.execute("DELETE FROM captures")
+            if rows:
+                self.conn.executemany(
+                    "INSERT OR REPLACE INTO captures (id, meta, req_head, req_body, resp_head, resp_body)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+            if deletes:
+                self.conn.executemany("DELETE FROM captures WHERE id = ?", [(d,) for d in deletes])
+
+    def close(self) -> None:
+        """Write what is still pending, synchronously, and close the file."""
+        if self._task is not None:
+            self._task.cancel()
+        self._write(self._rows(self._puts), self._deletes, self._clear)
+        self._puts, self._deletes, self._clear = [], [], False
+        self.conn.close()
