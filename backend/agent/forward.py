@@ -16,6 +16,7 @@ from backend.http1 import (
     MAX_HEAD,
     HTTPError,
     UpstreamError,
+    add_headers,
     parse_request_head,
     proxy_exchange,
     read_head,
@@ -109,8 +110,16 @@ async def serve_http(
                     w.write(resp)
                     await w.drain()
                     return
+            fwd = add_headers(
+                raw,
+                [
+                    (b"X-Forwarded-For", start.client_addr.encode()),
+                    (b"X-Forwarded-Host", req.host.encode("latin-1")),
+                    (b"X-Forwarded-Proto", start.proto.encode()),
+                ],
+            )
             try:
-                res = await proxy_exchange(req, raw, r, w, up[0], up[1], obs)
+                res = await proxy_exchange(req, fwd, r, w, up[0], up[1], obs)
             except UpstreamError as exc:
                 if not exc.response_started:
                     resp = pages.upstream_refused(tunnel.upstream.display, str(exc))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 from typing import TYPE_CHECKING
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -27,7 +28,7 @@ class StatusDisplay:
         self._task: asyncio.Task | None = None
         self._live: Live | None = None
 
-    def render(self) -> Table:
+    def render(self) -> Table | Group:
         a = self.agent
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="bold", width=30)
@@ -60,7 +61,21 @@ class StatusDisplay:
                 f"{p90 / 1e9:.2f}",
             )
         grid.add_row("Connections", conns)
-        return grid
+        if a.capture is None:
+            return grid
+        reqs = Table.grid(padding=(0, 2))
+        reqs.add_row(Text("HTTP Requests", style="bold"))
+        reqs.add_row("-------------")
+        for cap in a.capture.list(10):
+            s = cap.summary()
+            when = time.strftime("%H:%M:%S", time.localtime(cap.start))
+            code = s["status_code"]
+            style = "red" if code and code >= 500 else "yellow" if code and code >= 400 else "green"
+            line = Text(f"{when}  {s['method']:<7} {s['path'][:60]:<60} ")
+            line.append(str(code or "..."), style=style)
+            line.append(f"  {s['remote_addr']}", style="dim")
+            reqs.add_row(line)
+        return Group(grid, Text(""), reqs)
 
     def start(self) -> None:
         console = Console(file=sys.stdout)

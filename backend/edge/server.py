@@ -27,7 +27,6 @@ from backend.http1 import (
     MAX_HEAD,
     HTTPError,
     UpstreamError,
-    add_headers,
     parse_request_head,
     proxy_exchange,
     read_head,
@@ -480,16 +479,10 @@ class Edge:
                         writer.write(pages.endpoint_offline(host))
                         break
                     dc = (ep, dr, dw)
-                fwd = add_headers(
-                    raw,
-                    [
-                        (b"X-Forwarded-For", client_ip.encode()),
-                        (b"X-Forwarded-Host", req.host.encode("latin-1")),
-                        (b"X-Forwarded-Proto", scheme.encode()),
-                    ],
-                )
+                # The request goes to the agent exactly as the client sent it (so the
+                # capture's raw bytes are the client's); the agent adds X-Forwarded-*.
                 try:
-                    res = await proxy_exchange(req, fwd, reader, writer, dc[1], dc[2])
+                    res = await proxy_exchange(req, raw, reader, writer, dc[1], dc[2])
                 except UpstreamError as exc:
                     if not exc.response_started:
                         writer.write(pages.no_agent(host))
