@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
+import socket
 
 _HOST_RE = re.compile(r"^(?=.{1,253}$)(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
@@ -70,3 +72,28 @@ def normalize_host(host_header: str) -> str:
         return h[1 : h.find("]")] if "]" in h else h
     h = h.rsplit(":", 1)[0] if ":" in h else h
     return h.rstrip(".")
+
+
+async def wait_readable(sock: socket.socket, timeout: float) -> None:
+    """Wait until a non-blocking socket has bytes to read (or EOF); TimeoutError after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        await asyncio.wait_for(fut, max(timeout, 0.001))
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def peek_byte(sock: socket.socket, timeout: float) -> bytes:
+    """The first byte a client sends, left in the socket for whoever reads next."""
+    await wait_readable(sock, timeout)
+    try:
+        return sock.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return b""

@@ -324,12 +324,18 @@ class Agent:
 
     async def _bind(self, t: Tunnel) -> None:
         tc = t.config
+        url = t.public_url or tc.url  # re-bind the URL we had
+        proto = tc.proto
+        if proto in ("http", "https") and "://" in url:
+            scheme = url.split("://", 1)[0].lower()
+            if scheme in ("http", "https"):
+                proto = scheme  # `burrow http 80 --url https://x` makes an https endpoint
         reply = await self._request(
             p.Bind(
                 req_id=0,
                 name=tc.name,
-                proto=tc.proto,
-                url=t.public_url or tc.url,  # re-bind the URL we had
+                proto=proto,
+                url=url,
                 binding=tc.binding,
                 pooling_enabled=tc.pooling_enabled,
                 metadata=tc.metadata,

@@ -32,8 +32,15 @@ from backend.http1 import (
     read_head,
 )
 from backend.ids import new_id, random_name
-from backend.netutil import format_hostport, normalize_host, parse_hostport, valid_hostname
+from backend.netutil import (
+    format_hostport,
+    normalize_host,
+    parse_hostport,
+    peek_byte,
+    valid_hostname,
+)
 from backend.relay import close, relay, tune
+from backend.sni import NotTLS, peek_sni
 from backend.store import Store, open_store
 from backend.store.base import new_token
 from backend.tls import LocalCA
@@ -60,6 +67,10 @@ class EdgeConfig:
     heartbeat_interval: float = 10.0
     heartbeat_timeout: float = 30.0
     region: str = "local"
+    #: cloud API requests allowed per API key per minute (a token bucket); 0 = no limit
+    api_rate_limit: int = 600
+    #: NS records users point an agent ingress domain at (shown as its ``ns_targets``)
+    ns_targets: list[str] = field(default_factory=list)
 
 
 class Edge:
@@ -73,7 +84,7 @@ class Edge:
         self.created_credentials = False
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task] = set()
-        self._ingress_sock: socket.socket | None = None
+        self._listen_socks: list[socket.socket] = []
         self._api_server = None
         self.addrs: dict[str, tuple[str, int]] = {}
 
@@ -88,9 +99,9 @@ class Edge:
         ingress_ctx = self.ca.sni_context(names)
 
         host, port = parse_hostport(cfg.ingress_addr)
-        self._ingress_sock = _listen(host, port)
-        self.addrs["ingress"] = self._ingress_sock.getsockname()[:2]
-        self._spawn(self._ingress_loop(self._ingress_sock, ingress_ctx))
+        sock = self._listen(host, port)
+        self.addrs["ingress"] = sock.getsockname()[:2]
+        self._spawn(self._accept_loop(sock, lambda s: self._on_ingress(s, ingress_ctx)))
 
         host, port = parse_hostport(cfg.http_addr)
         srv = await asyncio.start_server(
@@ -102,17 +113,9 @@ class Edge:
         if cfg.https_addr:
             host, port = parse_hostport(cfg.https_addr)
             https_ctx = self.ca.sni_context([*names, f"*.{cfg.domain}"])
-            srv = await asyncio.start_server(
-                lambda r, w: self._public_http(r, w, "https"),
-                host,
-                port,
-                limit=MAX_HEAD,
-                backlog=1024,
-                ssl=https_ctx,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-            )
-            self._servers.append(srv)
-            self.addrs["https"] = srv.sockets[0].getsockname()[:2]
+            sock = self._listen(host, port)
+            self.addrs["https"] = sock.getsockname()[:2]
+            self._spawn(self._accept_loop(sock, lambda s: self._on_https(s, https_ctx)))
 
         if cfg.api_addr:
             from backend.edge.api import start_api
@@ -124,8 +127,8 @@ class Edge:
             self.registry.remove_session(s)
         for srv in self._servers:
             srv.close()
-        if self._ingress_sock is not None:
-            self._ingress_sock.close()
+        for sock in self._listen_socks:
+            sock.close()
         if self._api_server is not None:
             await self._api_server.stop()
         for t in list(self._tasks):
@@ -186,7 +189,13 @@ class Edge:
         return t
 
     # ------------------------------------------------------------------- ingress
-    async def _ingress_loop(self, lsock: socket.socket, ctx: ssl.SSLContext) -> None:
+    def _listen(self, host: str, port: int) -> socket.socket:
+        sock = _listen(host, port)
+        self._listen_socks.append(sock)
+        return sock
+
+    async def _accept_loop(self, lsock: socket.socket, handler) -> None:
+        """Accept raw sockets (for listeners that peek before choosing TLS or not)."""
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -194,32 +203,55 @@ class Edge:
             except OSError as exc:
                 if lsock.fileno() < 0:
                     return
-                log.warning("ingress accept failed: %s", exc)
+                log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.05)
                 continue
-            self._spawn(self._on_ingress(sock, ctx))
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._spawn(handler(sock))
+
+    @staticmethod
+    async def _streams(
+        sock: socket.socket, ctx: ssl.SSLContext | None, limit: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=limit)
+        proto = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: proto,
+            sock,
+            ssl=ctx,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if ctx else None,
+        )
+        return reader, asyncio.StreamWriter(transport, proto, reader, loop)
+
+    async def _on_https(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+        """TLS passthrough for ``tls`` endpoints (by SNI), termination for the rest."""
+        try:
+            sni = await peek_sni(sock, HANDSHAKE_TIMEOUT)
+            ep = self.registry.route("public", "tls", sni) if sni else None
+            if ep is not None:
+                r, w = await self._streams(sock, None, 2**16)
+                await self._forward_raw(ep, r, w)
+                return
+            r, w = await self._streams(sock, ctx, MAX_HEAD)
+        except (OSError, TimeoutError, NotTLS, ssl.SSLError, EOFError) as exc:
+            log.debug("https connection dropped: %s", exc)
+            sock.close()
+            return
+        await self._public_http(r, w, "https")
 
     async def _on_ingress(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
-        loop = asyncio.get_running_loop()
         writer = None
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer_ip = sock.getpeername()[0]
-            first = await asyncio.wait_for(_peek(loop, sock), HANDSHAKE_TIMEOUT)
+            first = await peek_byte(sock, HANDSHAKE_TIMEOUT)
             if not first:
                 sock.close()
                 return
-            tls = first == b"\x16"  # a TLS handshake record
-            reader = asyncio.StreamReader(limit=2 * p.MAX_FRAME)
-            proto = asyncio.StreamReaderProtocol(reader)
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: proto,
-                sock,
-                ssl=ctx if tls else None,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls else None,
-            )
-            writer = asyncio.StreamWriter(transport, proto, reader, loop)
+            tls = first == b"\x16"  # a TLS handshake record; anything else is a plain data conn
+            reader, writer = await self._streams(sock, ctx if tls else None, 2 * p.MAX_FRAME)
             msg = await asyncio.wait_for(p.read_msg(reader), HANDSHAKE_TIMEOUT)
             if isinstance(msg, p.Auth) and tls:
                 await self._control(reader, writer, msg, peer_ip)
@@ -235,8 +267,6 @@ class Edge:
             close(writer)
             if writer is None:
                 sock.close()
-        except asyncio.IncompleteReadError:
-            close(writer)
 
     async def _control(
         self, r: asyncio.StreamReader, w: asyncio.StreamWriter, auth: p.Auth, peer_ip: str
@@ -361,8 +391,6 @@ class Edge:
         scheme, host, port = _split_url(msg.url, msg.proto)
         if scheme != msg.proto:
             raise BindError("ERR_NGROK_9034", f"url scheme {scheme!r} does not match proto {msg.proto!r}")
-        if msg.proto == "tls":
-            raise BindError("ERR_NGROK_9035", "tls endpoints are not served by this edge yet")
         if host and "." not in host and host != "localhost":
             host = f"{host}.{cfg.domain}"
         internal = host.endswith(".internal")
@@ -386,14 +414,15 @@ class Edge:
             description=msg.description,
             upstream_url=msg.upstream_url,
         )
-        if msg.proto in ("http", "https"):
+        if msg.proto in ("http", "https", "tls"):
             if internal:
                 return self._claim(AgentEndpoint(url=f"{scheme}://{host}", host=host, port=0, **common))
-            if msg.proto == "https" and "https" not in self.addrs:
+            listener = "http" if msg.proto == "http" else "https"
+            if listener not in self.addrs:
                 raise BindError("ERR_NGROK_9037", "this edge has no https listener")
             if not host:
                 host = f"{random_name()}.{cfg.domain}"
-            lport = self.addrs[msg.proto][1]
+            lport = self.addrs[listener][1]
             default = 80 if msg.proto == "http" else 443
             url = f"{scheme}://{host}" + ("" if lport == default else f":{lport}")
             return self._claim(AgentEndpoint(url=url, host=host, port=lport, **common))
@@ -504,11 +533,15 @@ class Edge:
             close(writer)
 
     async def _public_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
-        peer = writer.get_extra_info("peername") or ("", 0)
         ep = self.registry.route("public", "tcp", port)
         if ep is None:
             close(writer)
             return
+        await self._forward_raw(ep, reader, writer)
+
+    async def _forward_raw(self, ep: AgentEndpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Relay a TCP or passed-through TLS connection over one data connection."""
+        peer = writer.get_extra_info("peername") or ("", 0)
         tune(writer)
         try:
             dr, dw = await ep.session.open_data(ep, peer[0], peer[1])
@@ -559,22 +592,3 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
-
-
-async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
-    """Wait until ``sock`` is readable and return its first byte without consuming it."""
-    fut = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(sock.fileno(), ready)
-    try:
-        await fut
-    finally:
-        loop.remove_reader(sock.fileno())
-    try:
-        return sock.recv(1, socket.MSG_PEEK)
-    except OSError:
-        return b""
