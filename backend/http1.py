@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,6 +23,9 @@ import httptools
 
 MAX_HEAD = 64 * 1024  # bytes of request/response head before we answer 431 / 502
 BLOCK = 256 * 1024  # relay block size
+
+# Prefix marking a whole replacement response returned by an ``edit_response`` hook.
+REPLACE = b"\x00replace\x00"
 
 # Body framing kinds.
 NO_BODY = 0
@@ -329,8 +333,12 @@ async def proxy_exchange(
     up_r: asyncio.StreamReader,
     up_w: asyncio.StreamWriter,
     observer: Observer | None = None,
+    edit_response: Callable[[Head], bytes | None] | None = None,
 ) -> Result:
     """Forward one request (head ``req_raw`` + body) and relay its response back.
+
+    ``edit_response`` may rewrite the final response head: it returns a new head, or a
+    whole replacement response (marked by ``REPLACE``), or None to keep it.
 
     The request body streams in its own task so that a server that answers early, or
     one that waits before sending ``100 Continue``, never deadlocks the exchange.
@@ -362,6 +370,16 @@ async def proxy_exchange(
         raise
     if observer is not None:
         observer.response_head(resp)
+    if edit_response is not None and resp.status != 101:
+        edited = edit_response(resp)
+        if edited is not None and edited.startswith(REPLACE):
+            # a policy answered instead of the upstream: drop the upstream's response
+            _cancel(body_task)
+            client_w.write(edited[len(REPLACE) :])
+            await client_w.drain()
+            return Result(resp, keep_alive=False)
+        if edited is not None:
+            raw = edited
     client_w.write(raw)
     if resp.status == 101:
         await client_w.drain()

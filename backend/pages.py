@@ -57,5 +57,14 @@ def upstream_refused(addr: str, err: str) -> bytes:
     )
 
 
+def no_termination(host: str) -> bytes:
+    return error_page(
+        502,
+        "ERR_NGROK_3210",
+        "No response",
+        f"The traffic policy of the cloud endpoint {host} did not answer this request.",
+    )
+
+
 def bad_request(status: int, msg: str) -> bytes:
     return simple_response(status, (msg + "\n").encode(), headers=[("Cache-Control", "no-store")])

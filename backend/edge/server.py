@@ -20,26 +20,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend import pages
 from backend import protocol as p
-from backend.edge.sessions import AgentEndpoint, Registry, Session, SessionClosed
+from backend.edge import traffic
+from backend.edge.sessions import AgentEndpoint, CloudRoute, Registry, Session
 from backend.http1 import (
     MAX_HEAD,
-    HTTPError,
-    UpstreamError,
-    parse_request_head,
-    proxy_exchange,
-    read_head,
 )
 from backend.ids import new_id, random_name
 from backend.netutil import (
     format_hostport,
-    normalize_host,
     parse_hostport,
     peek_byte,
     valid_hostname,
 )
-from backend.relay import close, relay, tune
+from backend.policy.document import PolicyError
+from backend.policy.engine import compile_policy
+from backend.relay import close
 from backend.sni import NotTLS, peek_sni
 from backend.store import Store, open_store
 from backend.store.base import new_token
@@ -47,8 +43,6 @@ from backend.tls import LocalCA
 
 log = logging.getLogger("burrow.edge")
 
-HEAD_TIMEOUT = 30.0  # first request head must arrive within this (408 otherwise)
-IDLE_TIMEOUT = 75.0  # keep-alive connections idle longer than this are closed
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -116,6 +110,8 @@ class Edge:
             sock = self._listen(host, port)
             self.addrs["https"] = sock.getsockname()[:2]
             self._spawn(self._accept_loop(sock, lambda s: self._on_https(s, https_ctx)))
+
+        await self._load_cloud_endpoints()
 
         if cfg.api_addr:
             from backend.edge.api import start_api
@@ -233,14 +229,14 @@ class Edge:
             ep = self.registry.route("public", "tls", sni) if sni else None
             if ep is not None:
                 r, w = await self._streams(sock, None, 2**16)
-                await self._forward_raw(ep, r, w)
+                await traffic.forward_raw(self, ep, r, w)
                 return
             r, w = await self._streams(sock, ctx, MAX_HEAD)
         except (OSError, TimeoutError, NotTLS, ssl.SSLError, EOFError) as exc:
             log.debug("https connection dropped: %s", exc)
             sock.close()
             return
-        await self._public_http(r, w, "https")
+        await traffic.serve_http(self, r, w, "https")
 
     async def _on_ingress(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
         writer = None
@@ -403,7 +399,14 @@ class Edge:
             raise BindError("ERR_NGROK_9036", "the kubernetes binding is not available on this edge")
         if host and not valid_hostname(host):
             raise BindError("ERR_NGROK_9031", f"invalid hostname {host!r}")
+        policy = None
+        if msg.traffic_policy:
+            try:
+                policy = compile_policy(msg.traffic_policy)
+            except PolicyError as exc:
+                raise BindError("ERR_NGROK_2201", f"invalid traffic policy: {exc}") from None
         common = dict(
+            policy=policy,
             id=new_id("ep"),
             session=s,
             name=msg.name,
@@ -430,9 +433,7 @@ class Edge:
         if internal:
             if not port:
                 raise BindError("ERR_NGROK_9038", "internal tcp endpoints need a port")
-            return self._claim(
-                AgentEndpoint(url=f"tcp://{host}:{port}", host=f"{host}:{port}", port=port, **common)
-            )
+            return self._claim(AgentEndpoint(url=f"tcp://{host}:{port}", host=host, port=port, **common))
         tcp_host = cfg.tcp_host or ("localhost" if cfg.domain.endswith("localhost") else cfg.domain)
         lo, hi = cfg.tcp_ports
         if port:
@@ -476,82 +477,54 @@ class Edge:
 
     # ------------------------------------------------------------- public traffic
     async def _public_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, scheme: str) -> None:
-        peer = writer.get_extra_info("peername") or ("", 0)
-        client_ip, client_port = peer[0], peer[1]
-        tune(writer)
-        dc: tuple[AgentEndpoint, asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        first = True
-        try:
-            while True:
-                try:
-                    raw = await asyncio.wait_for(read_head(reader), HEAD_TIMEOUT if first else IDLE_TIMEOUT)
-                except TimeoutError:
-                    if first:
-                        writer.write(pages.bad_request(408, "request timeout"))
-                    break
-                if raw is None:
-                    break
-                first = False
-                req = parse_request_head(raw)
-                host = normalize_host(req.host)
-                ep = self.registry.route("public", scheme, host) if host else None
-                if ep is None:
-                    writer.write(pages.endpoint_offline(host or "(no Host header)"))
-                    break
-                if dc is not None and (dc[0] is not ep or dc[1].at_eof()):
-                    dc[0].session.release(dc[2])
-                    dc = None
-                if dc is None:
-                    try:
-                        dr, dw = await ep.session.open_data(ep, client_ip, client_port)
-                    except SessionClosed:
-                        writer.write(pages.endpoint_offline(host))
-                        break
-                    dc = (ep, dr, dw)
-                # The request goes to the agent exactly as the client sent it (so the
-                # capture's raw bytes are the client's); the agent adds X-Forwarded-*.
-                try:
-                    res = await proxy_exchange(req, raw, reader, writer, dc[1], dc[2])
-                except UpstreamError as exc:
-                    if not exc.response_started:
-                        writer.write(pages.no_agent(host))
-                    break
-                if res.upgraded:
-                    await relay(reader, writer, dc[1], dc[2])
-                    break
-                if not res.keep_alive:
-                    break
-        except HTTPError as exc:
-            writer.write(pages.bad_request(exc.status, exc.msg))
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            if dc is not None:
-                dc[0].session.release(dc[2])
-            with contextlib.suppress(Exception):
-                await writer.drain()
-            close(writer)
+        await traffic.serve_http(self, reader, writer, scheme)
 
     async def _public_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
         ep = self.registry.route("public", "tcp", port)
         if ep is None:
             close(writer)
             return
-        await self._forward_raw(ep, reader, writer)
+        await traffic.forward_raw(self, ep, reader, writer)
 
-    async def _forward_raw(self, ep: AgentEndpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Relay a TCP or passed-through TLS connection over one data connection."""
-        peer = writer.get_extra_info("peername") or ("", 0)
-        tune(writer)
-        try:
-            dr, dw = await ep.session.open_data(ep, peer[0], peer[1])
-        except SessionClosed:
-            close(writer)
-            return
-        try:
-            await relay(reader, writer, dr, dw)
-        finally:
-            ep.session.release(dw)
+    # ------------------------------------------------------------ cloud endpoints
+    def compile_cloud_policy(self, text: str):
+        """Compile a cloud endpoint's policy (raises PolicyError with the reason)."""
+        return compile_policy(text, require_termination=True)
+
+    async def serve_cloud_endpoint(self, rec) -> None:
+        """Route traffic for a stored cloud endpoint (new or updated)."""
+        self.unserve_cloud_endpoint(rec.id)
+        policy = self.compile_cloud_policy(rec.traffic_policy) if rec.traffic_policy else None
+        route = CloudRoute(
+            id=rec.id,
+            account_id=rec.account_id,
+            url=rec.url,
+            proto=rec.proto,
+            host=rec.host,
+            port=rec.port,
+            binding=rec.binding,
+            policy=policy,
+            pooling_enabled=rec.pooling_enabled,
+        )
+        if route.proto == "tcp" and route.binding == "public":
+            bind_host = parse_hostport(self.config.http_addr)[0]
+            route.server = await asyncio.start_server(
+                lambda r, w, _port=route.port: self._public_tcp(r, w, _port), bind_host, route.port, backlog=1024
+            )
+        self.registry.add_endpoint(route)
+
+    def unserve_cloud_endpoint(self, endpoint_id: str) -> None:
+        ep = self.registry.find(endpoint_id)
+        if ep is not None and ep.session is None:
+            self.registry.remove_endpoint(ep)
+
+    async def _load_cloud_endpoints(self) -> None:
+        assert self.store is not None
+        for rec in self.store.all_cloud_endpoints():
+            try:
+                await self.serve_cloud_endpoint(rec)
+            except (PolicyError, OSError) as exc:
+                log.error("cloud endpoint %s (%s) is not served: %s", rec.id, rec.url, exc)
 
 
 class BindError(Exception):

@@ -14,9 +14,13 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from backend import protocol as p
 from backend.relay import close
+
+if TYPE_CHECKING:
+    from backend.policy.engine import CompiledPolicy
 
 
 def now_rfc3339() -> str:
@@ -39,13 +43,51 @@ class AgentEndpoint:
     upstream_url: str = ""
     created_at: str = field(default_factory=now_rfc3339)
     server: asyncio.AbstractServer | None = None  # tcp listener
+    policy: CompiledPolicy | None = None
+    type: str = "agent"
 
     @property
-    def route_key(self) -> tuple[str, str, str | int]:
-        """Key under which the edge routes traffic to this endpoint."""
-        if self.proto == "tcp":
-            return (self.binding, "tcp", self.port)
-        return (self.binding, self.proto, self.host)
+    def account_id(self) -> str:
+        return self.session.account_id
+
+    @property
+    def route_key(self) -> tuple:
+        return route_key(self.binding, self.account_id, self.proto, self.host, self.port)
+
+
+def route_key(binding: str, account_id: str, proto: str, host: str, port: int) -> tuple:
+    """Key under which the edge routes traffic to an endpoint.
+
+    Public endpoints share one namespace; internal ones are per account (seed 004), so
+    two accounts may both have ``https://api.internal``.
+    """
+    if binding == "internal":
+        return ("internal", account_id, proto, host if proto != "tcp" else f"{host}:{port}")
+    if proto == "tcp":
+        return (binding, "tcp", port)
+    return (binding, proto, host)
+
+
+@dataclass(eq=False)
+class CloudRoute:
+    """A cloud endpoint as the data path sees it: no agent, only a traffic policy."""
+
+    id: str
+    account_id: str
+    url: str
+    proto: str
+    host: str
+    port: int
+    binding: str
+    policy: CompiledPolicy | None
+    pooling_enabled: bool = False
+    server: asyncio.AbstractServer | None = None
+    session: None = None
+    type: str = "cloud"
+
+    @property
+    def route_key(self) -> tuple:
+        return route_key(self.binding, self.account_id, self.proto, self.host, self.port)
 
 
 class SessionClosed(Exception):
@@ -97,7 +139,12 @@ class Session:
         return True
 
     async def open_data(
-        self, ep: AgentEndpoint, client_addr: str, client_port: int, timeout: float = 10.0
+        self,
+        ep: AgentEndpoint,
+        client_addr: str,
+        client_port: int,
+        scheme: str | None = None,
+        timeout: float = 10.0,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Take a pooled data connection and announce which endpoint it now serves."""
         deadline = time.monotonic() + timeout
@@ -112,7 +159,7 @@ class Session:
                     p.StartData(
                         endpoint_id=ep.id,
                         name=ep.name,
-                        proto=ep.proto,
+                        proto=scheme or ep.proto,
                         url=ep.url,
                         client_addr=client_addr,
                         client_port=client_port,
@@ -183,25 +230,27 @@ class Registry:
         return gone
 
     # ---------------------------------------------------------------- endpoints
-    def conflicts(self, key: tuple, account_id: str, pooling: bool) -> AgentEndpoint | None:
+    def conflicts(self, key: tuple, account_id: str, pooling: bool) -> Endpoint | None:
         """Return an online endpoint that forbids binding ``key`` again, if any."""
         for ep in self._routes.get(key, ()):
-            if ep.session.account_id != account_id or not (pooling and ep.pooling_enabled):
+            if ep.account_id != account_id or not (pooling and ep.pooling_enabled):
                 return ep
         return None
 
-    def add_endpoint(self, ep: AgentEndpoint) -> None:
+    def add_endpoint(self, ep: Endpoint) -> None:
         self._routes.setdefault(ep.route_key, []).append(ep)
-        ep.session.endpoints[ep.id] = ep
+        if ep.session is not None:
+            ep.session.endpoints[ep.id] = ep
 
-    def remove_endpoint(self, ep: AgentEndpoint) -> None:
+    def remove_endpoint(self, ep: Endpoint) -> None:
         eps = self._routes.get(ep.route_key)
         if eps is not None:
             with contextlib.suppress(ValueError):
                 eps.remove(ep)
             if not eps:
                 del self._routes[ep.route_key]
-        ep.session.endpoints.pop(ep.id, None)
+        if ep.session is not None:
+            ep.session.endpoints.pop(ep.id, None)
         if ep.server is not None:
             if eps:  # a pooled tcp endpoint remains: it inherits the listener
                 eps[0].server = ep.server
@@ -209,14 +258,28 @@ class Registry:
                 ep.server.close()
             ep.server = None
 
-    def route(self, binding: str, proto: str, host_or_port: str | int) -> AgentEndpoint | None:
-        """Pick the endpoint for a public connection (round robin across a pool)."""
-        eps = self._routes.get((binding, proto, host_or_port))
+    def route(self, binding: str, proto: str, host_or_port: str | int) -> Endpoint | None:
+        """Pick the public endpoint for a connection (round robin across a pool)."""
+        return self._pick(self._routes.get((binding, proto, host_or_port)))
+
+    def route_internal(self, account_id: str, proto: str, host: str) -> Endpoint | None:
+        return self._pick(self._routes.get(("internal", account_id, proto, host)))
+
+    def _pick(self, eps: list | None) -> Endpoint | None:
         if not eps:
             return None
         if len(eps) == 1:
             return eps[0]
         return eps[next(self._rr) % len(eps)]
 
-    def endpoints(self) -> list[AgentEndpoint]:
+    def endpoints(self) -> list[Endpoint]:
         return [ep for eps in self._routes.values() for ep in eps]
+
+    def find(self, endpoint_id: str) -> Endpoint | None:
+        for ep in self.endpoints():
+            if ep.id == endpoint_id:
+                return ep
+        return None
+
+
+Endpoint = AgentEndpoint | CloudRoute

@@ -1,0 +1,251 @@
+"""Public traffic through the edge: route, run traffic policy, forward to an agent.
+
+HTTP connections are handled request by request: each request is routed by Host,
+passed through the endpoint's policy (which may answer, close, rewrite or forward it to
+an internal endpoint), then proxied over a data connection to the owning agent.  TCP
+and passed-through TLS connections run ``on_tcp_connect`` and are relayed raw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+from backend import pages
+from backend.edge.sessions import Endpoint, SessionClosed
+from backend.http1 import (
+    NO_BODY,
+    REPLACE,
+    Head,
+    HTTPError,
+    UpstreamError,
+    parse_request_head,
+    proxy_exchange,
+    read_head,
+    simple_response,
+)
+from backend.netutil import normalize_host
+from backend.policy.engine import Close, Context, Forward, Reply, RequestState, ResponseState
+from backend.relay import close, relay, tune
+
+if TYPE_CHECKING:
+    from backend.edge.server import Edge
+
+HEAD_TIMEOUT = 30.0  # first request head must arrive within this (408 otherwise)
+IDLE_TIMEOUT = 75.0  # keep-alive connections idle longer than this are closed
+MAX_HOPS = 8  # forward-internal chain length
+
+
+def endpoint_vars(ep: Endpoint) -> dict:
+    return {"id": ep.id, "url": ep.url, "host": ep.host, "proto": ep.proto, "binding": ep.binding, "type": ep.type}
+
+
+def conn_vars(writer: asyncio.StreamWriter) -> dict:
+    peer = writer.get_extra_info("peername") or ("", 0)
+    local = writer.get_extra_info("sockname") or ("", 0)
+    return {"client_ip": peer[0], "client_port": peer[1], "server_ip": local[0], "server_port": local[1]}
+
+
+def reply_bytes(r: Reply, keep_alive: bool) -> bytes:
+    ctype = "text/plain; charset=utf-8"
+    extra = []
+    for k, v in r.headers:
+        if k.lower() == "content-type":
+            ctype = v
+        elif k.lower() != "content-length":
+            extra.append((k, v))
+    return simple_response(r.status, r.body, ctype, extra, close=not keep_alive)
+
+
+def _split_url(url: str) -> tuple[str, str, int]:
+    scheme, _, rest = url.partition("://")
+    hostport = rest.split("/", 1)[0]
+    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+    return scheme.lower(), host.lower(), int(port) if port.isdigit() else 0
+
+
+def internal_target(edge: Edge, front: Endpoint, url: str) -> Endpoint | None:
+    """The internal endpoint ``url`` names, in the front endpoint's account only."""
+    scheme, host, port = _split_url(url)
+    reg = edge.registry
+    if scheme == "tcp":
+        return reg.route_internal(front.account_id, "tcp", f"{host}:{port}")
+    target = reg.route_internal(front.account_id, scheme, host)
+    if target is None and scheme in ("http", "https"):  # either scheme reaches an http endpoint
+        target = reg.route_internal(front.account_id, "https" if scheme == "http" else "http", host)
+    return target
+
+
+async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, scheme: str) -> None:
+    conn = conn_vars(writer)
+    tune(writer)
+    dc: tuple[Endpoint, asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    connected: set[str] = set()  # endpoints whose on_tcp_connect already ran on this connection
+    first = True
+    try:
+        while True:
+            try:
+                raw = await asyncio.wait_for(read_head(reader), HEAD_TIMEOUT if first else IDLE_TIMEOUT)
+            except TimeoutError:
+                if first:
+                    writer.write(pages.bad_request(408, "request timeout"))
+                break
+            if raw is None:
+                break
+            first = False
+            req = parse_request_head(raw)
+            host = normalize_host(req.host)
+            ep = edge.registry.route("public", scheme, host) if host else None
+            if ep is None:
+                writer.write(pages.endpoint_offline(host or "(no Host header)"))
+                break
+
+            # ---- traffic policy: on_tcp_connect (once per endpoint), on_http_request
+            state: RequestState | None = None
+            ctx: Context | None = None
+            responders: list[Endpoint] = []
+            outcome = None
+            hops = 0
+            while True:
+                policy = ep.policy
+                if policy is not None:
+                    if ctx is None:
+                        state = RequestState(
+                            req.method.decode("latin-1"),
+                            req.target.decode("latin-1"),
+                            req.version,
+                            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers],
+                            host,
+                            scheme,
+                        )
+                        ctx = Context(conn, endpoint_vars(ep), state)
+                    else:
+                        ctx.endpoint = endpoint_vars(ep)
+                        ctx.changed()
+                    if ep.id not in connected and policy.has("on_tcp_connect"):
+                        connected.add(ep.id)
+                        outcome = policy.run("on_tcp_connect", ctx)
+                    if outcome is None:
+                        outcome = policy.run("on_http_request", ctx)
+                    if policy.has("on_http_response"):
+                        responders.append(ep)
+                if isinstance(outcome, Forward):
+                    target = internal_target(edge, ep, outcome.url) if hops < MAX_HOPS else None
+                    if target is not None:
+                        ep, outcome, hops = target, None, hops + 1
+                        continue
+                    if outcome.on_error == "continue":
+                        outcome = None
+                    else:
+                        outcome = pages.endpoint_offline(_split_url(outcome.url)[1] or outcome.url)
+                break
+            if isinstance(outcome, Close):
+                break
+            if isinstance(outcome, Reply):
+                keep = req.keep_alive and req.framing == NO_BODY
+                writer.write(reply_bytes(outcome, keep))
+                await writer.drain()
+                if not keep:
+                    break
+                continue
+            if isinstance(outcome, bytes):
+                writer.write(outcome)
+                break
+            if ep.session is None:  # a cloud endpoint whose policy did not answer
+                writer.write(pages.no_termination(host))
+                break
+
+            send = state.head() if state is not None and state.changed else raw
+            if dc is not None and (dc[0] is not ep or dc[1].at_eof()):
+                dc[0].session.release(dc[2])
+                dc = None
+            if dc is None:
+                try:
+                    dr, dw = await ep.session.open_data(ep, conn["client_ip"], conn["client_port"], scheme)
+                except SessionClosed:
+                    writer.write(pages.endpoint_offline(host))
+                    break
+                dc = (ep, dr, dw)
+            edit = _response_editor(responders, ctx) if responders else None
+            # Without a policy edit the request goes to the agent exactly as the client
+            # sent it (so the capture holds the client's bytes); the agent adds X-Forwarded-*.
+            try:
+                res = await proxy_exchange(req, send, reader, writer, dc[1], dc[2], edit_response=edit)
+            except UpstreamError as exc:
+                if not exc.response_started:
+                    writer.write(pages.no_agent(host))
+                break
+            if res.upgraded:
+                await relay(reader, writer, dc[1], dc[2])
+                break
+            if not res.keep_alive:
+                break
+    except HTTPError as exc:
+        writer.write(pages.bad_request(exc.status, exc.msg))
+    except (OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        if dc is not None:
+            dc[0].session.release(dc[2])
+        with contextlib.suppress(Exception):
+            await writer.drain()
+        close(writer)
+
+
+def _response_editor(responders: list[Endpoint], ctx: Context):
+    """Run ``on_http_response`` of every endpoint the request passed, innermost first."""
+
+    def edit(resp: Head) -> bytes | None:
+        rs = ResponseState(
+            resp.status,
+            resp.reason.decode("latin-1"),
+            resp.version,
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.headers],
+        )
+        ctx.res = rs
+        ctx.changed()
+        for ep in reversed(responders):
+            ctx.endpoint = endpoint_vars(ep)
+            out = ep.policy.run("on_http_response", ctx)
+            if isinstance(out, Reply):
+                return REPLACE + reply_bytes(out, keep_alive=False)
+            if isinstance(out, Close):
+                return REPLACE
+        return rs.head() if rs.changed else None
+
+    return edit
+
+
+async def forward_raw(
+    edge: Edge, ep: Endpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Relay a TCP or passed-through TLS connection over one data connection."""
+    tune(writer)
+    conn = conn_vars(writer)
+    hops = 0
+    while ep.policy is not None and ep.policy.has("on_tcp_connect"):
+        out = ep.policy.run("on_tcp_connect", Context(conn, endpoint_vars(ep)))
+        if isinstance(out, Forward) and hops < MAX_HOPS:
+            target = internal_target(edge, ep, out.url)
+            if target is not None:
+                ep, hops = target, hops + 1
+                continue
+            if out.on_error == "continue":
+                break
+        if out is not None:
+            close(writer)
+            return
+        break
+    if ep.session is None:
+        close(writer)
+        return
+    try:
+        dr, dw = await ep.session.open_data(ep, conn["client_ip"], conn["client_port"])
+    except SessionClosed:
+        close(writer)
+        return
+    try:
+        await relay(reader, writer, dr, dw)
+    finally:
+        ep.session.release(dw)
