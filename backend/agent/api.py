@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from backend import __version__
 from backend.agent.agent import AgentError
+from backend.agent.query import QueryError, compile_query
 from backend.agent.replay import ReplayError, ReplayRequest, replay
 from backend.agent.tunnels import TunnelConfig
 from backend.httpserver import (
@@ -227,18 +228,40 @@ def build_router(agent: Agent) -> Router:
         if store is None:
             raise _NotFound("inspection is off for this agent (inspect_db_size -1)")
 
+    def _int_arg(req: Request, name: str) -> int | None:
+        text = req.arg(name)
+        if not text:
+            return None
+        try:
+            n = int(text)
+        except ValueError:
+            raise BadRequest(f"{name} must be an integer, not {text!r}") from None
+        if n < 0:
+            raise BadRequest(f"{name} must not be negative")
+        return n
+
     async def list_requests(req: Request) -> Response:
-        limit_s = req.arg("limit")
-        limit = None
-        if limit_s:
+        """ngrok's list (``limit``, ``tunnel_name``) plus ``offset``, ``q`` and ``summary``."""
+        limit = _int_arg(req, "limit")
+        offset = _int_arg(req, "offset") or 0
+        pred = None
+        if req.arg("q"):
             try:
-                limit = int(limit_s)
-            except ValueError:
-                return agent_error(req, 400, f"limit must be an integer, not {limit_s!r}")
-            if limit < 0:
-                return agent_error(req, 400, "limit must not be negative")
-        caps = store.list(limit, req.arg("tunnel_name")) if store is not None else []
-        return json_response({"uri": "/api/requests/http", "requests": [c.to_api() for c in caps]})
+                pred = compile_query(req.arg("q"))
+            except QueryError as exc:
+                raise BadRequest(f"invalid query: {exc}") from None
+        caps, total = (
+            store.query(offset, limit, req.arg("tunnel_name"), pred) if store is not None else ([], 0)
+        )
+        summary = req.arg("summary") in ("1", "true", "yes")
+        return json_response(
+            {
+                "uri": "/api/requests/http",
+                "requests": [c.summary() if summary else c.to_api() for c in caps],
+                "total": total,
+                "stored": len(store) if store is not None else 0,
+            }
+        )
 
     async def get_request(req: Request) -> Response:
         _need_store()

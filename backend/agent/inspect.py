@@ -116,6 +116,23 @@ class Capture:
         self.replay_of = replay_of
         self.size = OVERHEAD + len(req_head.raw)
 
+    # ------------------------------------------------------------ accessors
+    @property
+    def method(self) -> str:
+        return self._req_head.method.decode("latin-1")
+
+    @property
+    def path(self) -> str:
+        return self._req_head.target.decode("latin-1")
+
+    @property
+    def host(self) -> str:
+        return self._req_head.host
+
+    @property
+    def status_code(self) -> int | None:
+        return self._resp_head.status if self._resp_head is not None else None
+
     # ------------------------------------------------------------ json shapes
     def summary(self) -> dict:
         """A list entry without raw bytes (used by the event stream)."""
@@ -129,6 +146,7 @@ class Capture:
             "duration": self.duration,
             "method": rh.method.decode("latin-1"),
             "path": rh.target.decode("latin-1"),
+            "host": rh.host,
             "status_code": self._resp_head.status if self._resp_head else None,
             "request_size": self.req.body_size,
             "response_size": self.resp.body_size if self.resp else 0,
@@ -267,14 +285,33 @@ class InspectionStore:
 
     # --------------------------------------------------------------- queries
     def list(self, limit: int | None = None, tunnel_name: str | None = None) -> list[Capture]:
-        out = []
+        return self.query(limit=limit, tunnel_name=tunnel_name, count=False)[0]
+
+    def query(
+        self,
+        offset: int = 0,
+        limit: int | None = None,
+        tunnel_name: str | None = None,
+        pred=None,
+        count: bool = True,
+    ) -> tuple[list[Capture], int]:
+        """Newest-first window of the captures that match; also how many match in all."""
+        out: list[Capture] = []
+        total = 0
+        if pred is None and tunnel_name is None and count:
+            caps = list(reversed(self._caps.values()))  # fast path: plain paging
+            return caps[offset : None if limit is None else offset + limit], len(caps)
         for cap in reversed(self._caps.values()):
             if tunnel_name is not None and cap.tunnel_name != tunnel_name:
                 continue
-            out.append(cap)
-            if limit is not None and len(out) >= limit:
+            if pred is not None and not pred(cap):
+                continue
+            if total >= offset and (limit is None or len(out) < limit):
+                out.append(cap)
+            total += 1
+            if not count and limit is not None and len(out) >= limit:
                 break
-        return out
+        return out, total
 
     def get(self, cid: str) -> Capture | None:
         return self._caps.get(cid)
