@@ -1,17 +1,124 @@
-"""The ``burrow`` command.  Engine commands are handed to :mod:`backend.cli`."""
+"""The ``burrow`` command: the console by default; engine commands go to :mod:`backend.cli`."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import sys
+import tempfile
+from pathlib import Path
 
-ENGINE_COMMANDS = {"serve", "agent", "http", "tcp", "tls"}
+ENGINE_COMMANDS = {"serve", "agent", "start", "http", "tcp", "tls"}
+AGENT_DEFAULT = "http://127.0.0.1:4040"
+API_DEFAULT = "http://127.0.0.1:4041"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="burrow",
+        description="Self-hosted tunnels with a terminal console. Engine commands: "
+        "serve, agent, http, tcp, tls (see `burrow serve --help`).",
+    )
+    p.add_argument("mode", nargs="?", choices=["console", "demo"], default="console")
+    p.add_argument("--api-url", default=None, help="cloud API (default: local, or BURROW_API_URL)")
+    p.add_argument("--api-key", default=None, help="cloud API key (or BURROW_API_KEY)")
+    p.add_argument("--agent-url", default=None, help="agent API (default: local, or BURROW_AGENT_URL)")
+    p.add_argument("--theme", default=None)
+    p.add_argument("--read-only", action="store_true", default=None)
+    p.add_argument("--version", action="store_true")
+    return p
+
+
+async def _answers(url: str, path: str) -> bool:
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=0.5) as c:
+            r = await c.get(url + path)
+        return r.status_code < 500
+    except httpx.HTTPError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from backend.cli import main as engine_main
+    if argv and argv[0] in ENGINE_COMMANDS:
+        from backend.cli import main as engine_main
 
-    return engine_main(argv)
+        return engine_main(argv)
+    args = _parser().parse_args(argv)
+    if args.version:
+        from backend import __version__
+
+        print(f"burrow {__version__}")
+        return 0
+
+    from console.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(
+            api_url=args.api_url,
+            api_key=args.api_key,
+            agent_url=args.agent_url,
+            theme=args.theme,
+            read_only=args.read_only,
+        )
+    except ConfigError as exc:
+        print(f"burrow: error: {exc}", file=sys.stderr)
+        return 1
+    return run_console(settings, demo=args.mode == "demo")
+
+
+def run_console(settings, demo: bool = False) -> int:
+    from backend.cli import default_data_dir
+    from console.app import BurrowApp
+    from console.bundled import BundledBackend
+    from console.client import AgentClient
+    from console.demo import Demo
+
+    state: dict = {}
+
+    async def starter(progress):
+        agent_url, api_url, api_key = settings.agent_url, settings.api_url, settings.api_key
+        if not demo and (agent_url or api_url):
+            return agent_url, api_url, api_key
+        if not demo and (await _answers(AGENT_DEFAULT, "/api/tunnels") or await _answers(API_DEFAULT, "/")):
+            if api_key is None:
+                api_key = _bootstrap_key(default_data_dir())
+            agent = AGENT_DEFAULT if await _answers(AGENT_DEFAULT, "/api/tunnels") else None
+            return agent, API_DEFAULT, api_key
+        data_dir = Path(tempfile.mkdtemp(prefix="burrow-demo-")) if demo else default_data_dir()
+        backend = BundledBackend(data_dir, ephemeral_ports=demo)
+        state["backend"] = backend
+        await backend.start(progress)
+        if demo:
+            progress("starting the demo app…")
+            d = Demo(AgentClient(backend.agent_url), backend.edge["http_url"])
+            state["demo"] = d
+            await d.start()
+        return backend.agent_url, backend.api_url, backend.api_key
+
+    async def on_exit():
+        if "demo" in state:
+            await state["demo"].stop()
+        if "backend" in state:
+            await state["backend"].stop()
+
+    app = BurrowApp(settings, starter, on_exit=on_exit)
+    app.run()
+    # belt and braces: never leave children running if the app died early
+    if "backend" in state and state["backend"].children:
+        asyncio.run(state["backend"].stop())
+    return app.return_code or 0
+
+
+def _bootstrap_key(data_dir: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((data_dir / "bootstrap.json").read_text()).get("api_key")
+    except (OSError, ValueError):
+        return None
 
 
 if __name__ == "__main__":

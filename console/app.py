@@ -1,0 +1,489 @@
+"""The burrow console: a Textual app over the agent API and the cloud API.
+
+All I/O happens in workers that post messages (:mod:`console.messages`); handlers on
+the app own the state and update the panes.  The console reaches burrow only over
+HTTP, so it works the same against a remote burrow over SSH and against ngrok.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.screen import Screen
+from textual.widgets import Footer, Static, TabbedContent, TabPane
+
+from console import messages as m
+from console.client import AgentClient, APIError, CloudClient
+from console.config import Settings
+from console.keymap import KEYMAP, bindings
+from console.panes import EndpointsPane, IngressesPane, RequestsPane, TunnelsPane
+from console.screens import ConfirmScreen, DetailScreen, HelpScreen, NewTunnelScreen
+from console.themes import BUNDLED_THEMES_DIR, DEFAULT_VARIABLES, load_themes, user_themes_dir
+from console.widgets.request_list import NeedRows, RequestList
+
+PANES = ("endpoints", "ingresses", "tunnels", "requests")
+
+# Resolves where to connect, possibly starting a bundled backend; returns
+# (agent_url, api_url, api_key).  ``progress`` shows what is happening.
+Starter = Callable[[Callable[[str], None]], Awaitable[tuple[str | None, str | None, str | None]]]
+
+
+class BurrowApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "burrow"
+    BINDINGS = bindings("app")
+
+    def __init__(
+        self,
+        settings: Settings,
+        starter: Starter,
+        *,
+        clock=None,
+        theme_dirs: Iterable[Path] | None = None,
+        on_exit: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._theme_dirs = list(theme_dirs) if theme_dirs is not None else [BUNDLED_THEMES_DIR, user_themes_dir()]
+        super().__init__()
+        self.starter = starter
+        self.clock = clock
+        self.on_exit_hook = on_exit
+        self.agent: AgentClient | None = None
+        self.cloud: CloudClient | None = None
+        self.status: dict = {}
+        self.tunnels: list[dict] = []
+        self.endpoints: list[dict] = []
+        self.ingresses: list[dict] = []
+        self.connection = "connecting"
+        self.connection_error = ""
+        self.keymap_overrides: dict[str, str] = dict(settings.keymap)
+        self._reload_pending = False
+
+    # ------------------------------------------------------------ set-up
+    def get_theme_variable_defaults(self) -> dict[str, str]:
+        return {**super().get_theme_variable_defaults(), **DEFAULT_VARIABLES}
+
+    def compose(self) -> ComposeResult:
+        ro = self.settings.read_only
+        yield Static("", id="header")
+        with TabbedContent(initial="requests", id="panes"):
+            with TabPane("1 Endpoints", id="endpoints"):
+                yield EndpointsPane(id="endpoints-pane", read_only=ro)
+            with TabPane("2 Agent Ingresses", id="ingresses"):
+                yield IngressesPane(id="ingresses-pane", read_only=ro)
+            with TabPane("3 Tunnels", id="tunnels"):
+                yield TunnelsPane(id="tunnels-pane", read_only=ro)
+            with TabPane("4 Requests", id="requests"):
+                yield RequestsPane(id="requests-pane", read_only=ro, clock=self.clock)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        themes, errors = load_themes(self._theme_dirs)
+        for theme in themes.values():
+            self.register_theme(theme)
+        for err in errors:
+            self.notify(err, severity="warning", timeout=8)
+        if self.settings.theme in self.available_themes:
+            self.theme = self.settings.theme
+        else:
+            self.notify(f"unknown theme {self.settings.theme!r}; using the default", severity="warning")
+            self.theme = "burrow-dark" if "burrow-dark" in self.available_themes else "textual-dark"
+        if self.keymap_overrides:
+            self.set_keymap(self.keymap_overrides)
+        self.query_one(RequestList).focus()
+        self._draw_header()
+        self.start()
+
+    @work(exclusive=True, group="startup")
+    async def start(self) -> None:
+        def progress(msg: str) -> None:
+            self.connection = msg
+            self._draw_header()
+
+        try:
+            agent_url, api_url, api_key = await self.starter(progress)
+        except Exception as exc:  # a backend that cannot start: say so, never a traceback
+            self.connection = "offline"
+            self.connection_error = str(exc)
+            self._draw_header()
+            self.notify(f"Cannot start or reach burrow: {exc}", severity="error", timeout=15)
+            return
+        if agent_url:
+            self.agent = AgentClient(agent_url)
+        if api_url and api_key:
+            self.cloud = CloudClient(api_url, api_key)
+        if self.agent is None and self.cloud is None:
+            self.connection = "offline"
+            self.connection_error = "no agent API or cloud API to talk to"
+            self._draw_header()
+            return
+        self.refresh_all()
+        if self.agent is not None:
+            self.watch_events()
+        if self.cloud is not None:
+            self.poll_cloud()
+
+    async def on_unmount(self) -> None:
+        for c in (self.agent, self.cloud):
+            if c is not None:
+                with contextlib.suppress(Exception):
+                    await c.close()
+        if self.on_exit_hook is not None:
+            await self.on_exit_hook()
+
+    # ------------------------------------------------------------ workers
+    @work(exclusive=True, group="load")
+    async def refresh_all(self) -> None:
+        await asyncio.gather(self._load_agent(), self._load_cloud(), return_exceptions=True)
+
+    async def _load_agent(self) -> None:
+        if self.agent is None:
+            return
+        try:
+            self.post_message(m.StatusLoaded(await self.agent.status()))
+            self.post_message(m.TunnelsLoaded(await self.agent.tunnels()))
+            self.post_message(m.Connection("agent", True))
+        except APIError as exc:
+            self.post_message(m.Connection("agent", False, exc.msg))
+            return
+        self.reload_requests()
+
+    async def _load_cloud(self) -> None:
+        if self.cloud is None:
+            return
+        try:
+            self.post_message(m.EndpointsLoaded(await self.cloud.endpoints()))
+        except APIError as exc:
+            self.post_message(m.Connection("cloud", False, exc.msg))
+            return
+        try:
+            self.post_message(m.IngressesLoaded(await self.cloud.agent_ingresses()))
+        except APIError as exc:
+            if exc.status != 404:  # an account without ingresses support is fine
+                self.post_message(m.Connection("cloud", False, exc.msg))
+
+    @work(exclusive=True, group="events")
+    async def watch_events(self) -> None:
+        """Follow the agent's event stream; fall back to polling a plain ngrok agent."""
+        assert self.agent is not None
+        delay = 0.5
+        while True:
+            try:
+                async for name, data in self.agent.events():
+                    delay = 0.5
+                    self.post_message(m.AgentEvent(name, data))
+            except APIError as exc:
+                if exc.status in (404, 405):
+                    await self._poll_agent()
+                    return
+                self.post_message(m.Connection("agent", False, exc.msg))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)
+            self.refresh_all()
+
+    async def _poll_agent(self) -> None:
+        assert self.agent is not None
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.post_message(m.TunnelsLoaded(await self.agent.tunnels()))
+                self.post_message(m.Connection("agent", True))
+            except APIError as exc:
+                self.post_message(m.Connection("agent", False, exc.msg))
+                continue
+            self.reload_requests()
+
+    @work(exclusive=True, group="cloud")
+    async def poll_cloud(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.cloud_poll_seconds)
+            await self._load_cloud()
+
+    @work(group="rows")
+    async def load_rows(self, offset: int, limit: int, generation: int, query: str) -> None:
+        if self.agent is None:
+            return
+        try:
+            page = await self.agent.requests(offset, limit, query)
+        except APIError as exc:
+            if exc.status == 400:
+                self.post_message(m.ActionFailed(exc.msg))
+            return
+        self.post_message(m.RowsLoaded(offset, page.items, page.total, generation))
+
+    @work(group="capture")
+    async def load_capture(self, capture_id: str) -> None:
+        if self.agent is None:
+            return
+        try:
+            self.post_message(m.CaptureLoaded(await self.agent.request(capture_id)))
+        except APIError as exc:
+            self.post_message(m.ActionFailed(f"cannot load {capture_id}: {exc.msg}"))
+
+    def _run_action(self, coro_fn: Callable[[], Awaitable[str]], refresh: tuple[str, ...] = ()) -> None:
+        async def go() -> None:
+            try:
+                text = await coro_fn()
+            except APIError as exc:
+                self.post_message(m.ActionFailed(exc.msg))
+                return
+            self.post_message(m.ActionDone(text, refresh))
+
+        self.run_worker(go(), group="actions")
+
+    # ------------------------------------------------------------ messages
+    @on(m.StatusLoaded)
+    def _status(self, msg: m.StatusLoaded) -> None:
+        self.status = msg.status
+        self._draw_header()
+
+    @on(m.TunnelsLoaded)
+    def _tunnels(self, msg: m.TunnelsLoaded) -> None:
+        self.tunnels = msg.tunnels
+        self.query_one(TunnelsPane).set_rows(msg.tunnels)
+        self._draw_header()
+
+    @on(m.EndpointsLoaded)
+    def _endpoints(self, msg: m.EndpointsLoaded) -> None:
+        self.endpoints = msg.endpoints
+        self.query_one(EndpointsPane).set_rows(msg.endpoints)
+        self._draw_header()
+
+    @on(m.IngressesLoaded)
+    def _ingresses(self, msg: m.IngressesLoaded) -> None:
+        self.ingresses = msg.ingresses
+        self.query_one(IngressesPane).set_rows(msg.ingresses)
+
+    @on(NeedRows)
+    def _need_rows(self, msg: NeedRows) -> None:
+        self.load_rows(msg.offset, msg.limit, msg.generation, self.query_one(RequestsPane).filter_text)
+
+    @on(m.RowsLoaded)
+    def _rows(self, msg: m.RowsLoaded) -> None:
+        self.query_one(RequestList).apply_page(msg.offset, msg.items, msg.total, msg.generation)
+        self.query_one(RequestsPane).update_status()
+        self._draw_header()
+
+    @on(m.CaptureLoaded)
+    def _capture(self, msg: m.CaptureLoaded) -> None:
+        screen = self.screen
+        if isinstance(screen, DetailScreen) and screen.capture_id == msg.capture.get("id"):
+            screen.show(msg.capture)
+
+    @on(m.Connection)
+    def _connection(self, msg: m.Connection) -> None:
+        state = "online" if msg.ok else "unreachable"
+        if msg.which == "agent" or self.agent is None:
+            if state != self.connection and not msg.ok:
+                self.notify(f"{msg.which} API unreachable: {msg.error} — retrying", severity="error")
+            self.connection = state
+            self.connection_error = msg.error
+        self._draw_header()
+
+    @on(m.AgentEvent)
+    def _event(self, msg: m.AgentEvent) -> None:
+        name, data = msg.name, msg.data
+        rl = self.query_one(RequestList)
+        filtered = bool(self.query_one(RequestsPane).filter_text)
+        if name == "hello":
+            self.status = data.get("status") or self.status
+            self.post_message(m.TunnelsLoaded(data.get("tunnels") or []))
+            self.post_message(m.Connection("agent", True))
+            self.reload_requests()
+        elif name == "request_started":
+            if filtered:
+                self._schedule_reload()
+            else:
+                rl.insert_new(data)
+                self.query_one(RequestsPane).update_status()
+        elif name == "request_completed":
+            if not rl.update_row(data) and filtered:
+                self._schedule_reload()
+            if isinstance(self.screen, DetailScreen) and self.screen.capture_id == data.get("id"):
+                self.load_capture(data["id"])
+        elif name == "requests_cleared":
+            self.reload_requests()
+        elif name == "metrics":
+            self.query_one(TunnelsPane).record_metrics(data.get("tunnels") or {})
+        elif name == "dropped":
+            self.reload_requests()
+        elif name in ("tunnel_started", "tunnel_stopped", "session", "disconnected", "stopped"):
+            self.refresh_all()
+        self._draw_header()
+
+    @on(m.ActionDone)
+    def _done(self, msg: m.ActionDone) -> None:
+        self.notify(msg.text)
+        if "all" in msg.refresh:
+            self.refresh_all()
+
+    @on(m.ActionFailed)
+    def _failed(self, msg: m.ActionFailed) -> None:
+        self.notify(msg.text, severity="error", timeout=8)
+
+    # ------------------------------------------------------------ helpers
+    def reload_requests(self) -> None:
+        """Start the Requests list over (filter changed, cleared, reconnected)."""
+        rl = self.query_one(RequestList)
+        rl.reset(rl.total)
+        self.load_rows(0, 100, rl.generation, self.query_one(RequestsPane).filter_text)
+
+    def _schedule_reload(self) -> None:
+        if self._reload_pending:
+            return
+        self._reload_pending = True
+
+        def go() -> None:
+            self._reload_pending = False
+            rl = self.query_one(RequestList)
+            top = rl.scroll_offset.y
+            self.load_rows(top - top % 100, 100, rl.generation, self.query_one(RequestsPane).filter_text)
+
+        self.set_timer(0.3, go)
+
+    def _draw_header(self) -> None:
+        with contextlib.suppress(Exception):
+            header = self.query_one("#header", Static)
+            where = self.settings.context or (self.agent.base_url if self.agent else "") or "burrow"
+            legs = (self.status.get("session") or {}).get("legs") or []
+            region = f"{legs[0].get('region', '')} {legs[0].get('latency', '')}".strip() if legs else "-"
+            status = self.status.get("status") if self.connection == "online" else self.connection
+            total = self.query_one(RequestList).total
+            colour = {"online": "$success", "unreachable": "$error", "offline": "$error"}.get(status or "", "$warning")
+            header.update(
+                f"[b]burrow[/b] [dim]›[/dim] {where}  [{colour}]● {status}[/]  [dim]region[/dim] {region}"
+                f"  [dim]│[/dim] tunnels {len(self.tunnels)}  endpoints {len(self.endpoints)}"
+                f"  requests {total:,}"
+                + (f"  [dim]│[/dim] [$error]{self.connection_error}[/]" if status in ("unreachable", "offline") else "")
+            )
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """Pane switching only makes sense on the main screen (hidden elsewhere)."""
+        if action in ("pane", "next_pane", "prev_pane"):
+            return self.screen is self.screen_stack[0]
+        return True
+
+    @property
+    def active_pane(self) -> str:
+        return self.query_one(TabbedContent).active or "requests"
+
+    # ------------------------------------------------------------ actions
+    def action_pane(self, name: str) -> None:
+        if self.screen is not self.screen_stack[0]:
+            return
+        self.query_one(TabbedContent).active = name
+        pane = self.query_one(f"#{name}-pane")
+        pane.focus_main()
+
+    def action_next_pane(self) -> None:
+        i = PANES.index(self.active_pane)
+        self.action_pane(PANES[(i + 1) % len(PANES)])
+
+    def action_prev_pane(self) -> None:
+        i = PANES.index(self.active_pane)
+        self.action_pane(PANES[(i - 1) % len(PANES)])
+
+    @on(TabbedContent.TabActivated)
+    def _tab(self, event: TabbedContent.TabActivated) -> None:
+        pane_id = event.pane.id if event.pane else None
+        if pane_id:
+            self.call_after_refresh(self.query_one(f"#{pane_id}-pane").focus_main)
+
+    def action_help(self) -> None:
+        ctx = self.active_pane
+        contexts = ["detail"] if isinstance(self.screen, DetailScreen) else [ctx, "list" if ctx != "requests" else "", "app"]
+        self.push_screen(HelpScreen([c for c in contexts if c], self.settings.read_only))
+
+    def action_refresh(self) -> None:
+        self.refresh_all()
+
+    def action_new_tunnel(self) -> None:
+        if self.agent is None:
+            self.notify("No agent API to start tunnels on.", severity="error")
+            return
+
+        def started(body: dict | None) -> None:
+            if body:
+                agent = self.agent
+
+                async def go() -> str:
+                    t = await agent.start_tunnel(body)
+                    return f"Started {t.get('name')}: {t.get('public_url')}"
+
+                self._run_action(go, ("all",))
+
+        self.push_screen(NewTunnelScreen(), started)
+
+    def confirm_stop_tunnel(self, name: str, url: str) -> None:
+        if self.settings.read_only or self.agent is None:
+            return
+        agent = self.agent
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                async def go() -> str:
+                    await agent.stop_tunnel(name)
+                    return f"Stopped {name}"
+
+                self._run_action(go, ("all",))
+
+        self.push_screen(ConfirmScreen(f"Stop tunnel {name}?", f"{url} will go offline."), answered)
+
+    def confirm_clear(self) -> None:
+        if self.settings.read_only or self.agent is None:
+            return
+        agent = self.agent
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                async def go() -> str:
+                    await agent.clear()
+                    return "Cleared all captured requests"
+
+                self._run_action(go)
+
+        self.push_screen(ConfirmScreen("Delete all captured requests?", "This cannot be undone."), answered)
+
+    def replay(self, capture_id: str) -> None:
+        if self.agent is None:
+            return
+        agent = self.agent
+
+        async def go() -> str:
+            new = await agent.replay(capture_id)
+            return f"Replayed {capture_id}" + (f" → {new}" if new else "")
+
+        self._run_action(go)
+
+    def open_detail(self, capture_id: str) -> None:
+        self.push_screen(DetailScreen(capture_id, self.settings.read_only))
+
+    # ------------------------------------------------------------ palette
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        groups = {"app": "console", "list": "list", "tunnels": "tunnel", "requests": "request", "detail": "request"}
+        for k in KEYMAP:
+            if k.context not in groups or (self.settings.read_only and k.dangerous) or not k.show:
+                continue
+            if k.context == "detail" and not isinstance(screen, DetailScreen):
+                continue
+            yield SystemCommand(
+                f"{groups[k.context]}: {k.description or k.help}",
+                f"key {k.key}",
+                lambda k=k: self._palette_run(k),
+            )
+
+    def _palette_run(self, k) -> None:
+        if k.context == "app":
+            self.run_action(k.action)
+        elif k.context == "detail" and isinstance(self.screen, DetailScreen):
+            self.screen.run_action(k.action)
+        else:
+            pane = "tunnels" if k.context == "tunnels" else "requests" if k.context == "requests" else self.active_pane
+            self.action_pane(pane)
+            self.query_one(f"#{pane}-pane").run_action(k.action)

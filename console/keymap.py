@@ -1,0 +1,102 @@
+"""The console's keys: one declarative table, like mitmproxy's keymap.
+
+Every key has an id (``context.action``), the key, the context it works in, the action
+it runs and the words shown in the footer, the help screen and the command palette.
+Users rebind keys by id from their config (``keymap: {requests.replay: R}``), which
+goes through Textual's ``App.set_keymap``.  ``dangerous`` keys are left unbound
+entirely in read-only mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.binding import Binding
+
+
+@dataclass(frozen=True)
+class Key:
+    id: str
+    key: str
+    context: str
+    action: str
+    help: str
+    description: str = ""
+    dangerous: bool = False
+    show: bool = True
+    priority: bool = False
+
+
+# Contexts: "app" (everywhere), the four panes, "list" (any table pane), "detail", "confirm".
+KEYMAP: tuple[Key, ...] = (
+    # ---------------------------------------------------------------- everywhere
+    Key("app.endpoints", "1", "app", "pane('endpoints')", "endpoints", "show the Endpoints pane"),
+    Key("app.ingresses", "2", "app", "pane('ingresses')", "ingresses", "show the Agent Ingresses pane"),
+    Key("app.tunnels", "3", "app", "pane('tunnels')", "tunnels", "show the Tunnels pane"),
+    Key("app.requests", "4", "app", "pane('requests')", "requests", "show the Requests pane"),
+    Key("app.next_pane", "tab", "app", "next_pane", "next pane", "switch to the next pane", show=False),
+    Key("app.prev_pane", "shift+tab", "app", "prev_pane", "prev pane", "switch to the previous pane", show=False),
+    Key("app.help", "question_mark", "app", "help", "help", "list the keys that work here"),
+    Key("app.refresh", "ctrl+r", "app", "refresh", "refresh", "reload everything from the APIs", show=False),
+    Key("app.quit", "q", "app", "quit", "quit", "leave the console"),
+    # ---------------------------------------------------------------- table panes
+    Key("list.filter", "slash", "list", "filter", "filter", "filter the rows of this pane"),
+    Key("list.clear_filter", "escape", "list", "clear_filter", "back", "clear the filter", show=False),
+    Key("list.down", "j", "list", "cursor_down", "down", "move down", show=False),
+    Key("list.up", "k", "list", "cursor_up", "up", "move up", show=False),
+    Key("list.top", "g", "list", "top", "top", "go to the first row", show=False),
+    Key("list.bottom", "G", "list", "bottom", "bottom", "go to the last row", show=False),
+    # ---------------------------------------------------------------- tunnels
+    Key("tunnels.new", "n", "tunnels", "new_tunnel", "new", "start a tunnel (proto, addr, name, URL)"),
+    Key("tunnels.stop", "s", "tunnels", "stop_tunnel", "stop", "stop the selected tunnel", dangerous=True),
+    # ---------------------------------------------------------------- requests
+    Key("requests.detail", "enter", "requests", "detail", "detail", "open the selected request"),
+    Key("requests.replay", "r", "requests", "replay", "replay", "replay the selected request"),
+    Key("requests.follow", "f", "requests", "toggle_follow", "follow", "keep the newest request selected"),
+    Key("requests.clear", "x", "requests", "clear", "clear", "delete all captured requests", dangerous=True),
+    Key("requests.filter", "slash", "requests", "filter", "filter", "filter requests (status:5xx path:/api ...)"),
+    Key("requests.clear_filter", "escape", "requests", "clear_filter", "back", "clear the filter", show=False),
+    Key("requests.down", "j,down", "requests", "cursor_down", "down", "move down", show=False),
+    Key("requests.up", "k,up", "requests", "cursor_up", "up", "move up", show=False),
+    Key("requests.top", "g,home", "requests", "top", "top", "go to the newest request", show=False),
+    Key("requests.bottom", "G,end", "requests", "bottom", "bottom", "go to the oldest request", show=False),
+    Key("requests.page_down", "pagedown", "requests", "page_down", "page down", "move a page down", show=False),
+    Key("requests.page_up", "pageup", "requests", "page_up", "page up", "move a page up", show=False),
+    # ---------------------------------------------------------------- detail
+    Key("detail.back", "escape", "detail", "back", "back", "back to the list"),
+    Key("detail.replay", "r", "detail", "replay", "replay", "replay this request"),
+    Key("detail.pretty", "p", "detail", "mode('pretty')", "pretty", "pretty-print bodies by content type"),
+    Key("detail.raw", "w", "detail", "mode('raw')", "raw", "show bodies as raw text"),
+    Key("detail.hex", "h", "detail", "mode('hex')", "hex", "show bodies as hex"),
+    Key("detail.request", "left_square_bracket", "detail", "focus_part('request')", "request", "jump to the request"),
+    Key("detail.response", "right_square_bracket", "detail", "focus_part('response')", "response", "jump to the response"),
+    Key("detail.down", "j", "detail", "scroll_down", "down", "scroll down", show=False),
+    Key("detail.up", "k", "detail", "scroll_up", "up", "scroll up", show=False),
+    # ---------------------------------------------------------------- confirm dialog
+    Key("confirm.yes", "y,enter", "confirm", "confirm", "yes", "confirm"),
+    Key("confirm.no", "n,escape", "confirm", "cancel", "no", "cancel"),
+)
+
+
+def keys(context: str, read_only: bool = False) -> list[Key]:
+    return [k for k in KEYMAP if k.context == context and not (read_only and k.dangerous)]
+
+
+def bindings(context: str, read_only: bool = False) -> list[Binding]:
+    """Textual bindings for one context, each with its id so users can rebind it."""
+    return [
+        Binding(k.key, k.action, k.help, show=k.show, id=k.id, priority=k.priority)
+        for k in keys(context, read_only)
+    ]
+
+
+def display_key(key: str) -> str:
+    names = {
+        "question_mark": "?",
+        "slash": "/",
+        "escape": "esc",
+        "left_square_bracket": "[",
+        "right_square_bracket": "]",
+        "shift+tab": "shift+tab",
+    }
+    return ", ".join(names.get(k, k) for k in key.split(","))

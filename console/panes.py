@@ -1,0 +1,312 @@
+"""The four panes: Endpoints, Agent Ingresses, Tunnels and Requests."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import BindingsMap
+from textual.containers import Vertical
+from textual.widgets import DataTable, Input, Static
+
+from console.keymap import bindings
+from console.render import human_duration
+from console.widgets.request_list import RequestList
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 12) -> str:
+    vals = list(values)[-width:]
+    if not vals:
+        return ""
+    top = max(vals) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1)))] if v else " " for v in vals)
+
+
+class Pane(Vertical):
+    """Base: a pane knows its keymap context and can be filtered with ``/``."""
+
+    context = "list"
+
+    def __init__(self, *, id: str, read_only: bool = False) -> None:
+        super().__init__(id=id)
+        # Bindings come from the keymap table; dangerous ones are absent in read-only mode.
+        self._bindings = BindingsMap(bindings("list", read_only) + bindings(self.context, read_only))
+        self.read_only = read_only
+        self.filter_text = ""
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="filter…  (enter to apply, esc to clear)", id=f"{self.id}-filter", classes="filter")
+
+    def action_filter(self) -> None:
+        box = self.query_one(Input)
+        box.display = True
+        box.value = self.filter_text
+        box.focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one(Input)
+        if self.filter_text or box.display:
+            box.display = False
+            self.apply_filter("")
+            self.focus_main()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.apply_filter(event.value.strip())
+        if not event.value.strip():
+            self.query_one(Input).display = False
+        self.focus_main()
+
+    def on_key(self, event) -> None:
+        if event.key == "escape" and self.query_one(Input).has_focus:
+            event.stop()
+            self.action_clear_filter()
+
+    def apply_filter(self, text: str) -> None:
+        self.filter_text = text
+
+    def focus_main(self) -> None:
+        self.focus()
+
+
+class TablePane(Pane):
+    """A pane showing rows of dicts in a DataTable, filtered by substring."""
+
+    COLUMNS: tuple[tuple[str, Callable[[dict], object]], ...] = ()
+    EMPTY = "nothing here yet"
+
+    def __init__(self, *, id: str, read_only: bool = False) -> None:
+        super().__init__(id=id, read_only=read_only)
+        self.rows: list[dict] = []
+        self.shown: list[dict] = []
+
+    def compose(self) -> ComposeResult:
+        yield from super().compose()
+        table = DataTable(cursor_type="row", zebra_stripes=False, id=f"{self.id}-table")
+        table.add_columns(*(name for name, _ in self.COLUMNS))
+        yield table
+        yield Static(self.EMPTY, classes="empty")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).display = False
+
+    def focus_main(self) -> None:
+        self.query_one(DataTable).focus()
+
+    def key_of(self, row: dict) -> str:
+        return str(row.get("id") or row.get("name") or id(row))
+
+    def set_rows(self, rows: list[dict]) -> None:
+        self.rows = rows
+        self._render_rows()
+
+    def apply_filter(self, text: str) -> None:
+        super().apply_filter(text)
+        self._render_rows()
+
+    def _render_rows(self) -> None:
+        table = self.query_one(DataTable)
+        keep = self.selected
+        needle = self.filter_text.lower()
+        cells_of = [[fn(r) for _, fn in self.COLUMNS] for r in self.rows]
+        self.shown = []
+        table.clear()
+        for row, cells in zip(self.rows, cells_of, strict=True):
+            if needle and not any(needle in str(c).lower() for c in cells):
+                continue
+            self.shown.append(row)
+            table.add_row(*cells, key=self.key_of(row))
+        if keep is not None:
+            for i, row in enumerate(self.shown):
+                if self.key_of(row) == self.key_of(keep):
+                    table.move_cursor(row=i, animate=False)
+                    break
+        empty = self.query_one(".empty", Static)
+        empty.display = not self.shown
+        if not self.shown and self.filter_text:
+            empty.update(f"no rows match “{self.filter_text}”")
+        elif not self.shown:
+            empty.update(self.EMPTY)
+
+    @property
+    def selected(self) -> dict | None:
+        table = self.query_one(DataTable)
+        if not self.shown or table.cursor_row is None or table.cursor_row >= len(self.shown):
+            return None
+        return self.shown[table.cursor_row]
+
+    def action_cursor_down(self) -> None:
+        self.query_one(DataTable).action_cursor_down()
+
+    def action_cursor_up(self) -> None:
+        self.query_one(DataTable).action_cursor_up()
+
+    def action_top(self) -> None:
+        self.query_one(DataTable).move_cursor(row=0)
+
+    def action_bottom(self) -> None:
+        self.query_one(DataTable).move_cursor(row=max(0, len(self.shown) - 1))
+
+
+def _ref(v) -> str:
+    if isinstance(v, dict):
+        return v.get("id") or ""
+    return v or ""
+
+
+class EndpointsPane(TablePane):
+    context = "endpoints"
+    EMPTY = "No endpoints. Start a tunnel (3, then n) or create a cloud endpoint in the API."
+    COLUMNS = (
+        ("TYPE", lambda r: r.get("type", "")),
+        ("URL", lambda r: r.get("url") or r.get("public_url", "")),
+        ("PROTO", lambda r: r.get("proto", "")),
+        ("BINDINGS", lambda r: ",".join(r.get("bindings") or [])),
+        ("UPSTREAM", lambda r: r.get("upstream_url") or ""),
+        ("SESSION", lambda r: _ref(r.get("tunnel_session"))),
+    )
+
+
+class IngressesPane(TablePane):
+    context = "ingresses"
+    EMPTY = "No agent ingresses. Agents connect to the edge's own ingress address."
+    COLUMNS = (
+        ("DOMAIN", lambda r: r.get("domain", "")),
+        ("REGION DOMAINS", lambda r: ", ".join(r.get("region_domains") or [])),
+        ("CERTIFICATE", lambda r: _cert_status(r)),
+        ("DESCRIPTION", lambda r: r.get("description", "")),
+    )
+
+
+def _cert_status(r: dict) -> str:
+    st = r.get("certificate_management_status") or {}
+    job = st.get("provisioning_job") if isinstance(st, dict) else None
+    if job:
+        return f"provisioning: {job.get('msg', '')}"
+    if st.get("renews_at"):
+        return f"ok, renews {str(st['renews_at'])[:10]}"
+    return "—" if not r.get("certificate_management_policy") else "pending"
+
+
+class TunnelsPane(TablePane):
+    context = "tunnels"
+    EMPTY = "No tunnels. Press n to start one."
+
+    def __init__(self, *, id: str, read_only: bool = False) -> None:
+        super().__init__(id=id, read_only=read_only)
+        self.history: dict[str, deque] = {}
+        self._last_count: dict[str, int] = {}
+
+    @property
+    def COLUMNS(self):
+        def m(r, part, key):
+            return (r.get("metrics") or {}).get(part, {}).get(key, 0)
+
+        return (
+            ("NAME", lambda r: r.get("name", "")),
+            ("PUBLIC URL → ADDR", lambda r: f"{r.get('public_url') or '(offline)'} → {(r.get('config') or {}).get('addr', '')}"),
+            ("PROTO", lambda r: r.get("proto", "")),
+            ("TTL", lambda r: str(m(r, "conns", "count"))),
+            ("OPN", lambda r: str(m(r, "conns", "gauge"))),
+            ("RT1", lambda r: f"{m(r, 'conns', 'rate1'):.2f}"),
+            ("RT5", lambda r: f"{m(r, 'conns', 'rate5'):.2f}"),
+            ("P50", lambda r: human_duration(int(m(r, "http", "p50") or m(r, "conns", "p50")))),
+            ("P90", lambda r: human_duration(int(m(r, "http", "p90") or m(r, "conns", "p90")))),
+            ("REQ/S", lambda r: Text(sparkline(list(self.history.get(r.get("name", ""), ()))), style="bold")),
+        )
+
+    def key_of(self, row: dict) -> str:
+        return row.get("name", "")
+
+    def record_metrics(self, metrics_by_name: dict[str, dict]) -> None:
+        """One tick of per-tunnel metrics (from the event stream): extend the sparklines."""
+        for name, m in metrics_by_name.items():
+            count = (m.get("http") or {}).get("count", 0) or (m.get("conns") or {}).get("count", 0)
+            last = self._last_count.get(name)
+            self._last_count[name] = count
+            if last is not None:
+                self.history.setdefault(name, deque(maxlen=40)).append(max(0, count - last))
+        for row in self.rows:
+            if row.get("name") in metrics_by_name:
+                row["metrics"] = metrics_by_name[row["name"]]
+        self._render_rows()
+
+    def action_new_tunnel(self) -> None:
+        self.app.action_new_tunnel()
+
+    def action_stop_tunnel(self) -> None:
+        row = self.selected
+        if row is None:
+            self.app.notify("No tunnel selected.", severity="warning")
+            return
+        self.app.confirm_stop_tunnel(row["name"], row.get("public_url", ""))
+
+
+class RequestsPane(Pane):
+    context = "requests"
+
+    def __init__(self, *, id: str, read_only: bool = False, clock=None) -> None:
+        super().__init__(id=id, read_only=read_only)
+        self._bindings = BindingsMap(
+            [b for b in bindings("requests", read_only) if not b.action.startswith(("cursor", "top", "bottom", "page"))]
+        )
+        self._clock = clock
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="requests-status", classes="status-line")
+        yield from super().compose()
+        yield RequestList(id="request-list", clock=self._clock)
+
+    def on_mount(self) -> None:
+        self.query_one(Input).display = False
+        self.query_one(Input).placeholder = "filter: status:5xx method:POST path:/api body:\"token\" tunnel:web dur>200ms"
+        self.update_status()
+
+    @property
+    def list(self) -> RequestList:
+        return self.query_one(RequestList)
+
+    def focus_main(self) -> None:
+        self.list.focus()
+
+    def update_status(self) -> None:
+        rl = self.list
+        line = Text()
+        if self.filter_text:
+            line.append(f"[f:{self.filter_text}]", style="bold")
+            line.append(f" matched {rl.total:,}")
+        else:
+            line.append(f"{rl.total:,} requests")
+        line.append("  ")
+        line.append("[following]" if rl.following else "[paused: f to follow]", style="bold" if rl.following else "")
+        self.query_one("#requests-status", Static).update(line)
+
+    def apply_filter(self, text: str) -> None:
+        super().apply_filter(text)
+        self.app.reload_requests()
+
+    def action_detail(self) -> None:
+        row = self.list.selected
+        if row is not None:
+            self.app.open_detail(row["id"])
+
+    def action_replay(self) -> None:
+        row = self.list.selected
+        if row is None:
+            self.app.notify("No request selected.", severity="warning")
+            return
+        self.app.replay(row["id"])
+
+    def action_toggle_follow(self) -> None:
+        rl = self.list
+        rl.following = not rl.following
+        if rl.following:
+            rl.cursor = 0
+        self.update_status()
+
+    def action_clear(self) -> None:
+        self.app.confirm_clear()

@@ -1,0 +1,209 @@
+"""Screens over the panes: request detail, confirm, help and the new-tunnel form."""
+
+from __future__ import annotations
+
+import base64
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import BindingsMap
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, Footer, Input, Label, Select, Static
+
+from console.keymap import KEYMAP, bindings, display_key
+from console.render import decode_body, human_duration, human_size, render_body
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """Asks before a dangerous action: ``y``/``enter`` confirm, ``n``/``esc`` cancel."""
+
+    BINDINGS = bindings("confirm")
+
+    def __init__(self, question: str, detail: str = "") -> None:
+        super().__init__()
+        self.question = question
+        self.detail = detail
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-box", classes="dialog"):
+            yield Label(self.question, id="confirm-question")
+            if self.detail:
+                yield Label(self.detail, id="confirm-detail", classes="dim")
+            yield Label("[b]y[/b]/enter: yes    [b]n[/b]/esc: no", classes="dim")
+
+    def action_confirm(self) -> None:
+        self.dismiss(True)
+
+    def action_cancel(self) -> None:
+        self.dismiss(False)
+
+
+class HelpScreen(ModalScreen[None]):
+    """Every key that works in the current context, with its words."""
+
+    BINDINGS = [("escape,question_mark,q", "dismiss_help", "close")]
+
+    def __init__(self, contexts: list[str], read_only: bool = False) -> None:
+        super().__init__()
+        self.contexts = contexts
+        self.read_only = read_only
+
+    def compose(self) -> ComposeResult:
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        keymap = getattr(self.app, "keymap_overrides", {})
+        for ctx in self.contexts:
+            rows = [k for k in KEYMAP if k.context == ctx and not (self.read_only and k.dangerous)]
+            if not rows:
+                continue
+            table.add_row(Text(ctx.upper(), style="underline"), "")
+            for k in rows:
+                table.add_row(display_key(keymap.get(k.id, k.key)), k.description or k.help)
+            table.add_row("", "")
+        with VerticalScroll(id="help-box", classes="dialog"):
+            yield Static(Text("Keys", style="bold"))
+            yield Static(table)
+            yield Static(Text("ctrl+p opens the command palette; esc closes this.", style="dim"))
+
+    def action_dismiss_help(self) -> None:
+        self.dismiss(None)
+
+
+class NewTunnelScreen(ModalScreen[dict | None]):
+    """A small form: proto, upstream address, name, URL."""
+
+    BINDINGS = [("escape", "cancel", "cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="new-tunnel", classes="dialog"):
+            yield Label("Start a tunnel", classes="title")
+            yield Label("Protocol")
+            yield Select([(p, p) for p in ("http", "tcp", "tls")], value="http", allow_blank=False, id="nt-proto")
+            yield Label("Upstream address (port, host:port or URL)")
+            yield Input(placeholder="8080", id="nt-addr")
+            yield Label("Name (optional)")
+            yield Input(placeholder="web", id="nt-name")
+            yield Label("URL (optional; random when empty)")
+            yield Input(placeholder="http://web.burrow.localhost", id="nt-url")
+            yield Label("", id="nt-error", classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Start", variant="primary", id="nt-start")
+                yield Button("Cancel", id="nt-cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#nt-addr", Input).focus()
+
+    def _submit(self) -> None:
+        addr = self.query_one("#nt-addr", Input).value.strip()
+        if not addr:
+            self.query_one("#nt-error", Label).update("An upstream address is required.")
+            self.query_one("#nt-addr", Input).focus()
+            return
+        body = {"proto": self.query_one("#nt-proto", Select).value, "addr": addr}
+        name = self.query_one("#nt-name", Input).value.strip()
+        url = self.query_one("#nt-url", Input).value.strip()
+        if name:
+            body["name"] = name
+        if url:
+            body["url"] = url
+        self.dismiss(body)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self._submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "nt-start":
+            self._submit()
+        else:
+            self.dismiss(None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class DetailScreen(Screen):
+    """One captured exchange: request and response, headers and body."""
+
+    def __init__(self, capture_id: str, read_only: bool = False) -> None:
+        super().__init__()
+        self._bindings = BindingsMap(bindings("detail", read_only))
+        self.capture_id = capture_id
+        self.capture: dict | None = None
+        self.mode = "pretty"
+
+    def compose(self) -> ComposeResult:
+        yield Static("loading…", id="detail-summary")
+        with VerticalScroll(id="detail-scroll"):
+            yield Static("", id="detail-request")
+            yield Static("", id="detail-response")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.app.load_capture(self.capture_id)
+
+    def show(self, capture: dict) -> None:
+        self.capture = capture
+        self._draw()
+
+    def _draw(self) -> None:
+        c = self.capture
+        if c is None:
+            return
+        req, resp = c.get("request") or {}, c.get("response")
+        status = f"{resp['status_code']}" if resp else "pending"
+        summary = Text()
+        summary.append(f"{req.get('method', '')} ", style="bold")
+        summary.append(req.get("uri", ""))
+        summary.append(f"   {status}", style="bold")
+        summary.append(f"   {human_duration(c.get('duration') or 0)}   {c.get('tunnel_name', '')}   from {c.get('remote_addr', '')}")
+        if c.get("replay_of"):
+            summary.append(f"   ↻ replay of {c['replay_of']}", style="italic")
+        summary.append(f"   [{self.mode}]", style="dim")
+        self.query_one("#detail-summary", Static).update(summary)
+        self.query_one("#detail-request", Static).update(self._part("Request", req))
+        self.query_one("#detail-response", Static).update(
+            self._part("Response", resp) if resp else Text("\nResponse: none yet", style="dim")
+        )
+
+    def _part(self, title: str, part: dict):
+        from rich.console import Group
+
+        raw = base64.b64decode(part.get("raw") or "")
+        info = decode_body(raw)
+        headers = Table.grid(padding=(0, 1))
+        headers.add_column(style="bold", no_wrap=True)
+        headers.add_column()
+        for k, v in info.headers:
+            headers.add_row(k, v)
+        first = raw.split(b"\r\n", 1)[0].decode("latin-1")
+        size = part.get("body_size")
+        head = Text(f"\n{title}  ", style="bold underline")
+        head.append(first, style="bold")
+        if size is not None:
+            head.append(f"   body {human_size(size)}", style="dim")
+        body = render_body(info, self.mode, truncated=bool(part.get("truncated")), full_size=size)
+        return Group(head, headers, Text(""), body)
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+    def action_replay(self) -> None:
+        self.app.replay(self.capture_id)
+
+    def action_mode(self, mode: str) -> None:
+        self.mode = mode
+        self._draw()
+
+    def action_focus_part(self, part: str) -> None:
+        target = self.query_one(f"#detail-{part}", Static)
+        self.query_one("#detail-scroll", VerticalScroll).scroll_to_widget(target, top=True, animate=False)
+
+    def action_scroll_down(self) -> None:
+        self.query_one("#detail-scroll", VerticalScroll).scroll_down(animate=False)
+
+    def action_scroll_up(self) -> None:
+        self.query_one("#detail-scroll", VerticalScroll).scroll_up(animate=False)
