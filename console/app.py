@@ -214,7 +214,7 @@ class BurrowApp(App):
             if exc.status == 400:
                 self.post_message(m.ActionFailed(exc.msg))
             return
-        self.post_message(m.RowsLoaded(offset, page.items, page.total, generation))
+        self.post_message(m.RowsLoaded(offset, page.items, page.total, generation, page.newest))
 
     @work(group="capture")
     async def load_capture(self, capture_id: str) -> None:
@@ -265,7 +265,7 @@ class BurrowApp(App):
 
     @on(m.RowsLoaded)
     def _rows(self, msg: m.RowsLoaded) -> None:
-        self.query_one(RequestList).apply_page(msg.offset, msg.items, msg.total, msg.generation)
+        self.query_one(RequestList).apply_page(msg.offset, msg.items, msg.total, msg.generation, msg.newest)
         self.query_one(RequestsPane).update_status()
         self._draw_header()
 
@@ -356,9 +356,9 @@ class BurrowApp(App):
             total = self.query_one(RequestList).total
             colour = {"online": "$success", "unreachable": "$error", "offline": "$error"}.get(status or "", "$warning")
             header.update(
-                f"[b]burrow[/b] [dim]›[/dim] {where}  [{colour}]● {status}[/]  [dim]region[/dim] {region}"
-                f"  [dim]│[/dim] tunnels {len(self.tunnels)}  endpoints {len(self.endpoints)}"
-                f"  requests {total:,}"
+                f"[b]burrow[/b] [dim]›[/dim] {where}  [{colour}]● {status}[/]  {region}"
+                f"  [dim]│[/dim] {len(self.tunnels)} tunnels · {len(self.endpoints)} endpoints"
+                f" · {total:,} requests"
                 + (f"  [dim]│[/dim] [$error]{self.connection_error}[/]" if status in ("unreachable", "offline") else "")
             )
 

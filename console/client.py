@@ -56,6 +56,7 @@ async def _call(client: httpx.AsyncClient, method: str, url: str, **kw) -> httpx
 class Page:
     items: list[dict]
     total: int
+    newest: str | None = None  # newest capture id at the time of the answer (burrow only)
 
 
 class AgentClient:
@@ -101,7 +102,7 @@ class AgentClient:
         body = (await _call(self.http, "GET", "/api/requests/http", params=params)).json()
         if "total" in body:
             self.extended = True
-            return Page(body.get("requests", []), body["total"])
+            return Page(body.get("requests", []), body["total"], body.get("newest"))
         # a plain ngrok agent: no paging, no server-side query; summarise here
         self.extended = False
         items = [summarise(r) for r in body.get("requests", [])]

@@ -30,10 +30,11 @@ class Key:
 # Contexts: "app" (everywhere), the four panes, "list" (any table pane), "detail", "confirm".
 KEYMAP: tuple[Key, ...] = (
     # ---------------------------------------------------------------- everywhere
-    Key("app.endpoints", "1", "app", "pane('endpoints')", "endpoints", "show the Endpoints pane"),
-    Key("app.ingresses", "2", "app", "pane('ingresses')", "ingresses", "show the Agent Ingresses pane"),
-    Key("app.tunnels", "3", "app", "pane('tunnels')", "tunnels", "show the Tunnels pane"),
-    Key("app.requests", "4", "app", "pane('requests')", "requests", "show the Requests pane"),
+    # the pane keys are shown on the tabs themselves, so they stay out of the footer
+    Key("app.endpoints", "1", "app", "pane('endpoints')", "endpoints", "show the Endpoints pane", show=False),
+    Key("app.ingresses", "2", "app", "pane('ingresses')", "ingresses", "show the Agent Ingresses pane", show=False),
+    Key("app.tunnels", "3", "app", "pane('tunnels')", "tunnels", "show the Tunnels pane", show=False),
+    Key("app.requests", "4", "app", "pane('requests')", "requests", "show the Requests pane", show=False),
     Key("app.next_pane", "tab", "app", "next_pane", "next pane", "switch to the next pane", show=False),
     Key("app.prev_pane", "shift+tab", "app", "prev_pane", "prev pane", "switch to the previous pane", show=False),
     Key("app.help", "question_mark", "app", "help", "help", "list the keys that work here"),

@@ -35,12 +35,15 @@ class IngressesLoaded(Message):
 
 
 class RowsLoaded(Message):
-    def __init__(self, offset: int, items: list[dict], total: int, generation: int) -> None:
+    def __init__(
+        self, offset: int, items: list[dict], total: int, generation: int, newest: str | None = None
+    ) -> None:
         super().__init__()
         self.offset = offset
         self.items = items
         self.total = total
         self.generation = generation
+        self.newest = newest
 
 
 class CaptureLoaded(Message):

@@ -108,6 +108,14 @@ class TablePane(Pane):
         super().apply_filter(text)
         self._render_rows()
 
+    def on_resize(self) -> None:
+        labels = tuple(name for name, _ in self.COLUMNS)
+        table = self.query_one(DataTable)
+        if tuple(str(c.label) for c in table.columns.values()) != labels:
+            table.clear(columns=True)
+            table.add_columns(*labels)
+            self._render_rows()
+
     def _render_rows(self) -> None:
         table = self.query_one(DataTable)
         keep = self.selected
@@ -206,18 +214,29 @@ class TunnelsPane(TablePane):
         def m(r, part, key):
             return (r.get("metrics") or {}).get(part, {}).get(key, 0)
 
-        return (
-            ("NAME", lambda r: r.get("name", "")),
-            ("PUBLIC URL → ADDR", lambda r: f"{r.get('public_url') or '(offline)'} → {(r.get('config') or {}).get('addr', '')}"),
-            ("PROTO", lambda r: r.get("proto", "")),
-            ("TTL", lambda r: str(m(r, "conns", "count"))),
-            ("OPN", lambda r: str(m(r, "conns", "gauge"))),
-            ("RT1", lambda r: f"{m(r, 'conns', 'rate1'):.2f}"),
-            ("RT5", lambda r: f"{m(r, 'conns', 'rate5'):.2f}"),
-            ("P50", lambda r: human_duration(int(m(r, "http", "p50") or m(r, "conns", "p50")))),
-            ("P90", lambda r: human_duration(int(m(r, "http", "p90") or m(r, "conns", "p90")))),
-            ("REQ/S", lambda r: Text(sparkline(list(self.history.get(r.get("name", ""), ()))), style="bold")),
-        )
+        wide = self.size.width >= 110 or not self.size.width
+        cols = [
+            ("NAME", lambda r: r.get("name", ""), True),
+            (
+                "PUBLIC URL → ADDR",
+                lambda r: f"{r.get('public_url') or '(offline)'} → {(r.get('config') or {}).get('addr', '')}",
+                wide,
+            ),
+            ("PUBLIC URL", lambda r: r.get("public_url") or "(offline)", not wide),
+            ("PROTO", lambda r: r.get("proto", ""), wide),
+            ("TTL", lambda r: str(m(r, "conns", "count")), True),
+            ("OPN", lambda r: str(m(r, "conns", "gauge")), True),
+            ("RT1", lambda r: f"{m(r, 'conns', 'rate1'):.2f}", True),
+            ("RT5", lambda r: f"{m(r, 'conns', 'rate5'):.2f}", wide),
+            ("P50", lambda r: human_duration(int(m(r, "http", "p50") or m(r, "conns", "p50"))), wide),
+            ("P90", lambda r: human_duration(int(m(r, "http", "p90") or m(r, "conns", "p90"))), True),
+            (
+                "REQ/S",
+                lambda r: Text(sparkline(list(self.history.get(r.get("name", ""), ())), 12 if wide else 8), style="bold"),
+                True,
+            ),
+        ]
+        return tuple((name, fn) for name, fn, show in cols if show)
 
     def key_of(self, row: dict) -> str:
         return row.get("name", "")

@@ -181,8 +181,9 @@ class DetailScreen(Screen):
             headers.add_row(k, v)
         first = raw.split(b"\r\n", 1)[0].decode("latin-1")
         size = part.get("body_size")
-        head = Text(f"\n{title}  ", style="bold underline")
-        head.append(first, style="bold")
+        head = Text("\n")
+        head.append(title, style="bold underline")
+        head.append(f"  {first}", style="bold")
         if size is not None:
             head.append(f"   body {human_size(size)}", style="dim")
         body = render_body(info, self.mode, truncated=bool(part.get("truncated")), full_size=size)

@@ -260,6 +260,9 @@ def build_router(agent: Agent) -> Router:
                 "requests": [c.summary() if summary else c.to_api() for c in caps],
                 "total": total,
                 "stored": len(store) if store is not None else 0,
+                # the newest capture when this answer was made, so a client merging the
+                # event stream knows which events came after it
+                "newest": store.newest_id() if store is not None else None,
             }
         )
 

@@ -313,6 +313,9 @@ class InspectionStore:
                 break
         return out, total
 
+    def newest_id(self) -> str | None:
+        return next(reversed(self._caps), None) if self._caps else None
+
     def get(self, cid: str) -> Capture | None:
         return self._caps.get(cid)
 

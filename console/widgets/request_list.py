@@ -9,6 +9,7 @@ first); in follow mode the cursor stays on the newest.
 
 from __future__ import annotations
 
+import bisect
 import time
 from datetime import datetime
 
@@ -68,7 +69,7 @@ class RequestList(ScrollView, can_focus=True):
     }
 
     DEFAULT_CSS = """
-    RequestList { height: 1fr; }
+    RequestList { height: 1fr; scrollbar-size-vertical: 1; }
     RequestList > .requestlist--header { text-style: bold; color: $text-muted; }
     RequestList > .requestlist--cursor { background: $block-cursor-background; color: $block-cursor-foreground; text-style: bold; }
     RequestList:blur > .requestlist--cursor { background: $block-cursor-blurred-background; text-style: none; }
@@ -97,6 +98,7 @@ class RequestList(ScrollView, can_focus=True):
         self.by_id: dict[str, dict] = {}
         self.generation = 0  # bumped on every reset, so stale pages are dropped
         self._asked: dict[int, float] = {}  # page offset -> when it was requested
+        self._event_ids: list[str] = []  # ids inserted from the event stream since reset
         self._clock = clock  # a fixed clock for tests; None = local time of the capture
 
     # ------------------------------------------------------------------ data in
@@ -107,14 +109,23 @@ class RequestList(ScrollView, can_focus=True):
         self.rows.clear()
         self.by_id.clear()
         self._asked.clear()
+        self._event_ids.clear()
         self.cursor = 0
         self._resize()
         self.refresh()
 
-    def apply_page(self, offset: int, items: list[dict], total: int, generation: int) -> None:
+    def apply_page(
+        self, offset: int, items: list[dict], total: int, generation: int, newest: str | None = None
+    ) -> None:
         if generation != self.generation:
             return
         self._asked.pop(offset - offset % PAGE, None)
+        if self._event_ids and (newest is not None or total == 0):
+            # The page was made before some captures we already have from the event
+            # stream: they sit above it (ids grow with time, so compare them).
+            later = len(self._event_ids) - bisect.bisect_right(self._event_ids, newest or "")
+            offset += later
+            total += later
         if total != self.total:
             self.total = total
             self._resize()
@@ -137,6 +148,9 @@ class RequestList(ScrollView, can_focus=True):
         self._asked = {o + 1: t for o, t in self._asked.items()}
         self.rows[0] = row
         self.by_id[row["id"]] = row
+        self._event_ids.append(row["id"])
+        if len(self._event_ids) > CACHE_MAX:
+            del self._event_ids[: len(self._event_ids) - CACHE_MAX]
         self.total += 1
         self._trim()
         self._resize()
@@ -206,7 +220,7 @@ class RequestList(ScrollView, can_focus=True):
 
     # ---------------------------------------------------------------- drawing
     def _resize(self) -> None:
-        self.virtual_size = Size(self.size.width, self.total + 1)
+        self.virtual_size = Size(0, self.total + 1)  # never scrolls sideways: columns adapt
 
     def on_resize(self) -> None:
         self._resize()
@@ -219,8 +233,12 @@ class RequestList(ScrollView, can_focus=True):
         for i in [i for i in self.rows if not keep_from <= i < keep_to]:
             self.by_id.pop(self.rows.pop(i)["id"], None)
 
+    @property
+    def _width(self) -> int:
+        return self.scrollable_content_region.width
+
     def _columns(self) -> list[tuple[str, int]]:
-        w = self.size.width
+        w = self._width
         if w >= 100:
             return [("TIME", 8), ("TUNNEL", 12), ("CLIENT", 15), ("METHOD", 7), ("PATH", 0), ("STATUS", 6), ("DURATION", 9), ("SIZE", 9)]
         return [("TIME", 8), ("METHOD", 7), ("PATH", 0), ("STATUS", 6), ("DURATION", 9)]
@@ -228,11 +246,11 @@ class RequestList(ScrollView, can_focus=True):
     def _widths(self) -> list[int]:
         cols = self._columns()
         fixed = sum(w for _, w in cols if w) + len(cols) - 1
-        flex = max(8, self.size.width - fixed)
+        flex = max(8, self._width - fixed)
         return [w or flex for _, w in cols]
 
     def render_line(self, y: int) -> Strip:
-        width = self.size.width
+        width = self._width
         if y == 0:
             style = self.get_component_rich_style("requestlist--header")
             text = " ".join(_fit(name, w) for (name, _), w in zip(self._columns(), self._widths(), strict=True))
@@ -246,10 +264,13 @@ class RequestList(ScrollView, can_focus=True):
             dim = self.get_component_rich_style("requestlist--dim")
             return Strip([Segment(_fit("  …", width), dim)], width)
         segs = self._row_segments(row)
-        strip = Strip(segs).adjust_cell_length(width)
-        if index == self.cursor:
-            strip = strip.apply_style(self.get_component_rich_style("requestlist--cursor"))
-        return strip
+        if index == self.cursor:  # the cursor's colours win over the cells' own
+            cursor = self.get_component_rich_style("requestlist--cursor")
+            segs = [Segment(t, (st or Style()) + cursor) for t, st, _ in segs]
+            pad = cursor
+        else:
+            pad = self.rich_style
+        return Strip(segs).adjust_cell_length(width, pad)
 
     def _row_segments(self, row: dict) -> list[Segment]:
         widths = self._widths()
