@@ -85,6 +85,13 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
     s.add_argument("--api-key", action="append", default=None)
     s.add_argument("--authtoken", action="append", default=None)
     s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --api-addr")
+    s.add_argument(
+        "--api-rate-limit",
+        type=int,
+        default=600,
+        metavar="N",
+        help="cloud API requests per API key per minute (0 = unlimited)",
+    )
     s.add_argument("--json", action="store_true")
 
     def conn_flags(p: argparse.ArgumentParser) -> None:
@@ -93,7 +100,12 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
         p.add_argument("--root-cas", default=None, help="CA file to verify the edge with")
         p.add_argument("--web-addr", default=None, help="agent API address (default 127.0.0.1:4040)")
         p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --web-addr")
-        p.add_argument("--no-data-tls", action="store_true", help="plain TCP data connections")
+        tls = p.add_mutually_exclusive_group()
+        tls.add_argument(
+            "--data-tls", dest="data_tls", action="store_const", const=True, default=None,
+            help="TLS on data connections (default: only when the edge is not on loopback)",
+        )
+        tls.add_argument("--no-data-tls", dest="data_tls", action="store_const", const=False, help="plain TCP data connections")
         p.add_argument("--pool-size", type=int, default=None)
         p.add_argument("--inspect-db-size", type=int, default=None, help="bytes; 0 = 50 MB, -1 = off")
         p.add_argument("--inspect-db", default=None, help="SQLite file keeping captures across restarts")
@@ -186,6 +198,7 @@ async def _serve(args) -> int:
         domain=args.domain.lower().strip("."),
         api_keys=api_keys,
         authtokens=authtokens,
+        api_rate_limit=max(0, args.api_rate_limit),
     )
     edge = Edge(cfg, on_event=_emit if args.json else None)
     stop = await _until_signal()
@@ -383,7 +396,7 @@ async def _agent(args) -> int:
                 server_addr=server_addr,
                 authtoken=authtoken,
                 root_cas=root_cas,
-                data_tls=not args.no_data_tls,
+                data_tls=args.data_tls,
                 pool_size=args.pool_size or int(aconf.get("pool_size", 4)),
                 metadata=str(aconf.get("metadata", "")),
                 tunnels=tunnels,

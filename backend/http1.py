@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -26,6 +27,8 @@ BLOCK = 256 * 1024  # relay block size
 
 # Prefix marking a whole replacement response returned by an ``edit_response`` hook.
 REPLACE = b"\x00replace\x00"
+
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 # Body framing kinds.
 NO_BODY = 0
@@ -138,6 +141,8 @@ def _keep_alive(version: str, conn: set[bytes]) -> bool:
 
 
 def parse_request_head(raw: bytes) -> Head:
+    if not raw.strip():
+        raise HTTPError(400, "empty request head")
     col = _Collector()
     parser = httptools.HttpRequestParser(col)
     try:
@@ -156,7 +161,9 @@ def parse_request_head(raw: bytes) -> Head:
     for k, v in col.headers:
         lk = k.lower()
         if lk == b"host":
-            host = v.decode("latin-1").strip()
+            if host:  # RFC 9112 §3.2: more than one Host is a 400, not a routing choice
+                raise HTTPError(400, "more than one Host header")
+            host = v.decode("latin-1").strip() or " "
         elif lk == b"upgrade":
             upgrade = b"upgrade" in conn
         elif lk == b"expect":
@@ -170,13 +177,15 @@ def parse_request_head(raw: bytes) -> Head:
         length=length,
         method=method,
         target=col.url,
-        host=host,
+        host=host.strip(),
         upgrade=upgrade,
         expect_continue=expect,
     )
 
 
 def parse_response_head(raw: bytes, request_method: bytes = b"GET") -> Head:
+    if not raw.strip():
+        raise UpstreamError("empty response head")
     col = _Collector()
     parser = httptools.HttpResponseParser(col)
     try:
@@ -212,18 +221,24 @@ async def read_head(reader: asyncio.StreamReader) -> bytes | None:
     is larger than MAX_HEAD and HTTPError(400) when the stream ends inside a head.
     The reader must have been created with ``limit >= MAX_HEAD``.
     """
-    try:
-        raw = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        raise HTTPError(431, "request header fields too large") from None
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial.strip():
-            return None
-        raise HTTPError(400, "connection closed inside the message head") from None
-    if len(raw) > MAX_HEAD:
-        raise HTTPError(431, "request header fields too large")
-    # Tolerate (and drop) stray CRLFs between pipelined requests (RFC 9112 §2.2).
-    return raw.lstrip(b"\r\n") if raw[:1] in (b"\r", b"\n") else raw
+    for _ in range(4):
+        try:
+            raw = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            raise HTTPError(431, "request header fields too large") from None
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial.strip():
+                return None
+            raise HTTPError(400, "connection closed inside the message head") from None
+        if len(raw) > MAX_HEAD:
+            raise HTTPError(431, "request header fields too large")
+        if raw[:1] not in (b"\r", b"\n"):
+            return raw
+        # Stray CRLFs before a message are ignored (RFC 9112 §2.2).
+        raw = raw.lstrip(b"\r\n")
+        if raw:
+            return raw
+    raise HTTPError(400, "too many empty lines before the message head")
 
 
 # ------------------------------------------------------------------------- observers
@@ -275,12 +290,9 @@ async def relay_body(
         if tee is not None:
             tee(line)
         size_txt = line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_txt, 16)
-        except ValueError:
-            raise UpstreamError("invalid chunk size") from None
-        if size < 0:
+        if not _HEX.fullmatch(size_txt):  # int(x, 16) would also take "0x5", "+5", "1_0"
             raise UpstreamError("invalid chunk size")
+        size = int(size_txt, 16)
         if size == 0:
             # trailer section: lines until an empty one
             while True:
@@ -291,7 +303,7 @@ async def relay_body(
                 if line in (b"\r\n", b"\n"):
                     await writer.drain()
                     return total
-        left = size + 2  # chunk data and its CRLF
+        left = size
         while left:
             chunk = await reader.read(min(left, BLOCK))
             if not chunk:
@@ -301,7 +313,16 @@ async def relay_body(
             writer.write(chunk)
             if tee is not None:
                 tee(chunk)
-        await writer.drain()
+            await writer.drain()  # a huge chunk must not pile up in memory
+        try:
+            crlf = await reader.readexactly(2)
+        except asyncio.IncompleteReadError:
+            raise UpstreamError("connection closed inside a chunk") from None
+        if crlf != b"\r\n":
+            raise UpstreamError("chunk data not followed by CRLF")
+        writer.write(crlf)
+        if tee is not None:
+            tee(crlf)
 
 
 async def _read_line(reader: asyncio.StreamReader) -> bytes:

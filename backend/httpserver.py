@@ -25,6 +25,9 @@ from backend.relay import close
 log = logging.getLogger("burrow.http")
 
 MAX_BODY = 1024 * 1024
+#: A body over MAX_BODY but under this is read and thrown away, so the client gets the
+#: 413 answer instead of a connection reset while it is still sending.
+MAX_DRAIN = 16 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -37,6 +40,8 @@ class Request:
     params: dict[str, str] = field(default_factory=dict)
     base_url: str = ""
     body_too_large: bool = False
+    #: Per-request values set by the ``before`` hook for handlers (e.g. the caller's account).
+    state: dict = field(default_factory=dict)
 
     def arg(self, name: str) -> str | None:
         v = self.query.get(name)
@@ -141,9 +146,12 @@ class APIServer:
                     break
                 body = b""
                 too_large = False
+                drained = False
                 if head.framing == LENGTH:
                     if head.length > MAX_BODY:
                         too_large = True
+                        if head.length <= MAX_DRAIN:
+                            drained = await self._discard(reader, head.length)
                     else:
                         body = await reader.readexactly(head.length)
                 elif head.framing != NO_BODY:
@@ -164,7 +172,7 @@ class APIServer:
                     body_too_large=too_large,
                 )
                 resp = await self._dispatch(req)
-                keep = head.keep_alive and not too_large
+                keep = head.keep_alive and (drained or not too_large)
                 if isinstance(resp, StreamResponse):
                     await self._stream(writer, resp)
                     break
@@ -176,6 +184,20 @@ class APIServer:
         finally:
             self._conns.discard(writer)
             close(writer)
+
+    @staticmethod
+    async def _discard(reader: asyncio.StreamReader, length: int) -> bool:
+        """Read and drop ``length`` body bytes (30 s at most); True if all arrived."""
+        try:
+            async with asyncio.timeout(30):
+                while length > 0:
+                    chunk = await reader.read(min(length, 256 * 1024))
+                    if not chunk:
+                        return False
+                    length -= len(chunk)
+        except TimeoutError:
+            return False
+        return True
 
     async def _dispatch(self, req: Request) -> Response | StreamResponse:
         if req.body_too_large:

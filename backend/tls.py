@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = ["CA_COMMON_NAME", "LocalCA", "client_context", "normalize_hostnames"]
@@ -225,15 +225,22 @@ class LocalCA:
 
     # -- issuing ----------------------------------------------------------------------
 
-    def issue(self, hostnames: list[str]) -> tuple[bytes, bytes]:
+    def issue(self, hostnames: list[str], key_type: str = "ecdsa") -> tuple[bytes, bytes]:
         """Issue a leaf cert for ``hostnames``; return ``(leaf + CA chain PEM, key PEM)``.
 
         IP literals become IPAddress SANs, everything else DNS SANs; the first name is
         also the subject CN. Valid one year, backdated an hour for clock skew, and never
-        past the CA's own expiry.
+        past the CA's own expiry. ``key_type`` is ``"ecdsa"`` (P-256, the default) or
+        ``"rsa"`` (2048 bits, noticeably slower to generate).
         """
         names = normalize_hostnames(hostnames)
-        key = ec.generate_private_key(ec.SECP256R1())
+        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+        if key_type == "ecdsa":
+            key = ec.generate_private_key(ec.SECP256R1())
+        elif key_type == "rsa":
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        else:
+            raise ValueError(f"unsupported key type {key_type!r}")
         sans: list[x509.GeneralName] = []
         for name in names:
             ip = _parse_ip(name)

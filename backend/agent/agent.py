@@ -30,7 +30,7 @@ from backend.agent import forward
 from backend.agent.events import EventHub
 from backend.agent.inspect import DEFAULT_BODY_CAP, InspectionStore
 from backend.agent.tunnels import Tunnel, TunnelConfig
-from backend.netutil import parse_hostport
+from backend.netutil import is_loopback, parse_hostport
 from backend.relay import close, tune
 from backend.tls import client_context
 
@@ -50,7 +50,9 @@ class AgentConfig:
     server_addr: str = "127.0.0.1:4042"
     authtoken: str = ""
     root_cas: str | Path | None = None
-    data_tls: bool = True
+    # TLS on data connections: None = automatic (plain TCP when the edge is on this
+    # machine's loopback, where TLS protects nothing; TLS otherwise).
+    data_tls: bool | None = None
     pool_size: int = 4
     metadata: str = ""
     # Connect attempts before giving up when the edge was never reached (0 = forever).
@@ -97,6 +99,7 @@ class Agent:
         self._connected = asyncio.Event()
         self._host, self._port = parse_hostport(config.server_addr)
         self._ctx = client_context(config.root_cas)
+        self.data_tls = config.data_tls if config.data_tls is not None else not is_loopback(self._host)
         self._ping_ids = 0
         for tc in config.tunnels:
             self._add_tunnel(tc)
@@ -368,7 +371,7 @@ class Agent:
         if session_id is None or self._stopped.is_set():
             return
         try:
-            if self.config.data_tls:
+            if self.data_tls:
                 r, w = await self._dial()
             else:
                 r, w = await asyncio.wait_for(

@@ -1,8 +1,11 @@
 """The edge's cloud-state store: models and the interface every backend implements.
 
-The edge keeps accounts, API keys and authtokens here (later also cloud endpoints, agent
-ingresses and reserved domains). SQLite is the single-node default; a PostgreSQL
-implementation of the same :class:`Store` lets several edge nodes share state.
+The edge keeps accounts, API keys, authtokens, cloud endpoints and agent ingresses here.
+SQLite is the single-node default; a PostgreSQL implementation of the same
+:class:`Store` lets several edge nodes share state.
+
+Every read or change of an account's object takes the ``account_id`` as well as the
+object id, so one account can never reach another's objects by guessing an id.
 
 Secrets are never stored: only ``sha256(token).hexdigest()`` is kept and looked up by an
 indexed equality match. The tokens are 256-bit random strings, so a fast hash is the
@@ -25,9 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "APIKey",
     "Account",
+    "AgentIngress",
+    "CertJob",
+    "CertPolicy",
+    "CloudEndpoint",
     "ConflictError",
     "Credential",
+    "IngressCertificate",
     "NotFoundError",
+    "ReservedDomain",
     "Store",
     "StoreError",
     "format_timestamp",
@@ -41,6 +50,9 @@ __all__ = [
 ACCOUNT_PREFIX = "acct"
 CREDENTIAL_PREFIX = "cr"
 API_KEY_PREFIX = "ak"
+ENDPOINT_PREFIX = "ep"
+AGENT_INGRESS_PREFIX = "agin"
+RESERVED_DOMAIN_PREFIX = "rd"
 
 _TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -50,7 +62,17 @@ class StoreError(Exception):
 
 
 class ConflictError(StoreError):
-    """The request clashes with existing state (e.g. a token owned by another account)."""
+    """The request clashes with existing state (e.g. a token owned by another account).
+
+    ``kind`` says which rule was broken so the API can pick its error code:
+    ``"url_taken"`` (the account already has a cloud endpoint on this URL),
+    ``"host_taken"`` (a public hostname or tcp port belongs to another account),
+    ``"domain_taken"`` (an agent ingress domain exists already), or None.
+    """
+
+    def __init__(self, msg: str, kind: str | None = None) -> None:
+        super().__init__(msg)
+        self.kind = kind
 
 
 class NotFoundError(StoreError):
@@ -118,6 +140,84 @@ class APIKey(_Model):
     metadata: str = ""
     created_at: dt.datetime
     token_hash: str = Field(repr=False)
+
+
+class CloudEndpoint(_Model):
+    """An endpoint created through the API and served by the edge itself.
+
+    ``url`` is normalised (``scheme://host[:port]``, the port left out when it is the
+    scheme's default or the edge's own listener); ``host`` is lower-case, so routing can
+    use ``(binding, proto, host)`` or, for tcp, ``(binding, "tcp", port)``. ``port`` 0
+    means "the edge's http/https listener, whatever its port" (public http, https, tls).
+    """
+
+    id: str
+    account_id: str
+    url: str
+    proto: str
+    host: str
+    port: int
+    binding: str = "public"
+    pooling_enabled: bool = False
+    description: str = ""
+    metadata: str = ""
+    traffic_policy: str = ""
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    #: The reservation of ``host`` (public http/https/tls endpoints); set by the store.
+    domain_id: str | None = None
+
+
+class ReservedDomain(_Model):
+    """A public hostname claimed by one account.
+
+    The store claims a hostname when an account's first public cloud endpoint uses it
+    and releases it when the last one goes, so a hostname belongs to one account.
+    """
+
+    id: str
+    account_id: str
+    domain: str
+    created_at: dt.datetime
+
+
+class CertPolicy(_Model):
+    """How an agent ingress domain's certificate is managed."""
+
+    authority: str = "letsencrypt"
+    private_key_type: str = "rsa"
+
+
+class CertJob(_Model):
+    """A provisioning attempt that has not (yet) produced a certificate."""
+
+    error_code: str | None = None
+    msg: str
+    started_at: dt.datetime
+    retries_at: dt.datetime | None = None
+
+
+class IngressCertificate(_Model):
+    """A certificate issued for an agent ingress's domains (PEM chain and key)."""
+
+    chain_pem: str = Field(repr=False)
+    key_pem: str = Field(repr=False)
+    not_after: dt.datetime
+    renews_at: dt.datetime
+
+
+class AgentIngress(_Model):
+    """A domain of the user's through which agents may reach the edge."""
+
+    id: str
+    account_id: str
+    domain: str
+    description: str = ""
+    metadata: str = ""
+    created_at: dt.datetime
+    cert_policy: CertPolicy | None = None
+    certificate: IngressCertificate | None = None
+    cert_job: CertJob | None = None
 
 
 class Store(abc.ABC):
@@ -200,6 +300,103 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delete_api_key(self, api_key_id: str) -> bool:
         """Delete an API key; return False if there was none with that id."""
+
+    @abc.abstractmethod
+    def update_api_key(
+        self, api_key_id: str, *, description: str | None = None, metadata: str | None = None
+    ) -> APIKey | None:
+        """Change the given fields (None = unchanged); return the new row or None if absent."""
+
+    @abc.abstractmethod
+    def update_authtoken(
+        self,
+        credential_id: str,
+        *,
+        description: str | None = None,
+        metadata: str | None = None,
+        acl: list[str] | None = None,
+    ) -> Credential | None:
+        """Change the given fields (None = unchanged); return the new row or None if absent."""
+
+    # -- cloud endpoints --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_cloud_endpoint(self, endpoint: CloudEndpoint) -> CloudEndpoint:
+        """Store a new cloud endpoint.
+
+        Raises :class:`ConflictError` with ``kind="url_taken"`` if the account already has
+        one on the same URL and binding, or ``kind="host_taken"`` if a public hostname (or
+        public tcp port) is used by another account's cloud endpoint.
+        """
+
+    @abc.abstractmethod
+    def get_cloud_endpoint(self, account_id: str, endpoint_id: str) -> CloudEndpoint | None:
+        """Return the account's cloud endpoint with this id, or None."""
+
+    @abc.abstractmethod
+    def list_cloud_endpoints(
+        self, account_id: str, *, before_id: str | None = None, limit: int | None = None
+    ) -> list[CloudEndpoint]:
+        """Return the account's cloud endpoints newest first, ids below ``before_id`` only."""
+
+    @abc.abstractmethod
+    def all_cloud_endpoints(self) -> list[CloudEndpoint]:
+        """Return every account's cloud endpoints (for the edge's routing table)."""
+
+    @abc.abstractmethod
+    def update_cloud_endpoint(self, endpoint: CloudEndpoint) -> CloudEndpoint:
+        """Replace a stored cloud endpoint (same id and account) with ``endpoint``.
+
+        Raises :class:`NotFoundError` if it is gone and :class:`ConflictError` as create does.
+        """
+
+    @abc.abstractmethod
+    def delete_cloud_endpoint(self, account_id: str, endpoint_id: str) -> bool:
+        """Delete the account's cloud endpoint; False if there was none."""
+
+    @abc.abstractmethod
+    def public_host_owner(self, host: str) -> str | None:
+        """Return the account that has reserved the public hostname ``host``, or None."""
+
+    # -- reserved domains -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def get_reserved_domain(self, account_id: str, domain_id: str) -> ReservedDomain | None:
+        """Return the account's reserved domain with this id, or None."""
+
+    @abc.abstractmethod
+    def list_reserved_domains(
+        self, account_id: str, *, before_id: str | None = None, limit: int | None = None
+    ) -> list[ReservedDomain]:
+        """Return the account's reserved domains newest first, ids below ``before_id`` only."""
+
+    # -- agent ingresses --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_agent_ingress(self, ingress: AgentIngress) -> AgentIngress:
+        """Store a new agent ingress; ``ConflictError(kind="domain_taken")`` if the domain exists."""
+
+    @abc.abstractmethod
+    def get_agent_ingress(self, account_id: str, ingress_id: str) -> AgentIngress | None:
+        """Return the account's agent ingress with this id, or None."""
+
+    @abc.abstractmethod
+    def list_agent_ingresses(
+        self, account_id: str, *, before_id: str | None = None, limit: int | None = None
+    ) -> list[AgentIngress]:
+        """Return the account's agent ingresses newest first, ids below ``before_id`` only."""
+
+    @abc.abstractmethod
+    def find_agent_ingress(self, domain: str) -> AgentIngress | None:
+        """Return the agent ingress (any account) registered for ``domain``, or None."""
+
+    @abc.abstractmethod
+    def update_agent_ingress(self, ingress: AgentIngress) -> AgentIngress:
+        """Replace the mutable fields of a stored agent ingress; NotFoundError if it is gone."""
+
+    @abc.abstractmethod
+    def delete_agent_ingress(self, account_id: str, ingress_id: str) -> bool:
+        """Delete the account's agent ingress; False if there was none."""
 
     # -- lifecycle --------------------------------------------------------------------
 

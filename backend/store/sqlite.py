@@ -21,11 +21,18 @@ from backend.store.base import (
     ACCOUNT_PREFIX,
     API_KEY_PREFIX,
     CREDENTIAL_PREFIX,
+    RESERVED_DOMAIN_PREFIX,
     Account,
+    AgentIngress,
     APIKey,
+    CertJob,
+    CertPolicy,
+    CloudEndpoint,
     ConflictError,
     Credential,
+    IngressCertificate,
     NotFoundError,
+    ReservedDomain,
     Store,
     StoreError,
     format_timestamp,
@@ -71,6 +78,55 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX api_keys_token_hash ON api_keys (token_hash);
     CREATE INDEX api_keys_account ON api_keys (account_id, id);
+    """,
+    # 2: reserved domains, cloud endpoints and agent ingresses
+    """
+    CREATE TABLE reserved_domains (
+        id          TEXT PRIMARY KEY,
+        account_id  TEXT NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+        domain      TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX reserved_domains_domain ON reserved_domains (domain);
+    CREATE INDEX reserved_domains_account ON reserved_domains (account_id, id);
+
+    CREATE TABLE cloud_endpoints (
+        id              TEXT PRIMARY KEY,
+        account_id      TEXT NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+        url             TEXT NOT NULL,
+        proto           TEXT NOT NULL,
+        host            TEXT NOT NULL,
+        port            INTEGER NOT NULL,
+        binding         TEXT NOT NULL,
+        pooling_enabled INTEGER NOT NULL DEFAULT 0,
+        description     TEXT NOT NULL DEFAULT '',
+        metadata        TEXT NOT NULL DEFAULT '',
+        traffic_policy  TEXT NOT NULL DEFAULT '',
+        created_at      TEXT NOT NULL,
+        updated_at      TEXT NOT NULL,
+        domain_id       TEXT REFERENCES reserved_domains (id)
+    );
+    CREATE INDEX cloud_endpoints_account ON cloud_endpoints (account_id, id);
+    CREATE UNIQUE INDEX cloud_endpoints_url ON cloud_endpoints (account_id, binding, url);
+    CREATE INDEX cloud_endpoints_host ON cloud_endpoints (binding, host);
+    CREATE INDEX cloud_endpoints_port ON cloud_endpoints (binding, proto, port);
+
+    CREATE TABLE agent_ingresses (
+        id             TEXT PRIMARY KEY,
+        account_id     TEXT NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+        domain         TEXT NOT NULL,
+        description    TEXT NOT NULL DEFAULT '',
+        metadata       TEXT NOT NULL DEFAULT '',
+        created_at     TEXT NOT NULL,
+        cert_policy    TEXT,
+        cert_chain     TEXT,
+        cert_key       TEXT,
+        cert_not_after TEXT,
+        cert_renews_at TEXT,
+        cert_job       TEXT
+    );
+    CREATE UNIQUE INDEX agent_ingresses_domain ON agent_ingresses (domain);
+    CREATE INDEX agent_ingresses_account ON agent_ingresses (account_id, id);
     """,
 ]
 
@@ -198,6 +254,72 @@ class SQLiteStore(Store):
             created_at=parse_timestamp(row["created_at"]),
             token_hash=row["token_hash"],
         )
+
+    @staticmethod
+    def _cloud_endpoint(row: sqlite3.Row) -> CloudEndpoint:
+        return CloudEndpoint(
+            id=row["id"],
+            account_id=row["account_id"],
+            url=row["url"],
+            proto=row["proto"],
+            host=row["host"],
+            port=row["port"],
+            binding=row["binding"],
+            pooling_enabled=bool(row["pooling_enabled"]),
+            description=row["description"],
+            metadata=row["metadata"],
+            traffic_policy=row["traffic_policy"],
+            created_at=parse_timestamp(row["created_at"]),
+            updated_at=parse_timestamp(row["updated_at"]),
+            domain_id=row["domain_id"],
+        )
+
+    @staticmethod
+    def _reserved_domain(row: sqlite3.Row) -> ReservedDomain:
+        return ReservedDomain(
+            id=row["id"],
+            account_id=row["account_id"],
+            domain=row["domain"],
+            created_at=parse_timestamp(row["created_at"]),
+        )
+
+    @staticmethod
+    def _agent_ingress(row: sqlite3.Row) -> AgentIngress:
+        cert = None
+        if row["cert_chain"] is not None:
+            cert = IngressCertificate(
+                chain_pem=row["cert_chain"],
+                key_pem=row["cert_key"],
+                not_after=parse_timestamp(row["cert_not_after"]),
+                renews_at=parse_timestamp(row["cert_renews_at"]),
+            )
+        return AgentIngress(
+            id=row["id"],
+            account_id=row["account_id"],
+            domain=row["domain"],
+            description=row["description"],
+            metadata=row["metadata"],
+            created_at=parse_timestamp(row["created_at"]),
+            cert_policy=(
+                CertPolicy.model_validate_json(row["cert_policy"]) if row["cert_policy"] else None
+            ),
+            certificate=cert,
+            cert_job=CertJob.model_validate_json(row["cert_job"]) if row["cert_job"] else None,
+        )
+
+    @staticmethod
+    def _page(
+        sql: str, params: list[object], before_id: str | None, limit: int | None
+    ) -> tuple[str, tuple[object, ...]]:
+        """Add ``id < before_id``, newest-first order and a limit to a WHERE query."""
+        if before_id is not None:
+            sql += " AND id < ?"
+            params.append(before_id)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return sql, tuple(params)
 
     # -- accounts ---------------------------------------------------------------------
 
@@ -362,6 +484,300 @@ class SQLiteStore(Store):
         """Delete the API key; True if it existed."""
         with self._tx() as conn:
             cur = conn.execute("DELETE FROM api_keys WHERE id = ?", (api_key_id,))
+            return cur.rowcount > 0
+
+    def update_api_key(
+        self, api_key_id: str, *, description: str | None = None, metadata: str | None = None
+    ) -> APIKey | None:
+        """Change the given fields (None = unchanged); return the new row or None if absent."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE api_keys SET description = COALESCE(?, description),"
+                " metadata = COALESCE(?, metadata) WHERE id = ?",
+                (description, metadata, api_key_id),
+            )
+            row = conn.execute("SELECT * FROM api_keys WHERE id = ?", (api_key_id,)).fetchone()
+        return self._api_key(row) if row else None
+
+    def update_authtoken(
+        self,
+        credential_id: str,
+        *,
+        description: str | None = None,
+        metadata: str | None = None,
+        acl: list[str] | None = None,
+    ) -> Credential | None:
+        """Change the given fields (None = unchanged); return the new row or None if absent."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE credentials SET description = COALESCE(?, description),"
+                " metadata = COALESCE(?, metadata), acl = COALESCE(?, acl) WHERE id = ?",
+                (description, metadata, None if acl is None else json.dumps(acl), credential_id),
+            )
+            row = conn.execute(
+                "SELECT * FROM credentials WHERE id = ?", (credential_id,)
+            ).fetchone()
+        return self._credential(row) if row else None
+
+    # -- cloud endpoints --------------------------------------------------------------
+
+    @staticmethod
+    def _check_endpoint_conflicts(conn: sqlite3.Connection, ep: CloudEndpoint) -> None:
+        same_url = conn.execute(
+            "SELECT 1 FROM cloud_endpoints WHERE account_id = ? AND binding = ? AND url = ?"
+            " AND id != ?",
+            (ep.account_id, ep.binding, ep.url, ep.id),
+        ).fetchone()
+        if same_url:
+            raise ConflictError(
+                f"This account already has a cloud endpoint on {ep.url}.", kind="url_taken"
+            )
+        if ep.binding == "public" and ep.proto == "tcp":
+            other = conn.execute(
+                "SELECT 1 FROM cloud_endpoints WHERE binding = 'public' AND proto = 'tcp'"
+                " AND port = ? AND account_id != ?",
+                (ep.port, ep.account_id),
+            ).fetchone()
+            if other:
+                raise ConflictError(
+                    f"tcp port {ep.port} is already used by another account.", kind="host_taken"
+                )
+
+    @staticmethod
+    def _reserve(conn: sqlite3.Connection, ep: CloudEndpoint) -> str | None:
+        """Claim ``ep.host`` for its account (public http/https/tls); return the claim's id."""
+        if ep.binding != "public" or ep.proto == "tcp":
+            return None
+        row = conn.execute(
+            "SELECT id, account_id FROM reserved_domains WHERE domain = ?", (ep.host,)
+        ).fetchone()
+        if row is not None:
+            if row["account_id"] != ep.account_id:
+                raise ConflictError(
+                    f"The hostname {ep.host} is reserved by another account.", kind="host_taken"
+                )
+            return row["id"]
+        domain_id = new_id(RESERVED_DOMAIN_PREFIX)
+        conn.execute(
+            "INSERT INTO reserved_domains (id, account_id, domain, created_at) VALUES (?, ?, ?, ?)",
+            (domain_id, ep.account_id, ep.host, format_timestamp(utcnow())),
+        )
+        return domain_id
+
+    @staticmethod
+    def _release_unused(conn: sqlite3.Connection, domain_id: str | None) -> None:
+        if domain_id is not None:
+            conn.execute(
+                "DELETE FROM reserved_domains WHERE id = ? AND NOT EXISTS"
+                " (SELECT 1 FROM cloud_endpoints WHERE domain_id = ?)",
+                (domain_id, domain_id),
+            )
+
+    @staticmethod
+    def _endpoint_params(ep: CloudEndpoint) -> tuple[object, ...]:
+        return (
+            ep.url,
+            ep.proto,
+            ep.host,
+            ep.port,
+            ep.binding,
+            int(ep.pooling_enabled),
+            ep.description,
+            ep.metadata,
+            ep.traffic_policy,
+            format_timestamp(ep.updated_at),
+            ep.domain_id,
+        )
+
+    def create_cloud_endpoint(self, endpoint: CloudEndpoint) -> CloudEndpoint:
+        """Store a new cloud endpoint (see :meth:`Store.create_cloud_endpoint`)."""
+        with self._tx() as conn:
+            self._check_endpoint_conflicts(conn, endpoint)
+            endpoint = endpoint.model_copy(update={"domain_id": self._reserve(conn, endpoint)})
+            try:
+                conn.execute(
+                    "INSERT INTO cloud_endpoints (url, proto, host, port, binding, pooling_enabled,"
+                    " description, metadata, traffic_policy, updated_at, domain_id, id, account_id,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        *self._endpoint_params(endpoint),
+                        endpoint.id,
+                        endpoint.account_id,
+                        format_timestamp(endpoint.created_at),
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise NotFoundError(f"no account {endpoint.account_id!r}") from exc
+        return endpoint
+
+    def get_cloud_endpoint(self, account_id: str, endpoint_id: str) -> CloudEndpoint | None:
+        """Return the account's cloud endpoint with this id, or None."""
+        rows = self._query(
+            "SELECT * FROM cloud_endpoints WHERE id = ? AND account_id = ?",
+            (endpoint_id, account_id),
+        )
+        return self._cloud_endpoint(rows[0]) if rows else None
+
+    def list_cloud_endpoints(
+        self, account_id: str, *, before_id: str | None = None, limit: int | None = None
+    ) -> list[CloudEndpoint]:
+        """Return the account's cloud endpoints newest first, ids below ``before_id`` only."""
+        sql, params = self._page(
+            "SELECT * FROM cloud_endpoints WHERE account_id = ?", [account_id], before_id, limit
+        )
+        return [self._cloud_endpoint(r) for r in self._query(sql, params)]
+
+    def all_cloud_endpoints(self) -> list[CloudEndpoint]:
+        """Return every account's cloud endpoints, oldest first."""
+        return [self._cloud_endpoint(r) for r in self._query("SELECT * FROM cloud_endpoints ORDER BY id")]
+
+    def update_cloud_endpoint(self, endpoint: CloudEndpoint) -> CloudEndpoint:
+        """Replace a stored cloud endpoint (see :meth:`Store.update_cloud_endpoint`)."""
+        with self._tx() as conn:
+            old = conn.execute(
+                "SELECT domain_id FROM cloud_endpoints WHERE id = ? AND account_id = ?",
+                (endpoint.id, endpoint.account_id),
+            ).fetchone()
+            if old is None:
+                raise NotFoundError(f"no cloud endpoint {endpoint.id!r}")
+            self._check_endpoint_conflicts(conn, endpoint)
+            endpoint = endpoint.model_copy(update={"domain_id": self._reserve(conn, endpoint)})
+            conn.execute(
+                "UPDATE cloud_endpoints SET url = ?, proto = ?, host = ?, port = ?, binding = ?,"
+                " pooling_enabled = ?, description = ?, metadata = ?, traffic_policy = ?,"
+                " updated_at = ?, domain_id = ? WHERE id = ? AND account_id = ?",
+                (*self._endpoint_params(endpoint), endpoint.id, endpoint.account_id),
+            )
+            if old["domain_id"] != endpoint.domain_id:
+                self._release_unused(conn, old["domain_id"])
+        return endpoint
+
+    def delete_cloud_endpoint(self, account_id: str, endpoint_id: str) -> bool:
+        """Delete the account's cloud endpoint; False if there was none."""
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT domain_id FROM cloud_endpoints WHERE id = ? AND account_id = ?",
+                (endpoint_id, account_id),
+            ).fetchone()
+            if row is None:
+                return False
+            conn.execute("DELETE FROM cloud_endpoints WHERE id = ?", (endpoint_id,))
+            self._release_unused(conn, row["domain_id"])
+            return True
+
+    def public_host_owner(self, host: str) -> str | None:
+        """Return the account that has reserved the public hostname ``host``, or None."""
+        rows = self._query(
+            "SELECT account_id FROM reserved_domains WHERE domain = ?", (host.lower().rstrip("."),)
+        )
+        return rows[0][0] if rows else None
+
+    # -- reserved domains -------------------------------------------------------------
+
+    def get_reserved_domain(self, account_id: str, domain_id: str) -> ReservedDomain | None:
+        """Return the account's reserved domain with this id, or None."""
+        rows = self._query(
+            "SELECT * FROM reserved_domains WHERE id = ? AND account_id = ?", (domain_id, account_id)
+        )
+        return self._reserved_domain(rows[0]) if rows else None
+
+    def list_reserved_domains(
+        self, account_id: str, *, before_id: str | None = None, limit: int | None = None
+    ) -> list[ReservedDomain]:
+        """Return the account's reserved domains newest first, ids below ``before_id`` only."""
+        sql, params = self._page(
+            "SELECT * FROM reserved_domains WHERE account_id = ?", [account_id], before_id, limit
+        )
+        return [self._reserved_domain(r) for r in self._query(sql, params)]
+
+    # -- agent ingresses --------------------------------------------------------------
+
+    @staticmethod
+    def _ingress_params(ing: AgentIngress) -> tuple[object, ...]:
+        cert = ing.certificate
+        return (
+            ing.description,
+            ing.metadata,
+            ing.cert_policy.model_dump_json() if ing.cert_policy else None,
+            cert.chain_pem if cert else None,
+            cert.key_pem if cert else None,
+            format_timestamp(cert.not_after) if cert else None,
+            format_timestamp(cert.renews_at) if cert else None,
+            ing.cert_job.model_dump_json() if ing.cert_job else None,
+        )
+
+    def create_agent_ingress(self, ingress: AgentIngress) -> AgentIngress:
+        """Store a new agent ingress; ``ConflictError(kind="domain_taken")`` if the domain exists."""
+        with self._tx() as conn:
+            if conn.execute(
+                "SELECT 1 FROM agent_ingresses WHERE domain = ?", (ingress.domain,)
+            ).fetchone():
+                raise ConflictError(
+                    f'The agent ingress domain "{ingress.domain}" already exists, choose another'
+                    " domain.",
+                    kind="domain_taken",
+                )
+            try:
+                conn.execute(
+                    "INSERT INTO agent_ingresses (description, metadata, cert_policy, cert_chain,"
+                    " cert_key, cert_not_after, cert_renews_at, cert_job, id, account_id, domain,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        *self._ingress_params(ingress),
+                        ingress.id,
+                        ingress.account_id,
+                        ingress.domain,
+                        format_timestamp(ingress.created_at),
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise NotFoundError(f"no account {ingress.account_id!r}") from exc
+        return ingress
+
+    def get_agent_ingress(self, account_id: str, ingress_id: str) -> AgentIngress | None:
+        """Return the account's agent ingress with this id, or None."""
+        rows = self._query(
+            "SELECT * FROM agent_ingresses WHERE id = ? AND account_id = ?",
+            (ingress_id, account_id),
+        )
+        return self._agent_ingress(rows[0]) if rows else None
+
+    def list_agent_ingresses(
+        self, account_id: str, *, before_id: str | None = None, limit: int | None = None
+    ) -> list[AgentIngress]:
+        """Return the account's agent ingresses newest first, ids below ``before_id`` only."""
+        sql, params = self._page(
+            "SELECT * FROM agent_ingresses WHERE account_id = ?", [account_id], before_id, limit
+        )
+        return [self._agent_ingress(r) for r in self._query(sql, params)]
+
+    def find_agent_ingress(self, domain: str) -> AgentIngress | None:
+        """Return the agent ingress (any account) registered for ``domain``, or None."""
+        rows = self._query(
+            "SELECT * FROM agent_ingresses WHERE domain = ?", (domain.lower().rstrip("."),)
+        )
+        return self._agent_ingress(rows[0]) if rows else None
+
+    def update_agent_ingress(self, ingress: AgentIngress) -> AgentIngress:
+        """Replace the mutable fields of a stored agent ingress; NotFoundError if it is gone."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE agent_ingresses SET description = ?, metadata = ?, cert_policy = ?,"
+                " cert_chain = ?, cert_key = ?, cert_not_after = ?, cert_renews_at = ?,"
+                " cert_job = ? WHERE id = ? AND account_id = ?",
+                (*self._ingress_params(ingress), ingress.id, ingress.account_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFoundError(f"no agent ingress {ingress.id!r}")
+        return ingress
+
+    def delete_agent_ingress(self, account_id: str, ingress_id: str) -> bool:
+        """Delete the account's agent ingress; False if there was none."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "DELETE FROM agent_ingresses WHERE id = ? AND account_id = ?",
+                (ingress_id, account_id),
+            )
             return cur.rowcount > 0
 
     # -- lifecycle --------------------------------------------------------------------

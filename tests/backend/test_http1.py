@@ -276,11 +276,6 @@ def test_unsupported_transfer_encoding_in_request_is_400(te: bytes) -> None:
     assert info.value.status == 400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backend bug: parse_request_head accepts an empty head (read_head returns b'' for a "
-    "stream starting with two blank lines) and yields a phantom DELETE request, version 0.0",
-)
 @pytest.mark.parametrize("raw", [b"", b"\r\n"], ids=["empty", "crlf"])
 def test_empty_head_is_400_not_a_phantom_request(raw: bytes) -> None:
     with pytest.raises(HTTPError) as info:
@@ -288,11 +283,6 @@ def test_empty_head_is_400_not_a_phantom_request(raw: bytes) -> None:
     assert info.value.status == 400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backend bug: two Host header lines are accepted and the edge routes by the last "
-    "one; RFC 9112 §3.2 requires 400",
-)
 def test_two_host_headers_are_400() -> None:
     with pytest.raises(HTTPError) as info:
         parse_request_head(b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n")
@@ -461,11 +451,6 @@ def test_malformed_response_is_upstream_error(raw: bytes) -> None:
         parse_response_head(raw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backend bug: parse_response_head accepts an empty head and reports status 0, "
-    "which proxy_exchange then treats as a final response",
-)
 def test_empty_response_head_is_upstream_error() -> None:
     with pytest.raises(UpstreamError):
         parse_response_head(b"")
@@ -591,11 +576,6 @@ async def test_relay_chunk_size_line_too_long(connect) -> None:
     sender.cancel()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backend bug: chunk sizes are parsed with int(x, 16), which also accepts 0x, + and _ "
-    "forms, and the CRLF after chunk data is never checked, so invalid framing is relayed",
-)
 @pytest.mark.parametrize(
     "data",
     [
@@ -618,14 +598,6 @@ async def test_relay_refuses_invalid_chunk_framing(connect, data: bytes) -> None
 @pytest.mark.parametrize("framing", [LENGTH, CHUNKED], ids=["length", "chunked"])
 async def test_relay_respects_backpressure(connect, framing: int, request) -> None:
     """A destination that does not read must stall the relay, not fill its memory."""
-    if framing == CHUNKED:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="backend bug: relay_body drains only after a whole chunk, so a single "
-                "large chunk is buffered in memory whatever the destination's pace",
-            )
-        )
     src_w, src = await connect()
     dst, _dst_r = await connect()  # nobody reads _dst_r
     n = 32 * 1024 * 1024

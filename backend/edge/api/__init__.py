@@ -1,0 +1,55 @@
+"""The edge's cloud API (ngrok API v2 wire format).
+
+:mod:`.core` holds the conventions (auth, version header, rate limit, errors, bodies,
+paging); one module per resource registers its routes:
+
+- :mod:`.endpoints` — ``/endpoints`` (cloud endpoints in the store, agent endpoints live)
+- :mod:`.agent_ingresses` — ``/agent_ingresses``
+- :mod:`.tunnel_sessions` — ``/tunnel_sessions`` and their stop / restart / update
+- :mod:`.keys` — ``/credentials`` (authtokens) and ``/api_keys``
+- :mod:`.reserved_domains` — ``/reserved_domains`` (read-only; claimed by cloud endpoints)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from backend.edge.api.agent_ingresses import AgentIngressesAPI
+from backend.edge.api.core import APIError, RateLimiter, api_error, make_before
+from backend.edge.api.endpoints import EndpointsAPI
+from backend.edge.api.keys import APIKeysAPI, CredentialsAPI
+from backend.edge.api.reserved_domains import ReservedDomainsAPI
+from backend.edge.api.tunnel_sessions import TunnelSessionsAPI
+from backend.httpserver import APIServer, Request, Response, Router, json_response
+
+if TYPE_CHECKING:
+    from backend.edge.server import Edge
+
+__all__ = ["APIError", "api_error", "build_router", "start_api"]
+
+
+def build_router(edge: Edge) -> Router:
+    router = Router()
+
+    async def root(req: Request) -> Response:
+        return json_response({"uri": req.base_url + "/"})
+
+    router.add("GET", "/", root)
+    for resource in (
+        EndpointsAPI(edge),
+        AgentIngressesAPI(edge),
+        TunnelSessionsAPI(edge),
+        CredentialsAPI(edge),
+        APIKeysAPI(edge),
+        ReservedDomainsAPI(edge),
+    ):
+        resource.register(router)
+    return router
+
+
+async def start_api(edge: Edge, addr: str) -> tuple[APIServer, tuple[str, int]]:
+    """Serve the cloud API on ``addr``; return the server and the bound address."""
+    limiter = RateLimiter(edge.config.api_rate_limit)
+    server = APIServer(build_router(edge), api_error, before=make_before(edge, limiter))
+    bound = await server.start(addr)
+    return server, bound

@@ -1,0 +1,124 @@
+"""``/tunnel_sessions``: the account's live agent sessions, and commands to them.
+
+``stop`` ends the session and takes its endpoints offline at once (the agent exits);
+``restart`` ends it and tells the agent to reconnect (it comes back with a new session
+id and re-binds the same URLs); ``update`` is accepted and does nothing, since burrow
+agents are updated with the package, not in place. All three answer 200 with ``{}``,
+with or without a body, because the official client expects JSON back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from backend.edge.api.core import (
+    caller,
+    check_id,
+    dump,
+    handler,
+    not_found,
+    page_params,
+    paged,
+    parse_body,
+)
+from backend.edge.sessions import Session
+from backend.httpserver import Request, Response, Router, json_response
+from backend.schema import cloud as w
+from backend.store.base import parse_timestamp, utcnow
+
+if TYPE_CHECKING:
+    from backend.edge.server import Edge
+
+SESSION_PREFIX = "ts"
+
+
+class _NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def wire(base: str, s: Session) -> w.TunnelSession:
+    try:
+        started = parse_timestamp(s.started_at)
+    except ValueError:
+        started = utcnow()
+    cred = None
+    if s.credential_id:
+        cred = w.Ref(id=s.credential_id, uri=f"{base}/credentials/{s.credential_id}")
+    return w.TunnelSession(
+        agent_version=s.agent_version or None,
+        credential=cred,
+        id=s.id,
+        ip=s.ip or None,
+        metadata=s.metadata or None,
+        os=s.os or None,
+        region=s.region or None,
+        started_at=started,
+        transport=s.transport or None,
+        uri=f"{base}/tunnel_sessions/{s.id}",
+    )
+
+
+class TunnelSessionsAPI:
+    def __init__(self, edge: Edge) -> None:
+        self.edge = edge
+
+    def register(self, router: Router) -> None:
+        router.add("GET", "/tunnel_sessions", handler(self.list))
+        router.add("GET", "/tunnel_sessions/{id}", handler(self.get))
+        router.add("POST", "/tunnel_sessions/{id}/stop", handler(self.stop))
+        router.add("POST", "/tunnel_sessions/{id}/restart", handler(self.restart))
+        router.add("POST", "/tunnel_sessions/{id}/update", handler(self.update))
+
+    def _session(self, req: Request) -> Session:
+        id_ = check_id(req.params["id"], SESSION_PREFIX)
+        s = self.edge.registry.sessions.get(id_)
+        if s is None or s.closed or s.account_id != caller(req).account_id:
+            raise not_found("tunnel session", id_)
+        return s
+
+    async def list(self, req: Request) -> Response:
+        who = caller(req)
+        page = page_params(req)
+        sessions = [
+            s
+            for s in self.edge.registry.sessions.values()
+            if s.account_id == who.account_id
+            and not s.closed
+            and (page.before_id is None or s.id < page.before_id)
+        ]
+        sessions.sort(key=lambda s: s.id, reverse=True)
+        sessions, next_uri = paged(req, page, sessions[: page.limit + 1])
+        return dump(
+            w.TunnelSessionList(
+                tunnel_sessions=[wire(req.base_url, s) for s in sessions],
+                uri=f"{req.base_url}/tunnel_sessions",
+                next_page_uri=next_uri,
+            )
+        )
+
+    async def get(self, req: Request) -> Response:
+        return dump(wire(req.base_url, self._session(req)))
+
+    async def stop(self, req: Request) -> Response:
+        s = self._session(req)
+        parse_body(req, _NoParams)
+        if not self.edge.stop_session(s.id):
+            raise not_found("tunnel session", s.id)
+        return json_response({})
+
+    async def restart(self, req: Request) -> Response:
+        s = self._session(req)
+        parse_body(req, _NoParams)
+        if not self.edge.stop_session(s.id, restart=True):
+            raise not_found("tunnel session", s.id)
+        return json_response({})
+
+    async def update(self, req: Request) -> Response:
+        self._session(req)
+        parse_body(req, _NoParams)
+        return json_response({})
+
+
+__all__ = ["TunnelSessionsAPI"]
