@@ -256,10 +256,17 @@ async def relay_body(
     writer: asyncio.StreamWriter,
     head: Head,
     tee=None,
+    prefix: bytes = b"",
 ) -> int:
-    """Copy one message body from reader to writer according to ``head``'s framing."""
+    """Copy one message body from reader to writer according to ``head``'s framing.
+
+    ``prefix`` (the message's head) goes out in the same write as the first block of
+    the body, so a small response costs one send instead of two.
+    """
     kind = head.framing
     if kind == NO_BODY:
+        if prefix:
+            writer.write(prefix)
         return 0
     total = 0
     if kind == LENGTH:
@@ -270,11 +277,15 @@ async def relay_body(
                 raise UpstreamError("connection closed inside the message body")
             left -= len(chunk)
             total += len(chunk)
-            writer.write(chunk)
             if tee is not None:
                 tee(chunk)
+            if prefix:
+                chunk, prefix = prefix + chunk, b""
+            writer.write(chunk)
             await writer.drain()
         return total
+    if prefix:
+        writer.write(prefix)
     if kind == UNTIL_CLOSE:
         while chunk := await reader.read(BLOCK):
             total += len(chunk)
@@ -401,14 +412,14 @@ async def proxy_exchange(
             return Result(resp, keep_alive=False)
         if edited is not None:
             raw = edited
-    client_w.write(raw)
     if resp.status == 101:
+        client_w.write(raw)
         await client_w.drain()
         _cancel(body_task)
         return Result(resp, keep_alive=False, upgraded=True)
     tee = observer.response_body if observer is not None else None
     try:
-        nresp = await relay_body(up_r, client_w, resp, tee)
+        nresp = await relay_body(up_r, client_w, resp, tee, prefix=raw)
     except UpstreamError as exc:
         _cancel(body_task)
         exc.response_started = True

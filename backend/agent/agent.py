@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import platform
 import random
@@ -82,6 +83,7 @@ class Agent:
                 config.inspect_db_size, config.inspect_body_cap, config.inspect_db
             )
             self.capture.subscribe(self.events.publish)
+            self.capture.listening = lambda: self.events.active
         self.client_id = uuid.uuid4().hex
         self.tunnels: dict[str, Tunnel] = {}
         self.session_id: str | None = None
@@ -293,9 +295,16 @@ class Agent:
                 raise ConnectionResetError("restart requested by the edge")
 
     async def _metrics_ticker(self, interval: float = 1.0) -> None:
-        """Publish every tunnel's metrics once a second, only while someone listens."""
+        """Publish every tunnel's metrics once a second, only while someone listens.
+
+        Also moves what survived the last second out of the garbage collector's sight
+        (``gc.freeze``): captures are many, long-lived and free of reference cycles, and
+        rescanning them in every full collection stalled the data path for tens of ms.
+        Frozen objects are still freed by reference counting when evicted.
+        """
         while True:
             await asyncio.sleep(interval)
+            gc.freeze()
             if self.events.active:
                 self.events.publish(
                     "metrics",

@@ -239,6 +239,8 @@ class InspectionStore:
         self.total = 0
         self._caps: collections.OrderedDict[str, Capture] = collections.OrderedDict()
         self._listeners: list[Callable[[str, dict], None]] = []
+        # Whether anyone will read events; building them costs, so ask before doing it.
+        self.listening: Callable[[], bool] = lambda: bool(self._listeners)
         self._db: _CaptureDB | None = _CaptureDB(Path(db_path)) if db_path else None
         if self._db is not None:
             for c in self._db.load(self.max_bytes):
@@ -258,7 +260,7 @@ class InspectionStore:
         self._caps[cap.id] = cap
         self.total += cap.size
         self._evict()
-        if self._listeners:
+        if self.listening():
             self._emit("request_started", cap.summary())
         return CaptureObserver(self, cap)
 
@@ -273,7 +275,7 @@ class InspectionStore:
     def _finished(self, cap: Capture) -> None:
         if self._db is not None and cap.id in self._caps:
             self._db.put(cap)
-        if self._listeners:
+        if self.listening():
             self._emit("request_completed", cap.summary())
 
     def _evict(self) -> None:
@@ -324,7 +326,7 @@ class InspectionStore:
         self.total = 0
         if self._db is not None:
             self._db.clear()
-        if self._listeners:
+        if self.listening():
             self._emit("requests_cleared", {})
 
     def __len__(self) -> int:

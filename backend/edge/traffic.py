@@ -83,15 +83,25 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
     dc: tuple[Endpoint, asyncio.StreamReader, asyncio.StreamWriter] | None = None
     connected: set[str] = set()  # endpoints whose on_tcp_connect already ran on this connection
     first = True
+    loop = asyncio.get_running_loop()
+    expired = False
+
+    def expire() -> None:  # a head that does not arrive in time closes the connection
+        nonlocal expired
+        expired = True
+        if first:
+            writer.write(pages.bad_request(408, "request timeout"))
+        writer.transport.close()
+
     try:
         while True:
+            # one timer handle per request is far cheaper than asyncio.timeout()
+            timer = loop.call_later(HEAD_TIMEOUT if first else IDLE_TIMEOUT, expire)
             try:
-                raw = await asyncio.wait_for(read_head(reader), HEAD_TIMEOUT if first else IDLE_TIMEOUT)
-            except TimeoutError:
-                if first:
-                    writer.write(pages.bad_request(408, "request timeout"))
-                break
-            if raw is None:
+                raw = await read_head(reader)
+            finally:
+                timer.cancel()
+            if raw is None or expired:
                 break
             first = False
             req = parse_request_head(raw)

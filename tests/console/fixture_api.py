@@ -185,6 +185,13 @@ class FixtureServer:
         self.url = f"http://{host}:{port}"
         self._ready.set()
         self.loop.run_forever()
+        # shut down tidily: stop serving, cancel the open connections' tasks
+        self.loop.run_until_complete(server.stop())
+        tasks = asyncio.all_tasks(self.loop)
+        for t in tasks:
+            t.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.loop.close()
 
     def __enter__(self) -> FixtureServer:
         self._thread.start()
