@@ -181,6 +181,8 @@ class APIServer:
                     break
         except (OSError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # the server is shutting down: this connection just ends
         finally:
             self._conns.discard(writer)
             close(writer)

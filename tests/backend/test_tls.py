@@ -164,6 +164,20 @@ def test_issue_leaf(ca: LocalCA) -> None:
     assert dt.timedelta(days=364) <= leaf.not_valid_after_utc - now <= dt.timedelta(days=366)
 
 
+def test_issue_key_types(ca: LocalCA) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    for key_type, cls in (("ecdsa", ec.EllipticCurvePublicKey), ("rsa", rsa.RSAPublicKey)):
+        chain, key_pem = ca.issue(["ingress.example.com"], key_type)
+        leaf = x509.load_pem_x509_certificate(chain)
+        assert isinstance(leaf.public_key(), cls)
+        assert load_pem_private_key(key_pem, None).public_key().public_numbers() == leaf.public_key().public_numbers()
+        leaf.verify_directly_issued_by(ca.cert)
+    with pytest.raises(ValueError, match="key type"):
+        ca.issue(["x.example.com"], "dsa")
+
+
 def test_issue_needs_a_name(ca: LocalCA) -> None:
     with pytest.raises(ValueError):
         ca.issue([])
