@@ -132,7 +132,7 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
                         ctx = Context(conn, endpoint_vars(ep), state)
                     else:
                         ctx.endpoint = endpoint_vars(ep)
-                        ctx.changed()
+                        ctx.changed("endpoint")
                     if ep.id not in connected and policy.has("on_tcp_connect"):
                         connected.add(ep.id)
                         outcome = policy.run("on_tcp_connect", ctx)
@@ -214,9 +214,10 @@ def _response_editor(responders: list[Endpoint], ctx: Context):
             [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.headers],
         )
         ctx.res = rs
-        ctx.changed()
+        ctx.changed("res", "time")
         for ep in reversed(responders):
             ctx.endpoint = endpoint_vars(ep)
+            ctx.changed("endpoint")
             out = ep.policy.run("on_http_response", ctx)
             if isinstance(out, Reply):
                 return REPLACE + reply_bytes(out, keep_alive=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import base64
 import collections
+import functools
 import hmac
 import ipaddress
 import re
@@ -210,7 +211,7 @@ class AddHeaders(Action):
         assert target is not None
         for k, t in self.headers:
             target.add_header(k, t.render(ctx))
-        ctx.changed()
+        ctx.changed("res" if phase == "on_http_response" else "req")
         return None
 
 
@@ -234,7 +235,7 @@ class RemoveHeaders(Action):
         assert target is not None
         for k in self.cfg.headers:
             target.remove_header(k)
-        ctx.changed()
+        ctx.changed("res" if phase == "on_http_response" else "req")
         return None
 
 
@@ -267,7 +268,7 @@ class URLRewrite(Action):
             )
         req.path, _, req.query = new.partition("?")
         req.changed = True
-        ctx.changed()
+        ctx.changed("req")
         return None
 
 
@@ -345,10 +346,7 @@ class RestrictIPs(Action):
         self.deny = [_cidr(c, f"{where}.config.deny") for c in cfg.deny]
 
     def run(self, ctx: Context, phase: str) -> Outcome:
-        try:
-            ip = ipaddress.ip_address(ctx.conn.get("client_ip", ""))
-        except ValueError:
-            ip = None
+        ip = _ip(ctx.conn.get("client_ip", ""))
         denied = (
             ip is None
             or any(ip in n for n in self.deny)
@@ -396,7 +394,7 @@ class RateLimit(Action):
         key = []
         for p in self.keys:
             try:
-                key.append(_to_key(p.execute(ctx.cel())))
+                key.append(_to_key(p.eval(ctx)))
             except Exception:
                 key.append("")
         k = tuple(key)
@@ -467,6 +465,14 @@ class ForwardInternal(Action):
 
 
 # --------------------------------------------------------------------- helpers
+@functools.lru_cache(maxsize=4096)
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def _regex(src: str, where: str) -> re.Pattern:
     try:
         return re.compile(src)

@@ -225,3 +225,24 @@ async def test_forward_internal_to_missing_endpoint(edge, agents, tmp_path):
 def test_internal_url_binding_is_inferred(url, edge, agents):
     a = agents("http" if url.startswith("https") else "tls", 9, "--url", url)
     assert a.public_url == url
+
+
+async def test_cloud_endpoint_forwards_to_internal_agent_endpoint(edge, agents):
+    """Seed 004's example: a public cloud endpoint forwarding to an agent's .internal one."""
+    import ngrok
+
+    async with HTTPUpstream() as up:
+        agents("http", up.port, "--url", "https://example.internal")
+        client = ngrok.Client("test-api-key", base_url=edge.ready["api_url"])
+        policy = "on_http_request:\n  - actions:\n      - type: forward-internal\n        config:\n          url: https://example.internal\n"
+        ep = await asyncio.to_thread(
+            client.endpoints.create, url="http://your-name.burrow.localhost", type="cloud", traffic_policy=policy
+        )
+        assert ep.type == "cloud"
+        async with public(edge) as c:
+            r = await c.get("/through-cloud", headers={"Host": "your-name.burrow.localhost"})
+        assert r.status_code == 200 and r.text == "GET /through-cloud\n"
+        head = up.requests[0][0]
+        assert b"Host: your-name.burrow.localhost" in head
+        assert b"X-Forwarded-Host: your-name.burrow.localhost" in head
+        assert b"X-Forwarded-For: 127.0.0.1" in head and b"X-Forwarded-Proto: http\r\n" in head
