@@ -83,6 +83,8 @@ class BurrowApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
+        if not self.settings.animations:
+            self.animation_level = "none"
         themes, errors = load_themes(self._theme_dirs)
         for theme in themes.values():
             self.register_theme(theme)

@@ -321,7 +321,9 @@ class RequestList(ScrollView, can_focus=True):
         if now - self._asked.get(page, 0.0) < 2.0:
             return
         self._asked[page] = now
-        self.post_message(NeedRows(page, PAGE, self.generation))
+        # Sent to the app after this render pass (from inside render_line, and bubbling up
+        # through the tabbed panes, the message never arrived).
+        self.call_later(self.app.post_message, NeedRows(page, PAGE, self.generation))
 
 
 def _fit(text: str, width: int, right: bool = False) -> str:

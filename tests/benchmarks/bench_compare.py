@@ -1,0 +1,630 @@
+"""Compare burrow with direct access, socat, ssh -R, mitmdump and an asyncio relay.
+
+Run from the repository root (or use tests/benchmarks/run.sh):
+
+    .venv/bin/python tests/benchmarks/bench_compare.py [--rounds 3] [--quick] ...
+
+It installs what it lacks (nginx, wrk, iperf3, socat, openssh from Debian with apt-get;
+mitmproxy from PyPI into its own venv under ~/.cache/burrow-bench), then starts on
+127.0.0.1 only:
+
+  * an nginx upstream (own config in a temp dir, ``daemon off``, access_log off):
+    ``/small`` answers 13 bytes, ``/1m`` a 1 MiB file; and an iperf3 server;
+  * one way to reach them per path: socat (one hop, 64 KiB buffers, TCP_NODELAY), ssh -R
+    to a throwaway sshd, mitmdump as a reverse proxy, a 40-line asyncio relay, and
+    burrow (edge + agent: capture on, capture off, and TLS data connections).
+
+Then, in interleaved rounds (every metric on every path, then the next round), it
+measures with wrk and iperf3 - each load bounded in time and in count:
+
+  * small GET req/s and p99 with 32 connections (wrk -t2 -c32 -dS),
+  * latency added with one connection (wrk -t1 -c1 p50 minus direct's p50),
+  * 1 MiB GET MB/s (wrk -t2 -c4 on /1m),
+  * TCP MB/s (iperf3 -c through the relay or tunnel, -t S),
+
+and prints a markdown table of the medians with the ratio to direct, which it also
+writes to tests/benchmarks/results.md with the machine and the command.  Every process
+it started is stopped by pid at the end, also on Ctrl+C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import getpass
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib as bl
+from benchlib import LOCAL, Registry
+
+HERE = Path(__file__).resolve().parent
+
+# A 40-line asyncio relay: the "one hop in Python" reference.  Each argument is
+# LISTEN_PORT:TARGET_PORT; both ends are on 127.0.0.1.
+RELAY_SRC = """\
+import asyncio
+import socket
+import sys
+
+
+def nodelay(writer):
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def pipe(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+async def main():
+    for spec in sys.argv[1:]:
+        listen, target = (int(x) for x in spec.split(":"))
+
+        async def handle(cr, cw, target=target):
+            try:
+                ur, uw = await asyncio.open_connection("127.0.0.1", target)
+            except OSError:
+                cw.close()
+                return
+            nodelay(cw)
+            nodelay(uw)
+            await asyncio.gather(pipe(cr, uw), pipe(ur, cw))
+
+        await asyncio.start_server(handle, "127.0.0.1", listen, backlog=1024)
+    await asyncio.Event().wait()
+
+
+try:
+    import uvloop
+    uvloop.run(main())
+except ImportError:
+    asyncio.run(main())
+"""
+
+SSHD_CONFIG = """\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {tmp}/ssh_host_ed25519_key
+PidFile {tmp}/sshd.pid
+AuthorizedKeysFile {tmp}/authorized_keys
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+AllowTcpForwarding yes
+GatewayPorts no
+UseDNS no
+PrintMotd no
+MaxStartups 100
+LogLevel ERROR
+"""
+
+
+@dataclass
+class Route:
+    """One way for a client on 127.0.0.1 to reach the upstreams."""
+
+    key: str
+    label: str
+    http_port: int
+    host: str | None = None  # Host header (burrow routes on it)
+    tcp_port: int | None = None  # None: no TCP figure for this path
+
+
+@dataclass
+class Stats:
+    small_rps: list[float] = field(default_factory=list)
+    small_p99_ms: list[float] = field(default_factory=list)
+    c1_p50_us: list[float] = field(default_factory=list)
+    big_mbps: list[float] = field(default_factory=list)
+    tcp_mbps: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def med(vals: list[float]) -> float | None:
+    return statistics.median(vals) if vals else None
+
+
+# ============================================================================ the paths
+def setup_socat(reg: Registry, nginx: int, iperf: int) -> Route:
+    def one(target: int, name: str) -> int:
+        port = bl.free_port()
+        cmd = [
+            "socat",
+            "-b65536",
+            f"TCP4-LISTEN:{port},bind={LOCAL},reuseaddr,fork,backlog=1024,nodelay",
+            f"TCP4:{LOCAL}:{target},nodelay",
+        ]
+        bl.wait_port(port, reg.popen(cmd, name))
+        return port
+
+    return Route(
+        "socat",
+        "socat, 64 KiB buffers, nodelay (one hop)",
+        one(nginx, "socat-http"),
+        None,
+        one(iperf, "socat-tcp"),
+    )
+
+
+def setup_ssh(reg: Registry, nginx: int, iperf: int) -> Route:
+    tmp = reg.tmp / "ssh"
+    tmp.mkdir()
+    for name in ("ssh_host_ed25519_key", "client_key"):
+        subprocess.run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "burrow-bench",
+                "-f",
+                str(tmp / name),
+            ],
+            check=True,
+        )
+    (tmp / "authorized_keys").write_text((tmp / "client_key.pub").read_text())
+    sshd_port = bl.free_port()
+    (tmp / "sshd_config").write_text(SSHD_CONFIG.format(port=sshd_port, tmp=tmp))
+    privsep = Path("/run/sshd")  # sshd refuses to start without its privsep directory
+    if os.geteuid() == 0 and not privsep.exists():
+        privsep.mkdir(mode=0o755, parents=True)
+    sshd = reg.popen(
+        [bl.which("sshd") or "sshd", "-D", "-e", "-f", str(tmp / "sshd_config")], "sshd"
+    )
+    bl.wait_port(sshd_port, sshd)
+    http_port, tcp_port = bl.free_port(), bl.free_port()
+    cmd = ["ssh", "-F", "/dev/null", "-N", "-p", str(sshd_port), "-i", str(tmp / "client_key")]
+    for opt in (
+        "BatchMode=yes",
+        "IdentitiesOnly=yes",
+        "StrictHostKeyChecking=no",
+        f"UserKnownHostsFile={tmp}/known_hosts",
+        "ExitOnForwardFailure=yes",
+        "LogLevel=ERROR",
+    ):
+        cmd += ["-o", opt]
+    cmd += [
+        "-R",
+        f"{LOCAL}:{http_port}:{LOCAL}:{nginx}",
+        "-R",
+        f"{LOCAL}:{tcp_port}:{LOCAL}:{iperf}",
+    ]
+    cmd.append(f"{getpass.getuser()}@{LOCAL}")
+    client = reg.popen(cmd, "ssh")
+    bl.wait_port(http_port, client)
+    bl.wait_port(tcp_port, client)
+    version = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.split(",")[0]
+    return Route("ssh", f"ssh -R ({version.replace('_', ' ')})", http_port, None, tcp_port)
+
+
+def setup_mitm(reg: Registry, nginx: int, mitmdump: Path) -> Route:
+    port = bl.free_port()
+    cmd = [
+        str(mitmdump),
+        "--mode",
+        f"reverse:http://{LOCAL}:{nginx}",
+        "--listen-host",
+        LOCAL,
+        "--listen-port",
+        str(port),
+        "--set",
+        f"confdir={reg.tmp / 'mitm'}",
+        "-q",
+    ]
+    bl.wait_port(port, reg.popen(cmd, "mitmdump"), timeout=60)
+    return Route("mitm", "mitmdump reverse proxy (captures)", port)
+
+
+def setup_relay(reg: Registry, nginx: int, iperf: int) -> Route:
+    src = reg.tmp / "relay.py"
+    src.write_text(RELAY_SRC)
+    http_port, tcp_port = bl.free_port(), bl.free_port()
+    proc = reg.popen(
+        [sys.executable, str(src), f"{http_port}:{nginx}", f"{tcp_port}:{iperf}"], "relay"
+    )
+    bl.wait_port(http_port, proc)
+    bl.wait_port(tcp_port, proc)
+    return Route("relay", "a 40-line asyncio relay (one hop)", http_port, None, tcp_port)
+
+
+def setup_burrow(reg: Registry, nginx: int, iperf: int, which: list[str]) -> list[Route]:
+    from tests.procs import host_of, start_agent, start_edge
+
+    edge = start_edge(reg.tmp / "edge")
+    reg.add(edge)
+    edge_http = edge.http_addr[1]
+    routes = []
+
+    def agent(proto: str, port: int, name: str, *flags: str):
+        a = start_agent(edge, proto, f"{LOCAL}:{port}", *flags, home=reg.tmp / f"home-{name}")
+        reg.add(a)
+        return a.public_url
+
+    variants = {
+        "burrow": ("burrow (capture on)", (), True),
+        "burrow-nocap": (
+            "burrow (capture off: --inspect-db-size -1)",
+            ("--inspect-db-size", "-1"),
+            False,
+        ),
+        "burrow-tls": ("burrow --data-tls (capture on)", ("--data-tls",), True),
+    }
+    for key in which:
+        label, flags, with_tcp = variants[key]
+        url = agent("http", nginx, f"{key}-http", *flags)
+        tcp_port = None
+        if with_tcp:
+            tcp_url = agent("tcp", iperf, f"{key}-tcp", *flags)
+            tcp_port = int(tcp_url.rsplit(":", 1)[1])
+        routes.append(Route(key, label, edge_http, host_of(url), tcp_port))
+    return routes
+
+
+ALL_PATHS = ["direct", "ssh", "mitm", "socat", "relay", "burrow", "burrow-nocap", "burrow-tls"]
+
+
+# ============================================================================ measuring
+def measure(reg: Registry, routes: list[Route], args) -> dict[str, Stats]:
+    stats = {r.key: Stats() for r in routes}
+
+    def note(r: Route, what: str) -> None:
+        stats[r.key].errors.append(what)
+        bl.log(f"    ! {r.key}: {what}")
+
+    def small(r: Route) -> str:
+        w = bl.wrk(
+            reg,
+            r.http_port,
+            "/small",
+            host=r.host,
+            threads=2,
+            conns=32,
+            seconds=args.seconds,
+            max_requests=args.max_requests,
+        )
+        if w.errors or w.status_errors:
+            note(r, f"small: {w.errors} socket errors, {w.status_errors} non-2xx of {w.requests}")
+        stats[r.key].small_rps.append(w.rps)
+        stats[r.key].small_p99_ms.append(w.p99_us / 1000)
+        return f"{w.rps:10,.0f} req/s  p99 {w.p99_us / 1000:6.2f} ms"
+
+    def latency(r: Route) -> str:
+        w = bl.wrk(
+            reg,
+            r.http_port,
+            "/small",
+            host=r.host,
+            threads=1,
+            conns=1,
+            seconds=args.lat_seconds,
+            max_requests=args.max_requests,
+        )
+        if w.errors or w.status_errors:
+            note(r, f"1 conn: {w.errors} socket errors, {w.status_errors} non-2xx of {w.requests}")
+        stats[r.key].c1_p50_us.append(w.p50_us)
+        return f"p50 {w.p50_us:6.0f} µs  ({w.rps:,.0f} req/s)"
+
+    def big(r: Route) -> str:
+        w = bl.wrk(
+            reg,
+            r.http_port,
+            "/1m",
+            host=r.host,
+            threads=2,
+            conns=4,
+            seconds=args.seconds,
+            max_requests=args.max_big,
+        )
+        if w.errors or w.status_errors:
+            note(r, f"1 MiB: {w.errors} socket errors, {w.status_errors} non-2xx of {w.requests}")
+        stats[r.key].big_mbps.append(w.mbps)
+        return f"{w.mbps:10,.1f} MB/s"
+
+    def tcp(r: Route) -> str:
+        if r.tcp_port is None:
+            return "-"
+        mbps, err = bl.iperf3(reg, r.tcp_port, args.tcp_seconds)
+        if err:
+            note(r, f"tcp: {err}")
+        else:
+            stats[r.key].tcp_mbps.append(mbps)
+        return f"{mbps:10,.1f} MB/s"
+
+    tests = [("small", small), ("1conn", latency), ("1MiB", big), ("tcp", tcp)]
+    bl.log("warming up ...")
+    for r in routes:
+        bl.wrk(reg, r.http_port, "/small", host=r.host, seconds=1, max_requests=20000)
+        bl.wrk(reg, r.http_port, "/1m", host=r.host, conns=4, seconds=1, max_requests=200)
+    for rnd in range(1, args.rounds + 1):
+        # rotate the order each round so no path always runs first (or right after X)
+        shift = (rnd - 1) % len(routes)
+        order = routes[shift:] + routes[:shift]
+        for test, fn in tests:
+            for r in order:
+                try:
+                    detail = fn(r)
+                except (RuntimeError, OSError) as exc:
+                    note(r, f"{test}: {exc}")
+                    detail = "failed"
+                if detail != "-":
+                    bl.log(f"  round {rnd}  {test:6} {r.key:13} {detail}")
+    return stats
+
+
+# ============================================================================ reporting
+def fmt_int(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:,.0f}"
+
+
+def ratio(v: float | None, d: float | None) -> str:
+    if v is None or not d:
+        return ""
+    return f" ({v / d:.2f}×)"
+
+
+def table(routes: list[Route], stats: dict[str, Stats]) -> str:
+    d = stats.get("direct")
+    d_rps = med(d.small_rps) if d else None
+    d_p99 = med(d.small_p99_ms) if d else None
+    d_p50 = med(d.c1_p50_us) if d else None
+    d_big = med(d.big_mbps) if d else None
+    d_tcp = med(d.tcp_mbps) if d else None
+    lines = [
+        "| path | small req/s (-c32) | p99 ms | added µs (1 conn) | 1 MiB GET MB/s | TCP MB/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in routes:
+        s = stats[r.key]
+        rps, p99, p50 = med(s.small_rps), med(s.small_p99_ms), med(s.c1_p50_us)
+        big, tcp = med(s.big_mbps), med(s.tcp_mbps)
+        label = "direct (the limit)" if r.key == "direct" else r.label
+        if s.errors:
+            label += " ⚠"
+        if r.key == "direct":
+            cells = [
+                fmt_int(rps),
+                f"{p99:.1f}" if p99 is not None else "n/a",
+                "0",
+                fmt_int(big),
+                fmt_int(tcp),
+            ]
+        else:
+            added = "n/a" if p50 is None or d_p50 is None else f"{p50 - d_p50:,.0f}"
+            cells = [
+                fmt_int(rps) + ratio(rps, d_rps),
+                ("n/a" if p99 is None else f"{p99:.1f}") + ratio(p99, d_p99),
+                added,
+                fmt_int(big) + ratio(big, d_big),
+                "–" if r.tcp_port is None else fmt_int(tcp) + ratio(tcp, d_tcp),
+            ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+GOALS = [
+    # (text, stats attribute, comparison, bound, unit)
+    ("HTTP small response ≥ 15,000 req/s at -c32", "small_rps", ">=", 15000, "req/s"),
+    ("… with p99 ≤ 5 ms", "small_p99_ms", "<=", 5.0, "ms"),
+    ("added latency with one connection ≤ 150 µs", "added_us", "<=", 150, "µs"),
+    ("1 MiB GET through an http tunnel ≥ 1,000 MB/s", "big_mbps", ">=", 1000, "MB/s"),
+    ("TCP tunnel ≥ 2,000 MB/s (plain data connections)", "tcp_mbps", ">=", 2000, "MB/s"),
+]
+
+
+def goals(stats: dict[str, Stats]) -> str:
+    b = stats.get("burrow")
+    if b is None:
+        return ""
+    d = stats.get("direct")
+    out = ["Goals of issue 8 (burrow, capture ON):", ""]
+    for text, attr, op, bound, unit in GOALS:
+        if attr == "added_us":
+            bp, dp = med(b.c1_p50_us), med(d.c1_p50_us) if d else None
+            v = None if bp is None or dp is None else bp - dp
+        else:
+            v = med(getattr(b, attr))
+        if v is None:
+            out.append(f"- {text}: not measured")
+            continue
+        ok = v >= bound if op == ">=" else v <= bound
+        shown = f"{v:,.1f}" if unit == "ms" else f"{v:,.0f}"
+        out.append(f"- {text}: **{'met' if ok else 'NOT met'}** ({shown} {unit})")
+    tls = stats.get("burrow-tls")
+    if tls is not None and tls.tcp_mbps:
+        out.append(f"- (TCP tunnel with --data-tls: {med(tls.tcp_mbps):,.0f} MB/s, its own figure)")
+    return "\n".join(out)
+
+
+def raw_rounds(routes: list[Route], stats: dict[str, Stats]) -> str:
+    def seq(vals: list[float], f: str) -> str:
+        return " / ".join(format(v, f) for v in vals) or "–"
+
+    lines = [
+        "| path | small req/s | p99 ms | 1-conn p50 µs | 1 MiB MB/s | TCP MB/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in routes:
+        s = stats[r.key]
+        lines.append(
+            f"| {r.key} | {seq(s.small_rps, ',.0f')} | {seq(s.small_p99_ms, '.2f')} | "
+            f"{seq(s.c1_p50_us, '.0f')} | {seq(s.big_mbps, ',.0f')} | {seq(s.tcp_mbps, ',.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def tool_versions(mitmdump: Path | None) -> str:
+    def first(cmd: list[str]) -> str:
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        text = (p.stdout + p.stderr).strip().splitlines()
+        return text[0].strip() if text else "?"
+
+    items = [
+        first(["nginx", "-v"]) if bl.which("nginx") else "nginx ?",
+        first(["wrk", "-v"]).split(" Copyright")[0],
+        first(["iperf3", "--version"]),
+        _socat_version(),
+        first(["ssh", "-V"]),
+    ]
+    if mitmdump is not None:
+        items.append(first([str(mitmdump), "--version"]).replace(":", "").replace("  ", " "))
+    return "; ".join(items)
+
+
+def _socat_version() -> str:
+    try:
+        out = subprocess.run(["socat", "-V"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "socat ?"
+    for line in out.splitlines():
+        if line.startswith("socat version"):
+            return line.split(" on ")[0]
+    return "socat ?"
+
+
+def write_results(path: Path, body: str, args, argv: list[str], versions: str) -> None:
+    m = bl.machine_info()
+    cmd = "tests/benchmarks/run.sh" + ("" if not argv else " " + shlex.join(argv))
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=bl.ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "backend"], cwd=bl.ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        rev = (rev or "?") + (" (backend/ modified)" if dirty else "")
+    except OSError:
+        rev = "?"
+    text = f"""# burrow benchmark: comparison with other tunnels and proxies
+
+Written by `tests/benchmarks/bench_compare.py` on {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}.
+
+- machine: {m["nproc"]} CPUs ({m["cpu"]}), {m["memory"]} RAM, {m["kernel"]}, Python {m["python"]}
+- command: `{cmd}` at commit {rev}
+- tools: {versions}
+- method: nginx upstream on 127.0.0.1 (worker_processes {args.nginx_workers}, access_log off;
+  `/small` = 13 bytes, `/1m` = 1 MiB file) and an iperf3 server; every path on loopback;
+  {args.rounds} interleaved rounds, medians.  small: `wrk -t2 -c32 -d{args.seconds:g}s`;
+  added µs: `wrk -t1 -c1 -d{args.lat_seconds:g}s` p50 minus direct's p50; 1 MiB:
+  `wrk -t2 -c4 -d{args.seconds:g}s /1m` (bytes/s, 10^6); TCP: `iperf3 -c -t {args.tcp_seconds}` (received bytes/s).
+  Ratios in parentheses are to direct.  The machine is shared: compare ratios within one run.
+
+{body}
+"""
+    path.write_text(text)
+
+
+# ================================================================================= main
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5, help="duration of each wrk load (-d)")
+    ap.add_argument("--lat-seconds", type=float, default=3, help="duration of the 1-conn run")
+    ap.add_argument("--tcp-seconds", type=int, default=5, help="iperf3 -t")
+    ap.add_argument(
+        "--max-requests", type=int, default=3_000_000, help="count cap of a small-GET run"
+    )
+    ap.add_argument("--max-big", type=int, default=50_000, help="count cap of a 1 MiB run")
+    ap.add_argument("--paths", default=",".join(ALL_PATHS), help=f"comma list of {ALL_PATHS}")
+    ap.add_argument("--nginx-workers", default="1", help="nginx worker_processes (1 or auto)")
+    ap.add_argument("--no-install", action="store_true", help="do not apt-get / pip install")
+    ap.add_argument("--out", type=Path, default=HERE / "results.md", help="'-' to not write")
+    ap.add_argument("--quick", action="store_true", help="1 round of 2 s loads (smoke test)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.seconds, args.lat_seconds, args.tcp_seconds = 1, 2, 1, 2
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = set(paths) - set(ALL_PATHS)
+    if unknown:
+        ap.error(f"unknown paths {sorted(unknown)}")
+    if "direct" not in paths:
+        paths.insert(0, "direct")
+
+    bl.install_signal_handlers()
+    nofile = bl.raise_nofile(65536)
+    bl.log(f"RLIMIT_NOFILE now {nofile}")
+
+    mitmdump = None
+    if not args.no_install:
+        need = ["nginx", "wrk", "iperf3"]
+        if "socat" in paths:
+            need.append("socat")
+        if "ssh" in paths:
+            need += ["sshd", "ssh", "ssh-keygen"]
+        bl.ensure_debian(need)
+        if "mitm" in paths:
+            mitmdump = bl.ensure_mitmproxy()
+    elif "mitm" in paths:
+        mitmdump = bl.cache_dir() / "mitm-venv" / "bin" / "mitmdump"
+
+    reg = Registry()
+    try:
+        t0 = time.monotonic()
+        nginx = bl.start_nginx(reg, workers=args.nginx_workers)
+        iperf = bl.start_iperf(reg)
+        routes = [Route("direct", "direct", nginx, None, iperf)]
+        setups = {
+            "socat": lambda: [setup_socat(reg, nginx, iperf)],
+            "ssh": lambda: [setup_ssh(reg, nginx, iperf)],
+            "mitm": lambda: [setup_mitm(reg, nginx, mitmdump)],
+            "relay": lambda: [setup_relay(reg, nginx, iperf)],
+        }
+        for p in paths:
+            if p in setups:
+                routes += setups[p]()
+        burrows = [p for p in paths if p.startswith("burrow")]
+        if burrows:
+            routes += setup_burrow(reg, nginx, iperf, burrows)
+        for r in routes:
+            extra = f" Host {r.host}" if r.host else ""
+            bl.log(f"  {r.key:13} http :{r.http_port}{extra}  tcp :{r.tcp_port or '-'}")
+
+        stats = measure(reg, routes, args)
+        body = table(routes, stats)
+        g = goals(stats)
+        errors = [f"- {r.key}: {e}" for r in routes for e in stats[r.key].errors]
+        report = body + ("\n\n" + g if g else "")
+        report += "\n\n<details><summary>every round</summary>\n\n" + raw_rounds(routes, stats)
+        report += "\n\n</details>\n"
+        if errors:
+            report += "\nErrors seen (⚠ in the table):\n\n" + "\n".join(errors) + "\n"
+        print()
+        print(report)
+        bl.log(f"total {time.monotonic() - t0:.0f} s")
+        if str(args.out) != "-":
+            write_results(args.out, report, args, argv, tool_versions(mitmdump))
+            bl.log(f"written to {args.out}")
+        return 1 if errors else 0
+    except KeyboardInterrupt:
+        bl.log("\ninterrupted; stopping everything")
+        return 130
+    finally:
+        reg.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
