@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -10,6 +11,11 @@ from tests.procs import BurrowProc, start_agent, start_edge
 
 # Textual and rich must render colours in snapshot tests regardless of the caller's env.
 os.environ.pop("NO_COLOR", None)
+# Commands installed with the test extras (burrow, http) must be found by the shells and
+# tools the tests start, also when pytest runs as .venv/bin/pytest without activation.
+_bin = os.path.dirname(sys.executable)
+if _bin not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 
 
 @pytest.fixture

@@ -31,7 +31,9 @@ log = logging.getLogger("burrow.inspect")
 
 DEFAULT_DB_SIZE = 50 * 1024 * 1024
 DEFAULT_BODY_CAP = 1024 * 1024
-OVERHEAD = 700  # bytes charged per capture for its Python objects
+# Bytes charged per capture for its Python objects (parsed heads, header tuples, the
+# capture itself), measured: 1,000,000 requests left ~3.8 KB of RSS per stored capture.
+OVERHEAD = 3800
 
 
 def resolve_db_size(value: int) -> int:
