@@ -47,6 +47,14 @@ KEYMAP: tuple[Key, ...] = (
     Key("list.up", "k", "list", "cursor_up", "up", "move up", show=False),
     Key("list.top", "g", "list", "top", "top", "go to the first row", show=False),
     Key("list.bottom", "G", "list", "bottom", "bottom", "go to the last row", show=False),
+    # ---------------------------------------------------------------- endpoints & ingresses
+    Key("endpoints.new", "n", "endpoints", "new_endpoint", "new", "create a cloud endpoint (URL, bindings, policy)"),
+    Key("endpoints.edit", "e", "endpoints", "edit_endpoint", "edit", "edit the selected cloud endpoint"),
+    Key("endpoints.delete", "ctrl+d", "endpoints", "delete_endpoint", "delete", "delete the selected cloud endpoint", dangerous=True),
+    Key("endpoints.sessions", "S", "endpoints", "sessions", "sessions", "show the tunnel sessions (stop, restart)"),
+    Key("ingresses.new", "n", "ingresses", "new_ingress", "new", "register an agent ingress domain"),
+    Key("ingresses.edit", "e", "ingresses", "edit_ingress", "edit", "edit the selected agent ingress"),
+    Key("ingresses.delete", "ctrl+d", "ingresses", "delete_ingress", "delete", "delete the selected agent ingress", dangerous=True),
     # ---------------------------------------------------------------- tunnels
     Key("tunnels.new", "n", "tunnels", "new_tunnel", "new", "start a tunnel (proto, addr, name, URL)"),
     Key("tunnels.stop", "s", "tunnels", "stop_tunnel", "stop", "stop the selected tunnel", dangerous=True),
