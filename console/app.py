@@ -20,8 +20,24 @@ from textual.widgets import Footer, Static, TabbedContent, TabPane
 from console import messages as m
 from console.client import AgentClient, APIError, CloudClient
 from console.config import Settings
+from console.diff import diff_captures
+from console.export import (
+    clipboard_sequence,
+    raw_request,
+    raw_response,
+    to_curl,
+    to_httpie,
+    write_har,
+)
 from console.keymap import KEYMAP, bindings
 from console.panes import EndpointsPane, IngressesPane, RequestsPane, TunnelsPane
+from console.request_actions import (
+    CommandScreen,
+    DiffScreen,
+    EditReplayScreen,
+    PickScreen,
+    TextScreen,
+)
 from console.screens import ConfirmScreen, DetailScreen, HelpScreen, NewTunnelScreen
 from console.themes import BUNDLED_THEMES_DIR, DEFAULT_VARIABLES, load_themes, user_themes_dir
 from console.widgets.request_list import NeedRows, RequestList
@@ -63,6 +79,8 @@ class BurrowApp(App):
         self.connection_error = ""
         self.keymap_overrides: dict[str, str] = dict(settings.keymap)
         self._reload_pending = False
+        self.last_copied: str | None = None
+        self.last_export: Path | None = None
 
     # ------------------------------------------------------------ set-up
     def get_theme_variable_defaults(self) -> dict[str, str]:
@@ -464,6 +482,182 @@ class BurrowApp(App):
 
     def open_detail(self, capture_id: str) -> None:
         self.push_screen(DetailScreen(capture_id, self.settings.read_only))
+
+    # ------------------------------------------------------------ request tools
+    def _current_capture_id(self) -> str | None:
+        if isinstance(self.screen, DetailScreen):
+            return self.screen.capture_id
+        row = self.query_one(RequestList).selected
+        if row is None:
+            self.notify("No request selected.", severity="warning")
+            return None
+        return row["id"]
+
+    def _with_capture(self, then: Callable[[dict], Awaitable[None]]) -> None:
+        """Fetch the selected capture in a worker, then continue with it."""
+        cid = self._current_capture_id()
+        if cid is None or self.agent is None:
+            return
+        agent = self.agent
+
+        async def go() -> None:
+            try:
+                capture = await agent.request(cid)
+            except APIError as exc:
+                self.post_message(m.ActionFailed(f"cannot load {cid}: {exc.msg}"))
+                return
+            await then(capture)
+
+        self.run_worker(go(), group="actions")
+
+    def _public_url(self, tunnel_name: str) -> str | None:
+        for t in self.tunnels:
+            if t.get("name") == tunnel_name:
+                return t.get("public_url")
+        return None
+
+    def action_edit_replay(self) -> None:
+        agent = self.agent
+
+        async def edit(capture: dict) -> None:
+            def sent(edits: dict | None) -> None:
+                if edits:
+                    async def go() -> str:
+                        new = await agent.replay(capture["id"], **edits)
+                        return f"Replayed an edited {edits['method']} {edits['uri']}" + (f" → {new}" if new else "")
+
+                    self._run_action(go)
+
+            self.push_screen(EditReplayScreen(capture), sent)
+
+        self._with_capture(edit)
+
+    def action_replay_to(self) -> None:
+        cid = self._current_capture_id()
+        if cid is None or self.agent is None:
+            return
+        agent = self.agent
+        options = [(t["name"], f"{t['name']}  {t.get('public_url', '')}") for t in self.tunnels if t.get("name")]
+        if not options:
+            self.notify("No tunnels to replay to.", severity="warning")
+            return
+
+        def picked(name: str | None) -> None:
+            if name:
+                async def go() -> str:
+                    new = await agent.replay(cid, tunnel_name=name)
+                    return f"Replayed {cid} to {name}" + (f" → {new}" if new else "")
+
+                self._run_action(go)
+
+        self.push_screen(PickScreen("Replay to which tunnel?", options), picked)
+
+    def action_diff(self) -> None:
+        agent = self.agent
+
+        async def diff(capture: dict) -> None:
+            original_id = capture.get("replay_of")
+            if not original_id:
+                self.post_message(m.ActionFailed("Not a replay: pick a request marked ↻ to diff it against its original."))
+                return
+            try:
+                original = await agent.request(original_id)
+            except APIError as exc:
+                self.post_message(m.ActionFailed(f"the original {original_id} is gone: {exc.msg}"))
+                return
+            self.call_later(self.push_screen, DiffScreen(diff_captures(original, capture)))
+
+        self._with_capture(diff)
+
+    def _copy(self, text: str) -> None:
+        driver = getattr(self, "_driver", None)
+        if driver is not None:
+            driver.write(clipboard_sequence(text))
+            driver.flush()
+
+    def action_copy_curl(self) -> None:
+        async def copy(capture: dict) -> None:
+            cmd = to_curl(capture, public_url=self._public_url(capture.get("tunnel_name", "")))
+            self.last_copied = cmd
+            self.call_later(self._copy, cmd)
+            self.post_message(m.ActionDone("Copied as curl (OSC 52). Y shows it."))
+
+        self._with_capture(copy)
+
+    def action_show_curl(self) -> None:
+        async def show(capture: dict) -> None:
+            cmd = to_curl(capture, public_url=self._public_url(capture.get("tunnel_name", "")))
+            self.call_later(self.push_screen, TextScreen("curl", cmd))
+
+        self._with_capture(show)
+
+    def action_export(self) -> None:
+        cid = self._current_capture_id()
+        if cid is None:
+            return
+        options = [
+            ("curl", "copy as curl"),
+            ("httpie", "copy as HTTPie"),
+            ("raw-request", "show the raw request"),
+            ("raw-response", "show the raw response"),
+            ("har", "write a HAR file of the current (filtered) list"),
+        ]
+        self.push_screen(PickScreen("Export", options), self._export)
+
+    def _export(self, choice: str | None) -> None:
+        if not choice or self.agent is None:
+            return
+        agent = self.agent
+        if choice == "har":
+            query = self.query_one(RequestsPane).filter_text
+
+            async def har() -> str:
+                page = await agent.requests(0, 1000, query)
+                captures = [await agent.request(r["id"]) for r in page.items]
+                from backend import __version__
+
+                path = self.settings.export_dir / f"burrow-{len(captures)}-requests.har"
+                publics = {t["name"]: t.get("public_url", "") for t in self.tunnels if t.get("name")}
+                write_har(path, captures, __version__, public_urls=publics)
+                self.last_export = path
+                return f"Wrote {len(captures)} requests to {path}"
+
+            self._run_action(har)
+            return
+
+        async def one(capture: dict) -> None:
+            public = self._public_url(capture.get("tunnel_name", ""))
+            if choice in ("curl", "httpie"):
+                text = (to_curl if choice == "curl" else to_httpie)(capture, public_url=public)
+                self.call_later(self._copy, text)
+                self.call_later(self.push_screen, TextScreen(f"{choice} (also copied with OSC 52)", text))
+            else:
+                raw = raw_request(capture) if choice == "raw-request" else raw_response(capture)
+                self.call_later(self.push_screen, TextScreen(choice, raw.decode("utf-8", "replace")))
+
+        self._with_capture(one)
+
+    def action_command(self) -> None:
+        self.push_screen(CommandScreen(), self._command)
+
+    def _command(self, text: str | None) -> None:
+        if not text:
+            return
+        word, _, arg = text.partition(" ")
+        if word in PANES:
+            self.action_pane(word)
+        elif word == "sessions":
+            self.action_pane("endpoints")
+            self.query_one("#endpoints-pane").run_action("sessions")
+        elif word == "theme":
+            if arg.strip() in self.available_themes:
+                self.theme = arg.strip()
+            else:
+                self.notify(f"no theme {arg.strip()!r}; have: {', '.join(sorted(self.available_themes))}", severity="error")
+        elif word in ("q", "quit"):
+            self.exit()
+        else:
+            self.notify(f"unknown command :{word}", severity="error")
 
     # ------------------------------------------------------------ palette
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     read_only: bool = False
     context: str | None = None  # the name shown in the header (default: the agent URL)
     cloud_poll_seconds: float = 10.0
+    export_dir: Path = Field(default_factory=Path.cwd)  # where HAR files are written
     animations: bool = False  # off by default: they cost frames over SSH and show nothing new
 
     @classmethod

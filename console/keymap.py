@@ -40,6 +40,7 @@ KEYMAP: tuple[Key, ...] = (
     Key("app.help", "question_mark", "app", "help", "help", "list the keys that work here"),
     Key("app.refresh", "ctrl+r", "app", "refresh", "refresh", "reload everything from the APIs", show=False),
     Key("app.quit", "q", "app", "quit", "quit", "leave the console"),
+    Key("app.command", "colon", "app", "command", "command", ":endpoints :ingresses :tunnels :requests :sessions :theme NAME :quit", show=False),
     # ---------------------------------------------------------------- table panes
     Key("list.filter", "slash", "list", "filter", "filter", "filter the rows of this pane"),
     Key("list.clear_filter", "escape", "list", "clear_filter", "back", "clear the filter", show=False),
@@ -62,7 +63,13 @@ KEYMAP: tuple[Key, ...] = (
     Key("requests.detail", "enter", "requests", "detail", "detail", "open the selected request"),
     Key("requests.replay", "r", "requests", "replay", "replay", "replay the selected request"),
     Key("requests.follow", "f", "requests", "toggle_follow", "follow", "keep the newest request selected"),
-    Key("requests.clear", "x", "requests", "clear", "clear", "delete all captured requests", dangerous=True),
+    Key("requests.clear", "z", "requests", "clear", "clear", "delete all captured requests (zap)", dangerous=True),
+    Key("requests.edit", "e", "requests", "app.edit_replay", "edit", "edit the request, then replay it"),
+    Key("requests.replay_to", "R", "requests", "app.replay_to", "replay to", "replay to another tunnel", show=False),
+    Key("requests.diff", "D", "requests", "app.diff", "diff", "diff a replay against its original"),
+    Key("requests.copy", "y", "requests", "app.copy_curl", "copy curl", "copy as a curl command (OSC 52)", show=False),
+    Key("requests.show_curl", "Y", "requests", "app.show_curl", "show curl", "show the curl command", show=False),
+    Key("requests.export", "x", "requests", "app.export", "export", "export: curl, HTTPie, raw, or HAR of the list"),
     Key("requests.filter", "slash", "requests", "filter", "filter", "filter requests (status:5xx path:/api ...)"),
     Key("requests.clear_filter", "escape", "requests", "clear_filter", "back", "clear the filter", show=False),
     Key("requests.down", "j,down", "requests", "cursor_down", "down", "move down", show=False),
@@ -79,6 +86,10 @@ KEYMAP: tuple[Key, ...] = (
     Key("detail.hex", "h", "detail", "mode('hex')", "hex", "show bodies as hex"),
     Key("detail.request", "left_square_bracket", "detail", "focus_part('request')", "request", "jump to the request"),
     Key("detail.response", "right_square_bracket", "detail", "focus_part('response')", "response", "jump to the response"),
+    Key("detail.edit", "e", "detail", "app.edit_replay", "edit", "edit this request, then replay it"),
+    Key("detail.diff", "D", "detail", "app.diff", "diff", "diff this replay against its original"),
+    Key("detail.copy", "y", "detail", "app.copy_curl", "copy curl", "copy as a curl command (OSC 52)"),
+    Key("detail.export", "x", "detail", "app.export", "export", "export: curl, HTTPie, raw, or HAR"),
     Key("detail.down", "j", "detail", "scroll_down", "down", "scroll down", show=False),
     Key("detail.up", "k", "detail", "scroll_up", "up", "scroll up", show=False),
     # ---------------------------------------------------------------- confirm dialog
@@ -102,6 +113,7 @@ def bindings(context: str, read_only: bool = False) -> list[Binding]:
 def display_key(key: str) -> str:
     names = {
         "question_mark": "?",
+        "colon": ":",
         "slash": "/",
         "escape": "esc",
         "left_square_bracket": "[",

@@ -14,6 +14,7 @@ class HTTPUpstream:
       ``GET /bytes/N``  -> N bytes of a fixed pattern (Content-Length)
       ``POST /echo``    -> the request body back, plus ``X-Body-Sha256``
       ``GET /chunked``  -> a chunked response of several chunks
+      ``GET /missing``  -> 404
       anything else     -> a small text body naming the method and path
     ``sent`` keeps the exact response bytes written for each request, in order.
     """
@@ -90,6 +91,8 @@ class HTTPUpstream:
             parts = [b"first ", b"second ", b"x" * 5000, b" last"]
             chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in parts)
             return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+        if path == "/missing":
+            return b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nnot found\n"
         text = f"{method} {path}\n".encode()
         return b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(text) + text
 

@@ -1,0 +1,190 @@
+"""Screens for working on captured requests: edit-and-replay, replay to another
+tunnel, replay-vs-original diff, export, and the ``:`` command line."""
+
+from __future__ import annotations
+
+import base64
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, OptionList, Static, TextArea
+from textual.widgets.option_list import Option
+
+from console.diff import CaptureDiff, render_side_by_side, render_unified
+from console.render import decode_body
+
+
+class EditReplayScreen(ModalScreen[dict | None]):
+    """Method, path, headers (one ``Name: value`` per line) and body of a replay."""
+
+    BINDINGS = [Binding("escape", "cancel", "cancel"), Binding("ctrl+s", "send", "send", priority=True)]
+
+    def __init__(self, capture: dict) -> None:
+        super().__init__()
+        self.capture = capture
+
+    def compose(self) -> ComposeResult:
+        req = self.capture.get("request") or {}
+        info = decode_body(base64.b64decode(req.get("raw") or ""))
+        headers = "\n".join(f"{k}: {v}" for k, v in info.headers)
+        try:
+            body = info.body.decode("utf-8")
+        except UnicodeDecodeError:
+            body = ""
+        with Vertical(id="edit-replay", classes="dialog wide"):
+            yield Label("Edit and replay", classes="title")
+            with Horizontal(classes="row"):
+                yield Input(req.get("method", "GET"), id="er-method", classes="method")
+                yield Input(req.get("uri", "/"), id="er-uri")
+            yield Label("Headers (one “Name: value” per line)")
+            yield TextArea(headers, id="er-headers", classes="headers")
+            yield Label("Body" + ("" if not info.body or body else " (binary: replaced by what you type)"))
+            yield TextArea(body, id="er-body", classes="body")
+            yield Label("", id="er-error", classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Send (ctrl+s)", variant="primary", id="er-send")
+                yield Button("Cancel", id="er-cancel")
+
+    def action_send(self) -> None:
+        headers: dict[str, list[str]] = {}
+        for n, line in enumerate(self.query_one("#er-headers", TextArea).text.splitlines(), 1):
+            if not line.strip():
+                continue
+            name, sep, value = line.partition(":")
+            if not sep or not name.strip():
+                self.query_one("#er-error", Label).update(f"header line {n} is not “Name: value”")
+                return
+            headers.setdefault(name.strip(), []).append(value.strip())
+        self.dismiss(
+            {
+                "method": self.query_one("#er-method", Input).value.strip() or "GET",
+                "uri": self.query_one("#er-uri", Input).value.strip() or "/",
+                "headers": headers,
+                "body": self.query_one("#er-body", TextArea).text,
+            }
+        )
+
+    def show_error(self, msg: str) -> None:
+        self.query_one("#er-error", Label).update(msg)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "er-send":
+            self.action_send()
+        else:
+            self.dismiss(None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class PickScreen(ModalScreen[str | None]):
+    """Choose one of a few options (a tunnel to replay to, an export format)."""
+
+    BINDINGS = [Binding("escape", "cancel", "cancel")]
+
+    def __init__(self, title: str, options: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.title_text = title
+        self.options = options
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self.title_text, classes="title")
+            yield OptionList(*(Option(label, id=value) for value, label in self.options), id="pick")
+
+    def on_mount(self) -> None:
+        self.query_one(OptionList).focus()
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class DiffScreen(ModalScreen[None]):
+    """A replay against its original: status, headers and body; unified or side by side."""
+
+    BINDINGS = [
+        Binding("escape,q", "close", "back"),
+        Binding("u", "mode('unified')", "unified"),
+        Binding("s", "mode('side')", "side by side"),
+    ]
+
+    def __init__(self, diff: CaptureDiff) -> None:
+        super().__init__()
+        self.diff = diff
+        self.mode = "unified"
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="diff-box", classes="dialog full"):
+            yield Label(f"Replay vs original — {self.diff.summary()}", classes="title")
+            yield Label("u unified · s side by side · esc back", classes="dim")
+            with VerticalScroll():
+                yield Static(id="diff-body")
+
+    def on_mount(self) -> None:
+        self._draw()
+
+    def _draw(self) -> None:
+        width = max(40, self.size.width - 8)
+        body = render_unified(self.diff) if self.mode == "unified" else render_side_by_side(self.diff, width)
+        self.query_one("#diff-body", Static).update(body)
+
+    def action_mode(self, mode: str) -> None:
+        self.mode = mode
+        self._draw()
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class TextScreen(ModalScreen[None]):
+    """Shows text to copy by hand (the fallback when OSC 52 does not reach a clipboard)."""
+
+    BINDINGS = [Binding("escape,q", "close", "back")]
+
+    def __init__(self, title: str, text: str) -> None:
+        super().__init__()
+        self.title_text = title
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog wide"):
+            yield Label(self.title_text, classes="title")
+            yield TextArea(self.text, read_only=True, id="text-body", soft_wrap=True)
+            yield Label("select with the mouse or keys; esc closes", classes="dim")
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+COMMANDS = {
+    "endpoints": "show the Endpoints pane",
+    "ingresses": "show the Agent Ingresses pane",
+    "tunnels": "show the Tunnels pane",
+    "requests": "show the Requests pane",
+    "sessions": "show the tunnel sessions",
+    "theme": "switch theme: :theme NAME",
+    "quit": "leave the console",
+}
+
+
+class CommandScreen(ModalScreen[str | None]):
+    """k9s-style ``:`` command line at the bottom of the screen."""
+
+    BINDINGS = [Binding("escape", "cancel", "cancel")]
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder=":" + " :".join(COMMANDS), id="command")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip().lstrip(":"))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
