@@ -68,7 +68,7 @@ async def test_edit_and_replay_sends_the_edited_request(setup):
 
 
 async def test_replay_to_another_tunnel_and_diff_shows_changed_header(setup):
-    edge, agent, up = setup
+    edge, agent, _up = setup
     async with HTTPUpstream() as up2:
         async with httpx.AsyncClient() as a:  # a second tunnel on the same agent
             r = await a.post(f"http://{agent.ready['web_addr']}/api/tunnels", json={"name": "other", "addr": str(up2.port)})
@@ -125,7 +125,7 @@ async def test_copy_as_curl_reproduces_the_request(setup):
 
 
 async def test_har_export_of_the_filtered_list(setup, tmp_path):
-    edge, agent, up = setup
+    edge, agent, _up = setup
     app = make_app(edge, agent, export_dir=tmp_path)
     async with app.run_test(size=(120, 36)) as pilot, public(edge) as c:
         await until(pilot, lambda: app.agent is not None and app.query_one(RequestList).generation > 0)
@@ -169,7 +169,7 @@ async def test_har_export_of_the_filtered_list(setup, tmp_path):
     ],
 )
 async def test_each_filter_term_narrows(setup, query, expect):
-    edge, agent, up = setup
+    edge, agent, _up = setup
     app = make_app(edge, agent)
     async with app.run_test(size=(120, 36)) as pilot, public(edge) as c:
         await until(pilot, lambda: app.agent is not None and app.query_one(RequestList).generation > 0)
@@ -186,7 +186,7 @@ async def test_each_filter_term_narrows(setup, query, expect):
 
 
 async def test_read_only_has_no_stop_delete_or_clear(setup):
-    edge, agent, up = setup
+    edge, agent, _up = setup
     app = make_app(edge, agent, read_only=True)
     host = host_of(agent.public_url)
     async with app.run_test(size=(120, 36)) as pilot, public(edge) as c:
