@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-url", default=None, help="agent API (default: local, or BURROW_AGENT_URL)")
     p.add_argument("--theme", default=None)
     p.add_argument("--read-only", action="store_true", default=None)
+    p.add_argument("--web", action="store_true", help="serve the console in a browser tab (textual-serve)")
+    p.add_argument("--web-addr", default="127.0.0.1:8000", help="where --web listens (loopback)")
     p.add_argument("--version", action="store_true")
     return p
 
@@ -66,7 +68,43 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"burrow: error: {exc}", file=sys.stderr)
         return 1
+    if args.web:
+        return serve_web(args, argv)
     return run_console(settings, demo=args.mode == "demo")
+
+
+def serve_web(args, argv: list[str]) -> int:
+    """Serve the same console in a browser tab: each tab runs ``burrow`` without --web."""
+    import shlex
+
+    from backend.netutil import AddressError, is_loopback, parse_hostport
+
+    try:
+        host, port = parse_hostport(args.web_addr)
+    except AddressError as exc:
+        print(f"burrow: error: --web-addr: {exc}", file=sys.stderr)
+        return 1
+    if not is_loopback(host):
+        print("burrow: error: --web-addr must be a loopback address (the console has no login)", file=sys.stderr)
+        return 1
+    try:
+        from textual_serve.server import Server
+    except ImportError:
+        print("burrow: error: --web needs textual-serve (pip install textual-serve)", file=sys.stderr)
+        return 1
+    rest, skip = [], False
+    for a in argv:  # the same flags, minus the web ones
+        if skip:
+            skip = False
+        elif a == "--web":
+            continue
+        elif a == "--web-addr":
+            skip = True
+        elif not a.startswith("--web-addr="):
+            rest.append(a)
+    command = shlex.join([sys.executable, "-m", "console.cli", *rest])
+    Server(command, host=host, port=port, title="burrow").serve()
+    return 0
 
 
 def run_console(settings, demo: bool = False) -> int:
