@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 
@@ -43,6 +45,21 @@ from console.themes import BUNDLED_THEMES_DIR, DEFAULT_VARIABLES, load_themes, u
 from console.widgets.request_list import NeedRows, RequestList
 
 PANES = ("endpoints", "ingresses", "tunnels", "requests")
+
+
+def _while_mounted(handler):
+    """Data arriving from a worker after the panes are gone (the app is closing) is dropped."""
+
+    @functools.wraps(handler)
+    def wrapper(self, msg):
+        try:
+            return handler(self, msg)
+        except NoMatches:
+            if self.is_running and self.screen_stack and self.screen_stack[0].is_attached:
+                raise
+            return None
+
+    return wrapper
 
 # Resolves where to connect, possibly starting a bundled backend; returns
 # (agent_url, api_url, api_key).  ``progress`` shows what is happening.
@@ -258,44 +275,52 @@ class BurrowApp(App):
 
     # ------------------------------------------------------------ messages
     @on(m.StatusLoaded)
+    @_while_mounted
     def _status(self, msg: m.StatusLoaded) -> None:
         self.status = msg.status
         self._draw_header()
 
     @on(m.TunnelsLoaded)
+    @_while_mounted
     def _tunnels(self, msg: m.TunnelsLoaded) -> None:
         self.tunnels = msg.tunnels
         self.query_one(TunnelsPane).set_rows(msg.tunnels)
         self._draw_header()
 
     @on(m.EndpointsLoaded)
+    @_while_mounted
     def _endpoints(self, msg: m.EndpointsLoaded) -> None:
         self.endpoints = msg.endpoints
         self.query_one(EndpointsPane).set_rows(msg.endpoints)
         self._draw_header()
 
     @on(m.IngressesLoaded)
+    @_while_mounted
     def _ingresses(self, msg: m.IngressesLoaded) -> None:
         self.ingresses = msg.ingresses
         self.query_one(IngressesPane).set_rows(msg.ingresses)
 
     @on(NeedRows)
+    @_while_mounted
     def _need_rows(self, msg: NeedRows) -> None:
         self.load_rows(msg.offset, msg.limit, msg.generation, self.query_one(RequestsPane).filter_text)
 
     @on(m.RowsLoaded)
+    @_while_mounted
     def _rows(self, msg: m.RowsLoaded) -> None:
         self.query_one(RequestList).apply_page(msg.offset, msg.items, msg.total, msg.generation, msg.newest)
         self.query_one(RequestsPane).update_status()
         self._draw_header()
 
     @on(m.CaptureLoaded)
+    @_while_mounted
     def _capture(self, msg: m.CaptureLoaded) -> None:
         screen = self.screen
         if isinstance(screen, DetailScreen) and screen.capture_id == msg.capture.get("id"):
             screen.show(msg.capture)
 
     @on(m.Connection)
+    @_while_mounted
     def _connection(self, msg: m.Connection) -> None:
         state = "online" if msg.ok else "unreachable"
         if msg.which == "agent" or self.agent is None:
@@ -306,6 +331,7 @@ class BurrowApp(App):
         self._draw_header()
 
     @on(m.AgentEvent)
+    @_while_mounted
     def _event(self, msg: m.AgentEvent) -> None:
         name, data = msg.name, msg.data
         rl = self.query_one(RequestList)
@@ -349,7 +375,10 @@ class BurrowApp(App):
     # ------------------------------------------------------------ helpers
     def reload_requests(self) -> None:
         """Start the Requests list over (filter changed, cleared, reconnected)."""
-        rl = self.query_one(RequestList)
+        try:
+            rl = self.query_one(RequestList)
+        except NoMatches:  # closing
+            return
         rl.reset(rl.total)
         self.load_rows(0, 100, rl.generation, self.query_one(RequestsPane).filter_text)
 
@@ -360,7 +389,10 @@ class BurrowApp(App):
 
         def go() -> None:
             self._reload_pending = False
-            rl = self.query_one(RequestList)
+            try:
+                rl = self.query_one(RequestList)
+            except NoMatches:  # closing
+                return
             top = rl.scroll_offset.y
             self.load_rows(top - top % 100, 100, rl.generation, self.query_one(RequestsPane).filter_text)
 

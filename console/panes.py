@@ -12,6 +12,14 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Input, Static
 
 from console.keymap import bindings
+from console.manage import (
+    AGENT_READ_ONLY,
+    EndpointForm,
+    IngressForm,
+    SessionsScreen,
+    confirm_delete,
+    open_form,
+)
 from console.render import human_duration
 from console.widgets.request_list import RequestList
 
@@ -109,18 +117,18 @@ class TablePane(Pane):
         self._render_rows()
 
     def on_resize(self) -> None:
-        labels = tuple(name for name, _ in self.COLUMNS)
-        table = self.query_one(DataTable)
-        if tuple(str(c.label) for c in table.columns.values()) != labels:
-            table.clear(columns=True)
-            table.add_columns(*labels)
-            self._render_rows()
+        self._render_rows()
 
     def _render_rows(self) -> None:
         table = self.query_one(DataTable)
         keep = self.selected
         needle = self.filter_text.lower()
-        cells_of = [[fn(r) for _, fn in self.COLUMNS] for r in self.rows]
+        columns = self.COLUMNS  # may depend on the width: take one set for this pass
+        labels = tuple(name for name, _ in columns)
+        if tuple(str(c.label) for c in table.columns.values()) != labels:
+            table.clear(columns=True)
+            table.add_columns(*labels)
+        cells_of = [[fn(r) for _, fn in columns] for r in self.rows]
         self.shown = []
         table.clear()
         for row, cells in zip(self.rows, cells_of, strict=True):
@@ -178,6 +186,40 @@ class EndpointsPane(TablePane):
         ("SESSION", lambda r: _ref(r.get("tunnel_session"))),
     )
 
+    def _cloud_ok(self) -> bool:
+        if self.app.cloud is None:
+            self.app.notify("no cloud API", severity="error")
+            return False
+        return True
+
+    def _selected_cloud(self, verb: str) -> dict | None:
+        row = self.selected
+        if row is None:
+            self.app.notify(f"No endpoint selected to {verb}.", severity="warning")
+            return None
+        if row.get("type") == "agent":
+            self.app.notify(AGENT_READ_ONLY, severity="warning")
+            return None
+        return row
+
+    def action_new_endpoint(self) -> None:
+        if self._cloud_ok():
+            open_form(self, EndpointForm(self.app.cloud))
+
+    def action_edit_endpoint(self) -> None:
+        if self._cloud_ok() and (row := self._selected_cloud("edit")) is not None:
+            open_form(self, EndpointForm(self.app.cloud, row))
+
+    def action_delete_endpoint(self) -> None:
+        if self.read_only or not self._cloud_ok() or (row := self._selected_cloud("delete")) is None:
+            return
+        url = row.get("url") or row.get("public_url") or row["id"]
+        confirm_delete(self, f"/endpoints/{row['id']}", f"cloud endpoint {url}", "Its traffic policy is deleted with it.")
+
+    def action_sessions(self) -> None:
+        if self._cloud_ok():
+            self.app.push_screen(SessionsScreen(read_only=self.read_only))
+
 
 class IngressesPane(TablePane):
     context = "ingresses"
@@ -188,6 +230,32 @@ class IngressesPane(TablePane):
         ("CERTIFICATE", lambda r: _cert_status(r)),
         ("DESCRIPTION", lambda r: r.get("description", "")),
     )
+
+    def _cloud_ok(self) -> bool:
+        if self.app.cloud is None:
+            self.app.notify("no cloud API", severity="error")
+            return False
+        return True
+
+    def _picked(self, verb: str) -> dict | None:
+        row = self.selected
+        if row is None:
+            self.app.notify(f"No agent ingress selected to {verb}.", severity="warning")
+        return row
+
+    def action_new_ingress(self) -> None:
+        if self._cloud_ok():
+            open_form(self, IngressForm(self.app.cloud))
+
+    def action_edit_ingress(self) -> None:
+        if self._cloud_ok() and (row := self._picked("edit")) is not None:
+            open_form(self, IngressForm(self.app.cloud, row))
+
+    def action_delete_ingress(self) -> None:
+        if self.read_only or not self._cloud_ok() or (row := self._picked("delete")) is None:
+            return
+        domain = row.get("domain") or row["id"]
+        confirm_delete(self, f"/agent_ingresses/{row['id']}", f"agent ingress {domain}", "Agents can no longer use its names.")
 
 
 def _cert_status(r: dict) -> str:

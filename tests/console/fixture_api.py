@@ -117,6 +117,14 @@ INGRESSES = [
 
 def build_router() -> Router:
     router = Router()
+    sessions_data = [
+        {"id": "ts_2abc", "uri": "http://api.invalid/tunnel_sessions/ts_2abc", "agent_version": "0.4.0",
+         "os": "linux", "ip": "203.0.113.10", "region": "local", "started_at": "2026-01-02T02:58:11Z",
+         "transport": "tls", "credential": _ref("credentials", "cr_1xyz"), "metadata": None},
+        {"id": "ts_1def", "uri": "http://api.invalid/tunnel_sessions/ts_1def", "agent_version": "3.19.0",
+         "os": "darwin", "ip": "198.51.100.7", "region": "local", "started_at": "2026-01-01T22:14:05Z",
+         "transport": "tls", "credential": _ref("credentials", "cr_1xyz"), "metadata": None},
+    ]
 
     def page(items, key):
         return json_response({key: items, "uri": f"/{key}", "next_page_uri": None})
@@ -155,6 +163,9 @@ def build_router() -> Router:
     async def ingresses(req: Request) -> Response:
         return page(INGRESSES, "ingresses")
 
+    async def sessions(req: Request) -> Response:
+        return page(sessions_data, "tunnel_sessions")
+
     router.add("GET", "/api/status", status)
     router.add("GET", "/api/tunnels", tunnels)
     router.add("GET", "/api/requests/http", requests)
@@ -162,6 +173,7 @@ def build_router() -> Router:
     router.add("GET", "/api/events", events)
     router.add("GET", "/endpoints", endpoints)
     router.add("GET", "/agent_ingresses", ingresses)
+    router.add("GET", "/tunnel_sessions", sessions)
     return router
 
 

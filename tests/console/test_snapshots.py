@@ -96,4 +96,4 @@ def test_help(snap_compare, fixture_url, size):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_confirm_dialog(snap_compare, fixture_url, size):
-    _snap(snap_compare, fixture_url, size, "x")
+    _snap(snap_compare, fixture_url, size, "z")
