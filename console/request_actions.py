@@ -33,8 +33,9 @@ class EditReplayScreen(ModalScreen[dict | None]):
             body = info.body.decode("utf-8")
         except UnicodeDecodeError:
             body = ""
-        with Vertical(id="edit-replay", classes="dialog wide"):
-            yield Label("Edit and replay", classes="title")
+        # scrolls when the terminal is short (80×24): tab moves through the fields
+        with VerticalScroll(id="edit-replay", classes="dialog wide"):
+            yield Label("Edit and replay  (ctrl+s sends, esc cancels)", classes="title")
             with Horizontal(classes="row"):
                 yield Input(req.get("method", "GET"), id="er-method", classes="method")
                 yield Input(req.get("uri", "/"), id="er-uri")
@@ -46,6 +47,9 @@ class EditReplayScreen(ModalScreen[dict | None]):
             with Horizontal(classes="buttons"):
                 yield Button("Send (ctrl+s)", variant="primary", id="er-send")
                 yield Button("Cancel", id="er-cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#er-method", Input).focus()
 
     def action_send(self) -> None:
         headers: dict[str, list[str]] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from textual.widgets import Input
+from textual.widgets import Input, TextArea
 
 from console.app import BurrowApp
 from console.config import Settings
@@ -58,7 +58,9 @@ def _snap(snap_compare, url, size, *keys):
             await pilot.pause(0.1)
         for box in pilot.app.screen.query(Input):
             box.cursor_blink = False
-        await pilot.pause()
+        for area in pilot.app.screen.query(TextArea):
+            area.cursor_blink = False
+        await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=size, run_before=before)
     assert app._exception is None
@@ -97,3 +99,23 @@ def test_help(snap_compare, fixture_url, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_confirm_dialog(snap_compare, fixture_url, size):
     _snap(snap_compare, fixture_url, size, "z")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_edit_and_replay_form(snap_compare, fixture_url, size):
+    _snap(snap_compare, fixture_url, size, "j", "e")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_replay_diff(snap_compare, fixture_url, size):
+    _snap(snap_compare, fixture_url, size, "j", "j", "D")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_export_chooser(snap_compare, fixture_url, size):
+    _snap(snap_compare, fixture_url, size, "j", "x")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_command_line(snap_compare, fixture_url, size):
+    _snap(snap_compare, fixture_url, size, "colon", *"tun")
