@@ -352,7 +352,7 @@ class BurrowApp(App):
                 self._schedule_reload()
             if isinstance(self.screen, DetailScreen) and self.screen.capture_id == data.get("id"):
                 self.load_capture(data["id"])
-        elif name == "requests_cleared":
+        elif name in ("request_deleted", "requests_cleared"):
             self.reload_requests()
         elif name == "metrics":
             self.query_one(TunnelsPane).record_metrics(data.get("tunnels") or {})
@@ -502,15 +502,43 @@ class BurrowApp(App):
         self.push_screen(ConfirmScreen("Delete all captured requests?", "This cannot be undone."), answered)
 
     def replay(self, capture_id: str) -> None:
+        """Replay one capture, or every marked one when rows are marked on the list."""
         if self.agent is None:
             return
         agent = self.agent
+        rl = self.query_one(RequestList)
+        ids = list(rl.marked) if rl.marked and not isinstance(self.screen, DetailScreen) else [capture_id]
 
         async def go() -> str:
-            new = await agent.replay(capture_id)
-            return f"Replayed {capture_id}" + (f" → {new}" if new else "")
+            for cid in ids:
+                await agent.replay(cid)
+            return f"Replayed {ids[0]}" if len(ids) == 1 else f"Replayed {len(ids)} marked requests"
 
         self._run_action(go)
+
+    def action_delete_requests(self) -> None:
+        if self.settings.read_only or self.agent is None:
+            return
+        rl = self.query_one(RequestList)
+        targets = rl.targets()
+        if not targets:
+            self.notify("No request selected.", severity="warning")
+            return
+        agent = self.agent
+        ids = {r["id"] for r in targets}
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                async def go() -> str:
+                    for cid in ids:
+                        await agent.delete_request(cid)
+                    return f"Deleted {len(ids)} request" + ("s" if len(ids) != 1 else "")
+
+                rl.forget(ids)
+                self._run_action(go)
+
+        what = "the marked requests" if rl.marked else f"{targets[0].get('method', '')} {targets[0].get('path', '')}"
+        self.push_screen(ConfirmScreen(f"Delete {len(ids)} captured request{'s' if len(ids) != 1 else ''}?", what), answered)
 
     def open_detail(self, capture_id: str) -> None:
         self.push_screen(DetailScreen(capture_id, self.settings.read_only))
@@ -632,7 +660,7 @@ class BurrowApp(App):
             ("httpie", "copy as HTTPie"),
             ("raw-request", "show the raw request"),
             ("raw-response", "show the raw response"),
-            ("har", "write a HAR file of the current (filtered) list"),
+            ("har", "write a HAR file of the marked requests, or of the current (filtered) list"),
         ]
         self.push_screen(PickScreen("Export", options), self._export)
 
@@ -643,9 +671,11 @@ class BurrowApp(App):
         if choice == "har":
             query = self.query_one(RequestsPane).filter_text
 
+            marked = list(self.query_one(RequestList).marked)
+
             async def har() -> str:
-                page = await agent.requests(0, 1000, query)
-                captures = [await agent.request(r["id"]) for r in page.items]
+                ids = marked or [r["id"] for r in (await agent.requests(0, 1000, query)).items]
+                captures = [await agent.request(cid) for cid in ids]
                 from backend import __version__
 
                 path = self.settings.export_dir / f"burrow-{len(captures)}-requests.har"

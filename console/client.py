@@ -122,6 +122,9 @@ class AgentClient:
         resp = await _call(self.http, "POST", "/api/requests/http", json=body)
         return resp.headers.get("burrow-capture-id")
 
+    async def delete_request(self, capture_id: str) -> None:
+        await _call(self.http, "DELETE", f"/api/requests/http/{capture_id}")
+
     async def clear(self) -> None:
         await _call(self.http, "DELETE", "/api/requests/http")
 

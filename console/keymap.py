@@ -63,6 +63,8 @@ KEYMAP: tuple[Key, ...] = (
     Key("requests.detail", "enter", "requests", "detail", "detail", "open the selected request"),
     Key("requests.replay", "r", "requests", "replay", "replay", "replay the selected request"),
     Key("requests.follow", "f", "requests", "toggle_follow", "follow", "keep the newest request selected"),
+    Key("requests.mark", "space", "requests", "toggle_mark", "mark", "mark the request (replay, export, delete act on marked ones)", show=False),
+    Key("requests.delete", "ctrl+d", "requests", "app.delete_requests", "delete", "delete the marked (or selected) requests", dangerous=True, show=False),
     Key("requests.clear", "z", "requests", "clear", "clear", "delete all captured requests (zap)", dangerous=True),
     Key("requests.edit", "e", "requests", "app.edit_replay", "edit", "edit the request, then replay it"),
     Key("requests.replay_to", "R", "requests", "app.replay_to", "replay to", "replay to another tunnel", show=False),
@@ -114,6 +116,7 @@ def display_key(key: str) -> str:
     names = {
         "question_mark": "?",
         "colon": ":",
+        "space": "space",
         "slash": "/",
         "escape": "esc",
         "left_square_bracket": "[",

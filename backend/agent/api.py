@@ -290,6 +290,12 @@ def build_router(agent: Agent) -> Router:
         headers = [("Burrow-Capture-Id", new_id)] if new_id else []
         return Response(204, b"", content_type="", headers=headers)
 
+    async def delete_request(req: Request) -> Response:
+        _need_store()
+        if not store.delete(req.params["id"]):
+            return agent_error(req, 404, f"captured request {req.params['id']!r} not found")
+        return empty(204)
+
     async def delete_requests(req: Request) -> Response:
         if store is not None:
             store.clear()
@@ -332,6 +338,7 @@ def build_router(agent: Agent) -> Router:
     add("POST", "/api/requests/http", replay_request)
     add("DELETE", "/api/requests/http", delete_requests)
     add("GET", "/api/requests/http/{id}", get_request)
+    add("DELETE", "/api/requests/http/{id}", delete_request)
     add("GET", "/api/events", events)
     return router
 

@@ -323,6 +323,17 @@ class InspectionStore:
     def get(self, cid: str) -> Capture | None:
         return self._caps.get(cid)
 
+    def delete(self, cid: str) -> bool:
+        cap = self._caps.pop(cid, None)
+        if cap is None:
+            return False
+        self.total -= cap.size
+        if self._db is not None:
+            self._db.delete(cid)
+        if self.listening():
+            self._emit("request_deleted", {"id": cid})
+        return True
+
     def clear(self) -> None:
         self._caps.clear()
         self.total = 0

@@ -48,7 +48,9 @@ class RequestSelected(Message):
 class RequestList(ScrollView, can_focus=True):
     """Captured requests, newest first."""
 
-    BINDINGS: list[Binding] = [b for b in bindings("requests") if b.action.startswith(("cursor", "top", "bottom", "page"))]
+    BINDINGS: list[Binding] = [
+        b for b in bindings("requests") if b.action.startswith(("cursor", "top", "bottom", "page", "toggle_mark"))
+    ]
 
     COMPONENT_CLASSES = {
         "requestlist--header",
@@ -66,6 +68,7 @@ class RequestList(ScrollView, can_focus=True):
         "requestlist--5xx",
         "requestlist--pending",
         "requestlist--replay",
+        "requestlist--marked",
     }
 
     DEFAULT_CSS = """
@@ -86,6 +89,7 @@ class RequestList(ScrollView, can_focus=True):
     RequestList > .requestlist--5xx { color: $status-5xx; }
     RequestList > .requestlist--pending { color: $status-pending; }
     RequestList > .requestlist--replay { color: $replay; }
+    RequestList > .requestlist--marked { text-style: bold reverse; }
     """
 
     cursor: reactive[int] = reactive(0)
@@ -99,6 +103,7 @@ class RequestList(ScrollView, can_focus=True):
         self.generation = 0  # bumped on every reset, so stale pages are dropped
         self._asked: dict[int, float] = {}  # page offset -> when it was requested
         self._event_ids: list[str] = []  # ids inserted from the event stream since reset
+        self.marked: dict[str, dict] = {}  # marked rows by id, kept across paging
         self._clock = clock  # a fixed clock for tests; None = local time of the capture
 
     # ------------------------------------------------------------------ data in
@@ -174,6 +179,27 @@ class RequestList(ScrollView, can_focus=True):
     @property
     def selected(self) -> dict | None:
         return self.rows.get(self.cursor)
+
+    def action_toggle_mark(self) -> None:
+        row = self.selected
+        if row is None:
+            return
+        if self.marked.pop(row["id"], None) is None:
+            self.marked[row["id"]] = row
+        self.following = False
+        self.action_cursor_down()
+        self.refresh()
+
+    def targets(self) -> list[dict]:
+        """What bulk actions act on: the marked rows, else the selected one."""
+        if self.marked:
+            return list(self.marked.values())
+        return [self.selected] if self.selected is not None else []
+
+    def forget(self, ids: set[str]) -> None:
+        for cid in ids:
+            self.marked.pop(cid, None)
+        self.refresh()
 
     # ----------------------------------------------------------------- cursor
     def watch_cursor(self, old: int, new: int) -> None:
@@ -288,7 +314,10 @@ class RequestList(ScrollView, can_focus=True):
 
     def _cell(self, name: str, row: dict, dim: Style) -> tuple[str, Style | None]:
         if name == "TIME":
-            return _clock(row.get("start", ""), self._clock), dim
+            text = _clock(row.get("start", ""), self._clock)
+            if row["id"] in self.marked:  # marked rows show their time in reverse video
+                return text, self.get_component_rich_style("requestlist--marked")
+            return text, dim
         if name == "TUNNEL":
             return row.get("tunnel_name", ""), None
         if name == "CLIENT":

@@ -203,3 +203,38 @@ async def test_read_only_has_no_stop_delete_or_clear(setup):
         assert len(body["requests"]) == 2
         shown = {b.action for b in app.screen.active_bindings.values() for b in [b.binding]}
         assert not shown & {"stop_tunnel", "clear", "delete_endpoint", "delete_ingress"}
+
+
+async def test_marked_rows_are_replayed_exported_and_deleted_together(setup, tmp_path):
+    edge, agent, up = setup
+    app = make_app(edge, agent, export_dir=tmp_path)
+    async with app.run_test(size=(120, 36)) as pilot, public(edge) as c:
+        await until(pilot, lambda: app.agent is not None and app.query_one(RequestList).generation > 0)
+        host = host_of(agent.public_url)
+        for path in ("/one", "/two", "/three"):
+            await c.get(path, headers={"Host": host})
+        rl = await ready(pilot, 3)
+        await pilot.press("f")  # stop following so new replays do not move the cursor
+        await pilot.press("space", "space")  # marks /three and /two
+        assert {r["path"] for r in rl.marked.values()} == {"/three", "/two"}
+        await pilot.press("r")
+        await until(pilot, lambda: len(up.requests) == 5, what="two replays")
+        assert sorted(h.split(b" ")[1] for h, _ in up.requests[3:]) == [b"/three", b"/two"]
+        # export: a HAR of just the marked ones
+        await pilot.press("x")
+        await pilot.pause()
+        options = app.screen.query_one("#pick")
+        options.highlighted = options.option_count - 1
+        await pilot.press("enter")
+        await until(pilot, lambda: app.last_export is not None, what="the HAR file")
+        har = json.loads(app.last_export.read_text())
+        assert sorted(e["request"]["url"].rsplit("/", 1)[1] for e in har["log"]["entries"]) == ["three", "two"]
+        # delete the marked ones (confirmed)
+        await pilot.press("ctrl+d")
+        await pilot.pause()
+        await pilot.press("y")
+        await until(pilot, lambda: rl.total == 3 and not rl.marked, what="the marked rows deleted")
+        async with httpx.AsyncClient() as a:
+            left = (await a.get(f"http://{agent.ready['web_addr']}/api/requests/http")).json()["requests"]
+        assert sorted(r["request"]["uri"] for r in left) == ["/one", "/three", "/two"]  # the two replays and /one
+        assert all(r["replay_of"] for r in left if r["request"]["uri"] != "/one")

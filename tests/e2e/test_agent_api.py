@@ -160,6 +160,10 @@ async def test_filters_and_delete_all(edge, agents):
             assert [r["request"]["uri"] for r in lim] == ["/two/1", "/two/0"]
             bad = await c.get("/api/requests/http", params={"limit": "x"})
             assert bad.status_code == 400
+            one = (await c.get("/api/requests/http", params={"limit": 1})).json()["requests"][0]["id"]
+            assert (await c.delete(f"/api/requests/http/{one}")).status_code == 204
+            assert (await c.get(f"/api/requests/http/{one}")).status_code == 404
+            assert (await c.delete(f"/api/requests/http/{one}")).status_code == 404
             assert (await c.delete("/api/requests/http")).status_code == 204
             assert (await c.get("/api/requests/http")).json()["requests"] == []
 
