@@ -27,6 +27,9 @@ VIEWS = {
     "endpoints": ("1",),
     "ingresses": ("2",),
     "help": ("question_mark",),
+    "edit-and-replay": ("j", "e"),
+    "diff": ("j", "j", "D"),
+    "new-cloud-endpoint": ("1", "n"),
 }
 
 
