@@ -87,7 +87,7 @@ def build_request(capture, rr: ReplayRequest) -> bytes:
         if capture.req.truncated:
             raise ReplayError(
                 400,
-                f"the captured request body was truncated at {len(capture.req.body)} of "
+                f"the captured request body was truncated at {capture.req.stored} of "
                 f"{capture.req.body_size} bytes; replay it with an explicit body",
             )
         return capture.req.raw
@@ -127,7 +127,7 @@ def _decoded_body(capture) -> bytes:
     """The captured request body with chunked framing removed."""
     from backend.http1 import CHUNKED
 
-    body = bytes(capture.req.body)
+    body = capture.req.body
     if capture._req_head.framing != CHUNKED:
         return body
     out = bytearray()
