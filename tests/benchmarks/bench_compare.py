@@ -132,6 +132,7 @@ class Route:
 class Stats:
     small_rps: list[float] = field(default_factory=list)
     small_p99_ms: list[float] = field(default_factory=list)
+    small_p50_ms: list[float] = field(default_factory=list)
     c1_p50_us: list[float] = field(default_factory=list)
     big_mbps: list[float] = field(default_factory=list)
     tcp_mbps: list[float] = field(default_factory=list)
@@ -307,7 +308,8 @@ def measure(reg: Registry, routes: list[Route], args) -> dict[str, Stats]:
             note(r, f"small: {w.errors} socket errors, {w.status_errors} non-2xx of {w.requests}")
         stats[r.key].small_rps.append(w.rps)
         stats[r.key].small_p99_ms.append(w.p99_us / 1000)
-        return f"{w.rps:10,.0f} req/s  p99 {w.p99_us / 1000:6.2f} ms"
+        stats[r.key].small_p50_ms.append(w.p50_us / 1000)
+        return f"{w.rps:10,.0f} req/s  p50 {w.p50_us / 1000:6.2f} ms  p99 {w.p99_us / 1000:6.2f} ms"
 
     def latency(r: Route) -> str:
         w = bl.wrk(
@@ -391,12 +393,14 @@ def table(routes: list[Route], stats: dict[str, Stats]) -> str:
     d_big = med(d.big_mbps) if d else None
     d_tcp = med(d.tcp_mbps) if d else None
     lines = [
-        "| path | small req/s (-c32) | p99 ms | added µs (1 conn) | 1 MiB GET MB/s | TCP MB/s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| path | small req/s (-c32) | p50 ms | p99 ms | added µs (1 conn) | 1 MiB GET MB/s | TCP MB/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in routes:
         s = stats[r.key]
         rps, p99, p50 = med(s.small_rps), med(s.small_p99_ms), med(s.c1_p50_us)
+        sp50 = med(s.small_p50_ms)
+        sp50_cell = "n/a" if sp50 is None else f"{sp50:.2f}"
         big, tcp = med(s.big_mbps), med(s.tcp_mbps)
         label = "direct (the limit)" if r.key == "direct" else r.label
         if s.errors:
@@ -404,6 +408,7 @@ def table(routes: list[Route], stats: dict[str, Stats]) -> str:
         if r.key == "direct":
             cells = [
                 fmt_int(rps),
+                sp50_cell,
                 f"{p99:.1f}" if p99 is not None else "n/a",
                 "0",
                 fmt_int(big),
@@ -413,6 +418,7 @@ def table(routes: list[Route], stats: dict[str, Stats]) -> str:
             added = "n/a" if p50 is None or d_p50 is None else f"{p50 - d_p50:,.0f}"
             cells = [
                 fmt_int(rps) + ratio(rps, d_rps),
+                sp50_cell,
                 ("n/a" if p99 is None else f"{p99:.1f}") + ratio(p99, d_p99),
                 added,
                 fmt_int(big) + ratio(big, d_big),
