@@ -108,8 +108,11 @@ class _Form(ModalScreen[dict | None]):
         return "" if label.has_class("-empty") else str(label.render())
 
     def build(self) -> tuple[Callable[[], Awaitable[dict]], str] | str:
-        """The API call to make and its success message, or an error to show."""
-        raise NotImplementedError
+        """The API call to make and its success message, or an error to show.
+
+        Each form (endpoint, ingress) defines its own; this base has no fields to save.
+        """
+        raise TypeError(f"{type(self).__name__} must define build()")
 
     def action_submit(self) -> None:
         if self.busy:
