@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from backend.tlsclient import client_context
+
 __all__ = ["CA_COMMON_NAME", "LocalCA", "client_context", "normalize_hostnames"]
 
 log = logging.getLogger(__name__)
@@ -377,15 +379,3 @@ def _valid_sni_name(name: str) -> bool:
         if not all(c.isalnum() or c in "-_" for c in label):
             return False
     return True
-
-
-def client_context(root_cas: str | Path | None = None) -> ssl.SSLContext:
-    """Return a verifying TLS 1.2+ client context.
-
-    With ``root_cas`` (a PEM file) only those CAs are trusted, e.g. burrow's ``ca.pem``;
-    with ``None`` the system's default trust store is used.
-    """
-    cafile = str(root_cas) if root_cas is not None else None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx

@@ -33,7 +33,7 @@ from backend.agent.inspect import DEFAULT_BODY_CAP, InspectionStore
 from backend.agent.tunnels import Tunnel, TunnelConfig
 from backend.netutil import is_loopback, parse_hostport
 from backend.relay import close, tune
-from backend.tls import client_context
+from backend.tlsclient import client_context
 
 log = logging.getLogger("burrow.agent")
 
