@@ -343,7 +343,13 @@ def page_params(req: Request, extra: Iterable[str] = ()) -> Page:
 def paged(
     req: Request, page: Page, items: list, id_of: Callable[[Any], str] = lambda x: x.id
 ) -> tuple[list, str | None]:
-    """Cut ``items`` (newest first, fetched with one extra) to a page and its next URI."""
+    """Cut ``items`` (newest first) to the page after ``before_id``, with its next URI.
+
+    Callers may pass everything or what their store already cut (ids older than
+    ``before_id``, one more than the limit): both give the same page.
+    """
+    if page.before_id is not None:
+        items = [x for x in items if id_of(x) < page.before_id]
     if len(items) <= page.limit:
         return items, None
     items = items[: page.limit]

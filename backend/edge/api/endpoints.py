@@ -361,15 +361,13 @@ class EndpointsAPI:
             who.account_id, before_id=page.before_id, limit=None if filtered else page.limit + 1
         )
         items = [cloud_wire(self.edge, req.base_url, ep) for ep in cloud]
-        for ep in self._agent_endpoints(who.account_id):
-            if page.before_id is None or ep.id < page.before_id:
-                items.append(agent_wire(req.base_url, ep))
+        items += [agent_wire(req.base_url, ep) for ep in self._agent_endpoints(who.account_id)]
         if ids:
             items = [e for e in items if e.id in ids]
         if urls:
             items = [e for e in items if e.url in urls or e.public_url in urls]
         items.sort(key=lambda e: e.id, reverse=True)
-        items, next_uri = paged(req, page, items[: page.limit + 1])
+        items, next_uri = paged(req, page, items)
         return dump(
             w.EndpointList(endpoints=items, uri=f"{req.base_url}/endpoints", next_page_uri=next_uri)
         )

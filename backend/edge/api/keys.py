@@ -8,6 +8,7 @@ deleting an API key refuses it from the next request on.
 
 from __future__ import annotations
 
+import abc
 from typing import TYPE_CHECKING
 
 from backend.edge.api.core import (
@@ -84,7 +85,13 @@ def api_key_wire(base: str, k: APIKey, token: str | None = None) -> w.APIKey:
     )
 
 
-class CredentialsAPI:
+class _TokenAPI(abc.ABC):
+    """What ``/credentials`` and ``/api_keys`` share: ownership, list, get, delete."""
+
+    path = ""
+    noun = ""
+    prefix = ""
+
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
 
@@ -94,38 +101,89 @@ class CredentialsAPI:
         return self.edge.store
 
     def register(self, router: Router) -> None:
-        router.add("GET", "/credentials", handler(self.list))
-        router.add("POST", "/credentials", handler(self.create))
-        router.add("GET", "/credentials/{id}", handler(self.get))
-        router.add("PATCH", "/credentials/{id}", handler(self.update))
-        router.add("DELETE", "/credentials/{id}", handler(self.delete))
+        router.add("GET", self.path, handler(self.list))
+        router.add("POST", self.path, handler(self.create))
+        router.add("GET", self.path + "/{id}", handler(self.get))
+        router.add("PATCH", self.path + "/{id}", handler(self.update))
+        router.add("DELETE", self.path + "/{id}", handler(self.delete))
 
-    def _own(self, req: Request) -> Credential:
-        id_ = check_id(req.params["id"], CREDENTIAL_PREFIX)
-        c = self.store.get_authtoken(id_)
-        if c is None or c.account_id != caller(req).account_id:
-            raise not_found("credential", id_)
-        return c
+    # what each resource supplies
+    @abc.abstractmethod
+    def _fetch(self, id_: str):
+        """The stored object with this id, or None."""
+
+    @abc.abstractmethod
+    def _all(self, account_id: str) -> list:
+        """The account's objects, oldest first."""
+
+    @abc.abstractmethod
+    def _remove(self, id_: str) -> bool:
+        """Delete; False if it was already gone."""
+
+    @abc.abstractmethod
+    def _wire(self, base: str, obj, token: str | None = None):
+        """The wire shape of one object."""
+
+    @abc.abstractmethod
+    def _list_wire(self, base: str, rows: list, next_uri: str | None):
+        """The wire shape of a page."""
+
+    @abc.abstractmethod
+    async def create(self, req: Request) -> Response:
+        """POST: mint a token, shown in this answer only."""
+
+    @abc.abstractmethod
+    async def update(self, req: Request) -> Response:
+        """PATCH description, metadata (and what else the resource has)."""
+
+    def _own(self, req: Request):
+        id_ = check_id(req.params["id"], self.prefix)
+        obj = self._fetch(id_)
+        if obj is None or obj.account_id != caller(req).account_id:
+            raise not_found(self.noun, id_)
+        return obj
 
     async def list(self, req: Request) -> Response:
-        who = caller(req)
         page = page_params(req)
-        rows = [
-            c
-            for c in reversed(self.store.list_authtokens(who.account_id))
-            if page.before_id is None or c.id < page.before_id
-        ]
-        rows, next_uri = paged(req, page, rows[: page.limit + 1])
-        return dump(
-            w.CredentialList(
-                credentials=[credential_wire(req.base_url, c) for c in rows],
-                uri=f"{req.base_url}/credentials",
-                next_page_uri=next_uri,
-            )
-        )
+        rows, next_uri = paged(req, page, list(reversed(self._all(caller(req).account_id))))
+        return dump(self._list_wire(req.base_url, rows, next_uri))
 
     async def get(self, req: Request) -> Response:
-        return dump(credential_wire(req.base_url, self._own(req)))
+        return dump(self._wire(req.base_url, self._own(req)))
+
+    async def delete(self, req: Request) -> Response:
+        obj = self._own(req)
+        if not self._remove(obj.id):
+            raise not_found(self.noun, obj.id)
+        return empty(204)
+
+    def _updated(self, req: Request, new) -> Response:
+        if new is None:
+            raise not_found(self.noun, req.params["id"])
+        return dump(self._wire(req.base_url, new))
+
+
+class CredentialsAPI(_TokenAPI):
+    path, noun, prefix = "/credentials", "credential", CREDENTIAL_PREFIX
+
+    def _fetch(self, id_: str) -> Credential | None:
+        return self.store.get_authtoken(id_)
+
+    def _all(self, account_id: str) -> list[Credential]:
+        return self.store.list_authtokens(account_id)
+
+    def _remove(self, id_: str) -> bool:
+        return self.store.delete_authtoken(id_)
+
+    def _wire(self, base: str, obj: Credential, token: str | None = None) -> w.Credential:
+        return credential_wire(base, obj, token)
+
+    def _list_wire(self, base: str, rows: list, next_uri: str | None) -> w.CredentialList:
+        return w.CredentialList(
+            credentials=[credential_wire(base, c) for c in rows],
+            uri=f"{base}/credentials",
+            next_page_uri=next_uri,
+        )
 
     async def create(self, req: Request) -> Response:
         who = caller(req)
@@ -150,62 +208,30 @@ class CredentialsAPI:
         check_text("description", body.description, MAX_DESCRIPTION)
         check_text("metadata", body.metadata, MAX_METADATA)
         _check_acl(body.acl)
-        new = self.store.update_authtoken(
-            c.id, description=body.description, metadata=body.metadata, acl=body.acl
-        )
-        if new is None:
-            raise not_found("credential", c.id)
-        return dump(credential_wire(req.base_url, new))
-
-    async def delete(self, req: Request) -> Response:
-        c = self._own(req)
-        if not self.store.delete_authtoken(c.id):
-            raise not_found("credential", c.id)
-        return empty(204)
-
-
-class APIKeysAPI:
-    def __init__(self, edge: Edge) -> None:
-        self.edge = edge
-
-    @property
-    def store(self):
-        assert self.edge.store is not None
-        return self.edge.store
-
-    def register(self, router: Router) -> None:
-        router.add("GET", "/api_keys", handler(self.list))
-        router.add("POST", "/api_keys", handler(self.create))
-        router.add("GET", "/api_keys/{id}", handler(self.get))
-        router.add("PATCH", "/api_keys/{id}", handler(self.update))
-        router.add("DELETE", "/api_keys/{id}", handler(self.delete))
-
-    def _own(self, req: Request) -> APIKey:
-        id_ = check_id(req.params["id"], API_KEY_PREFIX)
-        k = self.store.get_api_key(id_)
-        if k is None or k.account_id != caller(req).account_id:
-            raise not_found("API key", id_)
-        return k
-
-    async def list(self, req: Request) -> Response:
-        who = caller(req)
-        page = page_params(req)
-        rows = [
-            k
-            for k in reversed(self.store.list_api_keys(who.account_id))
-            if page.before_id is None or k.id < page.before_id
-        ]
-        rows, next_uri = paged(req, page, rows[: page.limit + 1])
-        return dump(
-            w.APIKeyList(
-                keys=[api_key_wire(req.base_url, k) for k in rows],
-                uri=f"{req.base_url}/api_keys",
-                next_page_uri=next_uri,
-            )
+        return self._updated(
+            req, self.store.update_authtoken(c.id, description=body.description, metadata=body.metadata, acl=body.acl)
         )
 
-    async def get(self, req: Request) -> Response:
-        return dump(api_key_wire(req.base_url, self._own(req)))
+
+class APIKeysAPI(_TokenAPI):
+    path, noun, prefix = "/api_keys", "API key", API_KEY_PREFIX
+
+    def _fetch(self, id_: str) -> APIKey | None:
+        return self.store.get_api_key(id_)
+
+    def _all(self, account_id: str) -> list[APIKey]:
+        return self.store.list_api_keys(account_id)
+
+    def _remove(self, id_: str) -> bool:
+        return self.store.delete_api_key(id_)
+
+    def _wire(self, base: str, obj: APIKey, token: str | None = None) -> w.APIKey:
+        return api_key_wire(base, obj, token)
+
+    def _list_wire(self, base: str, rows: list, next_uri: str | None) -> w.APIKeyList:
+        return w.APIKeyList(
+            keys=[api_key_wire(base, k) for k in rows], uri=f"{base}/api_keys", next_page_uri=next_uri
+        )
 
     async def create(self, req: Request) -> Response:
         who = caller(req)
@@ -224,13 +250,6 @@ class APIKeysAPI:
         body = parse_body(req, w.APIKeyUpdate)
         check_text("description", body.description, MAX_DESCRIPTION)
         check_text("metadata", body.metadata, MAX_METADATA)
-        new = self.store.update_api_key(k.id, description=body.description, metadata=body.metadata)
-        if new is None:
-            raise not_found("API key", k.id)
-        return dump(api_key_wire(req.base_url, new))
-
-    async def delete(self, req: Request) -> Response:
-        k = self._own(req)
-        if not self.store.delete_api_key(k.id):
-            raise not_found("API key", k.id)
-        return empty(204)
+        return self._updated(
+            req, self.store.update_api_key(k.id, description=body.description, metadata=body.metadata)
+        )

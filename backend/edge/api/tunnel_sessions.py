@@ -84,12 +84,10 @@ class TunnelSessionsAPI:
         sessions = [
             s
             for s in self.edge.registry.sessions.values()
-            if s.account_id == who.account_id
-            and not s.closed
-            and (page.before_id is None or s.id < page.before_id)
+            if s.account_id == who.account_id and not s.closed
         ]
         sessions.sort(key=lambda s: s.id, reverse=True)
-        sessions, next_uri = paged(req, page, sessions[: page.limit + 1])
+        sessions, next_uri = paged(req, page, sessions)
         return dump(
             w.TunnelSessionList(
                 tunnel_sessions=[wire(req.base_url, s) for s in sessions],
