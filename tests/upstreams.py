@@ -22,6 +22,8 @@ class HTTPUpstream:
     def __init__(self) -> None:
         self.requests: list[tuple[bytes, bytes]] = []  # (head, body)
         self.sent: list[bytes] = []
+        self.connections = 0  # accepted so far
+        self.open_connections = 0  # accepted and not yet ended
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
 
@@ -35,6 +37,8 @@ class HTTPUpstream:
         self._server.close()
 
     async def _conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_connections += 1
         try:
             while True:
                 try:
@@ -69,6 +73,7 @@ class HTTPUpstream:
                 if hdrs.get("connection", "").lower() == "close":
                     break
         finally:
+            self.open_connections -= 1
             with contextlib.suppress(Exception):
                 w.close()
 

@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 HEAD_TIMEOUT = 30.0  # first request head must arrive within this (408 otherwise)
 IDLE_TIMEOUT = 75.0  # keep-alive connections idle longer than this are closed
+# A keep-alive connection that sends no request for this long gives its data connection
+# back (the agent then closes its upstream connection too), so an idle client costs the
+# edge one descriptor instead of two; its next request takes a fresh pooled one.
+RELEASE_AFTER = 1.0
 MAX_HOPS = 8  # forward-internal chain length
 
 
@@ -93,14 +97,23 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
             writer.write(pages.bad_request(408, "request timeout"))
         writer.transport.close()
 
+    def release_idle() -> None:  # no request is in flight while we wait for a head
+        nonlocal dc
+        if dc is not None:
+            dc[0].session.release(dc[2])
+            dc = None
+
     try:
         while True:
             # one timer handle per request is far cheaper than asyncio.timeout()
             timer = loop.call_later(HEAD_TIMEOUT if first else IDLE_TIMEOUT, expire)
+            idle = loop.call_later(RELEASE_AFTER, release_idle) if dc is not None else None
             try:
                 raw = await read_head(reader)
             finally:
                 timer.cancel()
+                if idle is not None:
+                    idle.cancel()
             if raw is None or expired:
                 break
             first = False

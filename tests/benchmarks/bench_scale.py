@@ -15,10 +15,13 @@ each and leaves them all open and idle; after ``--idle`` seconds it reports the 
 open fds of the edge and agents (from /proc/PID/status and /proc/PID/fd) and sends a
 second GET on a random sample of the open connections.
 
-Each tunnelled keep-alive connection costs the edge two descriptors (the client's and
-its data connection) and the agent two (data connection and upstream), so this script
-raises RLIMIT_NOFILE for itself and its children as far as the hard limit allows, and
-spreads the tunnels over several agents.
+A tunnelled keep-alive connection costs the edge two descriptors (the client's and its
+data connection) and the agent two (data connection and upstream) while a request is
+in flight; once it has been idle for a second the edge gives the data connection back
+(``RELEASE_AFTER`` in ``backend/edge/traffic.py``) and the agent closes the upstream
+one, so an idle connection costs the edge one descriptor and the agent none.  This
+script raises RLIMIT_NOFILE for itself and its children as far as the hard limit
+allows, and spreads the tunnels over several agents.
 
 Part 2 (agent memory): a fresh agent with one http tunnel, capture on; first
 ``--big-requests`` 1 MiB GETs (bodies captured up to the body cap), then ``--requests``
@@ -315,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         args.requests = 1_000_000
 
     bl.install_signal_handlers()
-    # 2 fds per tunnelled connection in the edge, the agents and this process's client
+    # up to 2 fds per tunnelled connection in the edge and the agents while they are busy
     soft, hard = bl.raise_nofile(4 * args.conns + 4096)
     bl.log(f"RLIMIT_NOFILE now soft {soft}, hard {hard}")
     if not args.no_install:
@@ -326,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         f"burrow scale benchmark — {m['nproc']} CPUs ({m['cpu']}), {m['kernel']}, Python {m['python']}",
         f"RLIMIT_NOFILE for the edge, agents and this client: soft {soft}, hard {hard}",
     ]
-    if soft < 2 * args.conns + 1000:
+    if soft < args.conns + 2000:
         out.append(
-            f"(note: each tunnelled keep-alive connection holds 2 fds in the edge, so "
-            f"{args.conns:,} connections need ~{2 * args.conns:,}; the hard limit here is {hard:,} "
+            f"(note: each idle tunnelled keep-alive connection holds 1 fd in the edge, so "
+            f"{args.conns:,} connections need ~{args.conns:,}; the hard limit here is {hard:,} "
             f"and cannot be raised without CAP_SYS_RESOURCE)"
         )
     reg = Registry(prefix="burrow-scale-")

@@ -239,3 +239,23 @@ class socket_port:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+async def test_idle_keep_alive_connection_gives_back_its_data_connection(edge, agents):
+    """An idle client connection stops holding a data connection (and, through the
+    agent, an upstream connection); its next request is served on a fresh one."""
+    async with HTTPUpstream() as up:
+        a = agents("http", up.port)
+        host = host_of(a.public_url).encode()
+        r, w = await asyncio.open_connection(*edge.http_addr)
+        w.write(b"GET /one HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert (await asyncio.wait_for(r.readuntil(b"GET /one\n"), 10)).startswith(b"HTTP/1.1 200")
+        assert up.open_connections == 1
+        deadline = time.monotonic() + 10
+        while up.open_connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert up.open_connections == 0  # the edge released the data connection
+        w.write(b"GET /two HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert (await asyncio.wait_for(r.readuntil(b"GET /two\n"), 10)).startswith(b"HTTP/1.1 200")
+        assert up.connections == 2
+        w.close()
