@@ -22,6 +22,8 @@ from typing import Protocol
 
 import httptools
 
+from backend import splice
+
 MAX_HEAD = 64 * 1024  # bytes of request/response head before we answer 431 / 502
 BLOCK = 256 * 1024  # relay block size
 
@@ -257,11 +259,14 @@ async def relay_body(
     head: Head,
     tee=None,
     prefix: bytes = b"",
+    src: asyncio.StreamWriter | None = None,
 ) -> int:
     """Copy one message body from reader to writer according to ``head``'s framing.
 
     ``prefix`` (the message's head) goes out in the same write as the first block of
-    the body, so a small response costs one send instead of two.
+    the body, so a small response costs one send instead of two.  A large body with a
+    Content-Length that nobody needs to see (no ``tee``) between two plain sockets
+    (``src`` is the writer of the reader's connection) is spliced in the kernel.
     """
     kind = head.framing
     if kind == NO_BODY:
@@ -271,6 +276,12 @@ async def relay_body(
     total = 0
     if kind == LENGTH:
         left = head.length
+        if tee is None and splice.can_splice_body(reader, src, writer, left):
+            try:
+                await splice.splice_body(reader, src, writer, left, prefix)
+            except splice.Incomplete as exc:
+                raise UpstreamError(str(exc)) from None
+            return left
         while left:
             chunk = await reader.read(min(left, BLOCK))
             if not chunk:
@@ -380,7 +391,7 @@ async def proxy_exchange(
     body_task: asyncio.Task | None = None
     if req.framing != NO_BODY:
         tee = observer.request_body if observer is not None else None
-        body_task = asyncio.create_task(relay_body(client_r, up_w, req, tee))
+        body_task = asyncio.create_task(relay_body(client_r, up_w, req, tee, src=client_w))
     try:
         while True:
             if body_task is not None and not body_task.done():
@@ -419,7 +430,7 @@ async def proxy_exchange(
         return Result(resp, keep_alive=False, upgraded=True)
     tee = observer.response_body if observer is not None else None
     try:
-        nresp = await relay_body(up_r, client_w, resp, tee, prefix=raw)
+        nresp = await relay_body(up_r, client_w, resp, tee, prefix=raw, src=up_w)
     except UpstreamError as exc:
         _cancel(body_task)
         exc.response_started = True

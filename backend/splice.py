@@ -1,0 +1,362 @@
+"""Zero-copy relay between two plain TCP sockets with ``splice(2)`` through a pipe.
+
+Used for raw relays (TCP and passed-through TLS tunnels, upgraded connections) when
+both sides are plain sockets on Linux.  The bytes go socket → pipe → socket inside the
+kernel; Python only sees readiness events, one per up-to-a-pipe-full of data.
+
+The sockets start out owned by asyncio transports with stream readers in front of them.
+:func:`detach` takes one over: it stops the transport reading, hands back whatever the
+reader had already buffered, waits for the transport's write buffer to empty, and
+returns a duplicate of the socket before closing the transport (closing one of two
+descriptors of a socket does not end the connection).
+
+Pipes come from a small per-process free list and are held only while data sits in
+them, so an idle relayed connection costs no pipe descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+
+PIPE_SIZE = 1024 * 1024
+FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+MAX_ROUNDS = 8  # splices per readiness event before giving the loop back
+_FREE_MAX = 64  # empty pipes kept for reuse
+
+# BURROW_NO_SPLICE=1 turns it off (to compare against the stream relay).
+AVAILABLE = (
+    hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ") and not os.environ.get("BURROW_NO_SPLICE")
+)
+
+_free: list[tuple[int, int]] = []
+_pipe_size = PIPE_SIZE
+
+
+def _take_pipe() -> tuple[int, int]:
+    global _pipe_size
+    if _free:
+        return _free.pop()
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _pipe_size)
+    except OSError:  # above /proc/sys/fs/pipe-max-size for this user: keep the default
+        _pipe_size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    return r, w
+
+
+def _give_pipe(p: tuple[int, int]) -> None:
+    """Return an empty pipe to the free list (or close it)."""
+    if len(_free) < _FREE_MAX:
+        _free.append(p)
+    else:
+        _close_pipe(p)
+
+
+def _close_pipe(p: tuple[int, int]) -> None:
+    for fd in p:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _buffer_of(reader: asyncio.StreamReader) -> bytearray | None:
+    # StreamReader has no public "take what is buffered without waiting"; its buffer
+    # is a bytearray attribute in every CPython version this project supports.
+    buf = getattr(reader, "_buffer", None)
+    return buf if isinstance(buf, bytearray) else None
+
+
+def spliceable(writer: asyncio.StreamWriter) -> bool:
+    """True for a writer over a plain (not TLS) TCP or Unix stream socket."""
+    if not AVAILABLE or writer.transport.is_closing():
+        return False
+    if writer.get_extra_info("ssl_object") is not None or writer.get_extra_info("sslcontext") is not None:
+        return False
+    sock = writer.get_extra_info("socket")
+    return sock is not None and sock.fileno() >= 0 and sock.type == socket.SOCK_STREAM
+
+
+async def detach(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[socket.socket, bytes]:
+    """Take the socket away from its transport: (duplicate socket, bytes already read)."""
+    transport = writer.transport
+    transport.pause_reading()
+    buf = _buffer_of(reader)
+    assert buf is not None
+    pending = bytes(buf)
+    buf.clear()
+    transport.set_write_buffer_limits(0)  # drain() now waits until nothing is buffered
+    await writer.drain()
+    sock = writer.get_extra_info("socket")
+    dup = socket.socket(fileno=os.dup(sock.fileno()))
+    dup.setblocking(False)
+    transport.abort()  # closes the transport's descriptor only; the connection stays
+    return dup, pending
+
+
+class _Direction:
+    """src → dst: splice into a pipe on readable, out of it until dst would block."""
+
+    __slots__ = ("dst", "loop", "pipe", "queued", "relay", "src", "total")
+
+    def __init__(self, relay: SpliceRelay, src: socket.socket, dst: socket.socket) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.src = src
+        self.dst = dst
+        self.pipe: tuple[int, int] | None = None
+        self.queued = 0  # bytes sitting in the pipe
+        self.total = 0
+
+    def start(self) -> None:
+        self.loop.add_reader(self.src.fileno(), self.on_readable)
+
+    def on_readable(self) -> None:
+        src, dst = self.src.fileno(), self.dst.fileno()
+        try:
+            for _ in range(MAX_ROUNDS):
+                if self.pipe is None:
+                    self.pipe = _take_pipe()
+                try:
+                    n = os.splice(src, self.pipe[1], _pipe_size, flags=FLAGS)
+                except BlockingIOError:
+                    break
+                if n == 0:
+                    self.loop.remove_reader(src)
+                    self.relay.ended(self)
+                    break
+                self.queued += n
+                self.total += n
+                if not self.flush(dst):
+                    self.loop.remove_reader(src)
+                    self.loop.add_writer(dst, self.on_writable)
+                    return
+        except OSError as exc:
+            self.relay.fail(exc)
+            return
+        if self.pipe is not None and not self.queued:
+            _give_pipe(self.pipe)
+            self.pipe = None
+
+    def flush(self, dst: int) -> bool:
+        """Move the pipe's bytes to dst; False if dst would block first."""
+        assert self.pipe is not None
+        while self.queued:
+            try:
+                self.queued -= os.splice(self.pipe[0], dst, self.queued, flags=FLAGS)
+            except BlockingIOError:
+                return False
+        return True
+
+    def on_writable(self) -> None:
+        dst = self.dst.fileno()
+        try:
+            if not self.flush(dst):
+                return
+        except OSError as exc:
+            self.relay.fail(exc)
+            return
+        self.loop.remove_writer(dst)
+        if self.pipe is not None:
+            _give_pipe(self.pipe)
+            self.pipe = None
+        self.loop.add_reader(self.src.fileno(), self.on_readable)
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.src.fileno())
+        with contextlib.suppress(Exception):
+            self.loop.remove_writer(self.dst.fileno())
+        if self.pipe is not None:
+            if self.queued:
+                _close_pipe(self.pipe)  # holds bytes nobody will read
+            else:
+                _give_pipe(self.pipe)
+            self.pipe = None
+
+
+class SpliceRelay:
+    """Relay a ↔ b until both directions have ended (EOF) or one fails."""
+
+    def __init__(self, a: socket.socket, b: socket.socket) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.a, self.b = a, b
+        self.up = _Direction(self, a, b)
+        self.down = _Direction(self, b, a)
+        self._open = 2
+        self.done = self.loop.create_future()
+
+    async def run(self) -> tuple[int, int]:
+        self.up.start()
+        self.down.start()
+        try:
+            await self.done
+        finally:
+            self.close()
+        return self.up.total, self.down.total
+
+    def ended(self, d: _Direction) -> None:
+        with contextlib.suppress(OSError):
+            d.dst.shutdown(socket.SHUT_WR)
+        self._open -= 1
+        if not self._open and not self.done.done():
+            self.done.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def close(self) -> None:
+        self.up.stop()
+        self.down.stop()
+        for s in (self.a, self.b):
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    if data:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+
+
+async def splice_relay(
+    a_r: asyncio.StreamReader,
+    a_w: asyncio.StreamWriter,
+    b_r: asyncio.StreamReader,
+    b_w: asyncio.StreamWriter,
+) -> tuple[int, int]:
+    """Detach both connections from their transports and splice between them."""
+    a, a_pending = await detach(a_r, a_w)
+    try:
+        b, b_pending = await detach(b_r, b_w)
+    except BaseException:
+        a.close()
+        raise
+    try:
+        await _send_all(b, a_pending)
+        await _send_all(a, b_pending)
+    except OSError:
+        a.close()
+        b.close()
+        return 0, 0
+    up, down = await SpliceRelay(a, b).run()
+    return up + len(a_pending), down + len(b_pending)
+
+
+# ------------------------------------------------------------- one body, in place
+SPLICE_MIN = 256 * 1024  # smaller bodies are cheaper through the streams
+_YIELD_EVERY = 16  # splice rounds in a row before letting other tasks run
+
+
+class Incomplete(Exception):
+    """The source ended before the announced number of bytes."""
+
+
+def can_splice_body(reader: asyncio.StreamReader, src: asyncio.StreamWriter | None, dst: asyncio.StreamWriter, n: int) -> bool:
+    """Worth and possible to move the next ``n`` bytes of ``reader`` to ``dst`` in the kernel."""
+    if src is None or n < SPLICE_MIN:
+        return False
+    buf = _buffer_of(reader)
+    return buf is not None and len(buf) < n // 2 and spliceable(src) and spliceable(dst)
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
+    fut = loop.create_future()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def splice_body(
+    reader: asyncio.StreamReader,
+    src: asyncio.StreamWriter,
+    dst: asyncio.StreamWriter,
+    n: int,
+    prefix: bytes = b"",
+) -> None:
+    """Copy exactly ``n`` bytes from ``reader`` (whose connection ``src`` writes to) to
+    ``dst``, ``prefix`` first; both connections stay open and usable afterwards.
+
+    What the reader already buffered goes through ``dst``'s transport; the rest is
+    spliced between duplicates of the two sockets while ``src`` is paused (so nothing
+    else reads it) and ``dst``'s transport has nothing buffered (so nothing else writes).
+    Raises :class:`Incomplete` if the source ends early, OSError if a socket fails.
+    """
+    loop = asyncio.get_running_loop()
+    src_t, dst_t = src.transport, dst.transport
+    src_t.pause_reading()
+    buf = _buffer_of(reader)
+    assert buf is not None
+    head = bytes(buf[:n])
+    del buf[: len(head)]
+    left = n - len(head)
+    if prefix or head:
+        dst.write(prefix + head)
+    low, high = dst_t.get_write_buffer_limits()
+    dst_t.set_write_buffer_limits(0)
+    try:
+        await dst.drain()
+    finally:
+        dst_t.set_write_buffer_limits(high, low)
+    sfd = os.dup(src.get_extra_info("socket").fileno())
+    try:
+        dfd = os.dup(dst.get_extra_info("socket").fileno())
+    except OSError:
+        os.close(sfd)
+        raise
+    pipe = _take_pipe()
+    pr, pw = pipe
+    queued = 0
+    rounds = 0
+    try:
+        while left or queued:
+            moved = False
+            if left:
+                try:
+                    k = os.splice(sfd, pw, min(left, _pipe_size), flags=FLAGS)
+                except BlockingIOError:
+                    pass
+                else:
+                    if k == 0:
+                        raise Incomplete(f"connection closed {left} bytes before the end of the body")
+                    left -= k
+                    queued += k
+                    moved = True
+            if queued:
+                try:
+                    queued -= os.splice(pr, dfd, queued, flags=FLAGS)
+                    moved = True
+                except BlockingIOError:
+                    pass
+            if not moved:
+                await _ready(loop, dfd if queued else sfd, write=bool(queued))
+            else:
+                rounds += 1
+                if rounds % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+        if queued:
+            _close_pipe(pipe)
+        else:
+            _give_pipe(pipe)
+        if not src_t.is_closing():
+            if getattr(reader, "_paused", False):
+                reader._paused = False  # it paused itself for a buffer we emptied
+            src_t.resume_reading()
