@@ -265,8 +265,8 @@ async def relay_body(
 
     ``prefix`` (the message's head) goes out in the same write as the first block of
     the body, so a small response costs one send instead of two.  A large body with a
-    Content-Length that nobody needs to see (no ``tee``) between two plain sockets
-    (``src`` is the writer of the reader's connection) is spliced in the kernel.
+    Content-Length between two plain sockets (``src`` is the writer of the reader's
+    connection) is spliced in the kernel; ``tee`` still sees all of it.
     """
     kind = head.framing
     if kind == NO_BODY:
@@ -276,9 +276,9 @@ async def relay_body(
     total = 0
     if kind == LENGTH:
         left = head.length
-        if tee is None and splice.can_splice_body(reader, src, writer, left):
+        if splice.can_splice_body(reader, src, writer, left, teed=tee is not None):
             try:
-                await splice.splice_body(reader, src, writer, left, prefix)
+                await splice.splice_body(reader, src, writer, left, prefix, tee)
             except splice.Incomplete as exc:
                 raise UpstreamError(str(exc)) from None
             return left

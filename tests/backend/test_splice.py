@@ -38,8 +38,9 @@ async def test_body_is_spliced_exactly_and_both_connections_stay_usable():
     feeder_w.write(b"HEAD" + body + b"NEXT")  # a head, the body, then the next message
     assert await src_r.readexactly(4) == b"HEAD"
     assert splice.can_splice_body(src_r, src_w, dst_w, len(body))
-    await splice.splice_body(src_r, src_w, dst_w, len(body), prefix=b"P:")
-    assert await sink_r.readexactly(2 + len(body)) == b"P:" + body
+    task = asyncio.create_task(splice.splice_body(src_r, src_w, dst_w, len(body), prefix=b"P:"))
+    assert await asyncio.wait_for(sink_r.readexactly(2 + len(body)), 10) == b"P:" + body
+    await asyncio.wait_for(task, 10)
     # the source reader goes on with what followed the body; the writers still work
     assert await asyncio.wait_for(src_r.readexactly(4), 5) == b"NEXT"
     dst_w.write(b"after")
@@ -79,7 +80,9 @@ async def test_small_or_tls_bodies_are_not_spliced(tmp_path):
     client_ctx = ssl.create_default_context(cafile=str(ca.ca_file))
     srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0, ssl=server_ctx)
     port = srv.sockets[0].getsockname()[1]
-    tls_r, tls_w = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx, server_hostname="localhost")
+    tls_r, tls_w = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost"
+    )
     assert splice.spliceable(dst_w)
     assert not splice.spliceable(tls_w)
     assert not splice.can_splice_body(tls_r, tls_w, dst_w, 10 * MiB)
@@ -117,3 +120,22 @@ async def test_raw_relay_splices_both_ways_and_passes_half_close(monkeypatch):
     assert await asyncio.wait_for(task, 10) == (len(got), 5000)
     assert len(used) == 1  # it went through splice, not the stream relay
     client_w.close()
+
+
+async def test_teed_body_gives_the_capture_every_byte():
+    (src_r, src_w), (feeder_r, feeder_w) = await _pair()
+    (_, dst_w), (sink_r, sink_w) = await _pair()
+    body = os.urandom(5 * MiB + 123)
+    feeder_w.write(b"HEAD" + body + b"NEXT")
+    assert await src_r.readexactly(4) == b"HEAD"
+    seen: list[bytes] = []
+    assert splice.can_splice_body(src_r, src_w, dst_w, len(body), teed=True)
+    task = asyncio.create_task(
+        splice.splice_body(src_r, src_w, dst_w, len(body), prefix=b"P:", tee=seen.append)
+    )
+    assert await asyncio.wait_for(sink_r.readexactly(2 + len(body)), 10) == b"P:" + body
+    await asyncio.wait_for(task, 10)
+    assert b"".join(seen) == body
+    assert await asyncio.wait_for(src_r.readexactly(4), 5) == b"NEXT"
+    for w in (src_w, feeder_w, dst_w, sink_w):
+        w.close()
