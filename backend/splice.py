@@ -321,13 +321,19 @@ async def splice_body(
     src_t.pause_reading()
     buf = _buffer_of(reader)
     assert buf is not None
-    head = bytes(buf[:n])
-    del buf[: len(head)]
+    head: bytes | bytearray
+    if len(buf) <= n:  # all of it is body: hand the buffer itself over, no copy
+        head, reader._buffer = buf, bytearray()
+    else:
+        with memoryview(buf) as view:
+            head = bytes(view[:n])
+        del buf[:n]
     left = n - len(head)
     if tee is not None and head:
+        head = bytes(head)
         tee(head)
     if prefix or head:
-        dst.write(prefix + head)
+        dst.writelines((prefix, head))
     low, high = dst_t.get_write_buffer_limits()
     dst_t.set_write_buffer_limits(0)
     try:

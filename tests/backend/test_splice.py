@@ -123,7 +123,7 @@ async def test_raw_relay_splices_both_ways_and_passes_half_close(monkeypatch):
 
 
 async def test_teed_body_gives_the_capture_every_byte():
-    (src_r, src_w), (feeder_r, feeder_w) = await _pair()
+    (src_r, src_w), (_, feeder_w) = await _pair()
     (_, dst_w), (sink_r, sink_w) = await _pair()
     body = os.urandom(5 * MiB + 123)
     feeder_w.write(b"HEAD" + body + b"NEXT")
