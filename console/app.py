@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
@@ -22,29 +23,20 @@ from textual.widgets import Footer, Static, TabbedContent, TabPane
 from console import messages as m
 from console.client import AgentClient, APIError, CloudClient
 from console.config import Settings
-from console.diff import diff_captures
-from console.export import (
-    clipboard_sequence,
-    raw_request,
-    raw_response,
-    to_curl,
-    to_httpie,
-    write_har,
-)
 from console.keymap import KEYMAP, bindings
 from console.panes import EndpointsPane, IngressesPane, RequestsPane, TunnelsPane
-from console.request_actions import (
-    CommandScreen,
-    DiffScreen,
-    EditReplayScreen,
-    PickScreen,
-    TextScreen,
-)
 from console.screens import ConfirmScreen, DetailScreen, HelpScreen, NewTunnelScreen
 from console.themes import BUNDLED_THEMES_DIR, DEFAULT_VARIABLES, load_themes, user_themes_dir
 from console.widgets.request_list import NeedRows, RequestList
 
 PANES = ("endpoints", "ingresses", "tunnels", "requests")
+# console.diff, console.export and console.request_actions are imported by the actions
+# that use them: the first frame does not need them (~20 ms of imports).
+
+# Agent events redraw the header and the Requests status line at most this often: at
+# 1,000 requests a second, re-rendering them for each of the 2,000 events took half of
+# the event loop.  An event after a quiet spell is drawn at once.
+REDRAW_EVERY = 1 / 30
 
 
 def _while_mounted(handler):
@@ -96,8 +88,35 @@ class BurrowApp(App):
         self.connection_error = ""
         self.keymap_overrides: dict[str, str] = dict(settings.keymap)
         self._reload_pending = False
+        self._redraw_timer = None
+        self._redrawn_at = 0.0
+        self._redraw_header = self._redraw_status = False
         self.last_copied: str | None = None
         self.last_export: Path | None = None
+        # The theme is chosen here, before Textual first parses the stylesheet: chosen in
+        # on_mount, it made Textual parse and apply every style a second time (~40 ms
+        # before the first frame).  Problems are reported on mount.
+        themes, self._theme_errors = load_themes(self._theme_dirs)
+        for theme in themes.values():
+            self.register_theme(theme)
+        self._theme_known = settings.theme in self.available_themes
+        if self._theme_known:
+            self._use_theme_before_start(settings.theme)
+        else:
+            self._use_theme_before_start("burrow-dark" if "burrow-dark" in self.available_themes else "textual-dark")
+
+    def _use_theme_before_start(self, name: str) -> None:
+        """What setting ``self.theme`` does (App._watch_theme), minus the stylesheet
+        refresh, which has nothing to refresh before the app runs."""
+        self.set_reactive(App.theme, name)
+        theme = self.current_theme
+        classes = {c: False for c in self.classes if c.startswith("-theme-")}
+        classes[f"-theme-{name}"] = True
+        classes["-dark-mode"] = theme.dark
+        classes["-light-mode"] = not theme.dark
+        self.update_classes(classes, update=False)
+        self._refresh_truecolor_filter(self.ansi_theme)
+        self.stylesheet.set_variables(self.get_css_variables())
 
     # ------------------------------------------------------------ set-up
     def get_theme_variable_defaults(self) -> dict[str, str]:
@@ -120,20 +139,18 @@ class BurrowApp(App):
     def on_mount(self) -> None:
         if not self.settings.animations:
             self.animation_level = "none"
-        themes, errors = load_themes(self._theme_dirs)
-        for theme in themes.values():
-            self.register_theme(theme)
-        for err in errors:
+        for err in self._theme_errors:
             self.notify(err, severity="warning", timeout=8)
-        if self.settings.theme in self.available_themes:
-            self.theme = self.settings.theme
-        else:
+        if not self._theme_known:
             self.notify(f"unknown theme {self.settings.theme!r}; using the default", severity="warning")
-            self.theme = "burrow-dark" if "burrow-dark" in self.available_themes else "textual-dark"
         if self.keymap_overrides:
             self.set_keymap(self.keymap_overrides)
         self.query_one(RequestList).focus()
         self._draw_header()
+
+    def on_ready(self) -> None:
+        # Textual's Ready comes once the first frame is on screen: connecting from
+        # on_mount put the HTTP clients and the first requests (~60 ms) before it.
         self.start()
 
     @work(exclusive=True, group="startup")
@@ -346,7 +363,7 @@ class BurrowApp(App):
                 self._schedule_reload()
             else:
                 rl.insert_new(data)
-                self.query_one(RequestsPane).update_status()
+                self._redraw_status = True
         elif name == "request_completed":
             if not rl.update_row(data) and filtered:
                 self._schedule_reload()
@@ -360,7 +377,29 @@ class BurrowApp(App):
             self.reload_requests()
         elif name in ("tunnel_started", "tunnel_stopped", "session", "disconnected", "stopped"):
             self.refresh_all()
-        self._draw_header()
+        self._redraw_header = True
+        self._redraw_soon()
+
+    def _redraw_soon(self) -> None:
+        """Draw what agent events changed now, or at the end of the current REDRAW_EVERY."""
+        if self._redraw_timer is not None:
+            return
+        wait = self._redrawn_at + REDRAW_EVERY - time.monotonic()
+        if wait <= 0:
+            self._redraw()
+        else:
+            self._redraw_timer = self.set_timer(wait, self._redraw)
+
+    def _redraw(self) -> None:
+        self._redraw_timer = None
+        self._redrawn_at = time.monotonic()
+        status, self._redraw_status = self._redraw_status, False
+        header, self._redraw_header = self._redraw_header, False
+        if status:
+            with contextlib.suppress(NoMatches):  # closing
+                self.query_one(RequestsPane).update_status()
+        if header:
+            self._draw_header()
 
     @on(m.ActionDone)
     def _done(self, msg: m.ActionDone) -> None:
@@ -577,6 +616,8 @@ class BurrowApp(App):
         return None
 
     def action_edit_replay(self) -> None:
+        from console.request_actions import EditReplayScreen
+
         agent = self.agent
 
         async def edit(capture: dict) -> None:
@@ -593,6 +634,8 @@ class BurrowApp(App):
         self._with_capture(edit)
 
     def action_replay_to(self) -> None:
+        from console.request_actions import PickScreen
+
         cid = self._current_capture_id()
         if cid is None or self.agent is None:
             return
@@ -613,6 +656,9 @@ class BurrowApp(App):
         self.push_screen(PickScreen("Replay to which tunnel?", options), picked)
 
     def action_diff(self) -> None:
+        from console.diff import diff_captures
+        from console.request_actions import DiffScreen
+
         agent = self.agent
 
         async def diff(capture: dict) -> None:
@@ -630,12 +676,16 @@ class BurrowApp(App):
         self._with_capture(diff)
 
     def _copy(self, text: str) -> None:
+        from console.export import clipboard_sequence
+
         driver = getattr(self, "_driver", None)
         if driver is not None:
             driver.write(clipboard_sequence(text))
             driver.flush()
 
     def action_copy_curl(self) -> None:
+        from console.export import to_curl
+
         async def copy(capture: dict) -> None:
             cmd = to_curl(capture, public_url=self._public_url(capture.get("tunnel_name", "")))
             self.last_copied = cmd
@@ -645,6 +695,9 @@ class BurrowApp(App):
         self._with_capture(copy)
 
     def action_show_curl(self) -> None:
+        from console.export import to_curl
+        from console.request_actions import TextScreen
+
         async def show(capture: dict) -> None:
             cmd = to_curl(capture, public_url=self._public_url(capture.get("tunnel_name", "")))
             self.call_later(self.push_screen, TextScreen("curl", cmd))
@@ -652,6 +705,8 @@ class BurrowApp(App):
         self._with_capture(show)
 
     def action_export(self) -> None:
+        from console.request_actions import PickScreen
+
         cid = self._current_capture_id()
         if cid is None:
             return
@@ -665,6 +720,9 @@ class BurrowApp(App):
         self.push_screen(PickScreen("Export", options), self._export)
 
     def _export(self, choice: str | None) -> None:
+        from console.export import raw_request, raw_response, to_curl, to_httpie, write_har
+        from console.request_actions import TextScreen
+
         if not choice or self.agent is None:
             return
         agent = self.agent
@@ -700,6 +758,8 @@ class BurrowApp(App):
         self._with_capture(one)
 
     def action_command(self) -> None:
+        from console.request_actions import CommandScreen
+
         self.push_screen(CommandScreen(), self._command)
 
     def _command(self, text: str | None) -> None:

@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
+
+# httpx is imported where it is first used, not with this module: it costs ~40 ms that
+# the console's first frame does not need (the clients are made after it).
 
 
 class APIError(Exception):
@@ -43,6 +47,8 @@ def _error(resp: httpx.Response) -> APIError:
 
 
 async def _call(client: httpx.AsyncClient, method: str, url: str, **kw) -> httpx.Response:
+    import httpx
+
     try:
         resp = await client.request(method, url, **kw)
     except httpx.HTTPError as exc:
@@ -63,6 +69,8 @@ class AgentClient:
     """The agent API (``http://127.0.0.1:4040``)."""
 
     def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+        import httpx
+
         self.base_url = base_url.rstrip("/")
         self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
         self.extended: bool | None = None  # does it serve burrow's extensions?
@@ -130,6 +138,8 @@ class AgentClient:
 
     async def events(self) -> AsyncIterator[tuple[str, dict]]:
         """Server-Sent Events from ``/api/events``; raises APIError(404) on a plain ngrok."""
+        import httpx
+
         try:
             async with self.http.stream("GET", "/api/events", timeout=httpx.Timeout(10, read=None)) as resp:
                 if resp.status_code >= 400:
@@ -175,6 +185,8 @@ class CloudClient:
     """The cloud API (ngrok API v2: Bearer key, ``Ngrok-Version: 2``)."""
 
     def __init__(self, base_url: str, api_key: str, timeout: float = 10.0) -> None:
+        import httpx
+
         self.base_url = base_url.rstrip("/")
         self.http = httpx.AsyncClient(
             base_url=self.base_url,

@@ -12,18 +12,12 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Input, Static
 
 from console.keymap import bindings
-from console.manage import (
-    AGENT_READ_ONLY,
-    EndpointForm,
-    IngressForm,
-    SessionsScreen,
-    confirm_delete,
-    open_form,
-)
 from console.render import human_duration
 from console.widgets.request_list import RequestList
 
 SPARK = "▁▂▃▄▅▆▇█"
+# console.manage (the cloud forms, with a TextArea) is imported by the actions that open
+# them: the first frame does not need it.
 
 
 def sparkline(values: list[float], width: int = 12) -> str:
@@ -198,25 +192,35 @@ class EndpointsPane(TablePane):
             self.app.notify(f"No endpoint selected to {verb}.", severity="warning")
             return None
         if row.get("type") == "agent":
+            from console.manage import AGENT_READ_ONLY
+
             self.app.notify(AGENT_READ_ONLY, severity="warning")
             return None
         return row
 
     def action_new_endpoint(self) -> None:
+        from console.manage import EndpointForm, open_form
+
         if self._cloud_ok():
             open_form(self, EndpointForm(self.app.cloud))
 
     def action_edit_endpoint(self) -> None:
+        from console.manage import EndpointForm, open_form
+
         if self._cloud_ok() and (row := self._selected_cloud("edit")) is not None:
             open_form(self, EndpointForm(self.app.cloud, row))
 
     def action_delete_endpoint(self) -> None:
+        from console.manage import confirm_delete
+
         if self.read_only or not self._cloud_ok() or (row := self._selected_cloud("delete")) is None:
             return
         url = row.get("url") or row.get("public_url") or row["id"]
         confirm_delete(self, f"/endpoints/{row['id']}", f"cloud endpoint {url}", "Its traffic policy is deleted with it.")
 
     def action_sessions(self) -> None:
+        from console.manage import SessionsScreen
+
         if self._cloud_ok():
             self.app.push_screen(SessionsScreen(read_only=self.read_only))
 
@@ -244,14 +248,20 @@ class IngressesPane(TablePane):
         return row
 
     def action_new_ingress(self) -> None:
+        from console.manage import IngressForm, open_form
+
         if self._cloud_ok():
             open_form(self, IngressForm(self.app.cloud))
 
     def action_edit_ingress(self) -> None:
+        from console.manage import IngressForm, open_form
+
         if self._cloud_ok() and (row := self._picked("edit")) is not None:
             open_form(self, IngressForm(self.app.cloud, row))
 
     def action_delete_ingress(self) -> None:
+        from console.manage import confirm_delete
+
         if self.read_only or not self._cloud_ok() or (row := self._picked("delete")) is None:
             return
         domain = row.get("domain") or row["id"]

@@ -16,12 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl
-from xml.dom import minidom
-from xml.parsers.expat import ExpatError
 
 from rich import box
 from rich.console import Group, RenderableType
-from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Span, Text
 
@@ -464,6 +461,11 @@ def _pretty_json(text: str) -> str | None:
 
 
 def _pretty_xml(data: bytes, text: str) -> str | None:
+    # Imported here, as is rich.syntax below: the list view needs this module's
+    # human_size, not these (~10 ms of imports before the console's first frame).
+    from xml.dom import minidom
+    from xml.parsers.expat import ExpatError
+
     try:
         pretty = minidom.parseString(data).toprettyxml(indent="  ")
     except (ExpatError, ValueError, RecursionError):
@@ -477,6 +479,8 @@ def _pretty_xml(data: bytes, text: str) -> str | None:
 
 def _highlight(code: str, lexer: str, theme: str) -> Text:
     """Syntax-highlight ``code`` into a plain Text (cheaper to render than ``Syntax``)."""
+    from rich.syntax import Syntax
+
     code = _escape_controls(code)
     text = Syntax(code, lexer, theme=theme).highlight(code)
     text.rstrip()

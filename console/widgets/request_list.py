@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Iterator, MutableMapping
 from datetime import datetime
 
 from rich.segment import Segment
@@ -27,6 +28,59 @@ from console.render import human_duration, human_size
 
 PAGE = 100
 CACHE_MAX = 3000
+# A trim walks the whole cache, so it waits until this many rows over CACHE_MAX have
+# piled up (at 1,000 new captures a second a trim per capture cost a tenth of the loop).
+TRIM_SLACK = 300
+
+
+class Rows(MutableMapping[int, dict]):
+    """Cached rows by list index (0 = newest), as a dict would hold them.
+
+    New captures go on top, which moves every other row one index down: instead of
+    re-keying the whole cache for each one, the keys are stored relative to ``_shift``.
+    """
+
+    __slots__ = ("_by_key", "_shift")
+
+    def __init__(self) -> None:
+        self._by_key: dict[int, dict] = {}
+        self._shift = 0
+
+    def shift(self, n: int = 1) -> None:
+        """Every row moves ``n`` indexes down."""
+        self._shift += n
+
+    def __getitem__(self, index: int) -> dict:
+        return self._by_key[index - self._shift]
+
+    def get(self, index, default=None):
+        return self._by_key.get(index - self._shift, default) if isinstance(index, int) else default
+
+    def __setitem__(self, index: int, row: dict) -> None:
+        self._by_key[index - self._shift] = row
+
+    def __delitem__(self, index: int) -> None:
+        del self._by_key[index - self._shift]
+
+    def __contains__(self, index: object) -> bool:
+        return isinstance(index, int) and index - self._shift in self._by_key
+
+    def __iter__(self) -> Iterator[int]:
+        shift = self._shift
+        return (k + shift for k in self._by_key)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def values(self):
+        return self._by_key.values()
+
+    def clear(self) -> None:
+        self._by_key.clear()
+        self._shift = 0
+
+    def __repr__(self) -> str:
+        return f"Rows({dict(self.items())!r})"
 
 
 class NeedRows(Message):
@@ -98,7 +152,7 @@ class RequestList(ScrollView, can_focus=True):
     def __init__(self, *, id: str | None = None, clock=None) -> None:
         super().__init__(id=id)
         self.total = 0
-        self.rows: dict[int, dict] = {}
+        self.rows = Rows()
         self.by_id: dict[str, dict] = {}
         self.generation = 0  # bumped on every reset, so stale pages are dropped
         self._asked: dict[int, float] = {}  # page offset -> when it was requested
@@ -149,7 +203,7 @@ class RequestList(ScrollView, can_focus=True):
         """A new capture that matches the current filter: it goes on top."""
         if row["id"] in self.by_id:
             return
-        self.rows = {i + 1: r for i, r in self.rows.items()}
+        self.rows.shift()
         self._asked = {o + 1: t for o, t in self._asked.items()}
         self.rows[0] = row
         self.by_id[row["id"]] = row
@@ -252,7 +306,7 @@ class RequestList(ScrollView, can_focus=True):
         self._resize()
 
     def _trim(self) -> None:
-        if len(self.rows) <= CACHE_MAX:
+        if len(self.rows) <= CACHE_MAX + TRIM_SLACK:
             return
         keep_from = max(0, self.scroll_offset.y - CACHE_MAX // 3)
         keep_to = keep_from + CACHE_MAX
