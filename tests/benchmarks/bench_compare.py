@@ -11,7 +11,9 @@ mitmproxy from PyPI into its own venv under ~/.cache/burrow-bench), then starts 
   * an nginx upstream (own config in a temp dir, ``daemon off``, access_log off):
     ``/small`` answers 13 bytes, ``/1m`` a 1 MiB file; and an iperf3 server;
   * one way to reach them per path: socat (one hop, 64 KiB buffers, TCP_NODELAY), ssh -R
-    to a throwaway sshd, mitmdump as a reverse proxy, a 40-line asyncio relay, and
+    to a throwaway sshd, mitmdump as a reverse proxy, a 40-line asyncio relay, two
+    chained splice(2) relays (two hops of bytes only, blocking threads: the bulk
+    throughput any client -> edge -> agent -> upstream path can hope for here), and
     burrow (edge + agent: capture on, capture off, and TLS data connections).
 
 Then, in interleaved rounds (every metric on every path, then the next round), it
@@ -94,6 +96,54 @@ try:
     uvloop.run(main())
 except ImportError:
     asyncio.run(main())
+"""
+
+# Two of these chained are the floor for any two-hop path (client -> edge -> agent ->
+# upstream) on this machine: bytes only, no HTTP, splice(2) in blocking threads (one per
+# direction), so the kernel does all the work.  Arguments as for RELAY_SRC.
+SPLICE_SRC = """\
+import os
+import socket
+import sys
+import threading
+
+
+def pump(a, b):
+    r, w = os.pipe()
+    try:
+        while n := os.splice(a.fileno(), w, 1 << 20):
+            while n:
+                n -= os.splice(r, b.fileno(), n)
+    except OSError:
+        pass
+    finally:
+        os.close(r)
+        os.close(w)
+        try:
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def serve(listen, target):
+    srv = socket.create_server(("127.0.0.1", listen), backlog=1024)
+    while True:
+        c, _ = srv.accept()
+        try:
+            u = socket.create_connection(("127.0.0.1", target))
+        except OSError:
+            c.close()
+            continue
+        for s in (c, u):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=pump, args=(c, u), daemon=True).start()
+        threading.Thread(target=pump, args=(u, c), daemon=True).start()
+
+
+for spec in sys.argv[1:]:
+    listen, target = (int(x) for x in spec.split(":"))
+    threading.Thread(target=serve, args=(listen, target), daemon=True).start()
+threading.Event().wait()
 """
 
 SSHD_CONFIG = """\
@@ -249,6 +299,27 @@ def setup_relay(reg: Registry, nginx: int, iperf: int) -> Route:
     return Route("relay", "a 40-line asyncio relay (one hop)", http_port, None, tcp_port)
 
 
+def setup_splice2(reg: Registry, nginx: int, iperf: int) -> Route:
+    src = reg.tmp / "splice_relay.py"
+    src.write_text(SPLICE_SRC)
+    ports = [bl.free_port() for _ in range(4)]  # http in, http middle, tcp in, tcp middle
+    first = reg.popen(
+        [sys.executable, str(src), f"{ports[0]}:{ports[1]}", f"{ports[2]}:{ports[3]}"], "splice-1"
+    )
+    second = reg.popen(
+        [sys.executable, str(src), f"{ports[1]}:{nginx}", f"{ports[3]}:{iperf}"], "splice-2"
+    )
+    for port, proc in zip(ports, (first, second, first, second), strict=True):
+        bl.wait_port(port, proc)
+    return Route(
+        "splice2",
+        "two chained splice relays (two hops, bytes only)",
+        ports[0],
+        None,
+        ports[2],
+    )
+
+
 def setup_burrow(reg: Registry, nginx: int, iperf: int, which: list[str]) -> list[Route]:
     from tests.procs import host_of, start_agent, start_edge
 
@@ -282,7 +353,17 @@ def setup_burrow(reg: Registry, nginx: int, iperf: int, which: list[str]) -> lis
     return routes
 
 
-ALL_PATHS = ["direct", "ssh", "mitm", "socat", "relay", "burrow", "burrow-nocap", "burrow-tls"]
+ALL_PATHS = [
+    "direct",
+    "ssh",
+    "mitm",
+    "socat",
+    "relay",
+    "splice2",
+    "burrow",
+    "burrow-nocap",
+    "burrow-tls",
+]
 
 
 # ============================================================================ measuring
@@ -598,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             "ssh": lambda: [setup_ssh(reg, nginx, iperf)],
             "mitm": lambda: [setup_mitm(reg, nginx, mitmdump)],
             "relay": lambda: [setup_relay(reg, nginx, iperf)],
+            "splice2": lambda: [setup_splice2(reg, nginx, iperf)],
         }
         for p in paths:
             if p in setups:
