@@ -90,6 +90,8 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
     loop = asyncio.get_running_loop()
     expired = False
 
+    timer: asyncio.TimerHandle | None = None
+
     def expire() -> None:  # a head that does not arrive in time closes the connection
         nonlocal expired
         expired = True
@@ -98,22 +100,26 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
         writer.transport.close()
 
     def release_idle() -> None:  # no request is in flight while we wait for a head
-        nonlocal dc
+        nonlocal dc, timer
         if dc is not None:
             dc[0].session.release(dc[2])
             dc = None
+        timer = loop.call_later(IDLE_TIMEOUT - RELEASE_AFTER, expire)
 
     try:
         while True:
-            # one timer handle per request is far cheaper than asyncio.timeout()
-            timer = loop.call_later(HEAD_TIMEOUT if first else IDLE_TIMEOUT, expire)
-            idle = loop.call_later(RELEASE_AFTER, release_idle) if dc is not None else None
+            # One timer handle per request (far cheaper than asyncio.timeout()): between
+            # requests it first gives the data connection back, then re-arms for the rest.
+            if first:
+                timer = loop.call_later(HEAD_TIMEOUT, expire)
+            elif dc is not None:
+                timer = loop.call_later(RELEASE_AFTER, release_idle)
+            else:
+                timer = loop.call_later(IDLE_TIMEOUT, expire)
             try:
                 raw = await read_head(reader)
             finally:
                 timer.cancel()
-                if idle is not None:
-                    idle.cancel()
             if raw is None or expired:
                 break
             first = False
