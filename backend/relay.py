@@ -72,6 +72,8 @@ async def relay(
 
 
 def close(writer: asyncio.StreamWriter | None) -> None:
+    """Close a connection, also when a spliced relay has taken it over."""
     if writer is not None:
+        splice.abort(writer)
         with contextlib.suppress(Exception):
             writer.close()

@@ -230,6 +230,19 @@ async def _send_all(sock: socket.socket, data: bytes) -> None:
         await asyncio.get_running_loop().sock_sendall(sock, data)
 
 
+# The task running each spliced relay, by the writers it took over: closing one of
+# those writers (a session shutting down its data connections) must end the relay,
+# which no longer goes through the writer's transport.
+_running: dict[asyncio.StreamWriter, asyncio.Task] = {}
+
+
+def abort(writer: asyncio.StreamWriter) -> None:
+    """End the spliced relay that took over ``writer``'s connection, if one is running."""
+    task = _running.pop(writer, None)
+    if task is not None and not task.done():
+        task.cancel()
+
+
 async def splice_relay(
     a_r: asyncio.StreamReader,
     a_w: asyncio.StreamWriter,
@@ -237,21 +250,25 @@ async def splice_relay(
     b_w: asyncio.StreamWriter,
 ) -> tuple[int, int]:
     """Detach both connections from their transports and splice between them."""
-    a, a_pending = await detach(a_r, a_w)
+    task = asyncio.current_task()
+    assert task is not None
+    _running[a_w] = _running[b_w] = task
+    socks: list[socket.socket] = []
     try:
+        a, a_pending = await detach(a_r, a_w)
+        socks.append(a)
         b, b_pending = await detach(b_r, b_w)
-    except BaseException:
-        a.close()
-        raise
-    try:
+        socks.append(b)
         await _send_all(b, a_pending)
         await _send_all(a, b_pending)
-    except OSError:
-        a.close()
-        b.close()
-        return 0, 0
-    up, down = await SpliceRelay(a, b).run()
-    return up + len(a_pending), down + len(b_pending)
+        up, down = await SpliceRelay(a, b).run()
+        return up + len(a_pending), down + len(b_pending)
+    finally:
+        for w in (a_w, b_w):
+            if _running.get(w) is task:
+                del _running[w]
+        for sock in socks:
+            sock.close()
 
 
 # ------------------------------------------------------------- one body, in place

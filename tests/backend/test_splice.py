@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 
@@ -139,3 +140,23 @@ async def test_teed_body_gives_the_capture_every_byte():
     assert await asyncio.wait_for(src_r.readexactly(4), 5) == b"NEXT"
     for w in (src_w, feeder_w, dst_w, sink_w):
         w.close()
+
+
+async def test_closing_a_taken_over_writer_ends_the_spliced_relay():
+    """A session closing its data connections must still cut relays that splice them."""
+    from backend.relay import close
+
+    (a_r, a_w), (client_r, client_w) = await _pair()
+    (b_r, b_w), (server_r, server_w) = await _pair()
+    task = asyncio.create_task(relay(a_r, a_w, b_r, b_w))
+    client_w.write(b"ping")
+    assert await asyncio.wait_for(server_r.readexactly(4), 5) == b"ping"
+    close(b_w)  # what Session.shutdown does with an active data connection
+    assert await asyncio.wait_for(client_r.read(), 5) == b""  # the client sees the end
+    assert await asyncio.wait_for(server_r.read(), 5) == b""
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert task.done()
+    assert not splice._running  # nothing left registered
+    client_w.close()
+    server_w.close()
