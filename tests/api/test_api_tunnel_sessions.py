@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import socket
+import threading
 
 import ngrok
 import pytest
@@ -59,6 +61,32 @@ def test_restart_makes_the_agent_reconnect_with_a_new_session(api, agents):
         lambda: [e for e in api.endpoints.list() if e.url == url], what="re-bound endpoint"
     )
     assert eps[0].tunnel_session.id == ev["session_id"]
+
+
+def test_restart_cuts_the_tcp_connections_of_the_old_session(api, agents):
+    """Connections carried by the old session end with it, also spliced TCP relays."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def echo() -> None:
+        c, _ = srv.accept()
+        with c:
+            while data := c.recv(65536):
+                c.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    a = agents("tcp", str(srv.getsockname()[1]))
+    port = int(a.public_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(b"ping")
+        assert c.recv(4) == b"ping"
+        api.tunnel_sessions.restart(a.ready["session_id"])
+        a.wait_event("session", 20)
+        try:
+            ended = c.recv(10) == b""
+        except ConnectionResetError:
+            ended = True
+        assert ended  # (a timeout here means the relay outlived its session)
+    srv.close()
 
 
 def test_update_is_accepted(api, agents, raw):
