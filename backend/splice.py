@@ -96,13 +96,24 @@ async def detach(
     assert buf is not None
     pending = bytes(buf)
     buf.clear()
-    transport.set_write_buffer_limits(0)  # drain() now waits until nothing is buffered
-    await writer.drain()
+    await _drain_all(writer)
     sock = writer.get_extra_info("socket")
     dup = socket.socket(fileno=os.dup(sock.fileno()))
     dup.setblocking(False)
     transport.abort()  # closes the transport's descriptor only; the connection stays
     return dup, pending
+
+
+async def _drain_all(writer: asyncio.StreamWriter) -> None:
+    """Wait until the transport has nothing left to send (drain() alone stops at the
+    low-water mark), then restore its limits."""
+    transport = writer.transport
+    low, high = transport.get_write_buffer_limits()
+    transport.set_write_buffer_limits(0)
+    try:
+        await writer.drain()
+    finally:
+        transport.set_write_buffer_limits(high, low)
 
 
 class _Direction:
@@ -334,7 +345,7 @@ async def splice_body(
     Raises :class:`Incomplete` if the source ends early, OSError if a socket fails.
     """
     loop = asyncio.get_running_loop()
-    src_t, dst_t = src.transport, dst.transport
+    src_t = src.transport
     src_t.pause_reading()
     buf = _buffer_of(reader)
     assert buf is not None
@@ -351,12 +362,7 @@ async def splice_body(
         tee(head)
     if prefix or head:
         dst.writelines((prefix, head))
-    low, high = dst_t.get_write_buffer_limits()
-    dst_t.set_write_buffer_limits(0)
-    try:
-        await dst.drain()
-    finally:
-        dst_t.set_write_buffer_limits(high, low)
+    await _drain_all(dst)
     fds: list[int] = []
     pipes: list[tuple[int, int]] = []
     clean = False
@@ -442,7 +448,7 @@ async def _move_teed(
             raise Incomplete(f"connection closed {left} bytes before the end of the body")
         left -= k
         while k:
-            t = _tee(pr, cw, k)
+            t = _tee(pr, cw, k)  # only reached when TEE_AVAILABLE
             tee(_read_exact(cr, t))
             k -= t
             while t:
@@ -486,10 +492,5 @@ def _load_tee() -> Callable[[int, int, int], int] | None:
     return tee
 
 
-_tee_fn = _load_tee()
-TEE_AVAILABLE = _tee_fn is not None
-
-
-def _tee(fd_in: int, fd_out: int, n: int) -> int:
-    assert _tee_fn is not None
-    return _tee_fn(fd_in, fd_out, n)
+_tee = _load_tee()
+TEE_AVAILABLE = _tee is not None
