@@ -284,6 +284,9 @@ async def splice_relay(
 
 # ------------------------------------------------------------- one body, in place
 SPLICE_MIN = 256 * 1024  # smaller bodies are cheaper through the streams
+# A body observer (the capture): called with each chunk, or with an int for bytes that
+# passed unseen; returns how many more bytes it wants to see (None: no limit).
+Tee = Callable[[bytes | int], int | None]
 _YIELD_EVERY = 16  # splice rounds in a row before letting other tasks run
 
 
@@ -332,7 +335,7 @@ async def splice_body(
     dst: asyncio.StreamWriter,
     n: int,
     prefix: bytes = b"",
-    tee: Callable[[bytes], object] | None = None,
+    tee: Tee | None = None,
 ) -> None:
     """Copy exactly ``n`` bytes from ``reader`` (whose connection ``src`` writes to) to
     ``dst``, ``prefix`` first; both connections stay open and usable afterwards.
@@ -340,9 +343,10 @@ async def splice_body(
     What the reader already buffered goes through ``dst``'s transport; the rest is
     spliced between duplicates of the two sockets while ``src`` is paused (so nothing
     else reads it) and ``dst``'s transport has nothing buffered (so nothing else writes).
-    ``tee`` (a capture) gets every byte: the spliced ones are duplicated in the kernel
-    with tee(2) and read from the copy, one memory copy instead of four through streams.
-    Raises :class:`Incomplete` if the source ends early, OSError if a socket fails.
+    ``tee`` (a capture) gets the bytes it wants: the spliced ones are duplicated in the
+    kernel with tee(2) and read from the copy, one memory copy instead of four through
+    streams.  Once it answers that it wants no more (0), the rest is only spliced and
+    handed to it as a count.  Raises :class:`Incomplete` if the source ends early, OSError if a socket fails.
     """
     loop = asyncio.get_running_loop()
     src_t = src.transport
@@ -357,9 +361,10 @@ async def splice_body(
             head = bytes(view[:n])
         del buf[:n]
     left = n - len(head)
+    want: int | None = None
     if tee is not None and head:
         head = bytes(head)
-        tee(head)
+        want = tee(head)
     if prefix or head:
         dst.writelines((prefix, head))
     await _drain_all(dst)
@@ -370,11 +375,13 @@ async def splice_body(
         fds.append(os.dup(src.get_extra_info("socket").fileno()))
         fds.append(os.dup(dst.get_extra_info("socket").fileno()))
         pipes.append(_take_pipe())
-        if tee is not None:
+        if tee is not None and want != 0:
             pipes.append(_take_pipe())
-            await _move_teed(loop, fds[0], fds[1], pipes[0], pipes[1], left, tee)
-        else:
+            left = await _move_teed(loop, fds[0], fds[1], pipes[0], pipes[1], left, tee)
+        if left:
             await _move(loop, fds[0], fds[1], pipes[0], left)
+            if tee is not None:
+                tee(left)  # passed on unseen: counted only
         clean = True
     finally:
         for fd in fds:
@@ -428,9 +435,10 @@ async def _move_teed(
     pipe: tuple[int, int],
     copy: tuple[int, int],
     left: int,
-    tee: Callable[[bytes], object],
-) -> None:
-    """Like :func:`_move`, handing every byte to ``tee`` on the way.
+    tee: Tee,
+) -> int:
+    """Like :func:`_move`, handing the bytes to ``tee`` on the way, until it wants no
+    more; returns how many bytes are left to move then (both pipes are empty).
 
     Each round fills the empty pipe from the source, duplicates its contents into the
     (empty) second pipe, reads the duplicate for ``tee`` and empties the first pipe
@@ -447,16 +455,20 @@ async def _move_teed(
         if k == 0:
             raise Incomplete(f"connection closed {left} bytes before the end of the body")
         left -= k
+        want: int | None = None
         while k:
             t = _tee(pr, cw, k)  # only reached when TEE_AVAILABLE
-            tee(_read_exact(cr, t))
+            want = tee(_read_exact(cr, t))
             k -= t
             while t:
                 try:
                     t -= os.splice(pr, dfd, t, flags=FLAGS)
                 except BlockingIOError:
                     await _ready(loop, dfd, write=True)
+        if want == 0:
+            return left
         await asyncio.sleep(0)
+    return 0
 
 
 def _read_exact(fd: int, n: int) -> bytes:

@@ -68,8 +68,12 @@ class _Half:
         self.body_size = len(body)
         self.cap = cap
 
-    def add(self, chunk: bytes) -> int:
-        """Tee a chunk; returns how many bytes were stored."""
+    def add(self, chunk: bytes | int) -> int:
+        """Tee a chunk (an int: that many bytes went past unseen); returns how many bytes
+        were stored."""
+        if isinstance(chunk, int):
+            self.body_size += chunk
+            return 0
         self.body_size += len(chunk)
         room = self.cap - self.stored
         if room <= 0:
@@ -220,8 +224,10 @@ class CaptureObserver:
         self._store = store
         self.cap = cap
 
-    def request_body(self, chunk: bytes) -> None:
-        self._store._grow(self.cap, self.cap.req.add(chunk))
+    def request_body(self, chunk: bytes | int) -> int:
+        half = self.cap.req
+        self._store._grow(self.cap, half.add(chunk))
+        return half.cap - half.stored
 
     def response_head(self, head: Head) -> None:
         c = self.cap
@@ -229,9 +235,12 @@ class CaptureObserver:
         c.resp = _Half(head.raw, self._store.body_cap)
         self._store._grow(c, len(head.raw))
 
-    def response_body(self, chunk: bytes) -> None:
-        if self.cap.resp is not None:
-            self._store._grow(self.cap, self.cap.resp.add(chunk))
+    def response_body(self, chunk: bytes | int) -> int:
+        half = self.cap.resp
+        if half is None:
+            return 0
+        self._store._grow(self.cap, half.add(chunk))
+        return half.cap - half.stored
 
     def synthetic_response(self, raw: bytes) -> None:
         end = raw.find(b"\r\n\r\n") + 4

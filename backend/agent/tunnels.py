@@ -76,18 +76,16 @@ class Exchange:
         cap = tunnel.capture
         self.capture = cap.begin(tunnel, start, req, replay_of) if cap is not None else None
 
-    def request_body(self, chunk: bytes) -> None:
-        if self.capture is not None:
-            self.capture.request_body(chunk)
+    def request_body(self, chunk: bytes | int) -> int | None:
+        return self.capture.request_body(chunk) if self.capture is not None else 0
 
     def response_head(self, head: Head) -> None:
         self.resp = head
         if self.capture is not None:
             self.capture.response_head(head)
 
-    def response_body(self, chunk: bytes) -> None:
-        if self.capture is not None:
-            self.capture.response_body(chunk)
+    def response_body(self, chunk: bytes | int) -> int | None:
+        return self.capture.response_body(chunk) if self.capture is not None else 0
 
     def synthetic_response(self, raw: bytes) -> None:
         """Record a response the agent made itself (e.g. the 502 for a refused upstream)."""

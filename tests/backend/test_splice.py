@@ -160,3 +160,31 @@ async def test_closing_a_taken_over_writer_ends_the_spliced_relay():
     assert not splice._running  # nothing left registered
     client_w.close()
     server_w.close()
+
+
+async def test_a_full_capture_stops_the_copies_and_gets_the_rest_as_a_count():
+    (src_r, src_w), (_, feeder_w) = await _pair()
+    (_, dst_w), (sink_r, sink_w) = await _pair()
+    body = os.urandom(6 * MiB)
+    feeder_w.write(b"HEAD" + body)
+    assert await src_r.readexactly(4) == b"HEAD"
+    cap = MiB
+    seen: list[bytes] = []
+    counted: list[int] = []
+
+    def tee(chunk: bytes | int) -> int:
+        if isinstance(chunk, int):
+            counted.append(chunk)
+        else:
+            seen.append(chunk)
+        return max(0, cap - sum(map(len, seen)))
+
+    task = asyncio.create_task(splice.splice_body(src_r, src_w, dst_w, len(body), tee=tee))
+    assert await asyncio.wait_for(sink_r.readexactly(len(body)), 10) == body
+    await asyncio.wait_for(task, 10)
+    got = b"".join(seen)
+    assert got == body[: len(got)] and cap <= len(got) < 3 * MiB  # stopped soon after the cap
+    assert len(got) + sum(counted) == len(body)  # every byte accounted for
+    assert len(counted) == 1
+    for w in (src_w, feeder_w, dst_w, sink_w):
+        w.close()
