@@ -374,53 +374,36 @@ def measure(reg: Registry, routes: list[Route], args) -> dict[str, Stats]:
         stats[r.key].errors.append(what)
         bl.log(f"    ! {r.key}: {what}")
 
-    def small(r: Route) -> str:
+    def load(r: Route, what: str, path: str, threads: int, conns: int, seconds: float, cap: int):
+        """One bounded wrk run on ``r``; socket errors and non-2xx answers are noted."""
         w = bl.wrk(
             reg,
             r.http_port,
-            "/small",
+            path,
             host=r.host,
-            threads=2,
-            conns=32,
-            seconds=args.seconds,
-            max_requests=args.max_requests,
+            threads=threads,
+            conns=conns,
+            seconds=seconds,
+            max_requests=cap,
         )
         if w.errors or w.status_errors:
-            note(r, f"small: {w.errors} socket errors, {w.status_errors} non-2xx of {w.requests}")
+            note(r, f"{what}: {w.errors} socket errors, {w.status_errors} non-2xx of {w.requests}")
+        return w
+
+    def small(r: Route) -> str:
+        w = load(r, "small", "/small", 2, 32, args.seconds, args.max_requests)
         stats[r.key].small_rps.append(w.rps)
         stats[r.key].small_p99_ms.append(w.p99_us / 1000)
         stats[r.key].small_p50_ms.append(w.p50_us / 1000)
         return f"{w.rps:10,.0f} req/s  p50 {w.p50_us / 1000:6.2f} ms  p99 {w.p99_us / 1000:6.2f} ms"
 
     def latency(r: Route) -> str:
-        w = bl.wrk(
-            reg,
-            r.http_port,
-            "/small",
-            host=r.host,
-            threads=1,
-            conns=1,
-            seconds=args.lat_seconds,
-            max_requests=args.max_requests,
-        )
-        if w.errors or w.status_errors:
-            note(r, f"1 conn: {w.errors} socket errors, {w.status_errors} non-2xx of {w.requests}")
+        w = load(r, "1 conn", "/small", 1, 1, args.lat_seconds, args.max_requests)
         stats[r.key].c1_p50_us.append(w.p50_us)
         return f"p50 {w.p50_us:6.0f} µs  ({w.rps:,.0f} req/s)"
 
     def big(r: Route) -> str:
-        w = bl.wrk(
-            reg,
-            r.http_port,
-            "/1m",
-            host=r.host,
-            threads=2,
-            conns=4,
-            seconds=args.seconds,
-            max_requests=args.max_big,
-        )
-        if w.errors or w.status_errors:
-            note(r, f"1 MiB: {w.errors} socket errors, {w.status_errors} non-2xx of {w.requests}")
+        w = load(r, "1 MiB", "/1m", 2, 4, args.seconds, args.max_big)
         stats[r.key].big_mbps.append(w.mbps)
         return f"{w.mbps:10,.1f} MB/s"
 
