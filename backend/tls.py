@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from backend.fsperm import private_dir
 from backend.tlsclient import client_context
 
 __all__ = ["CA_COMMON_NAME", "LocalCA", "client_context", "normalize_hostnames"]
@@ -74,8 +75,11 @@ def normalize_hostnames(hostnames: Iterable[str]) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Atomically write ``data`` to ``path`` with mode 0600 (never briefly wider)."""
+def _write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Atomically write ``data`` to ``path`` with mode 0600 (never briefly wider).
+
+    With ``exclusive`` an existing ``path`` is never replaced (FileExistsError instead).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -83,15 +87,19 @@ def _write_private(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # atomic, and fails if path exists
+            Path(tmp).unlink()
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _write_public(path: Path, data: bytes) -> None:
+def _write_public(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     """Atomically write a non-secret file (the CA certificate) with mode 0644."""
-    _write_private(path, data)
+    _write_private(path, data, exclusive=exclusive)
     os.chmod(path, 0o644)
 
 
@@ -151,7 +159,12 @@ class LocalCA:
                 f"{cert_path} exists but its key {key_path} is missing; restore the key or "
                 f"remove {cert_path} to make a new CA (clients must then trust the new one)"
             )
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if key_path.exists():  # never replace a CA key: agents trust the certificate it signed
+            raise FileNotFoundError(
+                f"{key_path} exists but its certificate {cert_path} is missing; restore the "
+                f"certificate or remove {key_path} to make a new CA (clients must then trust the new one)"
+            )
+        private_dir(data_dir)
         key = ec.generate_private_key(ec.SECP256R1())
         cert = cls._make_ca_cert(key)
         key_pem = key.private_bytes(
@@ -159,9 +172,10 @@ class LocalCA:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        # Key first: the certificate file is the marker that the CA is complete.
-        _write_private(key_path, key_pem)
-        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        # Key first: the certificate file is the marker that the CA is complete. Neither
+        # write replaces a file that appeared meanwhile (another edge on the same dir).
+        _write_private(key_path, key_pem, exclusive=True)
+        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM), exclusive=True)
         log.info("created local CA in %s", data_dir)
         return cls(data_dir, cert, key)
 

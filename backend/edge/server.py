@@ -23,6 +23,7 @@ from pathlib import Path
 from backend import protocol as p
 from backend.edge import traffic
 from backend.edge.sessions import AgentEndpoint, CloudRoute, Registry, Session
+from backend.fsperm import private_dir, tighten_file
 from backend.http1 import (
     MAX_HEAD,
 )
@@ -85,7 +86,7 @@ class Edge:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(cfg.data_dir)  # 0700: the database and keys in it are secrets
         self.store = open_store(cfg.data_dir / "burrow.db")
         self._bootstrap_credentials()
         self.ca = LocalCA.load_or_create(cfg.data_dir)
@@ -163,7 +164,7 @@ class Edge:
         for key in self.config.api_keys:
             self.store.add_api_key(acct.id, key, description="from the command line")
         path = self.config.data_dir / "bootstrap.json"
-        if path.exists():
+        if tighten_file(path):
             with contextlib.suppress(OSError, ValueError):
                 self.bootstrap = json.loads(path.read_text())
             return

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from backend.fsperm import private_dir, private_sqlite, sqlite_side_files
 from backend.ids import new_id
 from backend.store.base import (
     ACCOUNT_PREFIX,
@@ -151,8 +152,10 @@ class SQLiteStore(Store):
     def __init__(self, path: Path | str, *, timeout: float = 5.0) -> None:
         """Open (creating if needed) the database at ``path`` and bring its schema up to date."""
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        on_disk = str(path) != ":memory:"
+        if on_disk:  # it holds secrets: 0600 files in a 0700 dir, whatever the umask
+            private_dir(self.path.parent, tighten=False)
+            private_sqlite(self.path)
         self._lock = threading.RLock()
         # isolation_level=None: no implicit transactions, we BEGIN/COMMIT ourselves.
         self._conn: sqlite3.Connection | None = sqlite3.connect(
@@ -161,6 +164,8 @@ class SQLiteStore(Store):
         try:
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA journal_mode=WAL")
+            if on_disk:
+                sqlite_side_files(self.path)
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
