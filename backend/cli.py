@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -109,6 +110,11 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
         p.add_argument("--pool-size", type=int, default=None)
         p.add_argument("--inspect-db-size", type=int, default=None, help="bytes; 0 = 50 MB, -1 = off")
         p.add_argument("--inspect-db", default=None, help="SQLite file keeping captures across restarts")
+        p.add_argument(
+            "--inspect-db-flush-ms", type=int, default=None,
+            help="write finished captures to --inspect-db in batches this often (default 100); "
+            "a kill -9 loses at most the last batch",
+        )
         p.add_argument("--inspect-body-cap", type=int, default=None, help="bytes of each body to capture")
         p.add_argument("--log", default=None, help="'stdout' or a file: logfmt log lines like ngrok's")
         p.add_argument("--log-format", default="logfmt", choices=["logfmt", "json", "term"])
@@ -170,7 +176,9 @@ def _run(coro) -> int:
 async def _until_signal(*stoppers) -> asyncio.Event:
     ev = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too (a closed terminal, ``systemctl kill -s HUP``): stop cleanly, writing the
+    # pending capture batch, instead of dying on the default action.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, ev.set)
     return ev
@@ -403,11 +411,14 @@ async def _agent(args) -> int:
                 inspect_db_size=_int_opt(args.inspect_db_size, aconf.get("inspect_db_size"), 0),
                 inspect_body_cap=_int_opt(args.inspect_body_cap, aconf.get("inspect_body_cap"), 1024 * 1024),
                 inspect_db=args.inspect_db or aconf.get("inspect_db"),
+                inspect_db_flush_ms=_int_opt(args.inspect_db_flush_ms, aconf.get("inspect_db_flush_ms"), 100),
             ),
             on_event=events,
         )
     except AgentError as exc:
         raise CLIError(str(exc)) from None
+    except (OSError, sqlite3.Error) as exc:  # the --inspect-db file cannot be opened
+        raise CLIError(f"--inspect-db: {exc}") from None
 
     api = None
     web = ""

@@ -53,6 +53,14 @@ def _while_mounted(handler):
 
     return wrapper
 
+def _db_failing(db: dict) -> str:
+    """Header text for an agent whose ``--inspect-db`` file is not being written."""
+    from rich.markup import escape
+
+    error = escape(str(db.get("error") or "write failed")[:60])
+    return f"  [dim]│[/dim] [$error]capture db failing: {error} ({db.get('pending', 0):,} unsaved)[/]"
+
+
 # Resolves where to connect, possibly starting a bundled backend; returns
 # (agent_url, api_url, api_key).  ``progress`` shows what is happening.
 Starter = Callable[[Callable[[str], None]], Awaitable[tuple[str | None, str | None, str | None]]]
@@ -375,6 +383,8 @@ class BurrowApp(App):
             self.query_one(TunnelsPane).record_metrics(data.get("tunnels") or {})
         elif name == "dropped":
             self.reload_requests()
+        elif name == "inspect_db":  # the agent's --inspect-db file failing or writing again
+            self.status = {**self.status, "inspect_db": data}
         elif name in ("tunnel_started", "tunnel_stopped", "session", "disconnected", "stopped"):
             self.refresh_all()
         self._redraw_header = True
@@ -446,11 +456,13 @@ class BurrowApp(App):
             status = self.status.get("status") if self.connection == "online" else self.connection
             total = self.query_one(RequestList).total
             colour = {"online": "$success", "unreachable": "$error", "offline": "$error"}.get(status or "", "$warning")
+            db = self.status.get("inspect_db") or {}
             header.update(
                 f"[b]burrow[/b] [dim]›[/dim] {where}  [{colour}]● {status}[/]  {region}"
                 f"  [dim]│[/dim] {len(self.tunnels)} tunnels · {len(self.endpoints)} endpoints"
                 f" · {total:,} requests"
                 + (f"  [dim]│[/dim] [$error]{self.connection_error}[/]" if status in ("unreachable", "offline") else "")
+                + (_db_failing(db) if db.get("ok") is False and self.connection == "online" else "")
             )
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:

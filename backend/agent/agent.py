@@ -63,6 +63,8 @@ class AgentConfig:
     inspect_db_size: int = 0
     inspect_body_cap: int = DEFAULT_BODY_CAP
     inspect_db: str | Path | None = None
+    # How long a finished capture may wait for its batch write to inspect_db (ms).
+    inspect_db_flush_ms: int = 100
 
 
 def backoff(attempt: int, fast: int = 3, base: float = 0.5, cap: float = 30.0) -> float:
@@ -80,7 +82,10 @@ class Agent:
         self.capture: InspectionStore | None = None
         if config.inspect_db_size != -1:
             self.capture = InspectionStore(
-                config.inspect_db_size, config.inspect_body_cap, config.inspect_db
+                config.inspect_db_size,
+                config.inspect_body_cap,
+                config.inspect_db,
+                db_flush=max(0, config.inspect_db_flush_ms) / 1000,
             )
             self.capture.subscribe(self.events.publish)
             self.capture.listening = lambda: self.events.active

@@ -155,12 +155,16 @@ def build_router(agent: Agent) -> Router:
         if agent.session_id:
             ms = f"{agent.latency * 1000:.0f}ms" if agent.latency is not None else ""
             legs.append({"region": agent.region, "latency": ms})
-        return {
+        out = {
             "status": agent.status,
             "agent_version": __version__,
             "session": {"id": agent.session_id, "legs": legs},
             "uri": "/api/status",
         }
+        db = store.db_status() if store is not None else None
+        if db is not None:  # burrow's addition: is the --inspect-db file being written?
+            out["inspect_db"] = db
+        return out
 
     async def status(req: Request) -> Response:
         return json_response(status_json())

@@ -19,11 +19,13 @@ import contextlib
 import json
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+from backend.fsperm import private_dir, private_sqlite, sqlite_side_files
 from backend.http1 import Head, parse_response_head
 from backend.ids import capture_id
 
@@ -258,6 +260,7 @@ class InspectionStore:
         max_bytes: int = DEFAULT_DB_SIZE,
         body_cap: int = DEFAULT_BODY_CAP,
         db_path: str | Path | None = None,
+        db_flush: float = 0.1,
     ) -> None:
         self.max_bytes = resolve_db_size(max_bytes)
         self.body_cap = body_cap
@@ -266,7 +269,10 @@ class InspectionStore:
         self._listeners: list[Callable[[str, dict], None]] = []
         # Whether anyone will read events; building them costs, so ask before doing it.
         self.listening: Callable[[], bool] = lambda: bool(self._listeners)
-        self._db: _CaptureDB | None = _CaptureDB(Path(db_path)) if db_path else None
+        self._db: _CaptureDB | None = None
+        if db_path:
+            self._db = _CaptureDB(Path(db_path), self._db_changed)
+            self._db.batch_delay = db_flush
         if self._db is not None:
             for c in self._db.load(self.max_bytes):
                 self._caps[c.id] = c
@@ -275,6 +281,14 @@ class InspectionStore:
     @property
     def enabled(self) -> bool:
         return self.max_bytes > 0
+
+    def db_status(self) -> dict | None:
+        """The ``--inspect-db`` file's health: ``{"ok", "error", "pending"}``; None without one."""
+        return self._db.status() if self._db is not None else None
+
+    def _db_changed(self, status: dict) -> None:
+        if self.listening():
+            self._emit("inspect_db", status)
 
     # ------------------------------------------------------------- capturing
     def begin(self, tunnel, start, req: Head, replay_of: str | None = None) -> CaptureObserver | None:
@@ -387,7 +401,16 @@ class InspectionStore:
 
 
 class _CaptureDB:
-    """SQLite persistence for captures; writes are batched and done in a thread."""
+    """SQLite persistence for captures; writes are batched and done in a thread.
+
+    A batch goes out :attr:`batch_delay` after the first capture that finishes in it, so
+    a ``kill -9`` loses the captures of at most the last ``batch_delay`` (plus the batch
+    being written); :meth:`close` (a clean stop, SIGTERM/SIGINT/SIGHUP) writes them all.
+    A batch that fails (disk full, read-only, I/O error) is kept and retried with
+    backoff; the failure is logged (rate-limited) and reported by :meth:`status`, and
+    ``on_change`` is called when it starts, on each failed retry and when it clears.
+    What waits is bounded: a capture evicted from memory is dropped from the queue too.
+    """
 
     SCHEMA = """
     CREATE TABLE IF NOT EXISTS captures (
@@ -399,16 +422,49 @@ class _CaptureDB:
     );
     """
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    batch_delay = 0.1  # seconds from a finished capture to its batch write
+    retry_min = 0.5  # first retry after a failed write, doubling ...
+    retry_max = 5.0  # ... up to this
+    log_every = 60.0  # while failing, at most one log line per this many seconds
+
+    def __init__(self, path: Path, on_change: Callable[[dict], None] | None = None) -> None:
+        self.path = path
+        # Captures hold clients' Authorization headers and cookies: a 0600 file (and a
+        # 0700 directory if we make it; one the user chose is left as it is).
+        private_dir(path.parent, tighten=False)
+        private_sqlite(path)
         self.conn = sqlite3.connect(path, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
+        sqlite_side_files(path)
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(self.SCHEMA)
-        self._puts: list[Capture] = []
-        self._deletes: list[str] = []
+        # Waiting to be written, in order. Only the event loop's thread touches these.
+        self._puts: dict[str, Capture] = {}
+        self._deletes: dict[str, None] = {}
         self._clear = False
+        # The batch a worker thread is writing; the worker clears it once it is stored.
+        self._inflight: tuple[dict[str, Capture], dict[str, None], bool] | None = None
+        self._wlock = threading.Lock()  # one writer on the connection at a time
+        self._flush_lock: asyncio.Lock | None = None
         self._task: asyncio.Task | None = None
+        self._closed = False
+        self.on_change = on_change or (lambda status: None)
+        self.ok = True
+        self.error: str | None = None
+        self.failures = 0  # failed writes since the last good one
+        self._backoff = 0.0
+        self._logged_at = float("-inf")
+
+    @property
+    def pending(self) -> int:
+        """Captures finished but not yet in the file."""
+        n = len(self._puts)
+        if self._inflight is not None:
+            n += len(self._inflight[0])
+        return n
+
+    def status(self) -> dict:
+        return {"ok": self.ok, "error": self.error, "pending": self.pending}
 
     def load(self, max_bytes: int) -> list[Capture]:
         from backend.http1 import parse_request_head
@@ -446,11 +502,12 @@ class _CaptureDB:
         return out
 
     def put(self, cap: Capture) -> None:
-        self._puts.append(cap)
+        self._puts[cap.id] = cap
         self._schedule()
 
     def delete(self, cid: str) -> None:
-        self._deletes.append(cid)
+        if self._puts.pop(cid, None) is None:  # not written yet: nothing to delete
+            self._deletes[cid] = None
         self._schedule()
 
     def clear(self) -> None:
@@ -460,22 +517,94 @@ class _CaptureDB:
         self._schedule()
 
     def _schedule(self) -> None:
+        if self._closed:
+            return
         if self._task is None or self._task.done():
             with contextlib.suppress(RuntimeError):
-                self._task = asyncio.get_running_loop().create_task(self._flush_soon())
+                self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def _flush_soon(self) -> None:
-        await asyncio.sleep(0.1)
-        await self.flush()
+    async def _run(self) -> None:
+        delay = self.batch_delay
+        while True:
+            await asyncio.sleep(delay)
+            ok = await self.flush()
+            if ok and not (self._puts or self._deletes or self._clear):
+                return
+            delay = self.batch_delay if ok else self._backoff
 
-    async def flush(self) -> None:
-        puts, deletes, clear = self._puts, self._deletes, self._clear
-        self._puts, self._deletes, self._clear = [], [], False
-        if puts or deletes or clear:
-            await asyncio.to_thread(self._write, self._rows(puts), deletes, clear)
+    async def flush(self) -> bool:
+        """Write what is waiting; False if that failed (it stays queued for a retry)."""
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()
+        async with self._flush_lock:
+            if self._closed or not (self._puts or self._deletes or self._clear):
+                return True
+            batch = self._inflight = (self._puts, self._deletes, self._clear)
+            self._puts, self._deletes, self._clear = {}, {}, False
+            rows = self._rows(batch[0].values())  # on the loop: captures are not thread-safe
+            try:
+                await asyncio.to_thread(self._write_batch, rows, list(batch[1]), batch[2])
+            except asyncio.CancelledError:
+                raise  # close() takes the batch over
+            except Exception as exc:
+                self._requeue()
+                if not self._closed:  # close() wrote (or reported) the batch itself
+                    self._failed(exc)
+                return False
+            if not self.ok:
+                self._recovered()
+            return True
+
+    def _write_batch(self, rows: list[tuple], deletes: list[str], clear: bool) -> None:
+        """In a worker thread: write one batch and mark it stored."""
+        with self._wlock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("capture db is closed")
+            self._write(rows, deletes, clear)
+            self._inflight = None
+
+    def _requeue(self) -> None:
+        """Put the batch that did not get written back in front of what came since."""
+        batch, self._inflight = self._inflight, None
+        if batch is None:
+            return
+        puts, deletes, clear = batch
+        if self._clear:  # cleared meanwhile: the old batch no longer matters
+            return
+        merged = {cid: c for cid, c in puts.items() if cid not in self._deletes}
+        merged.update(self._puts)
+        self._puts = merged
+        dels = dict(deletes)
+        dels.update(self._deletes)
+        self._deletes = dels
+        self._clear = clear
+
+    def _failed(self, exc: Exception) -> None:
+        first = self.ok
+        self.ok = False
+        self.error = f"{exc}" or type(exc).__name__
+        self.failures += 1
+        self._backoff = min(self.retry_max, max(self.retry_min, self._backoff * 2))
+        now = time.monotonic()
+        if first or now - self._logged_at >= self.log_every:
+            self._logged_at = now
+            log.warning(
+                "capture db %s: write failed (%s); %d captures kept in memory, retrying%s",
+                self.path,
+                self.error,
+                self.pending,
+                "" if first else f" ({self.failures} failures so far)",
+            )
+        self.on_change(self.status())
+
+    def _recovered(self) -> None:
+        log.warning("capture db %s: writing again after %d failed attempts", self.path, self.failures)
+        self.ok, self.error, self.failures, self._backoff = True, None, 0, 0.0
+        self._logged_at = float("-inf")
+        self.on_change(self.status())
 
     @staticmethod
-    def _rows(puts: list[Capture]) -> list[tuple]:
+    def _rows(puts) -> list[tuple]:
         return [
             (
                 c.id,
@@ -513,9 +642,24 @@ class _CaptureDB:
                 self.conn.executemany("DELETE FROM captures WHERE id = ?", [(d,) for d in deletes])
 
     def close(self) -> None:
-        """Write what is still pending, synchronously, and close the file."""
+        """Write everything still waiting, synchronously, and close the file.
+
+        Called on a clean stop (SIGTERM, SIGINT, SIGHUP). A batch a worker thread is
+        writing is waited for; if that or this last write fails, the loss is logged.
+        """
+        if self._closed:
+            return
         if self._task is not None:
             self._task.cancel()
-        self._write(self._rows(self._puts), self._deletes, self._clear)
-        self._puts, self._deletes, self._clear = [], [], False
-        self.conn.close()
+        with self._wlock:
+            self._closed = True
+            self._requeue()  # a batch whose writer was cancelled or failed
+            puts, deletes, clear = self._puts, self._deletes, self._clear
+            self._puts, self._deletes, self._clear = {}, {}, False
+            try:
+                if puts or deletes or clear:
+                    self._write(self._rows(puts.values()), list(deletes), clear)
+            except Exception as exc:
+                log.error("capture db %s: %d captures could not be saved at stop: %s", self.path, len(puts), exc)
+            finally:
+                self.conn.close()
