@@ -178,7 +178,7 @@ async def _until_signal(*stoppers) -> asyncio.Event:
     loop = asyncio.get_running_loop()
     # SIGHUP too (a closed terminal, ``systemctl kill -s HUP``): stop cleanly, writing the
     # pending capture batch, instead of dying on the default action.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, ev.set)
     return ev

@@ -91,11 +91,8 @@ def private_sqlite(path: Path | str) -> None:
     umask, and gives its -wal/-shm files the database's mode) and tighten what exists."""
     path = Path(path)
     if not tighten_file(path):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        try:
-            os.fchmod(fd, FILE_MODE)
-        finally:
-            os.close(fd)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+        os.chmod(path, FILE_MODE)  # the open mode went through the umask
     sqlite_side_files(path)
 
 
