@@ -77,10 +77,11 @@ class NameConflict(Exception):
     ``"pooling_disabled"`` (the new one pools but the one online does not).
     """
 
-    def __init__(self, reason: str, name: str, msg: str) -> None:
+    def __init__(self, reason: str, name: str, msg: str, other: Holder | None = None) -> None:
         super().__init__(msg)
         self.reason = reason
         self.name = name
+        self.other = other  # the endpoint in the way, when it is live
 
     @property
     def is_tcp(self) -> bool:
@@ -118,9 +119,11 @@ class Ownership:
             if other.id == holder.id or other.proto != holder.proto:
                 continue
             if not holder.pooling:
-                raise NameConflict("online", name, "an endpoint is already online on this URL.")
+                raise NameConflict("online", name, "an endpoint is already online on this URL.", other)
             if not other.pooling:
-                raise NameConflict("pooling_disabled", name, "the endpoint online on this URL has pooling disabled.")
+                raise NameConflict(
+                    "pooling_disabled", name, "the endpoint online on this URL has pooling disabled.", other
+                )
         old = self._held.get(holder.id)
         if old is not None and old != name:
             self.release(holder.id)

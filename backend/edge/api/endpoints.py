@@ -332,6 +332,10 @@ class EndpointsAPI:
             if exc.reason == "other_account":
                 what = f"tcp port {ep.port}" if ep.proto == "tcp" else f"the hostname {ep.host}"
                 raise APIError(409, "ERR_NGROK_414", f"{what} is in use by another account.") from None
+            if exc.other is not None and exc.other.kind == "cloud":
+                raise APIError(
+                    409, "ERR_NGROK_18009", f"This account already has a cloud endpoint on {ep.url}."
+                ) from None
             if exc.reason == "online":
                 raise APIError(
                     409,
