@@ -68,6 +68,21 @@ def _port_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _non_negative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {n}")
+    return n
+
+
+def _agent_failure(exc) -> CLIError:
+    """One line for an error from the edge, with ngrok's code when it has one."""
+    return CLIError(f"{exc} ({exc.code})" if getattr(exc, "code", "") else str(exc))
+
+
 # --------------------------------------------------------------------------- parsers
 def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description="Self-hosted tunnels that speak ngrok's wire formats.")
@@ -93,6 +108,14 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
         metavar="N",
         help="cloud API requests per API key per minute (0 = unlimited)",
     )
+    caps = (
+        ("--max-sessions-per-authtoken", 10, "agent sessions online at once per authtoken (ERR_NGROK_108)"),
+        ("--max-endpoints-per-account", 1000, "agent + cloud endpoints per account (ERR_NGROK_18021)"),
+        ("--max-tcp-ports-per-account", 100, "public tcp ports per account (ERR_NGROK_508)"),
+        ("--max-data-conns-per-session", 10000, "data connections (pooled + active) per agent session"),
+    )
+    for flag, default, what in caps:
+        s.add_argument(flag, type=_non_negative, default=default, metavar="N", help=f"{what}; 0 = no limit")
     s.add_argument("--json", action="store_true")
 
     def conn_flags(p: argparse.ArgumentParser) -> None:
@@ -207,6 +230,10 @@ async def _serve(args) -> int:
         api_keys=api_keys,
         authtokens=authtokens,
         api_rate_limit=max(0, args.api_rate_limit),
+        max_sessions_per_authtoken=args.max_sessions_per_authtoken,
+        max_endpoints_per_account=args.max_endpoints_per_account,
+        max_tcp_ports_per_account=args.max_tcp_ports_per_account,
+        max_data_conns_per_session=args.max_data_conns_per_session,
     )
     edge = Edge(cfg, on_event=_emit if args.json else None)
     stop = await _until_signal()
@@ -416,7 +443,7 @@ async def _agent(args) -> int:
             on_event=events,
         )
     except AgentError as exc:
-        raise CLIError(str(exc)) from None
+        raise _agent_failure(exc) from None
     except (OSError, sqlite3.Error) as exc:  # the --inspect-db file cannot be opened
         raise CLIError(f"--inspect-db: {exc}") from None
 
@@ -443,7 +470,7 @@ async def _agent(args) -> int:
         if runner.done():
             exc = runner.exception()
             if isinstance(exc, AgentError):
-                raise CLIError(str(exc)) from None
+                raise _agent_failure(exc) from None
             if exc is not None:
                 raise exc
             return 0
@@ -467,7 +494,7 @@ async def _agent(args) -> int:
                 display.start()
             await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if runner.done() and isinstance(runner.exception(), AgentError):
-                raise CLIError(str(runner.exception())) from None
+                raise _agent_failure(runner.exception()) from None
         return 0
     finally:
         if display is not None:

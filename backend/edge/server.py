@@ -34,6 +34,14 @@ from backend.netutil import (
     peek_byte,
     valid_hostname,
 )
+from backend.ownership import (
+    Holder,
+    NameConflict,
+    Ownership,
+    acl_allows,
+    agent_host_allowed,
+    name_of,
+)
 from backend.policy.document import PolicyError
 from backend.policy.engine import compile_policy
 from backend.relay import close
@@ -66,12 +74,22 @@ class EdgeConfig:
     api_rate_limit: int = 600
     #: NS records users point an agent ingress domain at (shown as its ``ns_targets``)
     ns_targets: list[str] = field(default_factory=list)
+    # Per-tenant caps (0 = no limit); each refusal carries ngrok's error code.
+    #: agent sessions online at once per authtoken (ERR_NGROK_108)
+    max_sessions_per_authtoken: int = 10
+    #: endpoints (agent + cloud) per account (ERR_NGROK_18021)
+    max_endpoints_per_account: int = 1000
+    #: public tcp ports per account (ERR_NGROK_508)
+    max_tcp_ports_per_account: int = 100
+    #: data connections (pooled + active) per agent session
+    max_data_conns_per_session: int = 10000
 
 
 class Edge:
     def __init__(self, config: EdgeConfig, on_event: Callable[[dict], None] | None = None):
         self.config = config
-        self.registry = Registry()
+        self.names = Ownership()
+        self.registry = Registry(self.names)
         self.on_event = on_event or (lambda ev: None)
         self.store: Store | None = None
         self.ca: LocalCA | None = None
@@ -88,6 +106,7 @@ class Edge:
         cfg = self.config
         private_dir(cfg.data_dir)  # 0700: the database and keys in it are secrets
         self.store = open_store(cfg.data_dir / "burrow.db")
+        self.names.store = self.store
         self._bootstrap_credentials()
         self.ca = LocalCA.load_or_create(cfg.data_dir)
         names = ["localhost", "127.0.0.1", "::1", cfg.domain]
@@ -284,6 +303,24 @@ class Edge:
             self.on_event({"event": "auth_failed", "ip": peer_ip})
             return
         cfg = self.config
+        cap = cfg.max_sessions_per_authtoken
+        if cap:
+            stale = self.registry._by_client.get((cred.account_id, auth.client_id))
+            live = self.registry.sessions_of(cred.id) - (stale is not None and stale.credential_id == cred.id)
+            if live >= cap:
+                p.write_msg(
+                    w,
+                    p.Error(
+                        code="ERR_NGROK_108",
+                        msg=f"Your authtoken is limited to {cap} simultaneous agent sessions; "
+                        f"{live} are online. Stop one of them, or run several endpoints from one agent.",
+                    ),
+                )
+                with contextlib.suppress(OSError):
+                    await w.drain()
+                close(w)
+                self.on_event({"event": "session_refused", "ip": peer_ip, "code": "ERR_NGROK_108"})
+                return
         s = Session(
             id=new_id("ts"),
             key=secrets.token_urlsafe(24),
@@ -297,6 +334,8 @@ class Edge:
             metadata=auth.metadata,
             ip=peer_ip,
             region=cfg.region,
+            acl=tuple(cred.acl),
+            max_data=cfg.max_data_conns_per_session,
         )
         old = self.registry.add_session(s)
         if old is not None:
@@ -379,16 +418,25 @@ class Edge:
             ep = await self._make_endpoint(s, msg)
         except BindError as exc:
             return p.Error(req_id=msg.req_id, code=exc.code, msg=str(exc))
+        if s.closed:  # the session ended while its tcp listener was starting
+            self.names.release(ep.id)
+            if ep.server is not None:
+                ep.server.close()
+            return p.Error(req_id=msg.req_id, code="ERR_NGROK_334", msg="the session ended")
         self.registry.add_endpoint(ep)
         self.on_event({"event": "endpoint_online", "url": ep.url, "session_id": s.id})
         return p.BindOk(req_id=msg.req_id, endpoint_id=ep.id, name=ep.name, url=ep.url)
+
+    def _tcp_host(self) -> str:
+        cfg = self.config
+        return cfg.tcp_host or ("localhost" if cfg.domain.endswith("localhost") else cfg.domain)
 
     async def _make_endpoint(self, s: Session, msg: p.Bind) -> AgentEndpoint:
         cfg = self.config
         scheme, host, port = _split_url(msg.url, msg.proto)
         if scheme != msg.proto:
             raise BindError("ERR_NGROK_9034", f"url scheme {scheme!r} does not match proto {msg.proto!r}")
-        if host and "." not in host and host != "localhost":
+        if host and "." not in host and host != "localhost" and not host.startswith("*"):
             host = f"{host}.{cfg.domain}"
         internal = host.endswith(".internal")
         binding = msg.binding or ("internal" if internal else "public")
@@ -435,46 +483,107 @@ class Edge:
             if not port:
                 raise BindError("ERR_NGROK_9038", "internal tcp endpoints need a port")
             return self._claim(AgentEndpoint(url=f"tcp://{host}:{port}", host=host, port=port, **common))
-        tcp_host = cfg.tcp_host or ("localhost" if cfg.domain.endswith("localhost") else cfg.domain)
+        tcp_host = self._tcp_host()
         lo, hi = cfg.tcp_ports
         if port:
             if not lo <= port <= hi:
                 raise BindError("ERR_NGROK_9039", f"tcp port {port} is outside the edge's range {lo}-{hi}")
-            existing = self.registry.route("public", "tcp", port)
-            if existing is not None:
-                if existing.session.account_id != s.account_id or not (
-                    msg.pooling_enabled and existing.pooling_enabled
-                ):
-                    raise BindError("ERR_NGROK_334", f"The endpoint 'tcp://{tcp_host}:{port}' is already online.")
-                # pooled: shares the listener of the endpoint already online
-                return AgentEndpoint(url=f"tcp://{tcp_host}:{port}", host="", port=port, **common)
             candidates = [port]
         else:
             start = secrets.randbelow(hi - lo + 1)
             candidates = [lo + (start + i) % (hi - lo + 1) for i in range(min(64, hi - lo + 1))]
         bind_host = parse_hostport(cfg.http_addr)[0]
         for cand in candidates:
-            if self.registry.route("public", "tcp", cand) is not None:
+            if not port and self.names.owner_of(f"tcp:{cand}") is not None:
                 continue
-            ep = AgentEndpoint(url=f"tcp://{tcp_host}:{cand}", host="", port=cand, **common)
+            ep = self._claim(AgentEndpoint(url=f"tcp://{tcp_host}:{cand}", host="", port=cand, **common))
+            if self.registry.route("public", "tcp", cand) is not None:
+                return ep  # pooled: shares the listener of the endpoint already online
             try:
                 ep.server = await asyncio.start_server(
                     lambda r, w, _port=cand: self._public_tcp(r, w, _port), bind_host, cand, backlog=1024
                 )
             except OSError:
+                self.names.release(ep.id)
                 continue
             return ep
         raise BindError("ERR_NGROK_9040", f"no free tcp port in {lo}-{hi}")
 
     def _claim(self, ep: AgentEndpoint) -> AgentEndpoint:
-        other = self.registry.conflicts(ep.route_key, ep.session.account_id, ep.pooling_enabled)
-        if other is not None:
+        """Check that the session may bind ``ep`` and claim its name (raises BindError).
+
+        In order: the names an agent may bind at all, the credential's ACL, the
+        account's caps, then ownership (:mod:`backend.ownership`), which also decides
+        pooling between endpoints of one account on one URL.
+        """
+        s, cfg = ep.session, self.config
+        public = ep.binding == "public"
+        name = ep.owned_name
+        owner = self.names.owner_of(name)
+        if owner is not None and owner != s.account_id:
+            raise self._taken(ep, NameConflict("other_account", name, ""))
+        if public and ep.proto != "tcp":
+            why = agent_host_allowed(self.names, cfg.domain, s.account_id, ep.host)
+            if why is not None:
+                raise BindError(
+                    "ERR_NGROK_319",
+                    f"You may not bind {ep.url}: {why}. Use a name under {cfg.domain}, or "
+                    "reserve the domain for your account first (an agent ingress or a cloud endpoint).",
+                )
+        if not acl_allows(s.acl, ep.proto, ep.host, ep.port, self._tcp_host()):
             raise BindError(
-                "ERR_NGROK_334",
-                f"The endpoint '{ep.url}' is already online. Stop the agent serving it, or "
-                "enable pooling on both to share its traffic.",
+                "ERR_NGROK_308",
+                f"The credential ACL policy does not permit binding this address. "
+                f"Credential ID: {s.credential_id} Address: {ep.url}",
             )
+        if cfg.max_endpoints_per_account:
+            n = self.endpoint_count(s.account_id)
+            if n >= cfg.max_endpoints_per_account:
+                raise BindError(
+                    "ERR_NGROK_18021",
+                    f"Your account has {n} endpoints, the most this edge allows "
+                    f"({cfg.max_endpoints_per_account}). Stop one before starting {ep.url}.",
+                )
+        if public and ep.proto == "tcp" and owner is None and cfg.max_tcp_ports_per_account:
+            n = self.names.names_of(s.account_id, "tcp:")
+            if n >= cfg.max_tcp_ports_per_account:
+                raise BindError(
+                    "ERR_NGROK_508",
+                    f"Your account is limited to {cfg.max_tcp_ports_per_account} tcp ports on this "
+                    f"edge and holds {n}. Stop a tcp endpoint before starting another.",
+                )
+        try:
+            self.names.claim(name, Holder(ep.id, s.account_id, ep.proto, ep.pooling_enabled, "agent"))
+        except NameConflict as exc:
+            raise self._taken(ep, exc) from None
         return ep
+
+    @staticmethod
+    def _taken(ep: AgentEndpoint, exc: NameConflict) -> BindError:
+        account = ep.session.account_id
+        if exc.reason == "other_account":
+            if exc.is_tcp:
+                return BindError(
+                    "ERR_NGROK_309",
+                    f"The address {ep.url} is reserved for another account. Failed to "
+                    f"create an endpoint with it for the account {account}.",
+                )
+            return BindError(
+                "ERR_NGROK_320",
+                f"The domain {ep.host} is reserved for another account. Failed to create "
+                f"the endpoint {ep.url} for the account {account}.",
+            )
+        return BindError(
+            "ERR_NGROK_334",
+            f"The endpoint '{ep.url}' is already online. Stop the agent serving it, or "
+            "enable pooling on both to share its traffic.",
+        )
+
+    def endpoint_count(self, account_id: str) -> int:
+        """Endpoints the account has: agent endpoints online and stored cloud endpoints."""
+        assert self.store is not None
+        agent = sum(len(s.endpoints) for s in self.registry.sessions.values() if s.account_id == account_id)
+        return agent + len(self.store.list_cloud_endpoints(account_id))
 
     # ------------------------------------------------------------- public traffic
     async def _public_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, scheme: str) -> None:
@@ -492,10 +601,16 @@ class Edge:
         """Compile a cloud endpoint's policy (raises PolicyError with the reason)."""
         return compile_policy(text, require_termination=True)
 
+    def claim_cloud_name(self, rec) -> None:
+        """Claim a cloud endpoint's name for its account (raises NameConflict)."""
+        name = name_of(rec.binding, rec.account_id, rec.proto, rec.host, rec.port)
+        self.names.claim(name, Holder(rec.id, rec.account_id, rec.proto, rec.pooling_enabled, "cloud"))
+
     async def serve_cloud_endpoint(self, rec) -> None:
         """Route traffic for a stored cloud endpoint (new or updated)."""
-        self.unserve_cloud_endpoint(rec.id)
         policy = self.compile_cloud_policy(rec.traffic_policy) if rec.traffic_policy else None
+        self.unserve_cloud_endpoint(rec.id)
+        self.claim_cloud_name(rec)
         route = CloudRoute(
             id=rec.id,
             account_id=rec.account_id,
@@ -509,22 +624,27 @@ class Edge:
         )
         if route.proto == "tcp" and route.binding == "public":
             bind_host = parse_hostport(self.config.http_addr)[0]
-            route.server = await asyncio.start_server(
-                lambda r, w, _port=route.port: self._public_tcp(r, w, _port), bind_host, route.port, backlog=1024
-            )
+            try:
+                route.server = await asyncio.start_server(
+                    lambda r, w, _port=route.port: self._public_tcp(r, w, _port), bind_host, route.port, backlog=1024
+                )
+            except OSError:
+                self.names.release(rec.id)
+                raise
         self.registry.add_endpoint(route)
 
     def unserve_cloud_endpoint(self, endpoint_id: str) -> None:
         ep = self.registry.find(endpoint_id)
         if ep is not None and ep.session is None:
             self.registry.remove_endpoint(ep)
+        self.names.release(endpoint_id)
 
     async def _load_cloud_endpoints(self) -> None:
         assert self.store is not None
         for rec in self.store.all_cloud_endpoints():
             try:
                 await self.serve_cloud_endpoint(rec)
-            except (PolicyError, OSError) as exc:
+            except (PolicyError, OSError, NameConflict) as exc:
                 log.error("cloud endpoint %s (%s) is not served: %s", rec.id, rec.url, exc)
 
 

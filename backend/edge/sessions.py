@@ -17,9 +17,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from backend import protocol as p
+from backend.ownership import name_of
 from backend.relay import close
 
 if TYPE_CHECKING:
+    from backend.ownership import Ownership
     from backend.policy.engine import CompiledPolicy
 
 
@@ -53,6 +55,11 @@ class AgentEndpoint:
     @property
     def route_key(self) -> tuple:
         return route_key(self.binding, self.account_id, self.proto, self.host, self.port)
+
+    @property
+    def owned_name(self) -> str:
+        """The name this endpoint holds (:func:`backend.ownership.name_of`)."""
+        return name_of(self.binding, self.account_id, self.proto, self.host, self.port)
 
 
 def route_key(binding: str, account_id: str, proto: str, host: str, port: int) -> tuple:
@@ -89,9 +96,18 @@ class CloudRoute:
     def route_key(self) -> tuple:
         return route_key(self.binding, self.account_id, self.proto, self.host, self.port)
 
+    @property
+    def owned_name(self) -> str:
+        """The name this endpoint holds (:func:`backend.ownership.name_of`)."""
+        return name_of(self.binding, self.account_id, self.proto, self.host, self.port)
+
 
 class SessionClosed(Exception):
     pass
+
+
+class SessionBusy(SessionClosed):
+    """The session has as many data connections (pooled + active) as it may have."""
 
 
 @dataclass(eq=False)
@@ -113,6 +129,10 @@ class Session:
     endpoints: dict[str, AgentEndpoint] = field(default_factory=dict)
     latency: float | None = None
     closed: bool = False
+    #: the credential's ACL rules, loaded at auth time (empty = may bind anything)
+    acl: tuple[str, ...] = ()
+    #: most data connections (pooled + active) at once; 0 = no limit
+    max_data: int = 0
     _pool: collections.deque = field(default_factory=collections.deque)
     _pool_event: asyncio.Event = field(default_factory=asyncio.Event)
     _waiters: int = 0
@@ -132,6 +152,8 @@ class Session:
     def add_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Park a fresh data connection in the pool.  False if it was refused."""
         if self.closed or len(self._pool) >= self.POOL_MAX:
+            return False
+        if self.max_data and len(self._pool) + len(self._active) >= self.max_data:
             return False
         self._requested = max(0, self._requested - 1)
         self._pool.append((reader, writer))
@@ -167,6 +189,8 @@ class Session:
                 )
                 self._active.add(w)
                 return r, w
+            if self.max_data and len(self._active) >= self.max_data:
+                raise SessionBusy(f"the agent session has {self.max_data} data connections open")
             # Pool is dry: ask the agent for more, sized to the queue of waiters.
             self._waiters += 1
             try:
@@ -205,7 +229,8 @@ class Session:
 class Registry:
     """Sessions by id and by (account, client id); endpoints by route key."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: Ownership | None = None) -> None:
+        self.names = names  # releases an endpoint's name when it goes offline
         self.sessions: dict[str, Session] = {}
         self._by_client: dict[tuple[str, str], Session] = {}
         self._routes: dict[tuple, list[AgentEndpoint]] = {}
@@ -230,19 +255,14 @@ class Registry:
         return gone
 
     # ---------------------------------------------------------------- endpoints
-    def conflicts(self, key: tuple, account_id: str, pooling: bool) -> Endpoint | None:
-        """Return an online endpoint that forbids binding ``key`` again, if any."""
-        for ep in self._routes.get(key, ()):
-            if ep.account_id != account_id or not (pooling and ep.pooling_enabled):
-                return ep
-        return None
-
     def add_endpoint(self, ep: Endpoint) -> None:
         self._routes.setdefault(ep.route_key, []).append(ep)
         if ep.session is not None:
             ep.session.endpoints[ep.id] = ep
 
     def remove_endpoint(self, ep: Endpoint) -> None:
+        if self.names is not None:
+            self.names.release(ep.id)
         eps = self._routes.get(ep.route_key)
         if eps is not None:
             with contextlib.suppress(ValueError):
@@ -271,6 +291,9 @@ class Registry:
         if len(eps) == 1:
             return eps[0]
         return eps[next(self._rr) % len(eps)]
+
+    def sessions_of(self, credential_id: str) -> int:
+        return sum(1 for s in self.sessions.values() if s.credential_id == credential_id)
 
     def endpoints(self) -> list[Endpoint]:
         return [ep for eps in self._routes.values() for ep in eps]

@@ -358,6 +358,10 @@ class Store(abc.ABC):
     def public_host_owner(self, host: str) -> str | None:
         """Return the account that has reserved the public hostname ``host``, or None."""
 
+    @abc.abstractmethod
+    def public_tcp_port_owner(self, port: int) -> str | None:
+        """Return the account whose public tcp cloud endpoint uses ``port``, or None."""
+
     # -- reserved domains -------------------------------------------------------------
 
     @abc.abstractmethod

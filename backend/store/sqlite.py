@@ -527,7 +527,14 @@ class SQLiteStore(Store):
     # -- cloud endpoints --------------------------------------------------------------
 
     @staticmethod
-    def _check_endpoint_conflicts(conn: sqlite3.Connection, ep: CloudEndpoint) -> None:
+    def _claim_name(conn: sqlite3.Connection, ep: CloudEndpoint) -> str | None:
+        """Check and record who owns ``ep``'s name; return its hostname reservation's id.
+
+        The durable half of :mod:`backend.ownership` (the edge asks that module first,
+        for live agent endpoints too): one cloud endpoint per URL and account; a public
+        hostname (any protocol) or public tcp port belongs to one account. A public
+        http/https/tls endpoint reserves its hostname on first use.
+        """
         same_url = conn.execute(
             "SELECT 1 FROM cloud_endpoints WHERE account_id = ? AND binding = ? AND url = ?"
             " AND id != ?",
@@ -537,21 +544,14 @@ class SQLiteStore(Store):
             raise ConflictError(
                 f"This account already has a cloud endpoint on {ep.url}.", kind="url_taken"
             )
-        if ep.binding == "public" and ep.proto == "tcp":
-            other = conn.execute(
-                "SELECT 1 FROM cloud_endpoints WHERE binding = 'public' AND proto = 'tcp'"
-                " AND port = ? AND account_id != ?",
-                (ep.port, ep.account_id),
-            ).fetchone()
-            if other:
+        if ep.binding != "public":
+            return None  # internal names are per account
+        if ep.proto == "tcp":
+            owner = SQLiteStore._tcp_owner(conn, ep.port, ep.account_id)
+            if owner is not None:
                 raise ConflictError(
                     f"tcp port {ep.port} is already used by another account.", kind="host_taken"
                 )
-
-    @staticmethod
-    def _reserve(conn: sqlite3.Connection, ep: CloudEndpoint) -> str | None:
-        """Claim ``ep.host`` for its account (public http/https/tls); return the claim's id."""
-        if ep.binding != "public" or ep.proto == "tcp":
             return None
         row = conn.execute(
             "SELECT id, account_id FROM reserved_domains WHERE domain = ?", (ep.host,)
@@ -568,6 +568,15 @@ class SQLiteStore(Store):
             (domain_id, ep.account_id, ep.host, format_timestamp(utcnow())),
         )
         return domain_id
+
+    @staticmethod
+    def _tcp_owner(conn: sqlite3.Connection, port: int, not_account: str = "") -> str | None:
+        row = conn.execute(
+            "SELECT account_id FROM cloud_endpoints WHERE binding = 'public' AND proto = 'tcp'"
+            " AND port = ? AND account_id != ? LIMIT 1",
+            (port, not_account),
+        ).fetchone()
+        return row[0] if row else None
 
     @staticmethod
     def _release_unused(conn: sqlite3.Connection, domain_id: str | None) -> None:
@@ -597,8 +606,7 @@ class SQLiteStore(Store):
     def create_cloud_endpoint(self, endpoint: CloudEndpoint) -> CloudEndpoint:
         """Store a new cloud endpoint (see :meth:`Store.create_cloud_endpoint`)."""
         with self._tx() as conn:
-            self._check_endpoint_conflicts(conn, endpoint)
-            endpoint = endpoint.model_copy(update={"domain_id": self._reserve(conn, endpoint)})
+            endpoint = endpoint.model_copy(update={"domain_id": self._claim_name(conn, endpoint)})
             try:
                 conn.execute(
                     "INSERT INTO cloud_endpoints (url, proto, host, port, binding, pooling_enabled,"
@@ -645,8 +653,7 @@ class SQLiteStore(Store):
             ).fetchone()
             if old is None:
                 raise NotFoundError(f"no cloud endpoint {endpoint.id!r}")
-            self._check_endpoint_conflicts(conn, endpoint)
-            endpoint = endpoint.model_copy(update={"domain_id": self._reserve(conn, endpoint)})
+            endpoint = endpoint.model_copy(update={"domain_id": self._claim_name(conn, endpoint)})
             conn.execute(
                 "UPDATE cloud_endpoints SET url = ?, proto = ?, host = ?, port = ?, binding = ?,"
                 " pooling_enabled = ?, description = ?, metadata = ?, traffic_policy = ?,"
@@ -676,6 +683,11 @@ class SQLiteStore(Store):
             "SELECT account_id FROM reserved_domains WHERE domain = ?", (host.lower().rstrip("."),)
         )
         return rows[0][0] if rows else None
+
+    def public_tcp_port_owner(self, port: int) -> str | None:
+        """Return the account whose public tcp cloud endpoint uses ``port``, or None."""
+        with self._lock:
+            return self._tcp_owner(self.conn, port)
 
     # -- reserved domains -------------------------------------------------------------
 

@@ -26,16 +26,16 @@ def _db_text(edge) -> str:
 
 
 def test_credential_lifecycle_and_agent_use(edge, api, agents):
-    cred = api.credentials.create(description="ci runner", metadata="m", acl=["bind:*.example.com"])
+    cred = api.credentials.create(description="ci runner", metadata="m", acl=["bind:*.burrow.localhost"])
     assert cred.id.startswith("cr_") and cred.token
-    assert (cred.description, cred.metadata, cred.acl) == ("ci runner", "m", ["bind:*.example.com"])
+    assert (cred.description, cred.metadata, cred.acl) == ("ci runner", "m", ["bind:*.burrow.localhost"])
     assert cred.owner_id.startswith("acct_")
     # the token is shown once and stored only as a hash
     assert api.credentials.get(cred.id).token is None
     assert all(c.token is None for c in api.credentials.list())
     db = _db_text(edge)
     assert cred.token not in db and hash_token(cred.token) in db
-    # an agent can connect with it, and its session points at it
+    # an agent can connect with it (binding a name its ACL allows), and its session points at it
     a = agents("http", free_port(), "--authtoken", cred.token)
     assert api.tunnel_sessions.get(a.ready["session_id"]).credential.id == cred.id
     a.stop()

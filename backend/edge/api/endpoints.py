@@ -20,6 +20,7 @@ follows the API at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ from backend.edge.sessions import AgentEndpoint
 from backend.httpserver import Request, Response, Router, empty
 from backend.ids import new_id
 from backend.netutil import is_ip, valid_hostname
+from backend.ownership import NameConflict
 from backend.policy import PolicyError
 from backend.schema import cloud as w
 from backend.store import CloudEndpoint, ConflictError, NotFoundError
@@ -318,38 +320,42 @@ class EndpointsAPI:
                 return ep
         return None
 
-    def _live_conflicts(self, account_id: str, t: Target, pooling: bool) -> None:
-        """Refuse a URL that an online agent endpoint holds in a way that cannot pool."""
-        for ep in self.edge.registry.endpoints():
-            if ep.session is None:  # cloud routes: the store checks those
-                continue
-            mine = ep.session.account_id == account_id
-            if ep.binding != t.binding or (t.binding != "public" and not mine):
-                continue
-            if t.proto == "tcp":
-                if ep.proto != "tcp" or ep.port != t.port:
-                    continue
-                if t.binding == "internal" and ep.host.split(":")[0] != t.host:
-                    continue
-            elif ep.proto == "tcp" or ep.host.split(":")[0] != t.host:
-                continue
-            if not mine:
-                what = f"tcp port {t.port}" if t.proto == "tcp" else f"the hostname {t.host}"
-                raise APIError(409, "ERR_NGROK_414", f"{what} is in use by another account.")
-            if ep.proto != t.proto:
-                continue
-            if not pooling:
+    def _claim(self, ep: CloudEndpoint) -> None:
+        """Claim the endpoint's name through :mod:`backend.ownership` (409 if refused).
+
+        The same check agent binds go through: a hostname (any protocol) or public tcp
+        port belongs to one account; one account's endpoints on one URL must all pool.
+        """
+        try:
+            self.edge.claim_cloud_name(ep)
+        except NameConflict as exc:
+            if exc.reason == "other_account":
+                what = f"tcp port {ep.port}" if ep.proto == "tcp" else f"the hostname {ep.host}"
+                raise APIError(409, "ERR_NGROK_414", f"{what} is in use by another account.") from None
+            if exc.other is not None and exc.other.kind == "cloud":
+                raise APIError(
+                    409, "ERR_NGROK_18009", f"This account already has a cloud endpoint on {ep.url}."
+                ) from None
+            if exc.reason == "online":
                 raise APIError(
                     409,
                     "ERR_NGROK_18017",
-                    f"An endpoint is online at {t.url}; enable pooling (pooling_enabled) on both to share it.",
-                )
-            if not ep.pooling_enabled:
-                raise APIError(
-                    409,
-                    "ERR_NGROK_18016",
-                    f"The agent endpoint online at {t.url} has pooling disabled, so this one cannot pool with it.",
-                )
+                    f"An endpoint is online at {ep.url}; enable pooling (pooling_enabled) on both to share it.",
+                ) from None
+            raise APIError(
+                409,
+                "ERR_NGROK_18016",
+                f"The endpoint online at {ep.url} has pooling disabled, so this one cannot pool with it.",
+            ) from None
+
+    def _check_cap(self, account_id: str) -> None:
+        cap = self.edge.config.max_endpoints_per_account
+        if cap and self.edge.endpoint_count(account_id) >= cap:
+            raise APIError(
+                400,
+                "ERR_NGROK_18021",
+                f"You have exceeded the maximum number of endpoints allowed for this account ({cap}).",
+            )
 
     async def list(self, req: Request) -> Response:
         who = caller(req)
@@ -398,7 +404,7 @@ class EndpointsAPI:
             raise _bad("Parameter 'traffic_policy' is required for cloud endpoints (YAML or JSON).")
         self._check_policy(body.traffic_policy)
         pooling = bool(body.pooling_enabled)
-        self._live_conflicts(who.account_id, t, pooling)
+        self._check_cap(who.account_id)
         now = utcnow()
         ep = CloudEndpoint(
             id=new_id(ENDPOINT_PREFIX),
@@ -415,9 +421,11 @@ class EndpointsAPI:
             created_at=now,
             updated_at=now,
         )
+        self._claim(ep)
         try:
             ep = self.store.create_cloud_endpoint(ep)
         except ConflictError as exc:
+            self.edge.names.release(ep.id)
             raise APIError(
                 409, _CONFLICT_CODES.get(exc.kind or "", "ERR_NGROK_409"), str(exc)
             ) from None
@@ -425,6 +433,7 @@ class EndpointsAPI:
             await self._serve(ep)
         except APIError:
             self.store.delete_cloud_endpoint(ep.account_id, ep.id)
+            self.edge.unserve_cloud_endpoint(ep.id)
             raise
         self.edge.on_event({"event": "cloud_endpoint_created", "id": ep.id, "url": ep.url})
         return dump(cloud_wire(self.edge, req.base_url, ep), 201)
@@ -470,16 +479,23 @@ class EndpointsAPI:
         if body.pooling_enabled is not None:
             changes["pooling_enabled"] = body.pooling_enabled
         new = current.model_copy(update={**changes, "updated_at": utcnow()})
+
+        def restore_claim() -> None:
+            self.edge.names.release(id_)
+            with contextlib.suppress(NameConflict):
+                self.edge.claim_cloud_name(current)
+
         if "url" in changes or "pooling_enabled" in changes:
-            t = Target(new.url, new.proto, new.host, new.port, new.binding)
-            self._live_conflicts(who.account_id, t, new.pooling_enabled)
+            self._claim(new)  # moves this endpoint's claim to its new name
         try:
             new = self.store.update_cloud_endpoint(new)
         except ConflictError as exc:
+            restore_claim()
             raise APIError(
                 409, _CONFLICT_CODES.get(exc.kind or "", "ERR_NGROK_409"), str(exc)
             ) from None
         except NotFoundError:
+            restore_claim()
             raise not_found("endpoint", id_) from None
         try:
             await self._serve(new)

@@ -1,0 +1,243 @@
+"""Who owns a public name: the one place every path asks before it takes one.
+
+A *name* is what an endpoint occupies (see :func:`name_of`):
+
+- a public hostname, across every protocol and listener (``http``, ``https`` and
+  ``tls`` endpoints on ``shop.example.com`` all occupy ``host:shop.example.com``);
+- a public tcp port (``tcp:31000``);
+- an internal name, which is per account (seed 004), so two accounts never collide
+  on one (``internal:<account>:<host>`` or ``internal:<account>:<host>:<port>``).
+
+A name belongs to one account at a time.  Inside that account, endpoints on the same
+URL (the same name and protocol) may only share it when all of them enable pooling.
+
+Ownership has two sources, and :meth:`Ownership.owner_of` consults both:
+
+- *live claims*: endpoints being served right now (agent endpoints while their session
+  lives, cloud endpoints while the edge serves them), held in memory by endpoint id;
+- *durable reservations* in the store: hostnames reserved by cloud endpoints (the
+  ``reserved_domains`` table), public tcp ports of cloud endpoints, and agent ingress
+  domains, which give their whole subtree to their account.
+
+The interface is deliberately small — :meth:`~Ownership.claim`,
+:meth:`~Ownership.release`, :meth:`~Ownership.owner_of` — so that the multi-edge work
+can move the live table into PostgreSQL (a ``claims`` table with a unique owner per
+name, claimed in the same transaction) without touching the callers: the cloud API's
+``/endpoints`` create and update, the edge's cloud-endpoint loader, and agent binds.
+
+:func:`agent_host_allowed` is the rule for which hostnames an agent may bind at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from backend.netutil import is_ip
+
+if TYPE_CHECKING:
+    from backend.store import Store
+
+__all__ = [
+    "Holder",
+    "NameConflict",
+    "Ownership",
+    "acl_allows",
+    "agent_host_allowed",
+    "name_of",
+]
+
+
+def name_of(binding: str, account_id: str, proto: str, host: str, port: int) -> str:
+    """The name an endpoint occupies (what ownership is decided on)."""
+    if binding == "internal":
+        return f"internal:{account_id}:{host}:{port}" if proto == "tcp" else f"internal:{account_id}:{host}"
+    if proto == "tcp":
+        return f"tcp:{port}"
+    return f"host:{host}"
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """One endpoint holding a name: its id, account, protocol and pooling flag."""
+
+    id: str
+    account_id: str
+    proto: str
+    pooling: bool
+    kind: str = "agent"  # agent | cloud
+
+
+class NameConflict(Exception):
+    """A claim was refused.
+
+    ``reason`` says why, so each caller can answer with its own error code:
+    ``"other_account"`` (the name belongs to another account), ``"online"`` (the
+    account's endpoint on the same URL does not pool, or the new one does not),
+    ``"pooling_disabled"`` (the new one pools but the one online does not).
+    """
+
+    def __init__(self, reason: str, name: str, msg: str, other: Holder | None = None) -> None:
+        super().__init__(msg)
+        self.reason = reason
+        self.name = name
+        self.other = other  # the endpoint in the way, when it is live
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.name.startswith("tcp:")
+
+
+class Ownership:
+    """The edge's table of names, their owners and their holders."""
+
+    def __init__(self, store: Store | None = None) -> None:
+        self.store = store
+        self._live: dict[str, dict[str, Holder]] = {}
+        self._held: dict[str, str] = {}  # holder id -> the name it holds
+        self._by_account: dict[str, set[str]] = {}
+
+    # ------------------------------------------------------------------ interface
+    def owner_of(self, name: str) -> str | None:
+        """The account that owns ``name`` (live or reserved), or None if it is free."""
+        holders = self._live.get(name)
+        if holders:
+            return next(iter(holders.values())).account_id
+        return self._reserved_by(name)
+
+    def claim(self, name: str, holder: Holder) -> None:
+        """Give ``name`` to ``holder`` (raises :class:`NameConflict`).
+
+        Claiming again with the same holder id is a no-op; claiming a different name
+        with it moves the claim (a cloud endpoint whose URL changed).
+        """
+        owner = self.owner_of(name)
+        if owner is not None and owner != holder.account_id:
+            what = f"tcp port {name[4:]}" if name.startswith("tcp:") else f"the hostname {name.split(':')[-1]}"
+            raise NameConflict("other_account", name, f"{what} belongs to another account.")
+        for other in self._live.get(name, {}).values():
+            if other.id == holder.id or other.proto != holder.proto:
+                continue
+            if not holder.pooling:
+                raise NameConflict("online", name, "an endpoint is already online on this URL.", other)
+            if not other.pooling:
+                raise NameConflict(
+                    "pooling_disabled", name, "the endpoint online on this URL has pooling disabled.", other
+                )
+        old = self._held.get(holder.id)
+        if old is not None and old != name:
+            self.release(holder.id)
+        self._live.setdefault(name, {})[holder.id] = holder
+        self._held[holder.id] = name
+        if not name.startswith("internal:"):
+            self._by_account.setdefault(holder.account_id, set()).add(name)
+
+    def release(self, holder_id: str) -> None:
+        """Drop whatever ``holder_id`` holds (idempotent)."""
+        name = self._held.pop(holder_id, None)
+        if name is None:
+            return
+        holders = self._live.get(name)
+        if holders is None:
+            return
+        h = holders.pop(holder_id, None)
+        if not holders:
+            del self._live[name]
+            if h is not None:
+                names = self._by_account.get(h.account_id)
+                if names is not None:
+                    names.discard(name)
+                    if not names:
+                        del self._by_account[h.account_id]
+
+    # -------------------------------------------------------------------- helpers
+    def names_of(self, account_id: str, prefix: str = "") -> int:
+        """How many public names (optionally only ``tcp:``/``host:``) the account holds live."""
+        return sum(1 for n in self._by_account.get(account_id, ()) if n.startswith(prefix))
+
+    def _reserved_by(self, name: str) -> str | None:
+        if self.store is None or name.startswith("internal:"):
+            return None
+        if name.startswith("tcp:"):
+            return self.store.public_tcp_port_owner(int(name[4:]))
+        host = name[5:]
+        owner = self.store.public_host_owner(host)
+        if owner is not None:
+            return owner
+        ing = self._ingress_over(host)
+        return ing.account_id if ing is not None else None
+
+    def _ingress_over(self, host: str):
+        """The agent ingress whose domain is ``host`` or a parent of it, if any."""
+        assert self.store is not None
+        labels = host.removeprefix("*.").split(".")
+        for i in range(len(labels) - 1):
+            ing = self.store.find_agent_ingress(".".join(labels[i:]))
+            if ing is not None:
+                return ing
+        return None
+
+    def account_owns_domain(self, account_id: str, domain: str) -> bool:
+        """True if the account has reserved ``domain`` or it is (under) its agent ingress."""
+        if self.store is None:
+            return False
+        if self.store.public_host_owner(domain) == account_id:
+            return True
+        ing = self._ingress_over(domain)
+        return ing is not None and ing.account_id == account_id
+
+
+def agent_host_allowed(own: Ownership, edge_domain: str, account_id: str, host: str) -> str | None:
+    """Why an agent of ``account_id`` may not bind public ``host`` (None if it may).
+
+    Allowed: names under the edge's domain, and names the account owns (a hostname
+    it reserved, or one under its agent ingress domain).  Never an IP literal,
+    ``localhost`` or the edge's own domain.  A wildcard ``*.<parent>`` only where the
+    account owns ``<parent>``, so never ``*.<edge domain>``.
+    """
+    bare = host.removeprefix("*.")
+    if is_ip(bare) or bare == "localhost" or bare == edge_domain:
+        return f"{host!r} is not a name an agent may bind"
+    if host.startswith("*."):
+        if own.account_owns_domain(account_id, bare):
+            return None
+        return f"a wildcard needs a domain your account owns; {bare!r} is not one"
+    if host.endswith("." + edge_domain):
+        return None
+    if bare.endswith(".localhost"):
+        return f"{host!r} is not a name an agent may bind"
+    if own.account_owns_domain(account_id, host):
+        return None
+    return f"{host!r} is neither under {edge_domain} nor a domain your account owns"
+
+
+def acl_allows(acl: list[str] | tuple[str, ...], proto: str, host: str, port: int, tcp_host: str) -> bool:
+    """Does a credential's ACL allow binding this endpoint?  ngrok's rules.
+
+    No rules, ``*`` or ``bind:*``: anything.  ``bind:<hostname>``: that name.
+    ``bind:*.<domain>``: names under ``<domain>`` (and the wildcard itself).
+    ``bind:<name>.internal``: that internal name.  ``bind:<host>:<port>``: that tcp
+    address.  Label rules (``bind:k=v``) match nothing here: burrow has no labeled
+    endpoints.  A tcp bind needs a matching address rule.
+    """
+    if not acl:
+        return True
+    target = f"{tcp_host}:{port}" if proto == "tcp" and not host.endswith(".internal") else host
+    for rule in acl:
+        rule = rule.strip().lower()
+        if rule in ("*", "bind:*"):
+            return True
+        if not rule.startswith("bind:"):
+            continue
+        value = rule[5:].rstrip(".")
+        if "=" in value:
+            continue
+        if value == target:
+            return True
+        if value.startswith("*.") and ":" not in value and proto != "tcp":
+            parent = value[2:]
+            if target.endswith("." + parent):
+                return True
+        if proto == "tcp" and host.endswith(".internal") and value == f"{host}:{port}":
+            return True
+    return False
