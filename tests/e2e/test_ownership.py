@@ -258,3 +258,14 @@ def test_tcp_port_cap_per_account(capped_edge, tmp_path):
     finally:
         a.stop()
     assert Path(capped_edge.ready["data_dir"]).exists()
+
+
+def test_cloud_endpoints_cannot_take_the_edges_own_names(edge, api):
+    """``localhost`` and the bare edge domain answer for the edge itself: refused (400)."""
+    for url in ("https://localhost", f"http://{DOMAIN}"):
+        with pytest.raises(ngrok.Error) as exc:
+            api.endpoints.create(url=url, type="cloud", traffic_policy=POLICY_YAML)
+        assert exc.value.http_status_code == 400, url
+        assert "edge's own name" in str(exc.value), url
+    assert list(api.endpoints.list()) == []
+    no_crash(edge)

@@ -149,6 +149,9 @@ def parse_url(edge: Edge, raw: str, bindings: list[str] | None) -> Target:
             host = f"{host}.{edge.config.domain}"
         if is_ip(host) or not valid_hostname(host):
             raise _bad(f"Invalid hostname {host!r}.")
+        if scheme != "tcp" and host in ("localhost", edge.config.domain):
+            # the edge's own names: an endpoint there would answer for the edge itself
+            raise _bad(f"{host!r} is the edge's own name; choose a name under {edge.config.domain}.")
         if scheme == "tcp":
             lo, hi = edge.config.tcp_ports
             if port is None:
