@@ -116,6 +116,13 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
     )
     for flag, default, what in caps:
         s.add_argument(flag, type=_non_negative, default=default, metavar="N", help=f"{what}; 0 = no limit")
+    s.add_argument(
+        "--policy-eval-budget",
+        type=float,
+        default=0.1,
+        metavar="SECONDS",
+        help="traffic policy evaluation time per request; past it the request alone gets a 500",
+    )
     s.add_argument("--json", action="store_true")
 
     def conn_flags(p: argparse.ArgumentParser) -> None:
@@ -216,6 +223,11 @@ async def _serve(args) -> int:
     https = None if args.https_addr.lower() in ("", "off", "none") else args.https_addr
     if https:
         _check_addr("--https-addr", https, True)
+    if not args.policy_eval_budget > 0:
+        raise CLIError("--policy-eval-budget must be a positive number of seconds")
+    from backend.policy import engine as policy_engine
+
+    policy_engine.configure(eval_budget=args.policy_eval_budget)
     authtokens = args.authtoken or ([os.environ["BURROW_AUTHTOKEN"]] if os.environ.get("BURROW_AUTHTOKEN") else [])
     api_keys = args.api_key or ([os.environ["BURROW_API_KEY"]] if os.environ.get("BURROW_API_KEY") else [])
     cfg = EdgeConfig(

@@ -480,6 +480,45 @@ def _cancel(task: asyncio.Task | None) -> None:
             task.result()
 
 
+# ------------------------------------------------------------------------- heads out
+# Text fields become bytes in one way everywhere a head is built from strings: UTF-8
+# (RFC 9110 §5.5 obs-text; what Go and most servers put on the wire), with the
+# ``surrogateescape`` handler so that bytes decoded by :func:`from_wire` go back out
+# unchanged.  A field can never end its line: CR, LF and NUL in a value become spaces
+# (Go's ``headerNewlineToSpace``), and a field whose name is not a token is dropped.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TOKEN_B = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_BAD_BYTES = re.compile(rb"[\r\n\0]")
+_BAD_VALUE = str.maketrans({"\r": " ", "\n": " ", "\0": " "})
+
+
+def from_wire(raw: bytes) -> str:
+    """Bytes of a head as text: UTF-8, other bytes kept as surrogates (see :func:`head_bytes`)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def valid_field_name(name: str) -> bool:
+    return _TOKEN.fullmatch(name) is not None
+
+
+def field_value(value: str) -> str:
+    """A header value that cannot end its line (CR, LF, NUL become spaces)."""
+    return value.translate(_BAD_VALUE).strip(" \t")
+
+
+def head_bytes(start: str, headers) -> bytes:
+    """A message head from a start line and (name, value) strings, safe to put on the wire."""
+    lines = [start, *(f"{k}: {v}" for k, v in headers)]
+    text = "\r\n".join(lines)
+    n = len(lines) - 1
+    if text.count("\n") != n or text.count("\r") != n or "\0" in text:
+        # something in there would end a line: sanitise field by field (rare path)
+        lines = [field_value(start)]
+        lines += [f"{k}: {field_value(v)}" for k, v in headers if valid_field_name(k)]
+        text = "\r\n".join(lines)
+    return (text + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
 # ------------------------------------------------------------------------- responses
 def simple_response(
     status: int,
@@ -495,16 +534,10 @@ def simple_response(
         reason = HTTPStatus(status).phrase
     except ValueError:
         reason = "Unknown"
-    lines = [
-        f"HTTP/1.1 {status} {reason}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-    ]
-    for k, v in headers or ():
-        lines.append(f"{k}: {v}")
+    fields = [("Content-Type", content_type), ("Content-Length", str(len(body))), *(headers or ())]
     if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        fields.append(("Connection", "close"))
+    return head_bytes(f"HTTP/1.1 {status} {reason}", fields) + body
 
 
 def add_headers(raw: bytes, extra: list[tuple[bytes, bytes]]) -> bytes:
@@ -513,4 +546,9 @@ def add_headers(raw: bytes, extra: list[tuple[bytes, bytes]]) -> bytes:
         return raw
     end = raw.rindex(b"\r\n\r\n") if raw.endswith(b"\r\n\r\n") else raw.rindex(b"\n\n")
     add = b"".join(k + b": " + v + b"\r\n" for k, v in extra)
+    if add.count(b"\n") != len(extra) or add.count(b"\r") != len(extra) or b"\0" in add:
+        # no added field may end its line (see head_bytes): the rare careful path
+        add = b"".join(
+            k + b": " + _BAD_BYTES.sub(b" ", v).strip(b" \t") + b"\r\n" for k, v in extra if _TOKEN_B.fullmatch(k)
+        )
     return raw[:end] + b"\r\n" + add + b"\r\n"

@@ -15,11 +15,16 @@ code{{background:#eee;padding:.1rem .3rem}}.code{{color:#777;font-size:.9rem}}</
 """
 
 
-def error_page(status: int, code: str, title: str, message: str, close: bool = True) -> bytes:
-    """A complete HTTP response carrying ``code`` in the body and the ngrok header."""
-    body = _TEMPLATE.format(
+def error_body(code: str, title: str, message: str) -> bytes:
+    """The HTML body of an error page."""
+    return _TEMPLATE.format(
         title=html.escape(title), message=html.escape(message), code=html.escape(code)
     ).encode()
+
+
+def error_page(status: int, code: str, title: str, message: str, close: bool = True) -> bytes:
+    """A complete HTTP response carrying ``code`` in the body and the ngrok header."""
+    body = error_body(code, title, message)
     return simple_response(
         status,
         body,

@@ -20,6 +20,7 @@ from backend.http1 import (
     Head,
     HTTPError,
     UpstreamError,
+    from_wire,
     parse_request_head,
     proxy_exchange,
     read_head,
@@ -142,9 +143,9 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
                     if ctx is None:
                         state = RequestState(
                             req.method.decode("latin-1"),
-                            req.target.decode("latin-1"),
+                            from_wire(req.target),
                             req.version,
-                            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers],
+                            [(from_wire(k), from_wire(v)) for k, v in req.headers],
                             host,
                             scheme,
                         )
@@ -228,9 +229,9 @@ def _response_editor(responders: list[Endpoint], ctx: Context):
     def edit(resp: Head) -> bytes | None:
         rs = ResponseState(
             resp.status,
-            resp.reason.decode("latin-1"),
+            from_wire(resp.reason),
             resp.version,
-            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.headers],
+            [(from_wire(k), from_wire(v)) for k, v in resp.headers],
         )
         ctx.res = rs
         ctx.changed("res", "time")

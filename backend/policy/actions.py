@@ -19,7 +19,16 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from backend.policy.document import PolicyError
-from backend.policy.engine import CLOSE, Context, Forward, Outcome, Reply, Template, compile_expr
+from backend.policy.engine import (
+    CLOSE,
+    Context,
+    EvalLimit,
+    Forward,
+    Outcome,
+    Reply,
+    Template,
+    compile_expr,
+)
 
 TERMINATING = {"custom-response", "deny", "forward-internal", "close-connection", "redirect"}
 _HTTP = ("on_http_request", "on_http_response")
@@ -174,13 +183,14 @@ class Redirect(Action):
     def run(self, ctx: Context, phase: str) -> Outcome:
         assert ctx.req is not None
         url = ctx.req.url
-        to = self.to.render(ctx)
         if self.rx is not None:
             m = self.rx.search(url)
             if m is None:
                 return None
-            to = m.expand(_py_template(to))
-        headers = [("Location", to), *((k, t.render(ctx)) for k, t in self.headers)]
+            to = self.to.render(ctx, lambda s: m.expand(_py_template(s)))
+        else:
+            to = self.to.render(ctx)
+        headers = [("Location", _location(to)), *((k, t.render(ctx)) for k, t in self.headers)]
         return Reply(self.cfg.status_code, headers)
 
 
@@ -261,8 +271,9 @@ class URLRewrite(Action):
         m = self.rx.search(target)
         if m is None:
             return None
-        new = target[: m.start()] + m.expand(_py_template(self.to.render(ctx))) + target[m.end() :]
-        if not new.startswith("/") or any(c in new for c in " \r\n"):
+        to = self.to.render(ctx, lambda s: m.expand(_py_template(s)))
+        new = target[: m.start()] + _NON_ASCII.sub(_pct, to) + target[m.end() :]
+        if not new.startswith("/") or _NOT_IN_TARGET.search(new):
             return Reply(
                 500, [("Content-Type", "text/plain")], b"url-rewrite produced an invalid target\n"
             )
@@ -296,8 +307,8 @@ class BasicAuth(Action):
         @field_validator("realm")
         @classmethod
         def _r(cls, v: str) -> str:
-            if '"' in v or "\n" in v:
-                raise ValueError("realm must not contain quotes or newlines")
+            if any(c in v for c in '"\\\r\n\0'):
+                raise ValueError("realm must not contain quotes, backslashes or line breaks")
             return v
 
     def __init__(self, cfg: Config, where: str) -> None:
@@ -395,6 +406,8 @@ class RateLimit(Action):
         for p in self.keys:
             try:
                 key.append(_to_key(p.eval(ctx)))
+            except EvalLimit:
+                raise
             except Exception:
                 key.append("")
         k = tuple(key)
@@ -478,6 +491,20 @@ def _regex(src: str, where: str) -> re.Pattern:
         return re.compile(src)
     except re.error as exc:
         raise PolicyError(f"{where}: invalid regular expression: {exc}") from None
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+_NOT_IN_TARGET = re.compile(r"[\x00-\x20\x7f#]")
+
+
+def _pct(m: re.Match) -> str:
+    return "".join(f"%{b:02X}" for b in m.group().encode("utf-8", "surrogateescape"))
+
+
+def _location(url: str) -> str:
+    """A Location value: non-ASCII percent-encoded (Go's hexEscapeNonASCII), no controls."""
+    url = _NON_ASCII.sub(_pct, url)
+    return re.sub(r"[\x00-\x1f\x7f ]", lambda m: f"%{ord(m.group()):02X}", url)
 
 
 def _py_template(to: str) -> str:

@@ -13,16 +13,74 @@ phase where they mean nothing.  Request time only evaluates.
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import cel
 
+from backend.http1 import head_bytes, valid_field_name
 from backend.policy.document import PolicyError, TrafficPolicy, parse_policy
 
 _INTERP = re.compile(r"\$\{(.+?)\}")
+log = logging.getLogger("burrow.policy")
+
+
+# ------------------------------------------------------------------------- limits
+@dataclass(slots=True)
+class Limits:
+    """What one policy may cost.  The CEL library has no cost limits of its own and runs
+    synchronously in the event loop, so the bounds are ours:
+
+    * at compile time: rules and expressions per policy, the length of one expression
+      and how deeply its comprehension macros (``exists``, ``all``, ``map``...) nest;
+    * at request time: how many headers and query parameters a request may show to CEL
+      (a request with more gets 431, as Apache's ``LimitRequestFields``), and a budget
+      of evaluation time per request, checked before every expression: past it the
+      request gets a 500 error page alone and the edge goes on serving everyone else.
+
+    One expression cannot be interrupted, so its own worst case is bounded by the
+    caps: two nested comprehensions over ``max_headers`` headers, each step a regex
+    ``matches`` (the CEL library compiles the pattern on every call, ~40 µs).
+    """
+
+    eval_budget: float = 0.1  # seconds of evaluation per request
+    max_headers: int = 100
+    max_query_params: int = 100
+    max_rules: int = 256
+    max_expressions: int = 512
+    max_expression_chars: int = 4096
+    max_comprehension_depth: int = 2
+
+
+LIMITS = Limits()
+
+
+def configure(**kw: Any) -> None:
+    """Change :data:`LIMITS` (``burrow serve --policy-eval-budget``)."""
+    for k, v in kw.items():
+        if not hasattr(LIMITS, k):
+            raise AttributeError(k)
+        setattr(LIMITS, k, v)
+
+
+class EvalLimit(Exception):
+    """Evaluating this request went past a limit; the request fails alone with ``status``."""
+
+    def __init__(self, status: int, msg: str) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.msg = msg
+
+
+def _cel_text(s: str) -> str:
+    """Text CEL can hold: bytes that were not UTF-8 (surrogates, see from_wire) become U+FFFD."""
+    if s.isascii():
+        return s
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 # ------------------------------------------------------------------------ outcomes
@@ -68,15 +126,68 @@ class Expr:
         self.names = tuple(names)
 
     def eval(self, ctx: Context):
+        if time.perf_counter() > ctx.deadline:
+            ctx.check_budget()
         return self.program.execute(ctx.cel(self.names))
 
 
+_MACROS = frozenset(("all", "exists", "exists_one", "map", "filter"))
+
+
+def _macro_before(src: str, i: int) -> bool:
+    """Does the ``(`` at ``i`` open the arguments of a ``.macro(`` call?"""
+    j = i - 1
+    while j >= 0 and src[j].isspace():
+        j -= 1
+    end = j + 1
+    while j >= 0 and (src[j].isalnum() or src[j] == "_"):
+        j -= 1
+    name = src[j + 1 : end]
+    while j >= 0 and src[j].isspace():
+        j -= 1
+    return name in _MACROS and j >= 0 and src[j] == "."
+
+
+def comprehension_depth(src: str) -> int:
+    """How deeply comprehension macros nest in ``src`` (string literals skipped)."""
+    depth = deepest = 0
+    stack: list[bool] = []  # per open "(": is it a macro's?
+    i, n = 0, len(src)
+    while i < n:
+        c = src[i]
+        if c in "'\"":
+            q = src[i : i + 3] if src[i : i + 3] in ("'''", '"""') else c
+            j = i + len(q)
+            while j < n and not src.startswith(q, j):
+                j += 2 if src[j] == "\\" else 1
+            i = j + len(q)
+            continue
+        if c == "(":
+            macro = _macro_before(src, i)
+            stack.append(macro)
+            if macro:
+                depth += 1
+                deepest = max(deepest, depth)
+        elif c == ")" and stack and stack.pop():
+            depth -= 1
+        i += 1
+    return deepest
+
+
 def compile_expr(src: str, where: str) -> Expr:
+    if len(src) > LIMITS.max_expression_chars:
+        raise PolicyError(f"{where}: CEL expression is longer than {LIMITS.max_expression_chars} characters")
     try:
-        return Expr(src, cel.compile(src))
+        program = cel.compile(src)
     except (ValueError, RuntimeError) as exc:
         first = str(exc).split("\n", 1)[0]
         raise PolicyError(f"{where}: invalid CEL expression {src!r}: {first}") from None
+    if comprehension_depth(src) > LIMITS.max_comprehension_depth:
+        raise PolicyError(
+            f"{where}: CEL expression nests comprehensions (all, exists, map, filter...) "
+            f"more than {LIMITS.max_comprehension_depth} deep"
+        )
+    return Expr(src, program)
 
 
 class Template:
@@ -99,14 +210,21 @@ class Template:
     def static(self) -> bool:
         return all(isinstance(p, str) for p in self.parts)
 
-    def render(self, ctx: Context) -> str:
+    def render(self, ctx: Context, static=None) -> str:
+        """The text with every ``${expr}`` replaced by its value.
+
+        ``static`` transforms only the literal parts (e.g. regex group references), so
+        that interpolated values are always taken literally.
+        """
         out = []
         for p in self.parts:
             if isinstance(p, str):
-                out.append(p)
+                out.append(p if static is None else static(p))
             else:
                 try:
                     v = p.eval(ctx)
+                except EvalLimit:
+                    raise
                 except Exception:
                     v = ""  # a missing header or key interpolates as empty
                 out.append(_to_str(v))
@@ -131,7 +249,7 @@ class Context:
     ``req`` is None in ``on_tcp_connect``; ``res`` is set only in ``on_http_response``.
     """
 
-    __slots__ = ("_cel", "_fresh", "conn", "endpoint", "req", "res")
+    __slots__ = ("_cel", "_fresh", "conn", "cpu0", "deadline", "endpoint", "req", "res", "spent")
 
     def __init__(self, conn: dict, endpoint: dict, req: RequestState | None = None) -> None:
         self.conn = conn
@@ -140,6 +258,24 @@ class Context:
         self.res: ResponseState | None = None
         self._cel = cel.Context()
         self._fresh: set[str] = set()
+        # The request's evaluation budget: ``spent`` adds up every phase and hop that
+        # ran for it; CompiledPolicy.run sets ``deadline`` from what is left.
+        self.spent = 0.0
+        self.deadline = float("inf")
+        self.cpu0 = 0.0
+
+    def check_budget(self) -> None:
+        """The wall-clock deadline passed: fail unless it was the OS, not us, that took the time.
+
+        The cheap wall clock is checked before every expression; only once it is past
+        the deadline does the thread's CPU time decide (a loaded machine that preempts
+        the edge must not fail a cheap request).
+        """
+        used = time.thread_time() - self.cpu0
+        left = LIMITS.eval_budget - self.spent - used
+        if left <= 0:
+            raise EvalLimit(500, "traffic policy evaluation went past its time budget")
+        self.deadline = time.perf_counter() + left
 
     def changed(self, *names: str) -> None:
         """Forget converted variables (all of them when no names are given)."""
@@ -210,21 +346,25 @@ class RequestState:
         return f"{self.scheme}://{self.host}{self.target}"
 
     def vars(self, lite: bool = False) -> dict:
-        url = {"path": self.path, "query": self.query, "host": self.host, "scheme": self.scheme, "raw": self.url}
+        c = _cel_text
+        url = {"path": c(self.path), "query": c(self.query), "host": c(self.host), "scheme": self.scheme, "raw": c(self.url)}
         if lite:
-            return {"method": self.method, "host": self.host, "version": self.version, "url": url}
+            return {"method": self.method, "host": url["host"], "version": self.version, "url": url}
+        if len(self.headers) > LIMITS.max_headers:
+            raise EvalLimit(431, f"more than {LIMITS.max_headers} header fields")
         headers: dict[str, list[str]] = {}
         for k, v in self.headers:
-            headers.setdefault(k.lower(), []).append(v)
+            headers.setdefault(k.lower(), []).append(v if v.isascii() else c(v))
         params: dict[str, list[str]] = {}
         if self.query:
             from urllib.parse import parse_qsl
 
-            for k, v in parse_qsl(self.query, keep_blank_values=True):
+            pairs = parse_qsl(url["query"], keep_blank_values=True, max_num_fields=LIMITS.max_query_params)
+            for k, v in pairs:
                 params.setdefault(k, []).append(v)
         return {
             "method": self.method,
-            "host": self.host,
+            "host": url["host"],
             "headers": headers,
             "query_params": params,
             "version": self.version,
@@ -232,7 +372,7 @@ class RequestState:
         }
 
     def add_header(self, name: str, value: str) -> None:
-        self.headers.append((name, value))
+        _add_header(self.headers, name, value)
         self.changed = True
 
     def remove_header(self, name: str) -> None:
@@ -242,9 +382,7 @@ class RequestState:
         self.changed |= len(self.headers) != before
 
     def head(self) -> bytes:
-        lines = [f"{self.method} {self.target} HTTP/{self.version}"]
-        lines += [f"{k}: {v}" for k, v in self.headers]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return head_bytes(f"{self.method} {self.target} HTTP/{self.version}", self.headers)
 
 
 class ResponseState:
@@ -260,13 +398,15 @@ class ResponseState:
         self.changed = False
 
     def vars(self) -> dict:
+        if len(self.headers) > LIMITS.max_headers:
+            raise EvalLimit(502, f"the response has more than {LIMITS.max_headers} header fields")
         headers: dict[str, list[str]] = {}
         for k, v in self.headers:
-            headers.setdefault(k.lower(), []).append(v)
+            headers.setdefault(k.lower(), []).append(v if v.isascii() else _cel_text(v))
         return {"status_code": self.status, "headers": headers}
 
     def add_header(self, name: str, value: str) -> None:
-        self.headers.append((name, value))
+        _add_header(self.headers, name, value)
         self.changed = True
 
     def remove_header(self, name: str) -> None:
@@ -276,9 +416,14 @@ class ResponseState:
         self.changed |= len(self.headers) != before
 
     def head(self) -> bytes:
-        lines = [f"HTTP/{self.version} {self.status} {self.reason}".rstrip()]
-        lines += [f"{k}: {v}" for k, v in self.headers]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return head_bytes(f"HTTP/{self.version} {self.status} {self.reason}".rstrip(), self.headers)
+
+
+def _add_header(headers: list[tuple[str, str]], name: str, value: str) -> None:
+    """Add a field; a rendered value can never end the header line (see head_bytes)."""
+    if not valid_field_name(name):
+        raise ValueError(f"invalid header name {name!r}")
+    headers.append((name, value))
 
 
 # ------------------------------------------------------------------------- compiled
@@ -293,6 +438,8 @@ class CompiledRule:
             try:
                 if p.eval(ctx) is not True:
                     return False
+            except EvalLimit:
+                raise
             except Exception:
                 return False  # an expression that cannot be evaluated does not match
         return True
@@ -309,15 +456,31 @@ class CompiledPolicy:
         return bool(self.phases.get(phase))
 
     def run(self, phase: str, ctx: Context) -> Outcome:
-        """Run a phase's rules in order; the first terminating outcome wins."""
-        for rule in self.phases.get(phase, ()):
-            if not rule.matches(ctx):
-                continue
-            for action in rule.actions:
-                out = action.run(ctx, phase)
-                if out is not None:
-                    return out
-        return None
+        """Run a phase's rules in order; the first terminating outcome wins.
+
+        A request that goes past a limit (see :class:`Limits`) gets an error page alone.
+        """
+        start = time.perf_counter()
+        ctx.cpu0 = time.thread_time()
+        ctx.deadline = start + LIMITS.eval_budget - ctx.spent
+        try:
+            for rule in self.phases.get(phase, ()):
+                if not rule.matches(ctx):
+                    continue
+                for action in rule.actions:
+                    out = action.run(ctx, phase)
+                    if out is not None:
+                        return out
+            return None
+        except EvalLimit as exc:
+            log.warning(
+                "traffic policy: %s in %s of endpoint %s; answered %d",
+                exc.msg, phase, ctx.endpoint.get("id", "?"), exc.status,
+            )
+            return limit_reply(exc)
+        finally:
+            ctx.spent += time.perf_counter() - start
+            ctx.deadline = float("inf")
 
     def terminates(self) -> bool:
         from backend.policy.actions import TERMINATING
@@ -330,6 +493,20 @@ class CompiledPolicy:
         )
 
 
+def limit_reply(exc: EvalLimit) -> Reply:
+    """The ngrok-style error page for a request that went past a policy limit."""
+    from backend import pages
+
+    code = "ERR_NGROK_2253"  # "Failed to evaluate CEL expression ... at runtime"
+    title = "Request header fields too large" if exc.status == 431 else "Traffic policy error"
+    body = pages.error_body(code, title, f"The endpoint's traffic policy could not evaluate this request: {exc.msg}.")
+    return Reply(
+        exc.status,
+        [("Content-Type", "text/html; charset=utf-8"), ("ngrok-error-code", code), ("Cache-Control", "no-store")],
+        body,
+    )
+
+
 def compile_policy(
     source: str | dict | TrafficPolicy, *, require_termination: bool = False
 ) -> CompiledPolicy:
@@ -338,6 +515,15 @@ def compile_policy(
 
     doc = source if isinstance(source, TrafficPolicy) else parse_policy(source)
     text = source if isinstance(source, str) else doc.model_dump_json(exclude_none=True)
+    nrules = sum(len(doc.rules(p)) for p in ("on_tcp_connect", "on_http_request", "on_http_response"))
+    if nrules > LIMITS.max_rules:
+        raise PolicyError(f"traffic_policy has {nrules} rules; at most {LIMITS.max_rules} are allowed")
+    nexpr = _count_expressions(doc)
+    if nexpr > LIMITS.max_expressions:
+        raise PolicyError(
+            f"traffic_policy has {nexpr} CEL expressions (with ${{...}} interpolations); "
+            f"at most {LIMITS.max_expressions} are allowed"
+        )
     phases: dict[str, list[CompiledRule]] = {}
     for phase in ("on_tcp_connect", "on_http_request", "on_http_response"):
         rules = []
@@ -362,3 +548,25 @@ def compile_policy(
             "on_http_request or on_tcp_connect"
         )
     return policy
+
+
+def _count_expressions(doc: TrafficPolicy) -> int:
+    """Expressions and ``${...}`` interpolations (and bucket keys) in a whole policy."""
+
+    def interp(v: Any) -> int:
+        if isinstance(v, str):
+            return len(_INTERP.findall(v))
+        if isinstance(v, dict):
+            return sum(interp(x) for x in v.values())
+        if isinstance(v, list):
+            return sum(interp(x) for x in v)
+        return 0
+
+    n = 0
+    for phase in ("on_tcp_connect", "on_http_request", "on_http_response"):
+        for rule in doc.rules(phase):
+            n += len(rule.expressions or [])
+            for a in rule.actions:
+                cfg = a.config or {}
+                n += interp(cfg) + len(cfg.get("bucket_key") or []) if isinstance(cfg, dict) else 0
+    return n
