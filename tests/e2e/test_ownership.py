@@ -233,7 +233,10 @@ async def test_per_tenant_caps_refuse_one_account_and_serve_the_others(capped_ed
                 held.append((rd, wr))
             rd, wr = await asyncio.open_connection("127.0.0.1", port)
             wr.write(b"extra")
-            assert await asyncio.wait_for(rd.read(100), 10) == b""
+            try:  # closed at once: a FIN, or a RST when the edge closes with "extra" unread
+                assert await asyncio.wait_for(rd.read(100), 10) == b""
+            except ConnectionResetError:
+                pass
             wr.close()
             # the neighbouring account is served all along, and can still bind
             r = await asyncio.to_thread(http_get, edge, host_of(neighbour.public_url))
