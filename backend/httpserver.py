@@ -377,7 +377,8 @@ class APIServer:
                     async with asyncio.timeout(send_timeout):
                         await writer.drain()
             writer.write(b"0\r\n\r\n")
-            await writer.drain()
+            async with asyncio.timeout(send_timeout):
+                await writer.drain()
         finally:
             with contextlib.suppress(Exception):
                 await resp.chunks.aclose()  # type: ignore[attr-defined]
