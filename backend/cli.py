@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import ValidationError
@@ -106,7 +107,28 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
         type=int,
         default=600,
         metavar="N",
-        help="cloud API requests per API key per minute (0 = unlimited)",
+        help="cloud API requests per account per minute, over all its API keys (0 = unlimited)",
+    )
+    s.add_argument(
+        "--api-auth-fail-limit",
+        type=int,
+        default=30,
+        metavar="N",
+        help="failed cloud API key checks allowed per client IP per minute (0 = unlimited)",
+    )
+    s.add_argument(
+        "--api-public-url",
+        default=None,
+        metavar="URL",
+        help="the cloud API's URL as clients reach it, used in uri/next_page_uri "
+        "(default: http://<--api-addr>)",
+    )
+    s.add_argument(
+        "--api-read-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="deadline for a cloud API request head, and for its body (plus 1 s per 64 KiB)",
     )
     caps = (
         ("--max-sessions-per-authtoken", 10, "agent sessions online at once per authtoken (ERR_NGROK_108)"),
@@ -131,6 +153,14 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
         p.add_argument("--root-cas", default=None, help="CA file to verify the edge with")
         p.add_argument("--web-addr", default=None, help="agent API address (default 127.0.0.1:4040)")
         p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --web-addr")
+        p.add_argument(
+            "--web-allow-host", action="append", default=None, metavar="HOST[:PORT]",
+            help="another Host header the agent API accepts (repeatable; ngrok's web_allow_hosts)",
+        )
+        p.add_argument(
+            "--web-read-timeout", type=float, default=None, metavar="SECONDS",
+            help="deadline for an agent API request head, and for its body (default 10)",
+        )
         tls = p.add_mutually_exclusive_group()
         tls.add_argument(
             "--data-tls", dest="data_tls", action="store_const", const=True, default=None,
@@ -246,6 +276,9 @@ async def _serve(args) -> int:
         max_endpoints_per_account=args.max_endpoints_per_account,
         max_tcp_ports_per_account=args.max_tcp_ports_per_account,
         max_data_conns_per_session=args.max_data_conns_per_session,
+        api_auth_fail_limit=max(0, args.api_auth_fail_limit),
+        api_public_url=_public_url(args.api_public_url),
+        api_read_timeout=_timeout("--api-read-timeout", args.api_read_timeout),
     )
     edge = Edge(cfg, on_event=_emit if args.json else None)
     stop = await _until_signal()
@@ -282,6 +315,25 @@ async def _serve(args) -> int:
     if args.json:
         _emit({"event": "stopped"})
     return 0
+
+
+def _public_url(text: str | None) -> str | None:
+    if not text:
+        return None
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise CLIError(f"--api-public-url {text!r}: expected http(s)://HOST[:PORT][/PATH]")
+    return text.strip().rstrip("/")
+
+
+def _timeout(flag: str, value) -> float:
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise CLIError(f"{flag}: expected seconds, got {value!r}") from None
+    if not 0 < t <= 3600:
+        raise CLIError(f"{flag}: expected seconds between 0 and 3600, got {value!r}")
+    return t
 
 
 def _int_opt(flag: int | None, conf_value, default: int) -> int:
@@ -345,8 +397,9 @@ def _tunnels_from_config(conf: dict) -> list:
 
 async def _agent(args) -> int:
     from backend.agent.agent import Agent, AgentConfig, AgentError
-    from backend.agent.api import start_agent_api
+    from backend.agent.api import parse_allow_hosts, start_agent_api
     from backend.agent.tunnels import TunnelConfig
+    from backend.httpserver import ServerLimits
 
     cfg_arg = getattr(args, "config", None)
     if isinstance(cfg_arg, list):  # "start" accepts --config several times; later files win
@@ -381,6 +434,18 @@ async def _agent(args) -> int:
     web_addr = web_explicit or "127.0.0.1:4040"
     if str(web_addr).lower() != "false":
         _check_addr("--web-addr", web_addr, args.allow_remote)
+    web_allow_hosts = args.web_allow_host or aconf.get("web_allow_hosts") or []
+    if isinstance(web_allow_hosts, str) or not all(isinstance(h, str) for h in web_allow_hosts):
+        raise CLIError("web_allow_hosts must be a list of host names")
+    try:
+        parse_allow_hosts(web_allow_hosts)
+    except ValueError as exc:
+        raise CLIError(f"--web-allow-host: {exc}") from None
+    web_read = args.web_read_timeout if args.web_read_timeout is not None else aconf.get("web_read_timeout", 10.0)
+    web_limits = ServerLimits(
+        head_timeout=_timeout("--web-read-timeout", web_read),
+        body_timeout=_timeout("--web-read-timeout", web_read),
+    )
 
     if args.command == "agent":
         tunnels = _tunnels_from_config(conf)
@@ -463,15 +528,18 @@ async def _agent(args) -> int:
     web = ""
     if str(web_addr).lower() != "false":
         try:
-            api = await start_agent_api(agent, web_addr)
+            api = await start_agent_api(agent, web_addr, allow_hosts=web_allow_hosts, limits=web_limits)
         except OSError as exc:
             if web_explicit:
                 raise CLIError(f"cannot listen on --web-addr {web_addr}: {exc.strerror}") from None
             host = parse_hostport(web_addr)[0]
-            api = await start_agent_api(agent, f"{host}:0")
+            api = await start_agent_api(agent, f"{host}:0", allow_hosts=web_allow_hosts, limits=web_limits)
         web = "{}:{}".format(*api.addr)
         if logger is not None:
-            logger("info", "starting web service", obj="web", addr=web, allow_hosts="[]")
+            logger(
+                "info", "starting web service", obj="web", addr=web,
+                allow_hosts="[" + " ".join(web_allow_hosts) + "]",
+            )
 
     stop = await _until_signal()
     runner = asyncio.ensure_future(agent.run())

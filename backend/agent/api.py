@@ -4,12 +4,23 @@ Shapes follow ngrok's agent API documentation (seed ``003``); errors use its bod
 ``{"error_code": int, "status_code": int, "msg": str, "details": {...}}``.  burrow's
 additions are new fields and new paths only: ``replay_of``, ``body_size`` and
 ``truncated`` on captures, edit fields on replay, and ``GET /api/events`` (SSE).
+
+The API has no authentication (like ngrok's), so it defends itself against the
+browser next to it (:class:`LocalGuard`, on every route): the ``Host`` header must name
+this listener (loopback names or the IP literal it listens on, with its port) or an
+allowed host (``--web-allow-host``, ngrok's ``web_allow_hosts``), which stops DNS
+rebinding; a request with a cross-origin ``Origin`` (or ``Sec-Fetch-Site``) is refused,
+and a write with a body must say ``Content-Type: application/json``, which no HTML
+form or "simple" cross-site request can.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -23,6 +34,7 @@ from backend.httpserver import (
     Request,
     Response,
     Router,
+    ServerLimits,
     StreamResponse,
     empty,
     json_response,
@@ -32,7 +44,7 @@ if TYPE_CHECKING:
     from backend.agent.agent import Agent
     from backend.agent.tunnels import Tunnel
 
-_CODES = {400: 102, 404: 100, 405: 101, 413: 102, 500: 103, 502: 103}
+_CODES = {400: 102, 403: 102, 404: 100, 405: 101, 408: 102, 413: 102, 415: 102, 431: 102, 500: 103, 502: 103}
 
 
 def agent_error(req: Request | None, status: int, msg: str, details: dict | None = None) -> Response:
@@ -53,6 +65,8 @@ def _body(req: Request) -> dict:
         data = req.json()
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
     return data
@@ -323,6 +337,8 @@ def build_router(agent: Agent) -> Router:
             return agent_error(req, 404, str(exc))
         except _Failed as exc:
             return agent_error(req, 502, "failed to start tunnel", {"err": str(exc)})
+        except RecursionError:
+            return agent_error(req, 400, "the body is nested too deeply")
 
     def add(method: str, path: str, handler) -> None:
         router.add(method, path, lambda req, h=handler: guarded(h, req))
@@ -355,7 +371,146 @@ class _Failed(Exception):
     pass
 
 
-async def start_agent_api(agent: Agent, addr: str) -> APIServer:
-    server = APIServer(build_router(agent), agent_error)
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_JSON_TYPES = ("application/json",)
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """``host[:port]`` / ``[v6][:port]`` from a Host header (lower-cased); None if malformed."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        end = v.find("]")
+        if end < 0:
+            return None
+        host, rest = v[1:end], v[end + 1 :]
+        if _ip(host) is None:
+            return None
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            return None
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = v.partition(":")
+        if not sep:
+            return (host, None) if host else None
+        if ":" in port_s:
+            return None  # a bare IPv6 literal is not a valid Host
+    if not port_s.isdigit() or len(port_s) > 5:
+        return None
+    return host, int(port_s)
+
+
+def parse_allow_hosts(items: Iterable[str]) -> list[tuple[str, int | None]]:
+    """Check ``NAME`` / ``NAME:PORT`` entries (ValueError names the bad one)."""
+    out = []
+    for item in items:
+        parsed = _split_host(item)
+        if parsed is None or not parsed[0]:
+            raise ValueError(f"invalid allowed host {item!r} (expected NAME or NAME:PORT)")
+        out.append(parsed)
+    return out
+
+
+class LocalGuard:
+    """DNS-rebinding and CSRF checks for an unauthenticated local API.
+
+    ``allow_hosts`` adds names a client may use (``name`` for any port or
+    ``name:port``), e.g. when a reverse proxy or a container network puts another name
+    in front of the API.
+    """
+
+    def __init__(self, server: APIServer, allow_hosts: Iterable[str] = ()) -> None:
+        self.server = server
+        self.extra_any_port: set[str] = set()
+        self.extra_exact: set[tuple[str, int]] = set()
+        for host, port in parse_allow_hosts(allow_hosts):
+            if port is None:
+                self.extra_any_port.add(host)
+            else:
+                self.extra_exact.add((host, port))
+
+    def host_allowed(self, value: str) -> bool:
+        parsed = _split_host(value)
+        if parsed is None:
+            return False
+        host, port = parsed
+        if host in self.extra_any_port or (port is not None and (host, port) in self.extra_exact):
+            return True
+        bound_host, bound_port = self.server.addr[0], self.server.addr[1]
+        if (port if port is not None else 80) != bound_port:
+            return False
+        if host == "localhost":
+            return True
+        ip = _ip(host)
+        if ip is None:
+            return False  # any other name could be re-pointed at us by its DNS owner
+        if ip.is_loopback:
+            return True
+        bound = _ip(bound_host)
+        # an IP literal cannot be rebound: it is fine if we listen on it (or on all)
+        return bound is not None and (bound.is_unspecified or ip == bound)
+
+    def __call__(self, req: Request) -> Response | None:
+        host = req.headers.get("host")
+        # A browser always sends Host; a request without one is a local tool's (HTTP/1.0).
+        if host is not None and not self.host_allowed(host):
+            return agent_error(
+                req,
+                403,
+                f"Host header {host[:100]!r} is not allowed; use localhost or the listen "
+                "address, or add it with --web-allow-host",
+            )
+        site = req.headers.get("sec-fetch-site")
+        if site is not None and site.strip().lower() not in ("same-origin", "none"):
+            return agent_error(req, 403, f"cross-site request refused (Sec-Fetch-Site: {site[:40]})")
+        origin = req.headers.get("origin")
+        if origin is not None and not self._same_origin(origin, host):
+            return agent_error(req, 403, f"cross-origin request from {origin[:100]!r} refused")
+        if req.method not in _SAFE_METHODS:
+            ctype = req.headers.get("content-type")
+            if req.body or ctype is not None:
+                media = (ctype or "").split(";", 1)[0].strip().lower()
+                if media not in _JSON_TYPES:
+                    return agent_error(
+                        req,
+                        415,
+                        f"Content-Type {(ctype or '')[:60]!r} is not accepted; send "
+                        "'Content-Type: application/json'",
+                    )
+        return None
+
+    @staticmethod
+    def _same_origin(origin: str, host: str | None) -> bool:
+        if host is None:
+            return False
+        try:
+            parts = urlsplit(origin.strip())
+        except ValueError:
+            return False
+        if parts.scheme.lower() != "http" or not parts.netloc or parts.path not in ("", "/"):
+            return False
+        a, b = _split_host(parts.netloc), _split_host(host)
+        if a is None or b is None:
+            return False
+        return (a[0], a[1] or 80) == (b[0], b[1] or 80)
+
+
+async def start_agent_api(
+    agent: Agent,
+    addr: str,
+    *,
+    allow_hosts: Iterable[str] = (),
+    limits: ServerLimits | None = None,
+) -> APIServer:
+    server = APIServer(build_router(agent), agent_error, limits=limits)
+    server.guard = LocalGuard(server, allow_hosts)
     await server.start(addr)
     return server

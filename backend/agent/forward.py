@@ -7,6 +7,8 @@ tunnels are relayed as raw bytes.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,6 +28,30 @@ from backend.relay import close, relay, tune
 if TYPE_CHECKING:
     from backend.agent.tunnels import Tunnel
     from backend.protocol import StartData
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _check_host(host: str, addr: str) -> str:
+    """An upstream host must be an IP literal or a DNS name we can dial (IDNA-encodable).
+
+    Checked when the tunnel is defined, so a bad ``addr`` is a 400 for the API caller
+    instead of a UnicodeError on every request later.
+    """
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"invalid host in upstream address {addr!r}") from None
+    name = ascii_host[:-1] if ascii_host.endswith(".") else ascii_host
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(x) for x in name.split(".")):
+        raise ValueError(f"invalid host in upstream address {addr!r}")
+    return host
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +76,10 @@ class Upstream:
             host, port = "localhost", int(text)
         elif text.startswith("["):
             host, _, rest = text[1:].partition("]")
-            port = int(rest.lstrip(":") or _default_port(scheme))
+            port_s = rest.removeprefix(":") or str(_default_port(scheme))
+            if not port_s.isdigit() or ":" not in host:
+                raise ValueError(f"invalid address in upstream address {addr!r}")
+            port = int(port_s)
         elif ":" in text:
             host, port_s = text.rsplit(":", 1)
             if not port_s.isdigit():
@@ -60,7 +89,7 @@ class Upstream:
             host, port = text, _default_port(scheme)
         if not 0 < port < 65536:
             raise ValueError(f"port out of range in upstream address {addr!r}")
-        return cls(scheme, host or "localhost", port)
+        return cls(scheme, _check_host(host, addr) if host else "localhost", port)
 
     @property
     def display(self) -> str:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from backend.http1 import MAX_HEAD, HTTPError, UpstreamError, parse_request_head, proxy_exchange
 from backend.protocol import StartData
 from backend.relay import close
+
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 # Request headers a modified replay recomputes instead of copying.
 _FRAMING = {"content-length", "transfer-encoding"}
@@ -124,7 +127,11 @@ def build_request(capture, rr: ReplayRequest) -> bytes:
 
 
 def _decoded_body(capture) -> bytes:
-    """The captured request body with chunked framing removed."""
+    """The captured request body with chunked framing removed.
+
+    Chunk lines ending in a bare LF (which older data paths let through) are read too;
+    anything else malformed is the caller's 400, not a crash.
+    """
     from backend.http1 import CHUNKED
 
     body = capture.req.body
@@ -133,14 +140,31 @@ def _decoded_body(capture) -> bytes:
     out = bytearray()
     pos = 0
     while True:
-        nl = body.find(b"\r\n", pos)
+        nl = body.find(b"\n", pos)
         if nl < 0:
-            break
-        size = int(body[pos:nl].split(b";")[0] or b"0", 16)
+            break  # the capture ends inside the framing (e.g. the client went away)
+        size_txt = body[pos:nl].rstrip(b"\r").split(b";", 1)[0].strip()
+        if not _HEX.fullmatch(size_txt):
+            raise ReplayError(
+                400,
+                f"the captured chunked body has an invalid chunk size {size_txt[:20]!r}; "
+                "replay it with an explicit body",
+            )
+        size = int(size_txt, 16)
         if size == 0:
             break
-        out += body[nl + 2 : nl + 2 + size]
-        pos = nl + 2 + size + 2
+        start = nl + 1
+        out += body[start : start + size]
+        pos = start + size
+        # the chunk's data ends with CRLF (or a bare LF)
+        if body[pos : pos + 2] == b"\r\n":
+            pos += 2
+        elif body[pos : pos + 1] == b"\n":
+            pos += 1
+        elif pos < len(body):
+            raise ReplayError(
+                400, "the captured chunked body is malformed; replay it with an explicit body"
+            )
     return bytes(out)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from backend.agent.forward import Upstream
 from backend.agent.metrics import TunnelMetrics
@@ -38,6 +38,13 @@ class TunnelConfig(BaseModel):
     @classmethod
     def _url_alias(cls, v):
         return v or ""
+
+    @field_validator("addr", mode="after")
+    @classmethod
+    def _addr_valid(cls, v: str, info: ValidationInfo) -> str:
+        # checked now, so a bad addr is refused (400) instead of failing every request later
+        Upstream.parse(v, info.data.get("proto") or "http")
+        return v
 
 
 class Tunnel:

@@ -70,8 +70,16 @@ class EdgeConfig:
     heartbeat_interval: float = 10.0
     heartbeat_timeout: float = 30.0
     region: str = "local"
-    #: cloud API requests allowed per API key per minute (a token bucket); 0 = no limit
+    #: cloud API requests allowed per account per minute, over all its API keys (a token
+    #: bucket); 0 = no limit
     api_rate_limit: int = 600
+    #: failed API key checks allowed per client IP per minute (a token bucket); 0 = no limit
+    api_auth_fail_limit: int = 30
+    #: the cloud API's URL as clients reach it (absolute ``uri`` / ``next_page_uri``);
+    #: None = ``http://`` + the API's listen address
+    api_public_url: str | None = None
+    #: deadline (s) for a cloud API request head, and for its body (plus 1 s per 64 KiB)
+    api_read_timeout: float = 10.0
     #: NS records users point an agent ingress domain at (shown as its ``ns_targets``)
     ns_targets: list[str] = field(default_factory=list)
     # Per-tenant caps (0 = no limit); each refusal carries ngrok's error code.

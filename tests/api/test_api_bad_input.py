@@ -321,14 +321,14 @@ def limited_edge(tmp_path):
     proc.stop()
 
 
-def test_rate_limit_per_key(limited_edge):
+def test_rate_limit(limited_edge):
     raw = Raw(limited_edge)
     for _ in range(5):
         assert raw.get("/endpoints").status_code == 200
     r = raw.get("/endpoints")
     assert_ngrok_error(r, 429, "ERR_NGROK_226")
     assert int(r.headers["retry-after"]) >= 1
-    # another key has its own bucket; the official client sees ngrok.Error
+    # another account has its own bucket; the official client sees ngrok.Error
     other = add_account(limited_edge, "other")
     assert other.raw.get("/endpoints").status_code == 200
     with pytest.raises(ngrok.Error) as exc:

@@ -20,7 +20,7 @@ from backend.edge.api.endpoints import EndpointsAPI
 from backend.edge.api.keys import APIKeysAPI, CredentialsAPI
 from backend.edge.api.reserved_domains import ReservedDomainsAPI
 from backend.edge.api.tunnel_sessions import TunnelSessionsAPI
-from backend.httpserver import APIServer, Request, Response, Router, json_response
+from backend.httpserver import APIServer, Request, Response, Router, ServerLimits, json_response
 
 if TYPE_CHECKING:
     from backend.edge.server import Edge
@@ -49,7 +49,14 @@ def build_router(edge: Edge) -> Router:
 
 async def start_api(edge: Edge, addr: str) -> tuple[APIServer, tuple[str, int]]:
     """Serve the cloud API on ``addr``; return the server and the bound address."""
-    limiter = RateLimiter(edge.config.api_rate_limit)
-    server = APIServer(build_router(edge), api_error, before=make_before(edge, limiter))
+    cfg = edge.config
+    before = make_before(edge, RateLimiter(cfg.api_rate_limit), RateLimiter(cfg.api_auth_fail_limit))
+    server = APIServer(
+        build_router(edge),
+        api_error,
+        before=before,
+        limits=ServerLimits(head_timeout=cfg.api_read_timeout, body_timeout=cfg.api_read_timeout),
+        public_url=cfg.api_public_url,
+    )
     bound = await server.start(addr)
     return server, bound

@@ -4,13 +4,19 @@
   (a key added or deleted while the edge runs takes effect at once); an authtoken
   presented as a key gets ngrok's ``ERR_NGROK_206``.
 - ``Ngrok-Version: 2`` is required (``ERR_NGROK_218`` missing, ``ERR_NGROK_217`` other).
-- A per-key token bucket of ``EdgeConfig.api_rate_limit`` requests a minute answers
-  429 ``ERR_NGROK_226`` with ``Retry-After``.
+- A per-account token bucket of ``EdgeConfig.api_rate_limit`` requests a minute (shared
+  by all the account's API keys) answers 429 ``ERR_NGROK_226`` with ``Retry-After``.
+- Failed key checks are throttled per client IP (``EdgeConfig.api_auth_fail_limit`` a
+  minute): past it, that IP gets 429 ``ERR_NGROK_429`` (burrow's code) with
+  ``Retry-After`` before any key is looked up.  Requests with a valid key take nothing
+  from this bucket.
+- A store failure while checking the key is a 500 ``ERR_NGROK_500``, logged on one line.
 - Bodies are JSON objects (``ERR_NGROK_216`` without a Content-Type, ``ERR_NGROK_210``
   for another type, ``ERR_NGROK_213`` unparsable, ``ERR_NGROK_214`` unknown field,
   ``ERR_NGROK_215`` wrong type or value). A POST with no body at all is an empty object.
 - Lists: ``limit`` (1-100, default 100) and ``before_id``; newest first; ``uri`` and an
-  absolute ``next_page_uri`` (or null) built from the request's Host header.
+  absolute ``next_page_uri`` (or null) built from the API's public URL
+  (``--api-public-url``, default the listen address), never from the Host header.
 - Ids: a malformed id is ``ERR_NGROK_223`` (400); an id that names nothing this account
   owns is ``ERR_NGROK_404`` (404), whoever else may own it.
 
@@ -21,7 +27,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -32,6 +40,7 @@ from pydantic import BaseModel, ValidationError
 
 from backend.httpserver import Request, Response, json_response
 from backend.ids import new_id
+from backend.store import StoreError
 
 if TYPE_CHECKING:
     from backend.edge.server import Edge
@@ -70,6 +79,11 @@ _DEFAULT_CODES = {
 _ID_BODY = re.compile(r"[0-9A-Za-z]{27}")
 
 B = TypeVar("B", bound=BaseModel)
+
+log = logging.getLogger("burrow.api")
+
+#: what a broken or unreachable database raises (sqlite3's, and a closed store's)
+STORE_FAILURES = (sqlite3.Error, StoreError)
 
 
 class APIError(Exception):
@@ -116,8 +130,16 @@ def handler(
             return await fn(req)
         except APIError as exc:
             return api_error(req, exc.status, exc.msg, exc.code, exc.headers)
+        except sqlite3.Error as exc:
+            return store_failed(req, exc)
 
     return wrapped
+
+
+def store_failed(req: Request, exc: BaseException) -> Response:
+    """A 500 for a database that failed under us: one log line, no traceback, no secrets."""
+    log.error("store failed during %s %s: %s: %s", req.method, req.path[:100], type(exc).__name__, exc)
+    return api_error(req, 500, "Internal error: the database is unavailable.", "ERR_NGROK_500")
 
 
 def dump(model: BaseModel, status: int = 200) -> Response:
@@ -139,7 +161,7 @@ def caller(req: Request) -> Caller:
 
 
 class RateLimiter:
-    """A token bucket per API key: ``per_minute`` requests, refilled continuously."""
+    """A token bucket per key (an account, a client IP): ``per_minute``, refilled continuously."""
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
@@ -163,11 +185,41 @@ class RateLimiter:
                 self._buckets.pop(k, None)
         return 0.0
 
+    def wait(self, key: str) -> float:
+        """Seconds until ``key`` has a token again (0 if it has one); spends nothing."""
+        if self.per_minute <= 0 or key not in self._buckets:
+            return 0.0
+        tokens, last = self._buckets[key]
+        rate = self.per_minute / 60.0
+        tokens = min(float(self.per_minute), tokens + (time.monotonic() - last) * rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / rate
 
-def make_before(edge: Edge, limiter: RateLimiter) -> Callable[[Request], Response | None]:
-    """The ``before`` hook: authenticate, check the API version, apply the rate limit."""
+
+def _retry_after(wait: float) -> list[tuple[str, str]]:
+    return [("Retry-After", str(max(1, round(wait + 0.5))))]
+
+
+def make_before(
+    edge: Edge, limiter: RateLimiter, auth_failures: RateLimiter | None = None
+) -> Callable[[Request], Response | None]:
+    """The ``before`` hook: authenticate, check the API version, apply the rate limits.
+
+    ``limiter`` counts requests per account; ``auth_failures`` counts wrong keys per
+    client IP and, once that IP is out of tokens, answers 429 before looking anything up.
+    """
+    auth_failures = auth_failures or RateLimiter(0)
 
     def before(req: Request) -> Response | None:
+        try:
+            return check(req)
+        except STORE_FAILURES as exc:
+            return store_failed(req, exc)
+
+    def failed(req: Request, msg: str, code: str) -> Response:
+        auth_failures.take(req.remote)
+        return api_error(req, 401, msg, code)
+
+    def check(req: Request) -> Response | None:
         auth = req.headers.get("authorization")
         if auth is None:
             return api_error(
@@ -185,14 +237,23 @@ def make_before(edge: Edge, limiter: RateLimiter) -> Callable[[Request], Respons
                 "The authorization header could not be parsed; use 'Authorization: Bearer <API key>'.",
                 "ERR_NGROK_201",
             )
-        assert edge.store is not None
+        blocked = auth_failures.wait(req.remote)
+        if blocked > 0:
+            return api_error(
+                req,
+                429,
+                f"Too many failed authentication attempts from {req.remote}: at most "
+                f"{auth_failures.per_minute} a minute. Try again later.",
+                "ERR_NGROK_429",
+                _retry_after(blocked),
+            )
+        if edge.store is None:
+            raise StoreError("store is not open")
         key = edge.store.find_api_key(token)
         if key is None:
             if edge.store.find_authtoken(token) is not None:
-                return api_error(
-                    req, 401, "You used an authtoken where an API key is required.", "ERR_NGROK_206"
-                )
-            return api_error(req, 401, "The API key is invalid.", "ERR_NGROK_202")
+                return failed(req, "You used an authtoken where an API key is required.", "ERR_NGROK_206")
+            return failed(req, "The API key is invalid.", "ERR_NGROK_202")
         version = req.headers.get("ngrok-version")
         if version is None:
             return api_error(
@@ -208,14 +269,14 @@ def make_before(edge: Edge, limiter: RateLimiter) -> Callable[[Request], Respons
                 f"Unsupported API version {version.strip()[:20]!r}; send 'Ngrok-Version: 2'.",
                 "ERR_NGROK_217",
             )
-        wait = limiter.take(key.id)
+        wait = limiter.take(key.account_id)
         if wait > 0:
             return api_error(
                 req,
                 429,
-                f"Rate limit exceeded: at most {limiter.per_minute} requests a minute per API key.",
+                f"Your account is rate limited to {limiter.per_minute} API requests per minute.",
                 "ERR_NGROK_226",
-                [("Retry-After", str(max(1, round(wait + 0.5))))],
+                _retry_after(wait),
             )
         req.state["caller"] = Caller(account_id=key.account_id, key_id=key.id)
         return None
