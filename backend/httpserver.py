@@ -241,7 +241,7 @@ class APIServer:
                     break
                 keep = head.keep_alive and (drained or not too_large)
                 async with asyncio.timeout(limits.send_timeout):
-                    await self._send(writer, resp, keep)
+                    await self._send(writer, resp, keep, head_only=method == "HEAD")
                 if not keep:
                     if too_large and not drained:
                         await self._linger(reader, writer)
@@ -344,7 +344,11 @@ class APIServer:
             return self.error(req, 500, f"internal error: {type(exc).__name__}")
 
     @staticmethod
-    async def _send(writer: asyncio.StreamWriter, resp: Response, keep: bool) -> None:
+    async def _send(
+        writer: asyncio.StreamWriter, resp: Response, keep: bool, head_only: bool = False
+    ) -> None:
+        """Write ``resp``; a HEAD request gets its head only (RFC 9110 §9.3.2), the
+        Content-Length still telling the size of the body a GET would get."""
         reason = HTTPStatus(resp.status).phrase if resp.status in HTTPStatus._value2member_map_ else ""
         lines = [f"HTTP/1.1 {resp.status} {reason}"]
         if resp.content_type and resp.status != 204:
@@ -354,7 +358,8 @@ class APIServer:
         lines.extend(f"{k}: {v}" for k, v in resp.headers)
         if not keep:
             lines.append("Connection: close")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + resp.body)
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        writer.write(head if head_only else head + resp.body)
         await writer.drain()
 
     @staticmethod

@@ -208,3 +208,22 @@ def test_failed_key_checks_are_throttled_per_client(tmp_path, procs):
 def _owner(edge: BurrowProc) -> str:
     with SQLiteStore(Path(edge.ready["data_dir"]) / "burrow.db") as store:
         return store.find_api_key(API_KEY).account_id
+
+
+def test_head_requests_get_no_body_and_keep_the_connection_in_sync(edge):
+    """HEAD answers carry Content-Length but no body (RFC 9110 §9.3.2): a body would be
+    read as the next response's status line by a keep-alive client."""
+    addr = api_addr(edge)
+    auth = f"Authorization: Bearer {API_KEY}\r\nNgrok-Version: 2\r\n"
+    data = (
+        f"HEAD /agent_ingresses/nope HTTP/1.1\r\nHost: x\r\n{auth}\r\n"
+        f"HEAD /endpoints HTTP/1.1\r\nHost: x\r\n{auth}\r\n"
+        f"GET /endpoints HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    ).encode()
+    got, closed = raw_request(addr, data)
+    assert closed
+    heads = got.split(b"\r\n\r\n")
+    assert heads[0].startswith(b"HTTP/1.1 40"), got[:300]
+    assert heads[1].startswith(b"HTTP/1.1 "), got[:600]  # no JSON body in between
+    assert heads[2].startswith(b"HTTP/1.1 200"), got[:900]
+    assert json.loads(heads[3])["endpoints"] == []
