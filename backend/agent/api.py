@@ -125,8 +125,10 @@ class _EndpointBody(BaseModel):
 
     def tunnel_config(self, name: str | None = None) -> TunnelConfig:
         up = (self.upstream or {}).get("url")
-        if not up:
+        if up is None or up == "":
             raise BadRequest("upstream.url is required")
+        if isinstance(up, bool) or not isinstance(up, str | int):
+            raise BadRequest("upstream.url must be a string such as 8080 or http://localhost:8080")
         proto = self.url.split("://", 1)[0].lower() if "://" in self.url else ""
         if not proto:
             up_scheme = str(up).split("://", 1)[0].lower() if "://" in str(up) else "http"

@@ -173,7 +173,8 @@ async def test_deeply_nested_json_is_a_400(edge, agents):
 
 
 @pytest.mark.parametrize(
-    "addr", ["\x93x:80", "http://\x93x:80", "a b:80", "exa\x00mple:80", "[zz]:80", "host:80x", "-bad-.example:1"]
+    "addr",
+    ["\x93x:80", "http://\x93x:80", "a b:80", "exa\x00mple:80", "[zz]:80", "host:80x", "-bad-.example:1"],
 )
 async def test_unusable_addr_is_refused_at_creation(edge, agents, addr):
     a = agents("http", "8080")
@@ -186,6 +187,23 @@ async def test_unusable_addr_is_refused_at_creation(edge, agents, addr):
         names = [t["name"] for t in (await c.get("/api/tunnels")).json()["tunnels"]]
         assert names == ["command_line"]
     assert "UnicodeError" not in a.stderr and "never retrieved" not in a.stderr
+
+
+async def test_upstream_url_must_be_a_string_or_port(edge, agents):
+    a = agents("http", "8080")
+    async with api(a) as c:
+        for url in (True, {"x": 1}, [80], 1.5):
+            r = await c.post("/api/endpoints", json={"name": "bad", "upstream": {"url": url}})
+            assert "upstream.url" in assert_agent_error(r, 400)["msg"], url
+        # a lone surrogate (valid JSON escape, not encodable text): 400, not a 500
+        r = await c.post(
+            "/api/tunnels",
+            content=rb'{"addr": "\ud800", "proto": "http", "name": "bad"}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert_agent_error(r, 400)
+        names = [t["name"] for t in (await c.get("/api/tunnels")).json()["tunnels"]]
+        assert names == ["command_line"]
 
 
 async def test_replay_of_a_capture_with_lf_only_chunk_lines(edge, agents):
