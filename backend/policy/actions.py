@@ -16,6 +16,7 @@ import re
 import time
 from typing import Any, ClassVar
 
+import re2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from backend.policy.document import PolicyError
@@ -486,11 +487,20 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def _regex(src: str, where: str) -> re.Pattern:
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern is the PolicyError below, not a stderr line
+
+
+def _regex(src: str, where: str):
+    """Compile a user's pattern with RE2: matching is linear in the input, so a crafted
+    URL cannot make a tenant's ``(a+)+$`` stall the edge (Python's ``re`` backtracks
+    exponentially and cannot be interrupted).  RE2 is also the syntax ngrok documents
+    (Go's regexp): no backreferences or lookaround."""
     try:
-        return re.compile(src)
-    except re.error as exc:
-        raise PolicyError(f"{where}: invalid regular expression: {exc}") from None
+        return re2.compile(src, options=_RE2_OPTIONS)
+    except re2.error as exc:
+        msg = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise PolicyError(f"{where}: invalid regular expression (RE2 syntax): {msg}") from None
 
 
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")

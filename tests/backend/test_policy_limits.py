@@ -115,3 +115,21 @@ def test_interpolated_values_are_not_regex_templates():
     ctx, st = _ctx(target="/a/z?x=%5Cg%3C7%3E%E2%82%AC")
     assert pol.run("on_http_request", ctx) is None
     assert st.target == "/b/z?x=%5Cg%3C7%3E%E2%82%AC/\\g<7>%E2%82%AC"
+
+
+def test_rewrite_patterns_run_in_linear_time_and_use_re2_syntax():
+    """A tenant's ``(a+)+$`` against a crafted path: Python's backtracking ``re`` takes
+    longer than the universe; RE2 answers (no match) at once.  Lookaround is refused when
+    the policy is set, with RE2 named, as ngrok's (Go) syntax has none either."""
+    pol = compile_policy(
+        "on_http_request:\n  - actions:\n      - type: url-rewrite\n"
+        "        config: {from: '^/(a+)+$', to: '/x'}\n"
+    )
+    ctx, st = _ctx(target="/" + "a" * 5000 + "b")
+    assert pol.run("on_http_request", ctx) is None  # would hang here with `re`
+    assert st.target == "/" + "a" * 5000 + "b"
+    with pytest.raises(PolicyError, match="RE2"):
+        compile_policy(
+            "on_http_request:\n  - actions:\n      - type: redirect\n"
+            "        config: {from: '^/(?!admin)', to: '/x'}\n"
+        )
