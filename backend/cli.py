@@ -67,6 +67,26 @@ def _port_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 <= v <= 86400 or v != v:
+        raise argparse.ArgumentTypeError(f"seconds out of range: {text!r} (0-86400)")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"count must not be negative: {text!r}")
+    return v
+
+
 # --------------------------------------------------------------------------- parsers
 def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description="Self-hosted tunnels that speak ngrok's wire formats.")
@@ -92,6 +112,23 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
         metavar="N",
         help="cloud API requests per API key per minute (0 = unlimited)",
     )
+    lim = s.add_argument_group("public data path limits (0 = none)")
+    lim.add_argument("--body-timeout", type=_seconds, default=60.0, metavar="SECS",
+                     help="close a request whose body sends no byte for this long (408)")
+    lim.add_argument("--send-timeout", type=_seconds, default=60.0, metavar="SECS",
+                     help="close a client that reads nothing of a response for this long")
+    lim.add_argument("--max-conns", type=_count, default=10_000, metavar="N",
+                     help="concurrent public connections (http, https, tcp)")
+    lim.add_argument("--max-conns-per-ip", type=_count, default=256, metavar="N",
+                     help="concurrent public connections from one client address")
+    lim.add_argument("--max-handshakes", type=_count, default=1024, metavar="N",
+                     help="connections still in a handshake (ingress before auth; https before TLS), per listener")
+    lim.add_argument("--max-handshakes-per-ip", type=_count, default=128, metavar="N",
+                     help="the same, from one client address")
+    lim.add_argument("--first-byte-timeout", type=_seconds, default=5.0, metavar="SECS",
+                     help="close an ingress connection that sends nothing for this long")
+    lim.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="SECS",
+                     help="TLS handshake plus first message on the ingress and https ports")
     s.add_argument("--json", action="store_true")
 
     def conn_flags(p: argparse.ArgumentParser) -> None:
@@ -199,6 +236,14 @@ async def _serve(args) -> int:
         api_keys=api_keys,
         authtokens=authtokens,
         api_rate_limit=max(0, args.api_rate_limit),
+        body_timeout=args.body_timeout,
+        send_timeout=args.send_timeout,
+        max_conns=args.max_conns,
+        max_conns_per_ip=args.max_conns_per_ip,
+        max_handshakes=args.max_handshakes,
+        max_handshakes_per_ip=args.max_handshakes_per_ip,
+        first_byte_timeout=args.first_byte_timeout or 5.0,
+        handshake_timeout=args.handshake_timeout or 10.0,
     )
     edge = Edge(cfg, on_event=_emit if args.json else None)
     stop = await _until_signal()

@@ -104,16 +104,35 @@ async def detach(
     return dup, pending
 
 
-async def _drain_all(writer: asyncio.StreamWriter) -> None:
+async def _drain_all(writer: asyncio.StreamWriter, timeout: float | None = None) -> None:
     """Wait until the transport has nothing left to send (drain() alone stops at the
-    low-water mark), then restore its limits."""
+    low-water mark), then restore its limits.  WriteStall (and the connection aborted)
+    if the peer takes nothing for ``timeout`` seconds."""
     transport = writer.transport
     low, high = transport.get_write_buffer_limits()
     transport.set_write_buffer_limits(0)
+    timer = None
+    fired: list[bool] = []
+    if timeout is not None and transport.get_write_buffer_size():
+
+        def expire() -> None:
+            fired.append(True)
+            transport.abort()
+
+        timer = asyncio.get_running_loop().call_later(timeout, expire)
     try:
         await writer.drain()
+    except OSError:
+        if fired:
+            raise WriteStall(f"no progress for {timeout:g}s") from None
+        raise
     finally:
-        transport.set_write_buffer_limits(high, low)
+        if timer is not None:
+            timer.cancel()
+        if not transport.is_closing():
+            transport.set_write_buffer_limits(high, low)
+    if fired:
+        raise WriteStall(f"no progress for {timeout:g}s")
 
 
 class _Direction:
@@ -294,6 +313,14 @@ class Incomplete(Exception):
     """The source ended before the announced number of bytes."""
 
 
+class ReadStall(TimeoutError):
+    """The source sent nothing for the read timeout."""
+
+
+class WriteStall(TimeoutError):
+    """The destination took nothing for the write timeout."""
+
+
 def can_splice_body(
     reader: asyncio.StreamReader,
     src: asyncio.StreamWriter | None,
@@ -309,8 +336,15 @@ def can_splice_body(
     return buf is not None and len(buf) < n // 2 and spliceable(src) and spliceable(dst)
 
 
-async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
+async def _ready(
+    loop: asyncio.AbstractEventLoop, fd: int, write: bool, timeout: float | None = None
+) -> None:
+    """Wait until ``fd`` is readable (writable); ReadStall (WriteStall) after ``timeout``."""
     fut = loop.create_future()
+    timer = None
+    if timeout is not None:
+        stall = WriteStall if write else ReadStall
+        timer = loop.call_later(timeout, _stall, fut, stall(f"no progress for {timeout:g}s"))
 
     def wake() -> None:
         if not fut.done():
@@ -323,10 +357,17 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
     try:
         await fut
     finally:
+        if timer is not None:
+            timer.cancel()
         if write:
             loop.remove_writer(fd)
         else:
             loop.remove_reader(fd)
+
+
+def _stall(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
 
 
 async def splice_body(
@@ -336,6 +377,8 @@ async def splice_body(
     n: int,
     prefix: bytes = b"",
     tee: Tee | None = None,
+    read_timeout: float | None = None,
+    write_timeout: float | None = None,
 ) -> None:
     """Copy exactly ``n`` bytes from ``reader`` (whose connection ``src`` writes to) to
     ``dst``, ``prefix`` first; both connections stay open and usable afterwards.
@@ -346,7 +389,8 @@ async def splice_body(
     ``tee`` (a capture) gets the bytes it wants: the spliced ones are duplicated in the
     kernel with tee(2) and read from the copy, one memory copy instead of four through
     streams.  Once it answers that it wants no more (0), the rest is only spliced and
-    handed to it as a count.  Raises :class:`Incomplete` if the source ends early, OSError if a socket fails.
+    handed to it as a count.  Raises :class:`Incomplete` if the source ends early, OSError if a socket fails,
+    :class:`ReadStall` / :class:`WriteStall` when a side makes no progress for its timeout.
     """
     loop = asyncio.get_running_loop()
     src_t = src.transport
@@ -367,7 +411,7 @@ async def splice_body(
         want = tee(head)
     if prefix or head:
         dst.writelines((prefix, head))
-    await _drain_all(dst)
+    await _drain_all(dst, write_timeout)
     fds: list[int] = []
     pipes: list[tuple[int, int]] = []
     clean = False
@@ -377,9 +421,11 @@ async def splice_body(
         pipes.append(_take_pipe())
         if tee is not None and want != 0:
             pipes.append(_take_pipe())
-            left = await _move_teed(loop, fds[0], fds[1], pipes[0], pipes[1], left, tee)
+            left = await _move_teed(
+                loop, fds[0], fds[1], pipes[0], pipes[1], left, tee, read_timeout, write_timeout
+            )
         if left:
-            await _move(loop, fds[0], fds[1], pipes[0], left)
+            await _move(loop, fds[0], fds[1], pipes[0], left, read_timeout, write_timeout)
             if tee is not None:
                 tee(left)  # passed on unseen: counted only
         clean = True
@@ -395,7 +441,13 @@ async def splice_body(
 
 
 async def _move(
-    loop: asyncio.AbstractEventLoop, sfd: int, dfd: int, pipe: tuple[int, int], left: int
+    loop: asyncio.AbstractEventLoop,
+    sfd: int,
+    dfd: int,
+    pipe: tuple[int, int],
+    left: int,
+    read_timeout: float | None = None,
+    write_timeout: float | None = None,
 ) -> None:
     """sfd → pipe → dfd, ``left`` bytes, reading ahead while dst is slower."""
     pr, pw = pipe
@@ -421,7 +473,10 @@ async def _move(
             except BlockingIOError:
                 pass
         if not moved:
-            await _ready(loop, dfd if queued else sfd, write=bool(queued))
+            if queued:
+                await _ready(loop, dfd, True, write_timeout)
+            else:
+                await _ready(loop, sfd, False, read_timeout)
         else:
             rounds += 1
             if rounds % _YIELD_EVERY == 0:
@@ -436,6 +491,8 @@ async def _move_teed(
     copy: tuple[int, int],
     left: int,
     tee: Tee,
+    read_timeout: float | None = None,
+    write_timeout: float | None = None,
 ) -> int:
     """Like :func:`_move`, handing the bytes to ``tee`` on the way, until it wants no
     more; returns how many bytes are left to move then (both pipes are empty).
@@ -450,7 +507,7 @@ async def _move_teed(
         try:
             k = os.splice(sfd, pw, min(left, _pipe_size), flags=FLAGS)
         except BlockingIOError:
-            await _ready(loop, sfd, write=False)
+            await _ready(loop, sfd, False, read_timeout)
             continue
         if k == 0:
             raise Incomplete(f"connection closed {left} bytes before the end of the body")
@@ -464,7 +521,7 @@ async def _move_teed(
                 try:
                     t -= os.splice(pr, dfd, t, flags=FLAGS)
                 except BlockingIOError:
-                    await _ready(loop, dfd, write=True)
+                    await _ready(loop, dfd, True, write_timeout)
         if want == 0:
             return left
         await asyncio.sleep(0)

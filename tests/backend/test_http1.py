@@ -21,6 +21,7 @@ from backend.http1 import (
     MAX_HEAD,
     NO_BODY,
     UNTIL_CLOSE,
+    ClientError,
     Head,
     HTTPError,
     UpstreamError,
@@ -841,15 +842,16 @@ async def test_proxy_upstream_closes_mid_body(rig: Rig, resp: bytes) -> None:
     assert await rig.client.read_all() == resp  # everything up to the break was relayed
 
 
-async def test_proxy_client_vanishing_mid_body_is_an_upstream_error(rig: Rig) -> None:
+async def test_proxy_client_vanishing_mid_body_is_a_client_error(rig: Rig) -> None:
+    # The client's fault, not the upstream's: a 400 for whoever proxies, never a 502.
     head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n"
     await rig.client.send(head + b"q" * 10)
     _, task = await rig.start(head)
     await within(read_head(rig.server.r))
     rig.client.w.close()
-    with pytest.raises(UpstreamError) as info:
+    with pytest.raises(ClientError) as info:
         await within(task)
-    assert info.value.response_started is False
+    assert info.value.status == 400
 
 
 # ------------------------------------------------------------------------ add_headers
