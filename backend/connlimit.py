@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 
 class ConnLimit:
@@ -24,9 +25,13 @@ class ConnLimit:
         self.by_ip: dict[str, int] = {}
         self.refused = 0
 
-    def acquire(self, ip: str) -> bool:
+    def acquire(self, ip: str, exempt: Callable[[str], bool] | None = None) -> bool:
+        """Take a slot for ``ip``; ``exempt(ip)`` (asked only when the per-address cap is
+        what stands in the way) lets a known-good address past that cap, not the total."""
         n = self.by_ip.get(ip, 0)
-        if (self.total and self.count >= self.total) or (self.per_ip and n >= self.per_ip):
+        if (self.total and self.count >= self.total) or (
+            self.per_ip and n >= self.per_ip and (exempt is None or not exempt(ip))
+        ):
             self.refused += 1
             return False
         self.count += 1

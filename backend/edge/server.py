@@ -236,6 +236,11 @@ class Edge:
             ip = addr[0] if isinstance(addr, tuple) else ""
             self._spawn(handler(sock, ip))
 
+    def _agent_address(self, ip: str) -> bool:
+        """An address with a live session: its agent may dial many data connections at
+        once (one NeedData asks for up to 64), so the per-address cap does not apply."""
+        return any(s.ip == ip for s in self.registry.sessions.values())
+
     def _refuse(self, what: str, ip: str) -> None:
         self._throttled.warning("refuse-" + what, "%s: connection from %s refused: limit reached", what, ip)
 
@@ -294,7 +299,7 @@ class Edge:
         # Until a connection has authenticated (an Auth or a DataHello with a session's
         # key) it holds one of a bounded number of slots, overall and per address, and
         # has first_byte_timeout for its first byte and handshake_timeout for the rest.
-        if not self.ingress_pending.acquire(peer_ip):
+        if not self.ingress_pending.acquire(peer_ip, self._agent_address):
             self._refuse("ingress", peer_ip)
             sock.close()
             return
