@@ -437,10 +437,10 @@ async def _read(reader: asyncio.StreamReader, n: int, timeout: float | None, err
 async def drain(writer: asyncio.StreamWriter, timeout: float | None = None) -> None:
     """``writer.drain()``, giving up (abort + :class:`WriteTimeout`) when the peer takes
     nothing for ``timeout`` seconds."""
-    transport = writer.transport
-    if timeout is None or not transport.get_write_buffer_size():
+    if timeout is None or not writer.transport.get_write_buffer_size():
         await writer.drain()
         return
+    transport = writer.transport
     fired = False
 
     def expire() -> None:

@@ -87,7 +87,7 @@ def spliceable(writer: asyncio.StreamWriter) -> bool:
 
 
 async def detach(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float | None = None
 ) -> tuple[socket.socket, bytes]:
     """Take the socket away from its transport: (duplicate socket, bytes already read)."""
     transport = writer.transport
@@ -96,7 +96,7 @@ async def detach(
     assert buf is not None
     pending = bytes(buf)
     buf.clear()
-    await _drain_all(writer)
+    await _drain_all(writer, timeout)
     sock = writer.get_extra_info("socket")
     dup = socket.socket(fileno=os.dup(sock.fileno()))
     dup.setblocking(False)
@@ -138,7 +138,7 @@ async def _drain_all(writer: asyncio.StreamWriter, timeout: float | None = None)
 class _Direction:
     """src → dst: splice into a pipe on readable, out of it until dst would block."""
 
-    __slots__ = ("dst", "loop", "pipe", "queued", "relay", "src", "total")
+    __slots__ = ("dst", "loop", "pipe", "queued", "relay", "src", "timer", "total")
 
     def __init__(self, relay: SpliceRelay, src: socket.socket, dst: socket.socket) -> None:
         self.relay = relay
@@ -148,6 +148,7 @@ class _Direction:
         self.pipe: tuple[int, int] | None = None
         self.queued = 0  # bytes sitting in the pipe
         self.total = 0
+        self.timer: asyncio.TimerHandle | None = None  # dst has taken nothing since
 
     def start(self) -> None:
         self.loop.add_reader(self.src.fileno(), self.on_readable)
@@ -171,6 +172,7 @@ class _Direction:
                 if not self.flush(dst):
                     self.loop.remove_reader(src)
                     self.loop.add_writer(dst, self.on_writable)
+                    self.arm()
                     return
         except OSError as exc:
             self.relay.fail(exc)
@@ -189,14 +191,30 @@ class _Direction:
                 return False
         return True
 
+    def arm(self) -> None:
+        """dst is full: it must take some bytes within the relay's stall timeout."""
+        t = self.relay.stall_timeout
+        if t is not None:
+            self.timer = self.loop.call_later(t, self.relay.fail, WriteStall(f"no progress for {t:g}s"))
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def on_writable(self) -> None:
         dst = self.dst.fileno()
+        before = self.queued
         try:
             if not self.flush(dst):
+                if self.queued != before:  # some progress: the stall clock restarts
+                    self.disarm()
+                    self.arm()
                 return
         except OSError as exc:
             self.relay.fail(exc)
             return
+        self.disarm()
         self.loop.remove_writer(dst)
         if self.pipe is not None:
             _give_pipe(self.pipe)
@@ -204,6 +222,7 @@ class _Direction:
         self.loop.add_reader(self.src.fileno(), self.on_readable)
 
     def stop(self) -> None:
+        self.disarm()
         with contextlib.suppress(Exception):
             self.loop.remove_reader(self.src.fileno())
         with contextlib.suppress(Exception):
@@ -217,10 +236,12 @@ class _Direction:
 
 
 class SpliceRelay:
-    """Relay a ↔ b until both directions have ended (EOF) or one fails."""
+    """Relay a ↔ b until both directions have ended (EOF) or one fails (a side that
+    takes none of the bytes waiting for it for ``stall_timeout`` seconds fails it)."""
 
-    def __init__(self, a: socket.socket, b: socket.socket) -> None:
+    def __init__(self, a: socket.socket, b: socket.socket, stall_timeout: float | None = None) -> None:
         self.loop = asyncio.get_running_loop()
+        self.stall_timeout = stall_timeout
         self.a, self.b = a, b
         self.up = _Direction(self, a, b)
         self.down = _Direction(self, b, a)
@@ -255,9 +276,12 @@ class SpliceRelay:
                 s.close()
 
 
-async def _send_all(sock: socket.socket, data: bytes) -> None:
+async def _send_all(sock: socket.socket, data: bytes, timeout: float | None = None) -> None:
     if data:
-        await asyncio.get_running_loop().sock_sendall(sock, data)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, data), timeout)
+        except TimeoutError:
+            raise WriteStall(f"no progress for {timeout:g}s") from None
 
 
 # The task running each spliced relay, by the writers it took over: closing one of
@@ -278,6 +302,7 @@ async def splice_relay(
     a_w: asyncio.StreamWriter,
     b_r: asyncio.StreamReader,
     b_w: asyncio.StreamWriter,
+    stall_timeout: float | None = None,
 ) -> tuple[int, int]:
     """Detach both connections from their transports and splice between them."""
     task = asyncio.current_task()
@@ -285,13 +310,13 @@ async def splice_relay(
     _running[a_w] = _running[b_w] = task
     socks: list[socket.socket] = []
     try:
-        a, a_pending = await detach(a_r, a_w)
+        a, a_pending = await detach(a_r, a_w, stall_timeout)
         socks.append(a)
-        b, b_pending = await detach(b_r, b_w)
+        b, b_pending = await detach(b_r, b_w, stall_timeout)
         socks.append(b)
-        await _send_all(b, a_pending)
-        await _send_all(a, b_pending)
-        up, down = await SpliceRelay(a, b).run()
+        await _send_all(b, a_pending, stall_timeout)
+        await _send_all(a, b_pending, stall_timeout)
+        up, down = await SpliceRelay(a, b, stall_timeout).run()
         return up + len(a_pending), down + len(b_pending)
     finally:
         for w in (a_w, b_w):

@@ -229,7 +229,7 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
                     writer.write(pages.no_agent(host))
                 break
             if res.upgraded:
-                await relay(reader, writer, dc[1], dc[2])
+                await relay(reader, writer, dc[1], dc[2], send_timeout)
                 break
             if not res.keep_alive:
                 break
@@ -299,6 +299,6 @@ async def forward_raw(
         close(writer)
         return
     try:
-        await relay(reader, writer, dr, dw)
+        await relay(reader, writer, dr, dw, edge.config.send_timeout or None)
     finally:
         ep.session.release(dw)

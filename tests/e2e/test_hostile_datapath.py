@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.procs import READY_TIMEOUT, BurrowProc, edge_args, host_of, start_agent
-from tests.upstreams import HTTPUpstream, raw_exchange
+from tests.upstreams import HTTPUpstream, TCPEcho, raw_exchange
 
 ATTACKER = "127.0.0.2"
 
@@ -221,7 +221,7 @@ async def test_a_stalled_request_body_is_closed_after_the_body_timeout(tmp_path,
     _no_tracebacks(edge)
 
 
-@pytest.mark.parametrize("flags", [(), ("--no-data-tls",)], ids=["tls-data", "plain-data"])
+@pytest.mark.parametrize("flags", [("--data-tls",), ("--no-data-tls",)], ids=["tls-data", "plain-data"])
 async def test_a_client_that_never_reads_is_closed_after_the_send_timeout(tmp_path, procs, flags) -> None:
     edge = start_edge(tmp_path, "--send-timeout", "1")
     procs.append(edge)
@@ -382,3 +382,39 @@ async def test_partial_client_hellos_do_not_burn_cpu(tmp_path, procs) -> None:
             for s in socks:
                 s.close()
     _no_tracebacks(edge)
+
+
+@pytest.mark.parametrize("flags", [("--data-tls",), ("--no-data-tls",)], ids=["tls-data", "plain-data"])
+async def test_a_tcp_client_that_never_reads_is_closed_after_the_send_timeout(tmp_path, procs, flags) -> None:
+    # A raw relay (TCP tunnel) to a client that reads nothing: idle is fine, but bytes
+    # waiting for it longer than the send timeout end the connection.
+    edge = start_edge(tmp_path, "--send-timeout", "1")
+    procs.append(edge)
+    async with TCPEcho() as up:
+        a = start_agent(edge, "tcp", str(up.port), *flags, home=tmp_path / "h")
+        procs.append(a)
+        port = int(a.public_url.rsplit(":", 1)[1])
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.sock_connect(s, ("127.0.0.1", port)), 5)
+            await asyncio.sleep(2)  # idle for longer than the send timeout: still open
+            await loop.sock_sendall(s, b"ping")
+            assert await asyncio.wait_for(loop.sock_recv(s, 4), 5) == b"ping"
+            sent = 0
+            t0 = time.monotonic()
+            with contextlib.suppress(OSError, TimeoutError):  # the edge resets us: expected
+                while sent < 512 * 1024 * 1024 and time.monotonic() - t0 < 15:
+                    await asyncio.wait_for(loop.sock_sendall(s, b"x" * 1024 * 1024), 15 - (time.monotonic() - t0))
+                    sent += 1024 * 1024
+            # the echo never got read back; the edge must have dropped the connection
+            got = 0
+            with contextlib.suppress(OSError, TimeoutError):
+                while chunk := await asyncio.wait_for(loop.sock_recv(s, 1024 * 1024), 3):
+                    got += len(chunk)
+        finally:
+            s.close()
+        assert time.monotonic() - t0 < 15, "the edge never gave up on a client that reads nothing"
+        assert got < sent, (got, sent)
