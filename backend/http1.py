@@ -266,7 +266,7 @@ def normalize_target(req: Head) -> Head:
     otherwise a new Head whose ``raw`` is what must be forwarded.
     """
     target = req.target
-    if target[:1] == b"/" and b"%" not in target and b"/." not in target:
+    if target.startswith(b"/") and b"%" not in target and b"/." not in target:
         return req
     host = None
     if target[:1] != b"/":
