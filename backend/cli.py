@@ -69,19 +69,29 @@ def _port_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _non_negative(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {n}")
-    return n
-
-
 def _agent_failure(exc) -> CLIError:
     """One line for an error from the edge, with ngrok's code when it has one."""
     return CLIError(f"{exc} ({exc.code})" if getattr(exc, "code", "") else str(exc))
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 <= v <= 86400 or v != v:
+        raise argparse.ArgumentTypeError(f"seconds out of range: {text!r} (0-86400)")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"count must not be negative: {text!r}")
+    return v
 
 
 # --------------------------------------------------------------------------- parsers
@@ -137,7 +147,7 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
         ("--max-data-conns-per-session", 10000, "data connections (pooled + active) per agent session"),
     )
     for flag, default, what in caps:
-        s.add_argument(flag, type=_non_negative, default=default, metavar="N", help=f"{what}; 0 = no limit")
+        s.add_argument(flag, type=_count, default=default, metavar="N", help=f"{what}; 0 = no limit")
     s.add_argument(
         "--policy-eval-budget",
         type=float,
@@ -145,6 +155,23 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="traffic policy evaluation time per request; past it the request alone gets a 500",
     )
+    lim = s.add_argument_group("public data path limits (0 = none)")
+    lim.add_argument("--body-timeout", type=_seconds, default=60.0, metavar="SECS",
+                     help="close a request whose body sends no byte for this long (408)")
+    lim.add_argument("--send-timeout", type=_seconds, default=60.0, metavar="SECS",
+                     help="close a client that reads nothing of a response for this long")
+    lim.add_argument("--max-conns", type=_count, default=10_000, metavar="N",
+                     help="concurrent public connections (http, https, tcp)")
+    lim.add_argument("--max-conns-per-ip", type=_count, default=256, metavar="N",
+                     help="concurrent public connections from one client address")
+    lim.add_argument("--max-handshakes", type=_count, default=1024, metavar="N",
+                     help="connections still in a handshake (ingress before auth; https before TLS), per listener")
+    lim.add_argument("--max-handshakes-per-ip", type=_count, default=128, metavar="N",
+                     help="the same, from one client address")
+    lim.add_argument("--first-byte-timeout", type=_seconds, default=5.0, metavar="SECS",
+                     help="close an ingress connection that sends nothing for this long")
+    lim.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="SECS",
+                     help="TLS handshake plus first message on the ingress and https ports")
     s.add_argument("--json", action="store_true")
 
     def conn_flags(p: argparse.ArgumentParser) -> None:
@@ -279,6 +306,14 @@ async def _serve(args) -> int:
         api_auth_fail_limit=max(0, args.api_auth_fail_limit),
         api_public_url=_public_url(args.api_public_url),
         api_read_timeout=_timeout("--api-read-timeout", args.api_read_timeout),
+        body_timeout=args.body_timeout,
+        send_timeout=args.send_timeout,
+        max_conns=args.max_conns,
+        max_conns_per_ip=args.max_conns_per_ip,
+        max_handshakes=args.max_handshakes,
+        max_handshakes_per_ip=args.max_handshakes_per_ip,
+        first_byte_timeout=args.first_byte_timeout or 5.0,
+        handshake_timeout=args.handshake_timeout or 10.0,
     )
     edge = Edge(cfg, on_event=_emit if args.json else None)
     stop = await _until_signal()

@@ -30,7 +30,16 @@ BLOCK = 256 * 1024  # relay block size
 # Prefix marking a whole replacement response returned by an ``edit_response`` hook.
 REPLACE = b"\x00replace\x00"
 
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# One chunk-size line (RFC 9112 §7.1): strict hex (no "0x", sign or "_"), then optional
+# chunk extensions (§7.1.1: BWS ";" BWS name [BWS "=" BWS (token / quoted-string)]),
+# ended by CRLF (a bare LF is refused: a smuggling vector between lenient parsers).
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\x00-\x08\x0a-\x1f\x7f])*"'
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*[ \t]*\r\n"
+)
+# A trailer field line (or the final empty line), CRLF-terminated, no bare CR/LF/NUL.
+_TRAILER_LINE = re.compile(rb"(?:" + _TOKEN + rb":[^\x00\r\n]*)?\r\n")
 
 # Body framing kinds.
 NO_BODY = 0
@@ -48,6 +57,11 @@ class HTTPError(Exception):
         self.msg = msg
 
 
+class ClientError(HTTPError):
+    """The client broke its request body (bad chunk framing, EOF, a stall past the body
+    timeout): answered with ``status`` (400, or 408 for a timeout) by whoever proxies."""
+
+
 class UpstreamError(Exception):
     """The other side of the proxy broke the protocol or vanished mid-message.
 
@@ -56,6 +70,11 @@ class UpstreamError(Exception):
     """
 
     response_started = False
+
+
+class WriteTimeout(TimeoutError):
+    """The peer did not take the bytes written to it within the send timeout."""
+
 
 
 @dataclass(slots=True)
@@ -157,6 +176,10 @@ def parse_request_head(raw: bytes) -> Head:
     if method == b"CONNECT":
         raise HTTPError(405, "CONNECT is not supported")
     framing, length, conn = _framing(col.headers, True)
+    version = parser.get_http_version()
+    if version == "1.0" and any(k.lower() == b"transfer-encoding" for k, _ in col.headers):
+        # RFC 9112 §6.1: a 1.0 peer cannot mean chunked; its framing is ambiguous (smuggling)
+        raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
     host = ""
     upgrade = False
     expect = False
@@ -173,8 +196,8 @@ def parse_request_head(raw: bytes) -> Head:
     return Head(
         raw=raw,
         headers=col.headers,
-        version=parser.get_http_version(),
-        keep_alive=_keep_alive(parser.get_http_version(), conn),
+        version=version,
+        keep_alive=_keep_alive(version, conn),
         framing=framing,
         length=length,
         method=method,
@@ -182,6 +205,121 @@ def parse_request_head(raw: bytes) -> Head:
         host=host.strip(),
         upgrade=upgrade,
         expect_continue=expect,
+    )
+
+
+# RFC 3986 §2.3 unreserved characters: their percent-encodings are equivalent to them.
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEXDIGITS = frozenset(b"0123456789ABCDEFabcdef")
+
+
+def _normalize_escapes(part: bytes) -> bytes:
+    """Decode %XX of unreserved characters (§6.2.2.2), upper-case the others (§6.2.2.1)."""
+    out = bytearray()
+    i = 0
+    n = len(part)
+    while i < n:
+        j = part.find(b"%", i)
+        if j < 0:
+            out += part[i:]
+            break
+        out += part[i:j]
+        hx = part[j + 1 : j + 3]
+        if len(hx) != 2 or hx[0] not in _HEXDIGITS or hx[1] not in _HEXDIGITS:
+            raise HTTPError(400, "invalid percent-encoding in the request target")
+        c = int(hx, 16)
+        if c in _UNRESERVED:
+            out.append(c)
+        else:
+            out += b"%" + hx.upper()
+        i = j + 3
+    return bytes(out)
+
+
+def _remove_dot_segments(path: bytes) -> bytes:
+    """RFC 3986 §5.2.4 for an absolute path."""
+    out: list[bytes] = []
+    segs = path.split(b"/")[1:]
+    for k, seg in enumerate(segs):
+        last = k == len(segs) - 1
+        if seg == b".":
+            if last:
+                out.append(b"")
+        elif seg == b"..":
+            if out:
+                out.pop()
+            if last:
+                out.append(b"")
+        else:
+            out.append(seg)
+    return b"/" + b"/".join(out)
+
+
+def normalize_target(req: Head) -> Head:
+    """The request with its target in normal origin form, as policy must see it.
+
+    RFC 9112 §3.2.2: an absolute-form target (``GET http://host/p``) becomes origin form
+    and its authority replaces the Host header.  The path's percent-encoded unreserved
+    characters are decoded (RFC 3986 §6.2.2.2), other escapes upper-cased, and dot
+    segments removed (§5.2.4), so ``/%61dmin`` and ``/x/../admin`` read ``/admin``.
+    Returns ``req`` itself when nothing changes (the common case costs one scan);
+    otherwise a new Head whose ``raw`` is what must be forwarded.
+    """
+    target = req.target
+    if target.startswith(b"/") and b"%" not in target and b"/." not in target:
+        return req
+    host = None
+    if target[:1] != b"/":
+        if target == b"*" and req.method == b"OPTIONS":
+            return req
+        scheme, sep, rest = target.partition(b"://")
+        if not sep or scheme.lower() not in (b"http", b"https"):
+            raise HTTPError(400, "invalid request target")
+        cut = len(rest)
+        for ch in b"/?#":
+            k = rest.find(bytes((ch,)))
+            if 0 <= k < cut:
+                cut = k
+        authority, rest = rest[:cut], rest[cut:]
+        if not authority or b"@" in authority:
+            raise HTTPError(400, "invalid authority in the request target")
+        host = authority
+        target = rest if rest[:1] == b"/" else b"/" + rest
+    path, q, query = target.partition(b"?")
+    path = _normalize_escapes(path) if b"%" in path else path
+    if b"/." in path:
+        path = _remove_dot_segments(path)
+    if q:
+        query = _normalize_escapes(query) if b"%" in query else query
+    new_target = path + q + query
+    if new_target == req.target and host is None:
+        return req
+    raw = req.raw
+    eol = raw.find(b"\n")
+    line = raw[:eol].rstrip(b"\r")
+    method, _, rest = line.partition(b" ")
+    _, _, version = rest.rpartition(b" ")
+    head_lines = [method + b" " + new_target + b" " + version]
+    headers = req.headers
+    if host is not None:
+        headers = [(k, v) for k, v in req.headers if k.lower() != b"host"]
+        headers.insert(0, (b"Host", host))
+        body = b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+        new_raw = head_lines[0] + b"\r\n" + body + b"\r\n"
+    else:
+        new_raw = head_lines[0] + b"\r\n" + raw[eol + 1 :]
+    return Head(
+        raw=new_raw,
+        headers=headers,
+        version=req.version,
+        keep_alive=req.keep_alive,
+        framing=req.framing,
+        length=req.length,
+        method=req.method,
+        target=new_target,
+        host=host.decode("latin-1") if host is not None else req.host,
+        upgrade=req.upgrade,
+        expect_continue=req.expect_continue,
     )
 
 
@@ -255,6 +393,74 @@ class Observer(Protocol):
     def response_body(self, chunk: bytes | int) -> int | None: ...
 
 
+# ----------------------------------------------------------------------- deadlines
+# A deadline costs one timer handle, armed only around a read or a drain that would
+# actually wait (the bytes are not buffered yet / the write buffer is not empty), so a
+# small request that arrives in one segment pays for none.  Each timer bounds the gap
+# between two pieces of progress (nginx's client_body_timeout / send_timeout), not the
+# whole body, so a slow but moving transfer is never cut off.
+
+
+def _expire_read(reader: asyncio.StreamReader, exc: BaseException) -> None:
+    reader.set_exception(exc)  # wakes the waiting read with ``exc``
+
+
+def _read_stall(error: type[Exception], timeout: float) -> Exception:
+    msg = f"no body bytes for {timeout:g}s"
+    if issubclass(error, HTTPError):
+        return error(408, "request body timeout: " + msg)
+    return error(msg)
+
+
+def _arm_read(
+    reader: asyncio.StreamReader, timeout: float | None, error: type[Exception], ready: bool
+) -> asyncio.TimerHandle | None:
+    if timeout is None or ready or reader.at_eof():
+        return None
+    return asyncio.get_running_loop().call_later(timeout, _expire_read, reader, _read_stall(error, timeout))
+
+
+def _buffered(reader: asyncio.StreamReader) -> bytearray:
+    buf = getattr(reader, "_buffer", None)
+    return buf if isinstance(buf, bytearray) else bytearray()
+
+
+async def _read(reader: asyncio.StreamReader, n: int, timeout: float | None, error: type[Exception]) -> bytes:
+    timer = _arm_read(reader, timeout, error, bool(_buffered(reader)))
+    try:
+        return await reader.read(n)
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+async def drain(writer: asyncio.StreamWriter, timeout: float | None = None) -> None:
+    """``writer.drain()``, giving up (abort + :class:`WriteTimeout`) when the peer takes
+    nothing for ``timeout`` seconds."""
+    if timeout is None or not writer.transport.get_write_buffer_size():
+        await writer.drain()
+        return
+    transport = writer.transport
+    fired = False
+
+    def expire() -> None:
+        nonlocal fired
+        fired = True
+        transport.abort()
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        await writer.drain()
+    except OSError:
+        if fired:
+            raise WriteTimeout(f"the peer read nothing for {timeout:g}s") from None
+        raise
+    finally:
+        timer.cancel()
+    if fired:
+        raise WriteTimeout(f"the peer read nothing for {timeout:g}s")
+
+
 # ----------------------------------------------------------------------- body relays
 async def relay_body(
     reader: asyncio.StreamReader,
@@ -263,6 +469,9 @@ async def relay_body(
     tee=None,
     prefix: bytes = b"",
     src: asyncio.StreamWriter | None = None,
+    error: type[Exception] = UpstreamError,
+    read_timeout: float | None = None,
+    write_timeout: float | None = None,
 ) -> int:
     """Copy one message body from reader to writer according to ``head``'s framing.
 
@@ -270,6 +479,12 @@ async def relay_body(
     the body, so a small response costs one send instead of two.  A large body with a
     Content-Length between two plain sockets (``src`` is the writer of the reader's
     connection) is spliced in the kernel; ``tee`` still sees all of it.
+
+    Faults of the reading side (broken framing, EOF inside the body, no bytes for
+    ``read_timeout`` seconds) raise ``error`` (:class:`UpstreamError` for a response,
+    :class:`ClientError` for a request body); a writer that takes nothing for
+    ``write_timeout`` seconds raises :class:`WriteTimeout`.  Chunked framing is checked
+    line by line *before* it is forwarded, so a malformed chunk never leaves the proxy.
     """
     kind = head.framing
     if kind == NO_BODY:
@@ -281,14 +496,18 @@ async def relay_body(
         left = head.length
         if splice.can_splice_body(reader, src, writer, left, teed=tee is not None):
             try:
-                await splice.splice_body(reader, src, writer, left, prefix, tee)
+                await splice.splice_body(reader, src, writer, left, prefix, tee, read_timeout, write_timeout)
             except splice.Incomplete as exc:
-                raise UpstreamError(str(exc)) from None
+                raise _err(error, str(exc)) from None
+            except splice.ReadStall:
+                raise _read_stall(error, read_timeout or 0) from None
+            except splice.WriteStall as exc:
+                raise WriteTimeout(str(exc)) from None
             return left
         while left:
-            chunk = await reader.read(min(left, BLOCK))
+            chunk = await _read(reader, min(left, BLOCK), read_timeout, error)
             if not chunk:
-                raise UpstreamError("connection closed inside the message body")
+                raise _err(error, "connection closed inside the message body")
             left -= len(chunk)
             total += len(chunk)
             if tee is not None:
@@ -296,67 +515,83 @@ async def relay_body(
             if prefix:
                 chunk, prefix = prefix + chunk, b""
             writer.write(chunk)
-            await writer.drain()
+            await drain(writer, write_timeout)
         return total
     if prefix:
         writer.write(prefix)
     if kind == UNTIL_CLOSE:
-        while chunk := await reader.read(BLOCK):
+        while chunk := await _read(reader, BLOCK, read_timeout, error):
             total += len(chunk)
             writer.write(chunk)
             if tee is not None:
                 tee(chunk)
-            await writer.drain()
+            await drain(writer, write_timeout)
         return total
-    # chunked: relay the framing verbatim, tracking only chunk sizes
+    # chunked: relay the framing verbatim once each line is known to be valid
     while True:
-        line = await _read_line(reader)
+        line = await _read_line(reader, error, read_timeout)
+        m = _CHUNK_LINE.fullmatch(line)
+        if m is None:  # int(x, 16) alone would take "0x5", "+5", "1_0"; LF alone is refused
+            raise _err(error, "invalid chunk size line")
         writer.write(line)
         if tee is not None:
             tee(line)
-        size_txt = line.split(b";", 1)[0].strip()
-        if not _HEX.fullmatch(size_txt):  # int(x, 16) would also take "0x5", "+5", "1_0"
-            raise UpstreamError("invalid chunk size")
-        size = int(size_txt, 16)
+        size = int(m.group(1), 16)
         if size == 0:
-            # trailer section: lines until an empty one
+            # trailer section: field lines until an empty one
             while True:
-                line = await _read_line(reader)
+                line = await _read_line(reader, error, read_timeout)
+                if _TRAILER_LINE.fullmatch(line) is None:
+                    raise _err(error, "invalid chunked trailer line")
                 writer.write(line)
                 if tee is not None:
                     tee(line)
-                if line in (b"\r\n", b"\n"):
-                    await writer.drain()
+                if line == b"\r\n":
+                    await drain(writer, write_timeout)
                     return total
         left = size
         while left:
-            chunk = await reader.read(min(left, BLOCK))
+            chunk = await _read(reader, min(left, BLOCK), read_timeout, error)
             if not chunk:
-                raise UpstreamError("connection closed inside a chunk")
+                raise _err(error, "connection closed inside a chunk")
             left -= len(chunk)
             total += len(chunk)
             writer.write(chunk)
             if tee is not None:
                 tee(chunk)
-            await writer.drain()  # a huge chunk must not pile up in memory
+            await drain(writer, write_timeout)  # a huge chunk must not pile up in memory
+        timer = _arm_read(reader, read_timeout, error, len(_buffered(reader)) >= 2)
         try:
             crlf = await reader.readexactly(2)
         except asyncio.IncompleteReadError:
-            raise UpstreamError("connection closed inside a chunk") from None
+            raise _err(error, "connection closed inside a chunk") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
         if crlf != b"\r\n":
-            raise UpstreamError("chunk data not followed by CRLF")
+            raise _err(error, "chunk data not followed by CRLF")
         writer.write(crlf)
         if tee is not None:
             tee(crlf)
 
 
-async def _read_line(reader: asyncio.StreamReader) -> bytes:
+def _err(error: type[Exception], msg: str) -> Exception:
+    return error(400, msg) if issubclass(error, HTTPError) else error(msg)
+
+
+async def _read_line(
+    reader: asyncio.StreamReader, error: type[Exception] = UpstreamError, timeout: float | None = None
+) -> bytes:
+    timer = _arm_read(reader, timeout, error, _buffered(reader).find(b"\n") >= 0)
     try:
         line = await reader.readuntil(b"\n")
     except asyncio.IncompleteReadError:
-        raise UpstreamError("connection closed inside chunked framing") from None
+        raise _err(error, "connection closed inside chunked framing") from None
     except asyncio.LimitOverrunError:
-        raise UpstreamError("chunk header line too long") from None
+        raise _err(error, "chunk header line too long") from None
+    finally:
+        if timer is not None:
+            timer.cancel()
     return line
 
 
@@ -380,6 +615,8 @@ async def proxy_exchange(
     up_w: asyncio.StreamWriter,
     observer: Observer | None = None,
     edit_response: Callable[[Head], bytes | None] | None = None,
+    body_timeout: float | None = None,
+    send_timeout: float | None = None,
 ) -> Result:
     """Forward one request (head ``req_raw`` + body) and relay its response back.
 
@@ -388,13 +625,27 @@ async def proxy_exchange(
 
     The request body streams in its own task so that a server that answers early, or
     one that waits before sending ``100 Continue``, never deadlocks the exchange.
-    Raises UpstreamError when the upstream breaks before a final response head.
+    Raises UpstreamError when the upstream breaks before a final response head, and
+    :class:`ClientError` (an HTTPError: answer it) when the client's request body is
+    malformed, ends early or stalls for ``body_timeout`` seconds before one.  A client
+    that reads nothing of the response for ``send_timeout`` seconds raises WriteTimeout.
     """
     up_w.write(req_raw)
     body_task: asyncio.Task | None = None
     if req.framing != NO_BODY:
         tee = observer.request_body if observer is not None else None
-        body_task = asyncio.create_task(relay_body(client_r, up_w, req, tee, src=client_w))
+        body_task = asyncio.create_task(
+            relay_body(
+                client_r,
+                up_w,
+                req,
+                tee,
+                src=client_w,
+                error=ClientError,
+                read_timeout=body_timeout,
+                write_timeout=send_timeout,
+            )
+        )
     try:
         while True:
             if body_task is not None and not body_task.done():
@@ -408,6 +659,9 @@ async def proxy_exchange(
                 client_w.write(raw)  # 100 Continue and friends pass through
                 continue
             break
+    except ClientError:
+        _cancel(body_task)
+        raise
     except HTTPError as exc:
         _cancel(body_task)
         raise UpstreamError(f"bad response head: {exc.msg}") from None
@@ -422,18 +676,18 @@ async def proxy_exchange(
             # a policy answered instead of the upstream: drop the upstream's response
             _cancel(body_task)
             client_w.write(edited[len(REPLACE) :])
-            await client_w.drain()
+            await drain(client_w, send_timeout)
             return Result(resp, keep_alive=False)
         if edited is not None:
             raw = edited
     if resp.status == 101:
         client_w.write(raw)
-        await client_w.drain()
+        await drain(client_w, send_timeout)
         _cancel(body_task)
         return Result(resp, keep_alive=False, upgraded=True)
     tee = observer.response_body if observer is not None else None
     try:
-        nresp = await relay_body(up_r, client_w, resp, tee, prefix=raw, src=up_w)
+        nresp = await relay_body(up_r, client_w, resp, tee, prefix=raw, src=up_w, write_timeout=send_timeout)
     except UpstreamError as exc:
         _cancel(body_task)
         exc.response_started = True
@@ -442,12 +696,15 @@ async def proxy_exchange(
         _cancel(body_task)
         raise
     if resp.framing == NO_BODY:
-        await client_w.drain()
+        await drain(client_w, send_timeout)
     keep_alive = req.keep_alive and resp.keep_alive
     nreq = 0
     if body_task is not None:
         if body_task.done():
-            nreq = body_task.result()
+            if body_task.cancelled() or body_task.exception() is not None:
+                keep_alive = False  # the response is out; the broken request ends the connection
+            else:
+                nreq = body_task.result()
         else:
             # The upstream answered before reading the whole request: this connection
             # cannot be reused, and the rest of the request body is abandoned.
@@ -468,6 +725,8 @@ async def _head_or_body_failure(up_r: asyncio.StreamReader, body_task: asyncio.T
         exc = body_task.exception()
         if exc is not None:
             head_task.cancel()
+            if isinstance(exc, ClientError):
+                raise exc
             raise UpstreamError(f"request body failed: {exc}") from exc
     return await head_task
 

@@ -7,6 +7,7 @@ import contextlib
 import socket
 
 from backend import splice
+from backend.http1 import drain
 
 BLOCK = 256 * 1024
 
@@ -20,15 +21,18 @@ def tune(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
-    """Copy until EOF, then half-close the writer (or close it if it cannot)."""
+async def pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stall_timeout: float | None = None
+) -> int:
+    """Copy until EOF, then half-close the writer (or close it if it cannot).  A writer
+    that takes nothing for ``stall_timeout`` seconds ends the copy (and is aborted)."""
     total = 0
     try:
         while chunk := await reader.read(BLOCK):
             total += len(chunk)
             writer.write(chunk)
-            await writer.drain()
-    except (ConnectionError, OSError):
+            await drain(writer, stall_timeout)
+    except (ConnectionError, OSError):  # WriteTimeout is an OSError
         pass
     finally:
         try:
@@ -46,21 +50,23 @@ async def relay(
     a_w: asyncio.StreamWriter,
     b_r: asyncio.StreamReader,
     b_w: asyncio.StreamWriter,
+    stall_timeout: float | None = None,
 ) -> tuple[int, int]:
     """Relay a↔b until both directions end; returns (bytes a→b, bytes b→a).
 
     Two plain sockets are relayed with splice(2) (no copies through Python); anything
-    else (TLS on either side) through the stream pairs.
+    else (TLS on either side) through the stream pairs.  A side that takes none of the
+    bytes waiting for it for ``stall_timeout`` seconds ends the relay (idle is fine).
     """
     if splice.spliceable(a_w) and splice.spliceable(b_w):
         try:
-            return await splice.splice_relay(a_r, a_w, b_r, b_w)
+            return await splice.splice_relay(a_r, a_w, b_r, b_w, stall_timeout)
         except (OSError, RuntimeError):
             close(a_w)
             close(b_w)
             return 0, 0
-    t1 = asyncio.ensure_future(pipe(a_r, b_w))
-    t2 = asyncio.ensure_future(pipe(b_r, a_w))
+    t1 = asyncio.ensure_future(pipe(a_r, b_w, stall_timeout))
+    t2 = asyncio.ensure_future(pipe(b_r, a_w, stall_timeout))
     try:
         up, down = await asyncio.gather(t1, t2)
     finally:

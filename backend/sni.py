@@ -9,9 +9,14 @@ edge peeks at the first record (``MSG_PEEK``) before deciding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import select
 import socket
+import weakref
 
 from backend.netutil import wait_readable
+
+MAX_HELLO = 16389  # one TLS record: 5-byte header + 2^14 bytes
 
 
 class Incomplete(Exception):
@@ -73,23 +78,93 @@ def parse_sni(data: bytes) -> str | None:
     return None
 
 
+class _EdgeTriggered:
+    """Wakes a waiter when *new* bytes arrive on a socket whose bytes are only peeked at.
+
+    The event loop's readiness is level-triggered: a socket holding an unread partial
+    ClientHello is "readable" on every iteration, so waiting on it spins.  Sockets in
+    the SNI stage are registered in one edge-triggered epoll set instead (whose own
+    descriptor the loop watches): it reports a socket once per arrival of data, EOF or
+    error, so a stalled handshake costs nothing until it times out.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.ep = select.epoll()
+        self.waiting: dict[int, asyncio.Future] = {}
+        loop.add_reader(self.ep.fileno(), self._on_events)
+
+    def _on_events(self) -> None:
+        for fd, _ in self.ep.poll(0):
+            fut = self.waiting.pop(fd, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def register(self, fd: int) -> None:
+        self.ep.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+
+    def unregister(self, fd: int) -> None:
+        self.waiting.pop(fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self.ep.unregister(fd)
+
+    async def wait(self, fd: int, timeout: float) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[fd] = fut
+        try:
+            await asyncio.wait_for(fut, max(timeout, 0.001))
+        finally:
+            self.waiting.pop(fd, None)
+
+
+_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _EdgeTriggered] = weakref.WeakKeyDictionary()
+
+
+def _watcher(loop: asyncio.AbstractEventLoop) -> _EdgeTriggered | None:
+    if not hasattr(select, "epoll"):
+        return None
+    w = _watchers.get(loop)
+    if w is None:
+        w = _watchers[loop] = _EdgeTriggered(loop)
+    return w
+
+
 async def peek_sni(sock: socket.socket, timeout: float = 10.0) -> str | None:
-    """Wait for a ClientHello on a non-blocking socket and return its SNI (not consumed)."""
+    """Wait for a ClientHello on a non-blocking socket and return its SNI (not consumed).
+
+    Event-driven: after each look at the bytes so far it sleeps until more arrive
+    (see :class:`_EdgeTriggered`), and gives up with TimeoutError after ``timeout``.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    size = 0
-    while True:
-        await wait_readable(sock, deadline - loop.time())
-        data = sock.recv(16389, socket.MSG_PEEK)
-        if not data:
-            raise NotTLS("connection closed before the ClientHello")
-        try:
-            return parse_sni(data)
-        except Incomplete:
-            if len(data) >= 16389:
-                raise NotTLS("ClientHello too large") from None
-            if len(data) == size:  # nothing new yet: don't spin on a level-triggered fd
-                await asyncio.sleep(0.002)
-            size = len(data)
-            if loop.time() > deadline:
-                raise TimeoutError from None
+    watcher = _watcher(loop)
+    fd = sock.fileno()
+    if watcher is not None:
+        watcher.register(fd)
+    try:
+        size = -1
+        while True:
+            try:
+                data = sock.recv(MAX_HELLO, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            if data == b"":
+                raise NotTLS("connection closed before the ClientHello")
+            if data is not None and len(data) != size:
+                size = len(data)
+                try:
+                    return parse_sni(data)
+                except Incomplete:
+                    if size >= MAX_HELLO:
+                        raise NotTLS("ClientHello too large") from None
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError
+            if watcher is not None:
+                await watcher.wait(fd, left)
+            elif data is None:
+                await wait_readable(sock, left)
+            else:  # no epoll: a level-triggered fd with bytes in it would spin
+                await asyncio.sleep(0.01)
+    finally:
+        if watcher is not None:
+            watcher.unregister(fd)

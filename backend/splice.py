@@ -87,7 +87,7 @@ def spliceable(writer: asyncio.StreamWriter) -> bool:
 
 
 async def detach(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float | None = None
 ) -> tuple[socket.socket, bytes]:
     """Take the socket away from its transport: (duplicate socket, bytes already read)."""
     transport = writer.transport
@@ -96,7 +96,7 @@ async def detach(
     assert buf is not None
     pending = bytes(buf)
     buf.clear()
-    await _drain_all(writer)
+    await _drain_all(writer, timeout)
     sock = writer.get_extra_info("socket")
     dup = socket.socket(fileno=os.dup(sock.fileno()))
     dup.setblocking(False)
@@ -104,22 +104,41 @@ async def detach(
     return dup, pending
 
 
-async def _drain_all(writer: asyncio.StreamWriter) -> None:
+async def _drain_all(writer: asyncio.StreamWriter, timeout: float | None = None) -> None:
     """Wait until the transport has nothing left to send (drain() alone stops at the
-    low-water mark), then restore its limits."""
+    low-water mark), then restore its limits.  WriteStall (and the connection aborted)
+    if the peer takes nothing for ``timeout`` seconds."""
     transport = writer.transport
     low, high = transport.get_write_buffer_limits()
     transport.set_write_buffer_limits(0)
+    timer = None
+    fired: list[bool] = []
+    if timeout is not None and transport.get_write_buffer_size():
+
+        def expire() -> None:
+            fired.append(True)
+            transport.abort()
+
+        timer = asyncio.get_running_loop().call_later(timeout, expire)
     try:
         await writer.drain()
+    except OSError:
+        if fired:
+            raise WriteStall(f"no progress for {timeout:g}s") from None
+        raise
     finally:
-        transport.set_write_buffer_limits(high, low)
+        if timer is not None:
+            timer.cancel()
+        if not transport.is_closing():
+            transport.set_write_buffer_limits(high, low)
+    if fired:
+        raise WriteStall(f"no progress for {timeout:g}s")
 
 
 class _Direction:
     """src → dst: splice into a pipe on readable, out of it until dst would block."""
 
-    __slots__ = ("dst", "loop", "pipe", "queued", "relay", "src", "total")
+    __slots__ = ("dst", "loop", "pipe", "queued", "relay", "src", "timer", "total")
 
     def __init__(self, relay: SpliceRelay, src: socket.socket, dst: socket.socket) -> None:
         self.relay = relay
@@ -129,6 +148,7 @@ class _Direction:
         self.pipe: tuple[int, int] | None = None
         self.queued = 0  # bytes sitting in the pipe
         self.total = 0
+        self.timer: asyncio.TimerHandle | None = None  # dst has taken nothing since
 
     def start(self) -> None:
         self.loop.add_reader(self.src.fileno(), self.on_readable)
@@ -152,6 +172,7 @@ class _Direction:
                 if not self.flush(dst):
                     self.loop.remove_reader(src)
                     self.loop.add_writer(dst, self.on_writable)
+                    self.arm()
                     return
         except OSError as exc:
             self.relay.fail(exc)
@@ -170,14 +191,30 @@ class _Direction:
                 return False
         return True
 
+    def arm(self) -> None:
+        """dst is full: it must take some bytes within the relay's stall timeout."""
+        t = self.relay.stall_timeout
+        if t is not None:
+            self.timer = self.loop.call_later(t, self.relay.fail, WriteStall(f"no progress for {t:g}s"))
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def on_writable(self) -> None:
         dst = self.dst.fileno()
+        before = self.queued
         try:
             if not self.flush(dst):
+                if self.queued != before:  # some progress: the stall clock restarts
+                    self.disarm()
+                    self.arm()
                 return
         except OSError as exc:
             self.relay.fail(exc)
             return
+        self.disarm()
         self.loop.remove_writer(dst)
         if self.pipe is not None:
             _give_pipe(self.pipe)
@@ -185,6 +222,7 @@ class _Direction:
         self.loop.add_reader(self.src.fileno(), self.on_readable)
 
     def stop(self) -> None:
+        self.disarm()
         with contextlib.suppress(Exception):
             self.loop.remove_reader(self.src.fileno())
         with contextlib.suppress(Exception):
@@ -198,10 +236,12 @@ class _Direction:
 
 
 class SpliceRelay:
-    """Relay a ↔ b until both directions have ended (EOF) or one fails."""
+    """Relay a ↔ b until both directions have ended (EOF) or one fails (a side that
+    takes none of the bytes waiting for it for ``stall_timeout`` seconds fails it)."""
 
-    def __init__(self, a: socket.socket, b: socket.socket) -> None:
+    def __init__(self, a: socket.socket, b: socket.socket, stall_timeout: float | None = None) -> None:
         self.loop = asyncio.get_running_loop()
+        self.stall_timeout = stall_timeout
         self.a, self.b = a, b
         self.up = _Direction(self, a, b)
         self.down = _Direction(self, b, a)
@@ -236,9 +276,12 @@ class SpliceRelay:
                 s.close()
 
 
-async def _send_all(sock: socket.socket, data: bytes) -> None:
+async def _send_all(sock: socket.socket, data: bytes, timeout: float | None = None) -> None:
     if data:
-        await asyncio.get_running_loop().sock_sendall(sock, data)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, data), timeout)
+        except TimeoutError:
+            raise WriteStall(f"no progress for {timeout:g}s") from None
 
 
 # The task running each spliced relay, by the writers it took over: closing one of
@@ -259,6 +302,7 @@ async def splice_relay(
     a_w: asyncio.StreamWriter,
     b_r: asyncio.StreamReader,
     b_w: asyncio.StreamWriter,
+    stall_timeout: float | None = None,
 ) -> tuple[int, int]:
     """Detach both connections from their transports and splice between them."""
     task = asyncio.current_task()
@@ -266,13 +310,13 @@ async def splice_relay(
     _running[a_w] = _running[b_w] = task
     socks: list[socket.socket] = []
     try:
-        a, a_pending = await detach(a_r, a_w)
+        a, a_pending = await detach(a_r, a_w, stall_timeout)
         socks.append(a)
-        b, b_pending = await detach(b_r, b_w)
+        b, b_pending = await detach(b_r, b_w, stall_timeout)
         socks.append(b)
-        await _send_all(b, a_pending)
-        await _send_all(a, b_pending)
-        up, down = await SpliceRelay(a, b).run()
+        await _send_all(b, a_pending, stall_timeout)
+        await _send_all(a, b_pending, stall_timeout)
+        up, down = await SpliceRelay(a, b, stall_timeout).run()
         return up + len(a_pending), down + len(b_pending)
     finally:
         for w in (a_w, b_w):
@@ -294,6 +338,14 @@ class Incomplete(Exception):
     """The source ended before the announced number of bytes."""
 
 
+class ReadStall(TimeoutError):
+    """The source sent nothing for the read timeout."""
+
+
+class WriteStall(TimeoutError):
+    """The destination took nothing for the write timeout."""
+
+
 def can_splice_body(
     reader: asyncio.StreamReader,
     src: asyncio.StreamWriter | None,
@@ -309,8 +361,15 @@ def can_splice_body(
     return buf is not None and len(buf) < n // 2 and spliceable(src) and spliceable(dst)
 
 
-async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
+async def _ready(
+    loop: asyncio.AbstractEventLoop, fd: int, write: bool, timeout: float | None = None
+) -> None:
+    """Wait until ``fd`` is readable (writable); ReadStall (WriteStall) after ``timeout``."""
     fut = loop.create_future()
+    timer = None
+    if timeout is not None:
+        stall = WriteStall if write else ReadStall
+        timer = loop.call_later(timeout, _stall, fut, stall(f"no progress for {timeout:g}s"))
 
     def wake() -> None:
         if not fut.done():
@@ -323,10 +382,17 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
     try:
         await fut
     finally:
+        if timer is not None:
+            timer.cancel()
         if write:
             loop.remove_writer(fd)
         else:
             loop.remove_reader(fd)
+
+
+def _stall(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
 
 
 async def splice_body(
@@ -336,6 +402,8 @@ async def splice_body(
     n: int,
     prefix: bytes = b"",
     tee: Tee | None = None,
+    read_timeout: float | None = None,
+    write_timeout: float | None = None,
 ) -> None:
     """Copy exactly ``n`` bytes from ``reader`` (whose connection ``src`` writes to) to
     ``dst``, ``prefix`` first; both connections stay open and usable afterwards.
@@ -346,7 +414,8 @@ async def splice_body(
     ``tee`` (a capture) gets the bytes it wants: the spliced ones are duplicated in the
     kernel with tee(2) and read from the copy, one memory copy instead of four through
     streams.  Once it answers that it wants no more (0), the rest is only spliced and
-    handed to it as a count.  Raises :class:`Incomplete` if the source ends early, OSError if a socket fails.
+    handed to it as a count.  Raises :class:`Incomplete` if the source ends early, OSError if a socket fails,
+    :class:`ReadStall` / :class:`WriteStall` when a side makes no progress for its timeout.
     """
     loop = asyncio.get_running_loop()
     src_t = src.transport
@@ -367,7 +436,7 @@ async def splice_body(
         want = tee(head)
     if prefix or head:
         dst.writelines((prefix, head))
-    await _drain_all(dst)
+    await _drain_all(dst, write_timeout)
     fds: list[int] = []
     pipes: list[tuple[int, int]] = []
     clean = False
@@ -377,9 +446,11 @@ async def splice_body(
         pipes.append(_take_pipe())
         if tee is not None and want != 0:
             pipes.append(_take_pipe())
-            left = await _move_teed(loop, fds[0], fds[1], pipes[0], pipes[1], left, tee)
+            left = await _move_teed(
+                loop, fds[0], fds[1], pipes[0], pipes[1], left, tee, read_timeout, write_timeout
+            )
         if left:
-            await _move(loop, fds[0], fds[1], pipes[0], left)
+            await _move(loop, fds[0], fds[1], pipes[0], left, read_timeout, write_timeout)
             if tee is not None:
                 tee(left)  # passed on unseen: counted only
         clean = True
@@ -395,7 +466,13 @@ async def splice_body(
 
 
 async def _move(
-    loop: asyncio.AbstractEventLoop, sfd: int, dfd: int, pipe: tuple[int, int], left: int
+    loop: asyncio.AbstractEventLoop,
+    sfd: int,
+    dfd: int,
+    pipe: tuple[int, int],
+    left: int,
+    read_timeout: float | None = None,
+    write_timeout: float | None = None,
 ) -> None:
     """sfd → pipe → dfd, ``left`` bytes, reading ahead while dst is slower."""
     pr, pw = pipe
@@ -421,7 +498,10 @@ async def _move(
             except BlockingIOError:
                 pass
         if not moved:
-            await _ready(loop, dfd if queued else sfd, write=bool(queued))
+            if queued:
+                await _ready(loop, dfd, True, write_timeout)
+            else:
+                await _ready(loop, sfd, False, read_timeout)
         else:
             rounds += 1
             if rounds % _YIELD_EVERY == 0:
@@ -436,6 +516,8 @@ async def _move_teed(
     copy: tuple[int, int],
     left: int,
     tee: Tee,
+    read_timeout: float | None = None,
+    write_timeout: float | None = None,
 ) -> int:
     """Like :func:`_move`, handing the bytes to ``tee`` on the way, until it wants no
     more; returns how many bytes are left to move then (both pipes are empty).
@@ -450,7 +532,7 @@ async def _move_teed(
         try:
             k = os.splice(sfd, pw, min(left, _pipe_size), flags=FLAGS)
         except BlockingIOError:
-            await _ready(loop, sfd, write=False)
+            await _ready(loop, sfd, False, read_timeout)
             continue
         if k == 0:
             raise Incomplete(f"connection closed {left} bytes before the end of the body")
@@ -464,7 +546,7 @@ async def _move_teed(
                 try:
                     t -= os.splice(pr, dfd, t, flags=FLAGS)
                 except BlockingIOError:
-                    await _ready(loop, dfd, write=True)
+                    await _ready(loop, dfd, True, write_timeout)
         if want == 0:
             return left
         await asyncio.sleep(0)

@@ -14,7 +14,14 @@ import re
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from backend.http1 import MAX_HEAD, HTTPError, UpstreamError, parse_request_head, proxy_exchange
+from backend.http1 import (
+    MAX_HEAD,
+    ClientError,
+    HTTPError,
+    UpstreamError,
+    parse_request_head,
+    proxy_exchange,
+)
 from backend.protocol import StartData
 from backend.relay import close
 
@@ -195,6 +202,8 @@ async def replay(tunnel, capture, rr: ReplayRequest, timeout: float = 30.0) -> s
         raise ReplayError(502, f"upstream {tunnel.upstream.display} refused the replay: {exc}") from None
     try:
         await asyncio.wait_for(proxy_exchange(head, head.raw, reader, _Sink(), up_r, up_w, ex), timeout)
+    except ClientError as exc:  # the replayed body's own framing is broken
+        raise ReplayError(400, f"invalid request body: {exc.msg}") from None
     except (UpstreamError, OSError, TimeoutError) as exc:
         raise ReplayError(502, f"replay failed: {exc or type(exc).__name__}") from None
     finally:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend import protocol as p
+from backend.connlimit import ConnLimit, ThrottledLog
 from backend.edge import traffic
 from backend.edge.sessions import AgentEndpoint, CloudRoute, Registry, Session
 from backend.fsperm import private_dir, tighten_file
@@ -91,6 +92,20 @@ class EdgeConfig:
     max_tcp_ports_per_account: int = 100
     #: data connections (pooled + active) per agent session
     max_data_conns_per_session: int = 10000
+    #: seconds a public request body may go without a byte (nginx client_body_timeout)
+    body_timeout: float = 60.0
+    #: seconds a public client may read nothing of a response (nginx send_timeout)
+    send_timeout: float = 60.0
+    #: concurrent public connections (http, https, tcp), overall and per client IP; 0 = no cap
+    max_conns: int = 10_000
+    max_conns_per_ip: int = 256
+    #: connections still in a handshake: ingress before auth, https before TLS is up
+    max_handshakes: int = 1024
+    max_handshakes_per_ip: int = 128
+    #: seconds an ingress connection may take to send its first byte
+    first_byte_timeout: float = 5.0
+    #: seconds for a TLS handshake (with the ClientHello / first message) to complete
+    handshake_timeout: float = 10.0
 
 
 class Edge:
@@ -108,10 +123,16 @@ class Edge:
         self._listen_socks: list[socket.socket] = []
         self._api_server = None
         self.addrs: dict[str, tuple[str, int]] = {}
+        # public connections (all listeners), and the two handshake stages
+        self.public_conns = ConnLimit(config.max_conns, config.max_conns_per_ip)
+        self.ingress_pending = ConnLimit(config.max_handshakes, config.max_handshakes_per_ip)
+        self.tls_pending = ConnLimit(config.max_handshakes, config.max_handshakes_per_ip)
+        self._throttled = ThrottledLog(log)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         cfg = self.config
+        _raise_nofile_limit()
         private_dir(cfg.data_dir)  # 0700: the database and keys in it are secrets
         self.store = open_store(cfg.data_dir / "burrow.db")
         self.names.store = self.store
@@ -123,7 +144,7 @@ class Edge:
         host, port = parse_hostport(cfg.ingress_addr)
         sock = self._listen(host, port)
         self.addrs["ingress"] = sock.getsockname()[:2]
-        self._spawn(self._accept_loop(sock, lambda s: self._on_ingress(s, ingress_ctx)))
+        self._spawn(self._accept_loop(sock, lambda s, ip: self._on_ingress(s, ip, ingress_ctx), "ingress"))
 
         host, port = parse_hostport(cfg.http_addr)
         srv = await asyncio.start_server(
@@ -137,7 +158,7 @@ class Edge:
             https_ctx = self.ca.sni_context([*names, f"*.{cfg.domain}"])
             sock = self._listen(host, port)
             self.addrs["https"] = sock.getsockname()[:2]
-            self._spawn(self._accept_loop(sock, lambda s: self._on_https(s, https_ctx)))
+            self._spawn(self._accept_loop(sock, lambda s, ip: self._on_https(s, ip, https_ctx), "https"))
 
         await self._load_cloud_endpoints()
 
@@ -218,26 +239,42 @@ class Edge:
         self._listen_socks.append(sock)
         return sock
 
-    async def _accept_loop(self, lsock: socket.socket, handler) -> None:
-        """Accept raw sockets (for listeners that peek before choosing TLS or not)."""
+    async def _accept_loop(self, lsock: socket.socket, handler, name: str) -> None:
+        """Accept raw sockets (for listeners that peek before choosing TLS or not).
+
+        Out of descriptors (EMFILE/ENFILE) it backs off, 5 ms doubling to 1 s like Go's
+        net/http, instead of retrying at once; the failure is logged once a second.
+        """
         loop = asyncio.get_running_loop()
+        backoff = 0.0
         while True:
             try:
-                sock, _ = await loop.sock_accept(lsock)
+                sock, addr = await loop.sock_accept(lsock)
             except OSError as exc:
                 if lsock.fileno() < 0:
                     return
-                log.warning("accept failed: %s", exc)
-                await asyncio.sleep(0.05)
+                self._throttled.warning("accept-" + name, "%s: accept failed: %s", name, exc)
+                backoff = min(max(backoff * 2, 0.005), 1.0)
+                await asyncio.sleep(backoff)
                 continue
+            backoff = 0.0
             sock.setblocking(False)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._spawn(handler(sock))
+            ip = addr[0] if isinstance(addr, tuple) else ""
+            self._spawn(handler(sock, ip))
+
+    def _agent_address(self, ip: str) -> bool:
+        """An address with a live session: its agent may dial many data connections at
+        once (one NeedData asks for up to 64), so the per-address cap does not apply."""
+        return any(s.ip == ip for s in self.registry.sessions.values())
+
+    def _refuse(self, what: str, ip: str) -> None:
+        self._throttled.warning("refuse-" + what, "%s: connection from %s refused: limit reached", what, ip)
 
     @staticmethod
     async def _streams(
-        sock: socket.socket, ctx: ssl.SSLContext | None, limit: int
+        sock: socket.socket, ctx: ssl.SSLContext | None, limit: int, handshake_timeout: float = HANDSHAKE_TIMEOUT
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=limit)
@@ -246,37 +283,75 @@ class Edge:
             lambda: proto,
             sock,
             ssl=ctx,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if ctx else None,
+            ssl_handshake_timeout=handshake_timeout if ctx else None,
         )
         return reader, asyncio.StreamWriter(transport, proto, reader, loop)
 
-    async def _on_https(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+    async def _on_https(self, sock: socket.socket, ip: str, ctx: ssl.SSLContext) -> None:
         """TLS passthrough for ``tls`` endpoints (by SNI), termination for the rest."""
-        try:
-            sni = await peek_sni(sock, HANDSHAKE_TIMEOUT)
-            ep = self.registry.route("public", "tls", sni) if sni else None
-            if ep is not None:
-                r, w = await self._streams(sock, None, 2**16)
-                await traffic.forward_raw(self, ep, r, w)
-                return
-            r, w = await self._streams(sock, ctx, MAX_HEAD)
-        except (OSError, TimeoutError, NotTLS, ssl.SSLError, EOFError) as exc:
-            log.debug("https connection dropped: %s", exc)
+        if not self.public_conns.acquire(ip):
+            self._refuse("https", ip)
             sock.close()
             return
-        await traffic.serve_http(self, r, w, "https")
+        try:
+            if not self.tls_pending.acquire(ip):
+                self._refuse("https handshake", ip)
+                sock.close()
+                return
+            try:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + self.config.handshake_timeout
+                sni = await peek_sni(sock, self.config.handshake_timeout)
+                ep = self.registry.route("public", "tls", sni) if sni else None
+                if ep is None:
+                    r, w = await self._streams(sock, ctx, MAX_HEAD, max(deadline - loop.time(), 0.1))
+            except (OSError, TimeoutError, NotTLS, ssl.SSLError, EOFError) as exc:
+                log.debug("https connection dropped: %s", exc)
+                sock.close()
+                return
+            finally:
+                self.tls_pending.release(ip)
+            if ep is not None:
+                try:
+                    r, w = await self._streams(sock, None, 2**16)
+                except OSError:
+                    sock.close()
+                    return
+                await traffic.forward_raw(self, ep, r, w)
+                return
+            await traffic.serve_http(self, r, w, "https")
+        finally:
+            self.public_conns.release(ip)
 
-    async def _on_ingress(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+    async def _on_ingress(self, sock: socket.socket, peer_ip: str, ctx: ssl.SSLContext) -> None:
+        # Until a connection has authenticated (an Auth or a DataHello with a session's
+        # key) it holds one of a bounded number of slots, overall and per address, and
+        # has first_byte_timeout for its first byte and handshake_timeout for the rest.
+        if not self.ingress_pending.acquire(peer_ip, self._agent_address):
+            self._refuse("ingress", peer_ip)
+            sock.close()
+            return
+        pending = True
+
+        def authenticated() -> None:
+            nonlocal pending
+            if pending:
+                pending = False
+                self.ingress_pending.release(peer_ip)
+
+        cfg = self.config
         writer = None
         try:
-            peer_ip = sock.getpeername()[0]
-            first = await peek_byte(sock, HANDSHAKE_TIMEOUT)
+            first = await peek_byte(sock, cfg.first_byte_timeout)
             if not first:
                 sock.close()
                 return
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + cfg.handshake_timeout
             tls = first == b"\x16"  # a TLS handshake record; anything else is a plain data conn
-            reader, writer = await self._streams(sock, ctx if tls else None, 2 * p.MAX_FRAME)
-            msg = await asyncio.wait_for(p.read_msg(reader), HANDSHAKE_TIMEOUT)
+            reader, writer = await self._streams(sock, ctx if tls else None, 2 * p.MAX_FRAME, cfg.handshake_timeout)
+            msg = await asyncio.wait_for(p.read_msg(reader), max(deadline - loop.time(), 0.1))
+            authenticated()
             if isinstance(msg, p.Auth) and tls:
                 await self._control(reader, writer, msg, peer_ip)
             elif isinstance(msg, p.DataHello):
@@ -291,6 +366,8 @@ class Edge:
             close(writer)
             if writer is None:
                 sock.close()
+        finally:
+            authenticated()
 
     async def _control(
         self, r: asyncio.StreamReader, w: asyncio.StreamWriter, auth: p.Auth, peer_ip: str
@@ -595,14 +672,31 @@ class Edge:
 
     # ------------------------------------------------------------- public traffic
     async def _public_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, scheme: str) -> None:
-        await traffic.serve_http(self, reader, writer, scheme)
+        ip = (writer.get_extra_info("peername") or ("",))[0]
+        if not self.public_conns.acquire(ip):
+            self._refuse(scheme, ip)
+            writer.write(traffic.TOO_MANY_CONNECTIONS)
+            writer.close()  # flushes the 503 (one small write) without waiting for it
+            return
+        try:
+            await traffic.serve_http(self, reader, writer, scheme)
+        finally:
+            self.public_conns.release(ip)
 
     async def _public_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
-        ep = self.registry.route("public", "tcp", port)
-        if ep is None:
-            close(writer)
+        ip = (writer.get_extra_info("peername") or ("",))[0]
+        if not self.public_conns.acquire(ip):
+            self._refuse("tcp", ip)
+            writer.transport.abort()
             return
-        await traffic.forward_raw(self, ep, reader, writer)
+        try:
+            ep = self.registry.route("public", "tcp", port)
+            if ep is None:
+                close(writer)
+                return
+            await traffic.forward_raw(self, ep, reader, writer)
+        finally:
+            self.public_conns.release(ip)
 
     # ------------------------------------------------------------ cloud endpoints
     def compile_cloud_policy(self, text: str):
@@ -679,6 +773,19 @@ def _split_url(url: str, proto: str) -> tuple[str, str, int]:
             raise BindError("ERR_NGROK_9031", f"invalid port in url {url!r}")
         port = int(port_s)
     return scheme, host.lower().rstrip("."), port
+
+
+def _raise_nofile_limit() -> None:
+    """Raise the soft descriptor limit to the hard one, as Go's runtime does: each
+    public connection costs the edge two descriptors (its own and a data connection)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def _listen(host: str, port: int) -> socket.socket:

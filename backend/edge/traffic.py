@@ -20,7 +20,9 @@ from backend.http1 import (
     Head,
     HTTPError,
     UpstreamError,
+    drain,
     from_wire,
+    normalize_target,
     parse_request_head,
     proxy_exchange,
     read_head,
@@ -40,6 +42,11 @@ IDLE_TIMEOUT = 75.0  # keep-alive connections idle longer than this are closed
 # edge one descriptor instead of two; its next request takes a fresh pooled one.
 RELEASE_AFTER = 1.0
 MAX_HOPS = 8  # forward-internal chain length
+
+# Answer to a connection over the overall or per-address cap (then closed).
+TOO_MANY_CONNECTIONS = simple_response(
+    503, b"too many connections\n", headers=[("Retry-After", "1"), ("Cache-Control", "no-store")]
+)
 
 
 def endpoint_vars(ep: Endpoint) -> dict:
@@ -90,6 +97,9 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
     first = True
     loop = asyncio.get_running_loop()
     expired = False
+    cfg = edge.config
+    body_timeout = cfg.body_timeout or None
+    send_timeout = cfg.send_timeout or None
 
     timer: asyncio.TimerHandle | None = None
 
@@ -124,7 +134,9 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
             if raw is None or expired:
                 break
             first = False
-            req = parse_request_head(raw)
+            # Policy sees, and the agent gets, the target in one normal form (origin form,
+            # unreserved escapes decoded, no dot segments): /%61dmin is /admin for both.
+            req = normalize_target(parse_request_head(raw))
             host = normalize_host(req.host)
             ep = edge.registry.route("public", scheme, host) if host else None
             if ep is None:
@@ -175,7 +187,7 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
             if isinstance(outcome, Reply):
                 keep = req.keep_alive and req.framing == NO_BODY
                 writer.write(reply_bytes(outcome, keep))
-                await writer.drain()
+                await drain(writer, send_timeout)
                 if not keep:
                     break
                 continue
@@ -186,7 +198,7 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
                 writer.write(pages.no_termination(host))
                 break
 
-            send = state.head() if state is not None and state.changed else raw
+            send = state.head() if state is not None and state.changed else req.raw
             if dc is not None and (dc[0] is not ep or dc[1].at_eof()):
                 dc[0].session.release(dc[2])
                 dc = None
@@ -198,16 +210,27 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
                     break
                 dc = (ep, dr, dw)
             edit = _response_editor(responders, ctx) if responders else None
-            # Without a policy edit the request goes to the agent exactly as the client
-            # sent it (so the capture holds the client's bytes); the agent adds X-Forwarded-*.
+            # Without a policy edit the request goes to the agent as the client sent it,
+            # save the target's normal form (so the capture holds what policy judged); the
+            # agent adds X-Forwarded-*.
             try:
-                res = await proxy_exchange(req, send, reader, writer, dc[1], dc[2], edit_response=edit)
+                res = await proxy_exchange(
+                    req,
+                    send,
+                    reader,
+                    writer,
+                    dc[1],
+                    dc[2],
+                    edit_response=edit,
+                    body_timeout=body_timeout,
+                    send_timeout=send_timeout,
+                )
             except UpstreamError as exc:
                 if not exc.response_started:
                     writer.write(pages.no_agent(host))
                 break
             if res.upgraded:
-                await relay(reader, writer, dc[1], dc[2])
+                await relay(reader, writer, dc[1], dc[2], send_timeout)
                 break
             if not res.keep_alive:
                 break
@@ -219,7 +242,7 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
         if dc is not None:
             dc[0].session.release(dc[2])
         with contextlib.suppress(Exception):
-            await writer.drain()
+            await drain(writer, send_timeout)
         close(writer)
 
 
@@ -277,6 +300,6 @@ async def forward_raw(
         close(writer)
         return
     try:
-        await relay(reader, writer, dr, dw)
+        await relay(reader, writer, dr, dw, edge.config.send_timeout or None)
     finally:
         ep.session.release(dw)

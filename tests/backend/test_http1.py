@@ -21,10 +21,13 @@ from backend.http1 import (
     MAX_HEAD,
     NO_BODY,
     UNTIL_CLOSE,
+    ClientError,
     Head,
     HTTPError,
     UpstreamError,
+    WriteTimeout,
     add_headers,
+    normalize_target,
     parse_request_head,
     parse_response_head,
     proxy_exchange,
@@ -841,15 +844,16 @@ async def test_proxy_upstream_closes_mid_body(rig: Rig, resp: bytes) -> None:
     assert await rig.client.read_all() == resp  # everything up to the break was relayed
 
 
-async def test_proxy_client_vanishing_mid_body_is_an_upstream_error(rig: Rig) -> None:
+async def test_proxy_client_vanishing_mid_body_is_a_client_error(rig: Rig) -> None:
+    # The client's fault, not the upstream's: a 400 for whoever proxies, never a 502.
     head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n"
     await rig.client.send(head + b"q" * 10)
     _, task = await rig.start(head)
     await within(read_head(rig.server.r))
     rig.client.w.close()
-    with pytest.raises(UpstreamError) as info:
+    with pytest.raises(ClientError) as info:
         await within(task)
-    assert info.value.response_started is False
+    assert info.value.status == 400
 
 
 # ------------------------------------------------------------------------ add_headers
@@ -890,3 +894,158 @@ async def test_add_headers_output_reads_back_as_exactly_one_head(connect) -> Non
     await a.send(out + NEXT)
     assert await within(read_head(b.r)) == out
     assert await within(read_head(b.r)) == NEXT
+
+
+# ------------------------------------------------- issue 12: hostile request bodies
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"0x3\r\nabc\r\n0\r\n\r\n",
+        b"-3\r\nabc\r\n0\r\n\r\n",
+        b"+3\r\nabc\r\n0\r\n\r\n",
+        b" 3\r\nabc\r\n0\r\n\r\n",
+        b"3\nabc\r\n0\r\n\r\n",  # bare LF after the size
+        b"3;\r\nabc\r\n0\r\n\r\n",  # ';' without an extension name
+        b"3;a=b c\r\nabc\r\n0\r\n\r\n",
+    ],
+    ids=["0x", "minus", "plus", "leading-space", "bare-lf", "empty-ext", "bad-ext"],
+)
+async def test_relay_validates_a_chunk_line_before_forwarding_it(connect, data: bytes) -> None:
+    src_w, src = await connect()
+    dst, dst_far = await connect()
+    await src_w.send(data)
+    with pytest.raises(ClientError) as info:
+        await within(relay_body(src.r, dst.w, _head(CHUNKED), error=ClientError))
+    assert info.value.status == 400
+    dst.w.close()
+    assert await dst_far.read_all() == b""  # not one byte of the bad framing went out
+
+
+async def test_relay_refuses_a_bare_lf_trailer_after_forwarding_only_valid_lines(connect) -> None:
+    src_w, src = await connect()
+    dst, dst_far = await connect()
+    await src_w.send(b"3\r\nabc\r\n0\r\nX-T: 1\n\r\n")
+    with pytest.raises(UpstreamError):
+        await within(relay_body(src.r, dst.w, _head(CHUNKED)))
+    dst.w.close()
+    assert await dst_far.read_all() == b"3\r\nabc\r\n0\r\n"
+
+
+@pytest.mark.parametrize("te", [b"chunked", b"gzip, chunked", b"identity"])
+def test_transfer_encoding_on_http10_request_is_400(te: bytes) -> None:
+    with pytest.raises(HTTPError) as info:
+        parse_request_head(b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: " + te + b"\r\n\r\n")
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "target, expect",
+    [
+        (b"/plain/path?q=1", b"/plain/path?q=1"),
+        (b"/%61dmin/secret", b"/admin/secret"),
+        (b"/%2e%2e/admin", b"/admin"),
+        (b"/a/./b/../../admin/", b"/admin/"),
+        (b"/a/..", b"/"),
+        (b"/../../x", b"/x"),
+        (b"/a%2fb/%7e?x=%2f%41", b"/a%2Fb/~?x=%2FA"),  # reserved stays encoded, upper-cased
+        (b"/%E2%82%AC", b"/%E2%82%AC"),
+        (b"http://h.example/admin?x", b"/admin?x"),
+        (b"HTTPS://h.example:8443", b"/"),
+        (b"http://h.example?q", b"/?q"),
+    ],
+)
+def test_normalize_target(target: bytes, expect: bytes) -> None:
+    req = normalize_target(parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: h.example\r\nX-A: 1\r\n\r\n"))
+    assert req.target == expect
+    again = parse_request_head(req.raw)  # the forwarded head says the same
+    assert again.target == expect
+    assert again.host in ("h.example", "h.example:8443")
+    assert again.header(b"x-a") == b"1"
+
+
+def test_normalize_target_unchanged_head_is_the_same_object() -> None:
+    req = parse_request_head(b"GET /a/b.txt?x=%20 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert normalize_target(req) is req
+
+
+def test_absolute_form_authority_replaces_the_host_header() -> None:
+    req = normalize_target(parse_request_head(b"GET http://Real.example:81/p HTTP/1.1\r\nHost: fake\r\n\r\n"))
+    assert req.host == "Real.example:81"
+    assert req.raw == b"GET /p HTTP/1.1\r\nHost: Real.example:81\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "target", [b"/%zz", b"/a%2", b"ftp://h/x", b"http://user@h/x", b"http:///x", b"*"]
+)
+def test_normalize_target_refuses_what_it_cannot_read(target: bytes) -> None:
+    with pytest.raises(HTTPError) as info:
+        normalize_target(parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n"))
+    assert info.value.status == 400
+
+
+async def test_proxy_malformed_chunked_request_is_a_400_client_error(rig: Rig) -> None:
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    await rig.client.send(head + b"0x3\r\nabc\r\n0\r\n\r\n")
+    _, task = await rig.start(head)
+    assert await within(read_head(rig.server.r)) == head
+    with pytest.raises(ClientError) as info:
+        await within(task)
+    assert info.value.status == 400
+
+
+async def test_proxy_stalled_request_body_is_a_408_after_the_body_timeout(rig: Rig) -> None:
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n"
+    await rig.client.send(head + b"x" * 10)
+    raw = await within(read_head(rig.pc.r))
+    task = asyncio.create_task(
+        proxy_exchange(parse_request_head(raw), raw, rig.pc.r, rig.pc.w, rig.pu.r, rig.pu.w, body_timeout=0.3)
+    )
+    with pytest.raises(ClientError) as info:
+        await within(task)
+    assert info.value.status == 408
+
+
+async def test_proxy_slow_but_moving_body_is_not_cut_off(rig: Rig) -> None:
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\n"
+    await rig.client.send(head)
+    raw = await within(read_head(rig.pc.r))
+    task = asyncio.create_task(
+        proxy_exchange(parse_request_head(raw), raw, rig.pc.r, rig.pc.w, rig.pu.r, rig.pu.w, body_timeout=0.4)
+    )
+    for piece in (b"ab", b"cd", b"ef"):  # 0.75 s in all, 0.25 s between pieces
+        await asyncio.sleep(0.25)
+        await rig.client.send(piece)
+    assert await within(read_head(rig.server.r)) == head
+    assert await within(rig.server.r.readexactly(6)) == b"abcdef"
+    await rig.server.send(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert (await within(task)).response.status == 204
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["streams", "splice"])
+async def test_proxy_client_that_never_reads_hits_the_send_timeout(connect, tcp: bool) -> None:
+    client, pc = await connect(tcp=tcp)
+    pu, server = await connect(tcp=tcp)
+    client.w.transport.pause_reading()  # the client never reads
+    head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    await client.send(head)
+    raw = await within(read_head(pc.r))
+    task = asyncio.create_task(
+        proxy_exchange(parse_request_head(raw), raw, pc.r, pc.w, pu.r, pu.w, send_timeout=0.5)
+    )
+    n = 64 * 1024 * 1024
+    server.w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n)
+    server.w.write(b"z" * n)
+    with pytest.raises(WriteTimeout):
+        await within(task, 10)
+
+
+async def test_splice_body_read_stall_is_a_408(connect) -> None:
+    src_w, src = await connect(tcp=True)
+    dst, _far = await connect(tcp=True)
+    n = 1024 * 1024
+    await src_w.send(b"y" * 1000)
+    with pytest.raises(ClientError) as info:
+        await within(
+            relay_body(src.r, dst.w, _head(LENGTH, n), src=src.w, error=ClientError, read_timeout=0.3)
+        )
+    assert info.value.status == 408
