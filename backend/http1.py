@@ -261,12 +261,13 @@ def normalize_target(req: Head) -> Head:
     RFC 9112 §3.2.2: an absolute-form target (``GET http://host/p``) becomes origin form
     and its authority replaces the Host header.  The path's percent-encoded unreserved
     characters are decoded (RFC 3986 §6.2.2.2), other escapes upper-cased, and dot
-    segments removed (§5.2.4), so ``/%61dmin`` and ``/x/../admin`` read ``/admin``.
+    segments removed (§5.2.4), and runs of slashes merged (as nginx does by default), so
+    ``/%61dmin``, ``/x/../admin`` and ``//admin`` read ``/admin``.
     Returns ``req`` itself when nothing changes (the common case costs one scan);
     otherwise a new Head whose ``raw`` is what must be forwarded.
     """
     target = req.target
-    if target.startswith(b"/") and b"%" not in target and b"/." not in target:
+    if target.startswith(b"/") and b"%" not in target and b"/." not in target and b"//" not in target:
         return req
     host = None
     if target[:1] != b"/":
@@ -289,6 +290,8 @@ def normalize_target(req: Head) -> Head:
     path = _normalize_escapes(path) if b"%" in path else path
     if b"/." in path:
         path = _remove_dot_segments(path)
+    while b"//" in path:  # nginx's merge_slashes (on by default): //admin is /admin
+        path = path.replace(b"//", b"/")
     if q:
         query = _normalize_escapes(query) if b"%" in query else query
     new_target = path + q + query

@@ -105,8 +105,9 @@ on_http_request:
         "/%2e%2e/admin/secret",  # encoded dot segments
         "/x/../admin/secret",
         "/./admin/secret",
+        "//admin//secret",  # merged like nginx's merge_slashes
     ],
-    ids=["absolute-form", "pct-a", "pct-dots", "dot-dot", "dot"],
+    ids=["absolute-form", "pct-a", "pct-dots", "dot-dot", "dot", "slashes"],
 )
 async def test_path_rules_see_the_normalised_target(tmp_path, procs, target: str) -> None:
     edge = start_edge(tmp_path)
