@@ -288,12 +288,17 @@ async def _send_all(sock: socket.socket, data: bytes, timeout: float | None = No
 # those writers (a session shutting down its data connections) must end the relay,
 # which no longer goes through the writer's transport.
 _running: dict[asyncio.StreamWriter, asyncio.Task] = {}
+# Relays ended by abort(): their task's cancellation is theirs alone, and the relay
+# returns normally (a connection handler that ends cancelled makes asyncio log a
+# CancelledError traceback for every cut connection on Python 3.11).
+_aborted: set[asyncio.Task] = set()
 
 
 def abort(writer: asyncio.StreamWriter) -> None:
     """End the spliced relay that took over ``writer``'s connection, if one is running."""
     task = _running.pop(writer, None)
-    if task is not None and not task.done():
+    if task is not None and not task.done() and task not in _aborted:
+        _aborted.add(task)
         task.cancel()
 
 
@@ -318,7 +323,14 @@ async def splice_relay(
         await _send_all(a, b_pending, stall_timeout)
         up, down = await SpliceRelay(a, b, stall_timeout).run()
         return up + len(a_pending), down + len(b_pending)
+    except asyncio.CancelledError:
+        if task not in _aborted:
+            raise
+        if task.uncancel() > 0:  # ended by abort(), and cancelled by its caller too
+            raise
+        return 0, 0  # ended by abort() alone: not a cancellation of the caller
     finally:
+        _aborted.discard(task)
         for w in (a_w, b_w):
             if _running.get(w) is task:
                 del _running[w]
