@@ -140,6 +140,7 @@ class Session:
     _active: set = field(default_factory=set)
 
     POOL_MAX = 256
+    ASK_AGAIN = 2.0  # seconds a waiter trusts data connections already asked for
 
     def send(self, msg: p._Msg) -> None:
         if not self.closed and not self.writer.is_closing():
@@ -151,11 +152,12 @@ class Session:
     # ------------------------------------------------------------- data connections
     def add_data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Park a fresh data connection in the pool.  False if it was refused."""
+        # whatever happens to it, this is one of the connections asked for
+        self._requested = max(0, self._requested - 1)
         if self.closed or len(self._pool) >= self.POOL_MAX:
             return False
         if self.max_data and len(self._pool) + len(self._active) >= self.max_data:
             return False
-        self._requested = max(0, self._requested - 1)
         self._pool.append((reader, writer))
         self._pool_event.set()
         return True
@@ -202,8 +204,12 @@ class Session:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._pool_event.wait(), left)
+                try:
+                    await asyncio.wait_for(self._pool_event.wait(), min(left, self.ASK_AGAIN))
+                except TimeoutError:
+                    # Connections asked for may never come (refused before their hello,
+                    # lost on the way): stop counting on them and ask again.
+                    self._requested = 0
             finally:
                 self._waiters -= 1
         raise SessionClosed("no data connection from the agent")
