@@ -18,14 +18,16 @@ READY_TIMEOUT = 20.0
 class BurrowProc:
     """A burrow process whose stdout JSON lines are collected by a reader thread."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, root: Path | None = None) -> None:
+        """``root``: the checkout whose ``backend`` runs (default: this one; the
+        benchmarks run an older commit beside it to measure before and after)."""
         self.args = args
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "backend", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=root or Path(__file__).resolve().parent.parent,
         )
         self.events: queue.Queue[dict] = queue.Queue()
         self.seen: list[dict] = []
@@ -137,14 +139,20 @@ def edge_args(data_dir: Path, **ports: int) -> list[str]:
     ]
 
 
-def start_edge(data_dir: Path, **ports: int) -> BurrowProc:
-    proc = BurrowProc(edge_args(data_dir, **ports))
+def start_edge(data_dir: Path, root: Path | None = None, **ports: int) -> BurrowProc:
+    proc = BurrowProc(edge_args(data_dir, **ports), root=root)
     proc.ready = proc.wait_event("ready", READY_TIMEOUT)
     return proc
 
 
 def start_agent(
-    edge: BurrowProc, proto: str, addr: str, *flags: str, home: Path, check: bool = True
+    edge: BurrowProc,
+    proto: str,
+    addr: str,
+    *flags: str,
+    home: Path,
+    check: bool = True,
+    root: Path | None = None,
 ) -> BurrowProc:
     home.mkdir(parents=True, exist_ok=True)
     args = [
@@ -161,7 +169,8 @@ def start_agent(
     ]
     if "--authtoken" not in flags:
         args += ["--authtoken", "test-authtoken"]
-    proc = BurrowProc(args, env={"XDG_DATA_HOME": str(home), "BURROW_DATA_DIR": str(home / "burrow")})
+    env = {"XDG_DATA_HOME": str(home), "BURROW_DATA_DIR": str(home / "burrow")}
+    proc = BurrowProc(args, env=env, root=root)
     if check:
         proc.ready = proc.wait_event("ready", READY_TIMEOUT)
     return proc

@@ -320,16 +320,28 @@ def setup_splice2(reg: Registry, nginx: int, iperf: int) -> Route:
     )
 
 
-def setup_burrow(reg: Registry, nginx: int, iperf: int, which: list[str]) -> list[Route]:
+def setup_burrow(
+    reg: Registry, nginx: int, iperf: int, which: list[str], base: Path | None = None
+) -> list[Route]:
+    """burrow's routes; ``burrow-base`` is capture on with the code of the checkout
+    ``base`` (its own edge and agents), to measure a change before and after in one run."""
     from tests.procs import host_of, start_agent, start_edge
 
-    edge = start_edge(reg.tmp / "edge")
-    reg.add(edge)
-    edge_http = edge.http_addr[1]
+    edges = {}
+
+    def edge_of(key: str):
+        root = base if key == "burrow-base" else None
+        if root not in edges:
+            e = start_edge(reg.tmp / ("edge-base" if root else "edge"), root=root)
+            reg.add(e)
+            edges[root] = e
+        return edges[root]
+
     routes = []
 
-    def agent(proto: str, port: int, name: str, *flags: str):
-        a = start_agent(edge, proto, f"{LOCAL}:{port}", *flags, home=reg.tmp / f"home-{name}")
+    def agent(key: str, proto: str, port: int, name: str, *flags: str):
+        root = base if key == "burrow-base" else None
+        a = start_agent(edge_of(key), proto, f"{LOCAL}:{port}", *flags, home=reg.tmp / f"home-{name}", root=root)
         reg.add(a)
         return a.public_url
 
@@ -341,15 +353,16 @@ def setup_burrow(reg: Registry, nginx: int, iperf: int, which: list[str]) -> lis
             False,
         ),
         "burrow-tls": ("burrow --data-tls (capture on)", ("--data-tls",), True),
+        "burrow-base": (f"burrow at {base.name if base else '?'} (capture on)", (), True),
     }
     for key in which:
         label, flags, with_tcp = variants[key]
-        url = agent("http", nginx, f"{key}-http", *flags)
+        url = agent(key, "http", nginx, f"{key}-http", *flags)
         tcp_port = None
         if with_tcp:
-            tcp_url = agent("tcp", iperf, f"{key}-tcp", *flags)
+            tcp_url = agent(key, "tcp", iperf, f"{key}-tcp", *flags)
             tcp_port = int(tcp_url.rsplit(":", 1)[1])
-        routes.append(Route(key, label, edge_http, host_of(url), tcp_port))
+        routes.append(Route(key, label, edge_of(key).http_addr[1], host_of(url), tcp_port))
     return routes
 
 
@@ -363,6 +376,7 @@ ALL_PATHS = [
     "burrow",
     "burrow-nocap",
     "burrow-tls",
+    "burrow-base",  # needs --base DIR
 ]
 
 
@@ -619,7 +633,18 @@ def main(argv: list[str] | None = None) -> int:
         "--max-requests", type=int, default=3_000_000, help="count cap of a small-GET run"
     )
     ap.add_argument("--max-big", type=int, default=50_000, help="count cap of a 1 MiB run")
-    ap.add_argument("--paths", default=",".join(ALL_PATHS), help=f"comma list of {ALL_PATHS}")
+    ap.add_argument(
+        "--paths",
+        default=",".join(p for p in ALL_PATHS if p != "burrow-base"),
+        help=f"comma list of {ALL_PATHS}",
+    )
+    ap.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="a checkout of an older commit (git worktree add --detach DIR REV): the path "
+        "burrow-base runs its code, capture on, for a before/after in one run",
+    )
     ap.add_argument("--nginx-workers", default="1", help="nginx worker_processes (1 or auto)")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get / pip install")
     ap.add_argument("--out", type=Path, default=HERE / "results.md", help="'-' to not write")
@@ -633,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown paths {sorted(unknown)}")
     if "direct" not in paths:
         paths.insert(0, "direct")
+    if "burrow-base" in paths and (args.base is None or not (args.base / "backend").is_dir()):
+        ap.error("the burrow-base path needs --base DIR, a checkout of the commit to compare with")
 
     bl.install_signal_handlers()
     nofile = bl.raise_nofile(65536)
@@ -669,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
                 routes += setups[p]()
         burrows = [p for p in paths if p.startswith("burrow")]
         if burrows:
-            routes += setup_burrow(reg, nginx, iperf, burrows)
+            routes += setup_burrow(reg, nginx, iperf, burrows, args.base)
         for r in routes:
             extra = f" Host {r.host}" if r.host else ""
             bl.log(f"  {r.key:13} http :{r.http_port}{extra}  tcp :{r.tcp_port or '-'}")

@@ -206,24 +206,34 @@ async def test_upstream_url_must_be_a_string_or_port(edge, agents):
         assert names == ["command_line"]
 
 
-async def test_replay_of_a_capture_with_lf_only_chunk_lines(edge, agents):
+async def test_replay_of_a_raw_request_with_lf_only_chunk_lines_is_a_400(edge, agents):
+    """The data path refuses chunk lines ending in a bare LF (issue 12 item 8), and so
+    does a raw replay: a 400 naming the body, not a 500."""
     async with HTTPUpstream() as up:
         a = agents("http", up.port)
         async with api(a) as c, public(edge) as p:
             await p.get("/seed", headers={"Host": host_of(a.public_url)})
             seed = (await wait_captures(c, 1))[0]
-            # a request whose chunk lines end in a bare LF, as clients may send them
             lf = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\n\n"
-            await c.post("/api/requests/http", json={"id": seed["id"], "raw": base64.b64encode(lf).decode()})
-            caps = (await c.get("/api/requests/http")).json()["requests"]
-            cap = next(x for x in caps if x["request"]["method"] == "POST")
-            assert base64.b64decode(cap["request"]["raw"]).endswith(b"3\nabc\r\n0\n\n")
-            # an edited replay re-frames the captured body: it must decode it, not crash
-            r = await c.post("/api/requests/http", json={"id": cap["id"], "method": "PUT"})
-            assert r.status_code == 204, r.text
-            assert up.requests[-1][0].startswith(b"PUT /echo HTTP/1.1\r\n")
-            assert up.requests[-1][1] == b"abc"
+            r = await c.post("/api/requests/http", json={"id": seed["id"], "raw": base64.b64encode(lf).decode()})
+            assert r.status_code == 400 and "chunk" in r.json()["msg"], r.text
+            assert not any(req[0].startswith(b"POST") for req in up.requests)
     assert "Traceback" not in a.stderr
+
+
+def test_edited_replay_decodes_a_stored_capture_with_lf_only_chunk_lines():
+    """Captures kept by older agents (``--inspect-db``) may hold bare-LF chunk lines; an
+    edited replay re-frames their body: it must decode it, not crash."""
+    from backend.agent.inspect import Capture
+    from backend.agent.replay import ReplayRequest, build_request
+    from backend.http1 import parse_request_head
+
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    cap = Capture("web", "127.0.0.1", parse_request_head(head), 1 << 20)
+    cap.req.add(b"3\nabc\r\n2\nde\n0\n\n")
+    raw = build_request(cap, ReplayRequest(id=cap.id, method="PUT"))
+    assert raw.startswith(b"PUT /echo HTTP/1.1\r\n")
+    assert raw.endswith(b"Content-Length: 5\r\n\r\nabcde")
 
 
 # -------------------------------------------------------------- item 14: stalls, big heads
