@@ -127,26 +127,39 @@ def _framing(headers: list[tuple[bytes, bytes]], is_request: bool) -> tuple[int,
     """Return (framing kind, content length, connection tokens) per RFC 9112 §6."""
     length: int | None = None
     te: bytes | None = None
+    tes = 0
     conn: set[bytes] = set()
     for k, v in headers:
         lk = k.lower()
         if lk == b"content-length":
-            try:
-                n = int(v.strip())
-            except ValueError:
-                raise HTTPError(400, "invalid Content-Length") from None
-            if n < 0 or (length is not None and length != n):
+            v = v.strip()
+            # digits only: int() would also take "+5", "1_0" and " 5 " differently from
+            # the next hop, which is how requests are smuggled
+            if not v.isdigit() or len(v) > 18:
+                raise HTTPError(400, "invalid Content-Length")
+            n = int(v)
+            if length is not None and length != n:
                 raise HTTPError(400, "conflicting Content-Length")
             length = n
         elif lk == b"transfer-encoding":
             te = v if te is None else te + b"," + v
+            tes += 1
         elif lk == b"connection":
             conn.update(t.strip().lower() for t in v.split(b","))
     if te is not None:
+        if is_request:
+            # As nginx and Go: one Transfer-Encoding, exactly "chunked", and no
+            # Content-Length beside it (RFC 9112 §6.1: a request with both is a
+            # smuggling attempt or a broken client either way).
+            if tes > 1:
+                raise HTTPError(400, "repeated Transfer-Encoding")
+            if te.strip().lower() != b"chunked":
+                raise HTTPError(501, "unsupported Transfer-Encoding (only chunked)")
+            if length is not None:
+                raise HTTPError(400, "both Transfer-Encoding and Content-Length")
+            return CHUNKED, 0, conn
         if te.split(b",")[-1].strip().lower() == b"chunked":
             return CHUNKED, 0, conn
-        if is_request:
-            raise HTTPError(400, "unsupported Transfer-Encoding")
         return UNTIL_CLOSE, 0, conn
     if length is not None:
         return (LENGTH if length else NO_BODY), length, conn
@@ -175,11 +188,13 @@ def parse_request_head(raw: bytes) -> Head:
     method = parser.get_method()
     if method == b"CONNECT":
         raise HTTPError(405, "CONNECT is not supported")
-    framing, length, conn = _framing(col.headers, True)
     version = parser.get_http_version()
+    if version not in ("1.1", "1.0"):  # HTTP/2.0, HTTP/0.9 and friends: as nginx and Go
+        raise HTTPError(505, f"HTTP/{version} is not supported here")
     if version == "1.0" and any(k.lower() == b"transfer-encoding" for k, _ in col.headers):
         # RFC 9112 §6.1: a 1.0 peer cannot mean chunked; its framing is ambiguous (smuggling)
         raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+    framing, length, conn = _framing(col.headers, True)
     host = ""
     upgrade = False
     expect = False

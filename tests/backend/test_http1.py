@@ -204,15 +204,49 @@ def test_expect_continue(value: bytes, expect: bool) -> None:
         (b"Content-Length: 42\r\n", LENGTH, 42),
         (b"Content-Length: 0\r\n", NO_BODY, 0),
         (b"Transfer-Encoding: chunked\r\n", CHUNKED, 0),
-        (b"Transfer-Encoding: gzip, chunked\r\n", CHUNKED, 0),
-        (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", CHUNKED, 0),
+        (b"Transfer-Encoding:  Chunked \r\n", CHUNKED, 0),
         (b"", NO_BODY, 0),
     ],
-    ids=["length", "zero-length", "chunked", "gzip-chunked", "te-two-lines", "none"],
+    ids=["length", "zero-length", "chunked", "chunked-case", "none"],
 )
 def test_request_framing(headers: bytes, framing: int, length: int) -> None:
     h = parse_request_head(b"POST /x HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n")
     assert (h.framing, h.length) == (framing, length)
+
+
+@pytest.mark.parametrize(
+    "headers, status",
+    [
+        (b"Transfer-Encoding: gzip, chunked\r\n", 501),  # nginx and Go: only chunked
+        (b"Transfer-Encoding: close\r\n", 400),  # llhttp: not a coding at all
+        (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", 400),
+        (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", 400),
+        (b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", 400),
+        (b"Content-Length: +5\r\n", 400),
+        (b"Content-Length: 1_0\r\n", 400),
+        (b"Content-Length: 0x5\r\n", 400),
+        (b"Content-Length: 5, 5\r\n", 400),
+        (b"Content-Length: 99999999999999999999\r\n", 400),
+    ],
+    ids=["gzip-chunked", "te-close", "te-two-lines", "te-twice", "te-and-cl", "cl-plus", "cl-underscore",
+         "cl-hex", "cl-list", "cl-huge"],
+)
+def test_request_framing_that_could_smuggle_is_refused(headers: bytes, status: int) -> None:
+    """Framing another hop could read differently is refused, never guessed at."""
+    with pytest.raises(HTTPError) as info:
+        parse_request_head(b"POST /x HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n")
+    assert info.value.status == status
+
+
+@pytest.mark.parametrize(
+    "version, status",
+    [(b"HTTP/2.0", 505), (b"HTTP/0.9", 505), (b"HTTP/1.2", 400), (b"HTTP/3.0", 400)],
+)
+def test_request_versions_other_than_http1_are_refused(version: bytes, status: int) -> None:
+    """Versions llhttp knows but we do not proxy: 505 (as nginx and Go); others: its 400."""
+    with pytest.raises(HTTPError) as info:
+        parse_request_head(b"GET / " + version + b"\r\nHost: a\r\n\r\n")
+    assert info.value.status == status
 
 
 @pytest.mark.parametrize(
