@@ -362,3 +362,9 @@ def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "con
 def write_policy(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
+
+
+def http1_line(data: bytes) -> bool:
+    """Whether the first request line names HTTP/1.0 or HTTP/1.1 (else 505 is a fair answer)."""
+    line = re.split(rb"\r?\n|\r", data, maxsplit=1)[0]
+    return line.endswith((b" HTTP/1.1", b" HTTP/1.0"))

@@ -38,6 +38,7 @@ from tests.fuzz.harness import (
     ServerError,
     StrictUpstream,
     fuzz,
+    http1_line,
     raw_exchange,
     write_policy,
 )
@@ -261,12 +262,6 @@ def normalise(target: bytes) -> bytes:
     return b"/" + b"/".join(out)
 
 
-def _http1(data: bytes) -> bool:
-    """Whether the first request line names HTTP/1.0 or HTTP/1.1 (else 505 is a fair answer)."""
-    line = re.split(rb"\r?\n|\r", data, maxsplit=1)[0]
-    return line.endswith((b" HTTP/1.1", b" HTTP/1.0"))
-
-
 def _other_coding(data: bytes) -> bool:
     """Whether the head has a Transfer-Encoding other than plain ``chunked`` (then 501 is
     the answer nginx and Go give: only chunked is implemented)."""
@@ -298,7 +293,7 @@ def test_fuzz_public_http_parser(stack):
         if res.hung:
             record(Hang, f"no answer and no close within the case timeout\n{shown}", data)
         for status in res.statuses():
-            if status >= 500 and not (status == 505 and not _http1(data)) and not (
+            if status >= 500 and not (status == 505 and not http1_line(data)) and not (
                 status == 501 and _other_coding(data)
             ):
                 record(ServerError, f"{status} from the edge\n{shown}", data)
