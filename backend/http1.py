@@ -455,28 +455,7 @@ async def _read(reader: asyncio.StreamReader, n: int, timeout: float | None, err
 async def drain(writer: asyncio.StreamWriter, timeout: float | None = None) -> None:
     """``writer.drain()``, giving up (abort + :class:`WriteTimeout`) when the peer takes
     nothing for ``timeout`` seconds."""
-    if timeout is None or not writer.transport.get_write_buffer_size():
-        await writer.drain()
-        return
-    transport = writer.transport
-    fired = False
-
-    def expire() -> None:
-        nonlocal fired
-        fired = True
-        transport.abort()
-
-    timer = asyncio.get_running_loop().call_later(timeout, expire)
-    try:
-        await writer.drain()
-    except OSError:
-        if fired:
-            raise WriteTimeout(f"the peer read nothing for {timeout:g}s") from None
-        raise
-    finally:
-        timer.cancel()
-    if fired:
-        raise WriteTimeout(f"the peer read nothing for {timeout:g}s")
+    await splice.drain_within(writer, timeout, WriteTimeout)
 
 
 # ----------------------------------------------------------------------- body relays

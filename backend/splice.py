@@ -104,6 +104,36 @@ async def detach(
     return dup, pending
 
 
+async def drain_within(
+    writer: asyncio.StreamWriter, timeout: float | None, stall: type[Exception] = TimeoutError
+) -> None:
+    """``writer.drain()``, giving up (the connection aborted, ``stall`` raised) when the
+    peer takes nothing for ``timeout`` seconds.  The timer is armed only when bytes are
+    waiting, so the common case costs what ``drain()`` does."""
+    if timeout is None or not writer.transport.get_write_buffer_size():
+        await writer.drain()
+        return
+    transport = writer.transport
+    fired = False
+
+    def expire() -> None:
+        nonlocal fired
+        fired = True
+        transport.abort()
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        await writer.drain()
+    except OSError:
+        if fired:
+            raise stall(f"no progress for {timeout:g}s") from None
+        raise
+    finally:
+        timer.cancel()
+    if fired:
+        raise stall(f"no progress for {timeout:g}s")
+
+
 async def _drain_all(writer: asyncio.StreamWriter, timeout: float | None = None) -> None:
     """Wait until the transport has nothing left to send (drain() alone stops at the
     low-water mark), then restore its limits.  WriteStall (and the connection aborted)
@@ -111,28 +141,11 @@ async def _drain_all(writer: asyncio.StreamWriter, timeout: float | None = None)
     transport = writer.transport
     low, high = transport.get_write_buffer_limits()
     transport.set_write_buffer_limits(0)
-    timer = None
-    fired: list[bool] = []
-    if timeout is not None and transport.get_write_buffer_size():
-
-        def expire() -> None:
-            fired.append(True)
-            transport.abort()
-
-        timer = asyncio.get_running_loop().call_later(timeout, expire)
     try:
-        await writer.drain()
-    except OSError:
-        if fired:
-            raise WriteStall(f"no progress for {timeout:g}s") from None
-        raise
+        await drain_within(writer, timeout, WriteStall)
     finally:
-        if timer is not None:
-            timer.cancel()
         if not transport.is_closing():
             transport.set_write_buffer_limits(high, low)
-    if fired:
-        raise WriteStall(f"no progress for {timeout:g}s")
 
 
 class _Direction:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import socket
+import time
 
 
 class HTTPUpstream:
@@ -136,3 +138,21 @@ async def raw_exchange(host: str, port: int, data: bytes, timeout: float = 10.0)
         return await asyncio.wait_for(r.read(), timeout)
     finally:
         w.close()
+
+
+def raw_request(addr: tuple[str, int], data: bytes, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """Send ``data``; read until the server closes (True) or ``timeout`` passes (False)."""
+    with socket.create_connection(addr, timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                return got, False
+            if not chunk:
+                return got, True
+            got += chunk
+        return got, False

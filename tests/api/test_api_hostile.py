@@ -8,7 +8,6 @@ absolute URLs that come from configuration, never from the request's Host header
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from backend.store import SQLiteStore
 from tests.api.conftest import API_KEY, Raw, add_account
 from tests.api.test_api_bad_input import assert_ngrok_error
 from tests.procs import READY_TIMEOUT, BurrowProc, edge_args
+from tests.upstreams import raw_request
 
 
 def start(tmp_path: Path, *flags: str) -> BurrowProc:
@@ -38,24 +38,6 @@ def procs():
 def api_addr(edge: BurrowProc) -> tuple[str, int]:
     host, port = edge.ready["api_url"].split("://", 1)[1].rsplit(":", 1)
     return host, int(port)
-
-
-def raw_request(addr: tuple[str, int], data: bytes, timeout: float = 10.0) -> tuple[bytes, bool]:
-    """Send ``data``; read until the server closes (True) or ``timeout`` passes (False)."""
-    with socket.create_connection(addr, timeout=timeout) as s:
-        s.sendall(data)
-        got = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                chunk = s.recv(65536)
-            except TimeoutError:
-                return got, False
-            if not chunk:
-                return got, True
-            got += chunk
-        return got, False
 
 
 def error_body(got: bytes) -> dict:

@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
-import time
 
 import httpx
 import pytest
 
 from tests.e2e.test_agent_api import api, public, wait_captures
 from tests.procs import host_of
-from tests.upstreams import HTTPUpstream
+from tests.upstreams import HTTPUpstream, raw_request
 
 ERROR_KEYS = {"error_code", "status_code", "msg", "details"}
 
@@ -35,24 +33,6 @@ def assert_agent_error(r: httpx.Response, status: int) -> dict:
     assert set(body) == ERROR_KEYS and body["status_code"] == status
     assert isinstance(body["error_code"], int) and body["msg"]
     return body
-
-
-def raw_request(addr: tuple[str, int], data: bytes, timeout: float = 10.0) -> tuple[bytes, bool]:
-    """Send ``data``; read until the server closes (True) or ``timeout`` passes (False)."""
-    with socket.create_connection(addr, timeout=timeout) as s:
-        s.sendall(data)
-        got = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                chunk = s.recv(65536)
-            except TimeoutError:
-                return got, False
-            if not chunk:
-                return got, True
-            got += chunk
-        return got, False
 
 
 # ------------------------------------------------------------------ item 13: rebinding, CSRF
