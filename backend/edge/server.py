@@ -54,6 +54,7 @@ from backend.tls import LocalCA
 log = logging.getLogger("burrow.edge")
 
 HANDSHAKE_TIMEOUT = 10.0
+LINGER = 0.5  # seconds a refused connection stays half-open to take the client's request
 
 
 @dataclass
@@ -676,7 +677,15 @@ class Edge:
         if not self.public_conns.acquire(ip):
             self._refuse(scheme, ip)
             writer.write(traffic.TOO_MANY_CONNECTIONS)
-            writer.close()  # flushes the 503 (one small write) without waiting for it
+            # Lingering close (as nginx's lingering_close): send FIN after the 503, and
+            # close half a second later, so the request bytes still arriving do not
+            # make the kernel answer with a RST that destroys the 503 at the client.
+            try:
+                writer.write_eof()
+            except (OSError, RuntimeError):
+                writer.close()
+                return
+            asyncio.get_running_loop().call_later(LINGER, writer.transport.abort)
             return
         try:
             await traffic.serve_http(self, reader, writer, scheme)
