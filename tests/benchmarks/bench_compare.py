@@ -432,6 +432,9 @@ def measure(reg: Registry, routes: list[Route], args) -> dict[str, Stats]:
         return f"{mbps:10,.1f} MB/s"
 
     tests = [("small", small), ("1conn", latency), ("1MiB", big), ("tcp", tcp)]
+    if args.tests:
+        wanted = set(args.tests.split(","))
+        tests = [t for t in tests if t[0] in wanted]
     bl.log("warming up ...")
     for r in routes:
         bl.wrk(reg, r.http_port, "/small", host=r.host, seconds=1, max_requests=20000)
@@ -644,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a checkout of an older commit (git worktree add --detach DIR REV): the path "
         "burrow-base runs its code, capture on, for a before/after in one run",
+    )
+    ap.add_argument(
+        "--tests", default="", help="comma list of small,1conn,1MiB,tcp (default: all)"
     )
     ap.add_argument("--nginx-workers", default="1", help="nginx worker_processes (1 or auto)")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get / pip install")
