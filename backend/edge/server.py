@@ -135,10 +135,12 @@ class Edge:
         cfg = self.config
         _raise_nofile_limit()
         private_dir(cfg.data_dir)  # 0700: the database and keys in it are secrets
+        # The CA first: a data dir it refuses (a key without its certificate) is left
+        # exactly as it was, database included.
+        self.ca = LocalCA.load_or_create(cfg.data_dir)
         self.store = open_store(cfg.data_dir / "burrow.db")
         self.names.store = self.store
         self._bootstrap_credentials()
-        self.ca = LocalCA.load_or_create(cfg.data_dir)
         names = ["localhost", "127.0.0.1", "::1", cfg.domain]
         ingress_ctx = self.ca.sni_context(names)
 

@@ -155,9 +155,9 @@ def test_a_shared_directory_is_refused_as_data_dir(tmp_path):
 
 
 # ------------------------------------------------------------------ 18: a lost ca.pem
-def run_serve(data_dir: Path) -> subprocess.CompletedProcess:
+def run_serve(data_dir: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "backend", *edge_args(data_dir)],
+        [sys.executable, "-m", "backend", *edge_args(data_dir), *flags],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -170,13 +170,16 @@ def test_missing_ca_certificate_refuses_to_start_and_keeps_the_key(tmp_path):
     start_edge(data).stop()
     key_before = (data / "ca-key.pem").read_bytes()
     (data / "ca.pem").unlink()
-    out = run_serve(data)
+    # the database too is left as it was: the CA is checked before anything is written
+    db_before = {p.name: p.read_bytes() for p in data.glob("burrow.db*")}
+    out = run_serve(data, "--authtoken", "another-token")
     assert out.returncode != 0
     err = out.stderr.strip()
     assert err.count("\n") == 0, err  # one line, no traceback
     assert "ca.pem" in err and "missing" in err
     assert (data / "ca-key.pem").read_bytes() == key_before
     assert not (data / "ca.pem").exists()
+    assert {p.name: p.read_bytes() for p in data.glob("burrow.db*")} == db_before
 
 
 # ------------------------------------------------------------------ 19: failing capture db

@@ -307,6 +307,26 @@ async def test_overall_connection_cap_refuses_new_connections_with_503(tmp_path,
     assert raw.startswith(b"HTTP/1.1 404 "), raw[:200]  # served again once they are gone
 
 
+async def test_running_out_of_descriptors_on_public_http_is_quiet_and_recovers(tmp_path, procs) -> None:
+    """With the caps off and 128 descriptors, 300 connections exhaust the edge (uvloop's
+    accept loop for public HTTP meets EMFILE): no traceback, and it serves again after."""
+    edge = start_edge(tmp_path, "--max-conns", "0", "--max-conns-per-ip", "0", nofile=128)
+    procs.append(edge)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            with contextlib.suppress(OSError, TimeoutError):
+                socks.append(await _open_from(ATTACKER, edge.http_addr))
+        await asyncio.sleep(1.5)
+    finally:
+        for s in socks:
+            s.close()
+    await asyncio.sleep(1.5)  # asyncio pauses accepting for 1 s after EMFILE
+    raw = await raw_exchange(*edge.http_addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 404 "), raw[:200]  # served again
+    _no_tracebacks(edge)
+
+
 # ------------------------------------------------------------- 10. ingress pre-auth
 async def test_silent_ingress_connections_do_not_take_public_http_down(tmp_path, procs) -> None:
     edge = start_edge(tmp_path, "--first-byte-timeout", "2")
