@@ -714,7 +714,12 @@ def write_har(
     target = Path(path).expanduser()
     har = to_har(captures, creator_version, public_urls=public_urls)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(har, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    # The requests' Authorization headers and cookies are in it: 0600, whatever the umask.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover temp file
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(har, indent=2, ensure_ascii=False) + "\n")
     tmp.replace(target)
     return target
 

@@ -14,6 +14,7 @@ import gzip
 import json
 import os
 import shutil
+import stat
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -688,6 +689,16 @@ def test_write_har_writes_a_loadable_file(tmp_path):
     assert har_errors(loaded) == []
     assert len(loaded["log"]["entries"]) == 6
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_written_har_is_private_whatever_the_umask(tmp_path):
+    """A HAR holds the captures' Authorization headers and cookies (issue 12, item 17)."""
+    old = os.umask(0o022)
+    try:
+        path = write_har(tmp_path / "export.har", sample_captures(), "0.1.0")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_har_of_nothing_is_valid():
