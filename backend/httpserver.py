@@ -24,7 +24,7 @@ from http import HTTPStatus
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from backend.http1 import LENGTH, MAX_HEAD, NO_BODY, HTTPError, parse_request_head
-from backend.netutil import format_hostport, parse_hostport
+from backend.netutil import connection_handler, format_hostport, parse_hostport
 from backend.relay import close
 
 log = logging.getLogger("burrow.http")
@@ -177,6 +177,7 @@ class APIServer:
         for w in list(self._conns):
             close(w)
 
+    @connection_handler
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._conns.add(writer)
         peer = writer.get_extra_info("peername")

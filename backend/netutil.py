@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import socket
@@ -97,3 +98,23 @@ async def peek_byte(sock: socket.socket, timeout: float) -> bytes:
         return sock.recv(1, socket.MSG_PEEK)
     except OSError:
         return b""
+
+
+def connection_handler(fn):
+    """Wrap an ``asyncio.start_server`` callback so that it never ends cancelled.
+
+    Python 3.11's StreamReaderProtocol asks a finished handler task for its exception,
+    which raises for a cancelled one, and logs a CancelledError traceback per open
+    connection whenever the process shuts down (3.12 checks ``cancelled()`` first).
+    Nothing awaits these tasks, so ending quietly loses nothing.
+    """
+
+    @functools.wraps(fn)
+    async def handler(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            return None
+
+    return handler
+

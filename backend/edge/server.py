@@ -30,6 +30,7 @@ from backend.http1 import (
 )
 from backend.ids import new_id, random_name
 from backend.netutil import (
+    connection_handler,
     format_hostport,
     parse_hostport,
     peek_byte,
@@ -55,6 +56,7 @@ log = logging.getLogger("burrow.edge")
 
 HANDSHAKE_TIMEOUT = 10.0
 LINGER = 0.5  # seconds a refused connection stays half-open to take the client's request
+MAX_LINGERING = 64  # refused connections lingering at once; past it they close at once
 
 
 @dataclass
@@ -129,6 +131,7 @@ class Edge:
         self.ingress_pending = ConnLimit(config.max_handshakes, config.max_handshakes_per_ip)
         self.tls_pending = ConnLimit(config.max_handshakes, config.max_handshakes_per_ip)
         self._throttled = ThrottledLog(log)
+        self._lingering = 0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -674,26 +677,43 @@ class Edge:
         return agent + len(self.store.list_cloud_endpoints(account_id))
 
     # ------------------------------------------------------------- public traffic
+    @connection_handler
     async def _public_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, scheme: str) -> None:
         ip = (writer.get_extra_info("peername") or ("",))[0]
         if not self.public_conns.acquire(ip):
             self._refuse(scheme, ip)
             writer.write(traffic.TOO_MANY_CONNECTIONS)
-            # Lingering close (as nginx's lingering_close): send FIN after the 503, and
-            # close half a second later, so the request bytes still arriving do not
-            # make the kernel answer with a RST that destroys the 503 at the client.
-            try:
-                writer.write_eof()
-            except (OSError, RuntimeError):
-                writer.close()
-                return
-            asyncio.get_running_loop().call_later(LINGER, writer.transport.abort)
+            self._close_lingering(writer)
             return
         try:
             await traffic.serve_http(self, reader, writer, scheme)
         finally:
             self.public_conns.release(ip)
 
+    def _close_lingering(self, writer: asyncio.StreamWriter) -> None:
+        """Close after a refusal, lingering a little (as nginx's lingering_close): FIN
+        after the answer, reading (the stream takes what arrives) for LINGER seconds,
+        then close.  Closing with the request's bytes unread makes the kernel send a RST,
+        which destroys the answer at the client before it reads it.  Lingering holds a
+        descriptor, so under a flood (more than MAX_LINGERING at once) it closes at once:
+        running out of descriptors would cost the connections still queued."""
+        if self._lingering >= MAX_LINGERING:
+            writer.close()
+            return
+        try:
+            writer.write_eof()
+        except (OSError, RuntimeError):
+            writer.close()
+            return
+        self._lingering += 1
+
+        def done() -> None:
+            self._lingering -= 1
+            writer.close()
+
+        asyncio.get_running_loop().call_later(LINGER, done)
+
+    @connection_handler
     async def _public_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
         ip = (writer.get_extra_info("peername") or ("",))[0]
         if not self.public_conns.acquire(ip):

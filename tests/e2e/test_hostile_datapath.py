@@ -439,3 +439,22 @@ async def test_a_tcp_client_that_never_reads_is_closed_after_the_send_timeout(tm
             s.close()
         assert time.monotonic() - t0 < 15, "the edge never gave up on a client that reads nothing"
         assert got < sent, (got, sent)
+
+
+async def test_stopping_with_connections_open_logs_no_tracebacks(tmp_path, procs) -> None:
+    """SIGTERM while public and API connections are open: each handler is cancelled, and
+    none may end in a logged CancelledError traceback (Python 3.11 logs one per open
+    connection for a start_server handler that ends cancelled)."""
+    edge = start_edge(tmp_path)
+    socks = [
+        await _open_from("127.0.0.1", edge.http_addr),
+        await _open_from("127.0.0.1", _addr(edge.ready["api_url"])),
+    ]
+    try:
+        await asyncio.sleep(0.3)
+        edge.stop()
+    finally:
+        for s in socks:
+            s.close()
+    assert edge.proc.returncode is not None
+    _no_tracebacks(edge)
