@@ -782,7 +782,7 @@ class BurrowApp(App):
             self.action_pane(word)
         elif word == "sessions":
             self.action_pane("endpoints")
-            self.query_one("#endpoints-pane").run_action("sessions")
+            self.call_later(self.query_one("#endpoints-pane").run_action, "sessions")
         elif word == "theme":
             if arg.strip() in self.available_themes:
                 self.theme = arg.strip()
@@ -808,12 +808,13 @@ class BurrowApp(App):
                 lambda k=k: self._palette_run(k),
             )
 
-    def _palette_run(self, k) -> None:
+    async def _palette_run(self, k) -> None:
+        # run_action returns a coroutine: not awaiting it ran nothing
         if k.context == "app":
-            self.run_action(k.action)
+            await self.run_action(k.action)
         elif k.context == "detail" and isinstance(self.screen, DetailScreen):
-            self.screen.run_action(k.action)
+            await self.screen.run_action(k.action)
         else:
             pane = "tunnels" if k.context == "tunnels" else "requests" if k.context == "requests" else self.active_pane
             self.action_pane(pane)
-            self.query_one(f"#{pane}-pane").run_action(k.action)
+            await self.query_one(f"#{pane}-pane").run_action(k.action)

@@ -1,0 +1,55 @@
+"""Issue 13 keys: the palette runs its entries, :sessions opens the sessions screen,
+tab switches panes, q in a sub-screen goes back, Y and ? in sub-screens."""
+
+from __future__ import annotations
+
+import pytest
+
+from console.manage import SessionsScreen
+from console.screens import DetailScreen, HelpScreen, NewTunnelScreen
+from tests.console.fixture_api import FixtureServer
+from tests.console.test_snapshots import fixture_app, settle
+
+
+@pytest.fixture(scope="module")
+def url():
+    with FixtureServer() as server:
+        yield server.url
+
+
+async def palette(pilot, words: str) -> None:
+    await pilot.press("ctrl+p")
+    await pilot.pause(0.1)
+    await pilot.press(*words)
+    await pilot.pause(0.5)
+    await pilot.press("enter")
+    await pilot.pause(0.3)
+
+
+@pytest.mark.parametrize(
+    "words, screen",
+    [("list the keys", HelpScreen), ("start a tunnel", NewTunnelScreen)],
+)
+async def test_palette_entry_runs_its_action(url, words, screen):
+    app = fixture_app(url)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await palette(pilot, words)
+        assert isinstance(app.screen, screen)
+
+
+async def test_palette_open_request_opens_detail(url):
+    app = fixture_app(url)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await palette(pilot, "open the selected request")
+        assert isinstance(app.screen, DetailScreen)
+
+
+async def test_colon_sessions_opens_sessions_screen(url):
+    app = fixture_app(url)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await pilot.press("colon", *"sessions", "enter")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, SessionsScreen)
