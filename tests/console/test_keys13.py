@@ -53,3 +53,36 @@ async def test_colon_sessions_opens_sessions_screen(url):
         await pilot.press("colon", *"sessions", "enter")
         await pilot.pause(0.3)
         assert isinstance(app.screen, SessionsScreen)
+
+
+async def test_tab_switches_pane_and_j_moves_there(url):
+    from textual.widgets import DataTable, Input
+
+    app = fixture_app(url)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await pilot.press("3")  # tunnels
+        await pilot.pause(0.2)
+        await pilot.press("shift+tab")
+        await pilot.pause(0.2)
+        assert app.active_pane == "ingresses"
+        await pilot.press("tab")
+        await pilot.pause(0.2)
+        assert app.active_pane == "tunnels"
+        await pilot.press("shift+tab", "shift+tab")
+        await pilot.pause(0.2)
+        assert app.active_pane == "endpoints"
+        table = app.query_one("#endpoints-pane").query_one(DataTable)
+        assert app.focused is table
+        before = table.cursor_row
+        await pilot.press("j")
+        await pilot.pause(0.1)
+        assert table.cursor_row == before + 1
+        # in a form, tab still moves between the fields
+        await pilot.press("3", "n")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, NewTunnelScreen)
+        assert app.focused.id == "nt-addr"
+        await pilot.press("tab")
+        await pilot.pause(0.1)
+        assert isinstance(app.focused, Input) and app.focused.id == "nt-name"
