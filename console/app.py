@@ -476,6 +476,13 @@ class BurrowApp(App):
         return self.query_one(TabbedContent).active or "requests"
 
     # ------------------------------------------------------------ actions
+    async def action_quit(self) -> None:
+        """``q`` quits only from the main screen; in a sub-screen it goes back (as mitmproxy)."""
+        if len(self.screen_stack) > 1:
+            self.screen.dismiss(None)
+            return
+        self.exit()
+
     def action_pane(self, name: str) -> None:
         if self.screen is not self.screen_stack[0]:
             return

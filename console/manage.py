@@ -79,6 +79,7 @@ class _Form(ModalScreen[dict | None]):
     BINDINGS = [
         Binding("ctrl+s", "submit", "save", priority=True),
         Binding("escape", "cancel", "cancel"),
+        Binding("q", "cancel", "back", show=False),  # text fields take q as text
     ]
     PREFIX = "f"
 

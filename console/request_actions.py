@@ -19,7 +19,11 @@ from console.render import decode_body
 class EditReplayScreen(ModalScreen[dict | None]):
     """Method, path, headers (one ``Name: value`` per line) and body of a replay."""
 
-    BINDINGS = [Binding("escape", "cancel", "cancel"), Binding("ctrl+s", "send", "send", priority=True)]
+    BINDINGS = [
+        Binding("escape", "cancel", "cancel"),
+        Binding("q", "cancel", "back", show=False),  # text fields take q as text
+        Binding("ctrl+s", "send", "send", priority=True),
+    ]
 
     def __init__(self, capture: dict) -> None:
         super().__init__()
@@ -86,7 +90,7 @@ class EditReplayScreen(ModalScreen[dict | None]):
 class PickScreen(ModalScreen[str | None]):
     """Choose one of a few options (a tunnel to replay to, an export format)."""
 
-    BINDINGS = [Binding("escape", "cancel", "cancel")]
+    BINDINGS = [Binding("escape", "cancel", "cancel"), Binding("q", "cancel", "back", show=False)]
 
     def __init__(self, title: str, options: list[tuple[str, str]]) -> None:
         super().__init__()

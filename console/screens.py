@@ -7,7 +7,7 @@ import base64
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import BindingsMap
+from textual.binding import Binding, BindingsMap
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, Input, Label, Select, Static
@@ -75,7 +75,7 @@ class HelpScreen(ModalScreen[None]):
 class NewTunnelScreen(ModalScreen[dict | None]):
     """A small form: proto, upstream address, name, URL."""
 
-    BINDINGS = [("escape", "cancel", "cancel")]
+    BINDINGS = [("escape", "cancel", "cancel"), Binding("q", "cancel", "back", show=False)]
 
     def compose(self) -> ComposeResult:
         with Vertical(id="new-tunnel", classes="dialog"):

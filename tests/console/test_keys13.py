@@ -86,3 +86,49 @@ async def test_tab_switches_pane_and_j_moves_there(url):
         await pilot.press("tab")
         await pilot.pause(0.1)
         assert isinstance(app.focused, Input) and app.focused.id == "nt-name"
+
+
+async def test_q_in_sub_screens_goes_back(url):
+    app = fixture_app(url)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        main = app.screen
+        # detail
+        await pilot.press("4", "enter")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, DetailScreen)
+        await pilot.press("q")
+        await pilot.pause(0.2)
+        assert app.screen is main and app.return_code is None
+        # help
+        await pilot.press("question_mark")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("q")
+        await pilot.pause(0.2)
+        assert app.screen is main
+        # sessions
+        await pilot.press("1", "S")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, SessionsScreen)
+        await pilot.press("q")
+        await pilot.pause(0.2)
+        assert app.screen is main
+        # a form, focus off the text fields
+        await pilot.press("3", "n")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, NewTunnelScreen)
+        await pilot.press("q")  # a text field takes q as text
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, NewTunnelScreen)
+        assert app.screen.query_one("#nt-addr").value == "q"
+        app.screen.query_one("#nt-start").focus()
+        await pilot.pause(0.1)
+        await pilot.press("q")
+        await pilot.pause(0.2)
+        assert app.screen is main
+        assert app.return_code is None
+        # on the main screen q still quits
+        await pilot.press("q")
+        await pilot.pause(0.2)
+    assert app.return_code == 0
