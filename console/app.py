@@ -506,7 +506,14 @@ class BurrowApp(App):
 
     def action_help(self) -> None:
         ctx = self.active_pane
-        contexts = ["detail"] if isinstance(self.screen, DetailScreen) else [ctx, "list" if ctx != "requests" else "", "app"]
+        from console.manage import SessionsScreen
+
+        if isinstance(self.screen, DetailScreen):
+            contexts = ["detail"]
+        elif isinstance(self.screen, SessionsScreen):
+            contexts = ["sessions"]
+        else:
+            contexts = [ctx, "list" if ctx != "requests" else "", "app"]
         self.push_screen(HelpScreen([c for c in contexts if c], self.settings.read_only))
 
     def action_refresh(self) -> None:

@@ -82,6 +82,7 @@ KEYMAP: tuple[Key, ...] = (
     Key("requests.page_up", "pageup", "requests", "page_up", "page up", "move a page up", show=False),
     # ---------------------------------------------------------------- detail
     Key("detail.back", "escape", "detail", "back", "back", "back to the list"),
+    Key("detail.quit", "q", "detail", "back", "back", "back to the list (q quits only from the panes)", show=False),
     Key("detail.replay", "r", "detail", "replay", "replay", "replay this request"),
     Key("detail.pretty", "p", "detail", "mode('pretty')", "pretty", "pretty-print bodies by content type"),
     Key("detail.raw", "w", "detail", "mode('raw')", "raw", "show bodies as raw text"),
@@ -91,9 +92,18 @@ KEYMAP: tuple[Key, ...] = (
     Key("detail.edit", "e", "detail", "app.edit_replay", "edit", "edit this request, then replay it"),
     Key("detail.diff", "D", "detail", "app.diff", "diff", "diff this replay against its original"),
     Key("detail.copy", "y", "detail", "app.copy_curl", "copy curl", "copy as a curl command (OSC 52)"),
+    Key("detail.show_curl", "Y", "detail", "app.show_curl", "show curl", "show the curl command", show=False),
     Key("detail.export", "x", "detail", "app.export", "export", "export: curl, HTTPie, raw, or HAR"),
     Key("detail.down", "j", "detail", "scroll_down", "down", "scroll down", show=False),
     Key("detail.up", "k", "detail", "scroll_up", "up", "scroll up", show=False),
+    # ---------------------------------------------------------------- tunnel sessions screen
+    Key("sessions.back", "escape", "sessions", "back", "back", "back to the panes"),
+    Key("sessions.stop", "s", "sessions", "stop", "stop", "stop the selected tunnel session", dangerous=True),
+    Key("sessions.restart", "r", "sessions", "restart", "restart", "restart the selected tunnel session's agent", dangerous=True),
+    Key("sessions.reload", "ctrl+r", "sessions", "reload", "refresh", "reload the sessions", show=False),
+    Key("sessions.down", "j", "sessions", "cursor('down')", "down", "move down", show=False),
+    Key("sessions.up", "k", "sessions", "cursor('up')", "up", "move up", show=False),
+    Key("sessions.quit", "q", "sessions", "back", "back", "back to the panes (q quits only from the panes)", show=False),
     # ---------------------------------------------------------------- confirm dialog
     Key("confirm.yes", "y,enter", "confirm", "confirm", "yes", "confirm"),
     Key("confirm.no", "n,escape", "confirm", "cancel", "no", "cancel"),

@@ -17,6 +17,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Input, Label, Select, Static, TextArea
 
 from console.client import APIError, CloudClient
+from console.keymap import bindings
 
 AGENT_READ_ONLY = "agent endpoints are read-only: stop the agent or its tunnel instead"
 
@@ -367,18 +368,9 @@ class SessionsScreen(Screen):
 
     def __init__(self, read_only: bool = False) -> None:
         super().__init__()
-        keys = [
-            Binding("escape", "back", "back"),
-            Binding("ctrl+r", "reload", "refresh", show=False),
-            Binding("j", "cursor('down')", "down", show=False),
-            Binding("k", "cursor('up')", "up", show=False),
-        ]
-        if not read_only:  # dangerous: not bound at all in read-only mode
-            keys[1:1] = [
-                Binding("s", "stop", "stop", id="sessions.stop"),
-                Binding("r", "restart", "restart", id="sessions.restart"),
-            ]
-        self._bindings = BindingsMap(keys)
+        # from the keymap (so ? lists them); dangerous ones not bound at all in read-only mode
+        # q is listed in help but left to the app's q (which goes back here and keeps "q" in the footer)
+        self._bindings = BindingsMap([b for b in bindings("sessions", read_only) if b.id != "sessions.quit"])
         self.read_only = read_only
         self.sessions: list[dict] = []
         self.loaded = False

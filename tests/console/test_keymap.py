@@ -8,6 +8,7 @@ import pytest
 
 from console.app import BurrowApp
 from console.keymap import KEYMAP, bindings
+from console.manage import SessionsScreen
 from console.panes import EndpointsPane, IngressesPane, RequestsPane, TablePane, TunnelsPane
 from console.screens import ConfirmScreen, DetailScreen
 from console.widgets.request_list import RequestList
@@ -21,6 +22,7 @@ CONTEXTS = {
     "requests": [RequestsPane, RequestList],
     "detail": [DetailScreen],
     "confirm": [ConfirmScreen],
+    "sessions": [SessionsScreen],
 }
 
 

@@ -132,3 +132,50 @@ async def test_q_in_sub_screens_goes_back(url):
         await pilot.press("q")
         await pilot.pause(0.2)
     assert app.return_code == 0
+
+
+def help_keys(app) -> dict[str, str]:
+    """What the help screen lists: shown key → description."""
+    from console.keymap import KEYMAP, display_key
+
+    screen = app.screen
+    assert isinstance(screen, HelpScreen)
+    return {display_key(k.key): k.description for k in KEYMAP if k.context in screen.contexts}
+
+
+async def test_help_on_sessions_lists_its_keys_and_detail_help_has_q(url):
+    app = fixture_app(url)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await pilot.press("1", "S")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, SessionsScreen)
+        await pilot.press("question_mark")
+        await pilot.pause(0.2)
+        keys = help_keys(app)
+        assert "stop the selected tunnel session" in keys["s"]
+        assert "n" not in keys  # the Endpoints pane's "new" is not listed
+        await pilot.press("escape", "escape")
+        await pilot.pause(0.2)
+        await pilot.press("4", "enter")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, DetailScreen)
+        await pilot.press("question_mark")
+        await pilot.pause(0.2)
+        keys = help_keys(app)
+        assert "q" in keys and "Y" in keys
+
+
+async def test_Y_in_detail_shows_the_curl_command(url):
+    from console.request_actions import TextScreen
+
+    app = fixture_app(url)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await pilot.press("4", "enter")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, DetailScreen)
+        await pilot.press("Y")
+        await pilot.pause(0.5)
+        assert isinstance(app.screen, TextScreen)
+        assert app.screen.title_text == "curl" and app.screen.text.startswith("curl ")
