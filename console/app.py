@@ -23,7 +23,7 @@ from textual.widgets import Footer, Static, TabbedContent, TabPane
 from console import messages as m
 from console.client import AgentClient, APIError, CloudClient
 from console.config import Settings
-from console.keymap import KEYMAP, bindings
+from console.keymap import KEYMAP, bindings, display_key
 from console.panes import EndpointsPane, IngressesPane, RequestsPane, TunnelsPane
 from console.screens import ConfirmScreen, DetailScreen, HelpScreen, NewTunnelScreen
 from console.themes import BUNDLED_THEMES_DIR, DEFAULT_VARIABLES, load_themes, user_themes_dir
@@ -809,16 +809,28 @@ class BurrowApp(App):
 
     # ------------------------------------------------------------ palette
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """Every keymap entry that works on this screen, with its key as the user types it."""
+        from console.manage import SessionsScreen
+
         yield from super().get_system_commands(screen)
-        groups = {"app": "console", "list": "list", "tunnels": "tunnel", "requests": "request", "detail": "request"}
+        groups = {
+            "app": "console", "list": "list", "endpoints": "endpoint", "ingresses": "ingress",
+            "tunnels": "tunnel", "requests": "request", "detail": "request", "sessions": "session",
+        }
+        main = screen is self.screen_stack[0]
         for k in KEYMAP:
-            if k.context not in groups or (self.settings.read_only and k.dangerous) or not k.show:
+            if k.context not in groups or (self.settings.read_only and k.dangerous):
                 continue
             if k.context == "detail" and not isinstance(screen, DetailScreen):
                 continue
+            if k.context == "sessions" and not isinstance(screen, SessionsScreen):
+                continue
+            if k.context not in ("app", "detail", "sessions") and not main:
+                continue
+            key = display_key(self.keymap_overrides.get(k.id, k.key))
             yield SystemCommand(
                 f"{groups[k.context]}: {k.description or k.help}",
-                f"key {k.key}",
+                f"key {key}",
                 lambda k=k: self._palette_run(k),
             )
 
@@ -826,9 +838,13 @@ class BurrowApp(App):
         # run_action returns a coroutine: not awaiting it ran nothing
         if k.context == "app":
             await self.run_action(k.action)
-        elif k.context == "detail" and isinstance(self.screen, DetailScreen):
+        elif k.context in ("detail", "sessions"):
             await self.screen.run_action(k.action)
         else:
-            pane = "tunnels" if k.context == "tunnels" else "requests" if k.context == "requests" else self.active_pane
+            pane = k.context if k.context in PANES else self.active_pane
             self.action_pane(pane)
-            await self.query_one(f"#{pane}-pane").run_action(k.action)
+            target = self.query_one(f"#{pane}-pane")
+            name = k.action.split("(", 1)[0]
+            if not name.startswith("app.") and not hasattr(target, f"action_{name}") and hasattr(target, "list"):
+                target = target.list  # the request list's own keys (cursor, mark)
+            await target.run_action(k.action)

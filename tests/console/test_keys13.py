@@ -179,3 +179,27 @@ async def test_Y_in_detail_shows_the_curl_command(url):
         await pilot.pause(0.5)
         assert isinstance(app.screen, TextScreen)
         assert app.screen.title_text == "curl" and app.screen.text.startswith("curl ")
+
+
+async def test_palette_lists_every_key_as_typed_and_runs_pane_entries(url):
+    from console.keymap import KEYMAP, display_key
+    from console.widgets.request_list import RequestList
+
+    app = fixture_app(url)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        cmds = {c.title: c.help for c in app.get_system_commands(app.screen)}
+        for k in KEYMAP:
+            if k.context in ("detail", "sessions", "confirm"):
+                continue
+            assert any(t.endswith(k.description or k.help) for t in cmds), k.id
+        assert cmds["console: list the keys that work here"] == "key ?"
+        assert "question_mark" not in " ".join(cmds.values())
+        assert display_key("slash") in cmds["list: filter the rows of this pane"]
+        await palette(pilot, "show the tunnel sessions")
+        assert isinstance(app.screen, SessionsScreen)
+        await pilot.press("escape")
+        await pilot.pause(0.2)
+        await palette(pilot, "mark the request")
+        assert app.active_pane == "requests"
+        assert len(app.query_one(RequestList).marked) == 1
