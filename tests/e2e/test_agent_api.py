@@ -306,6 +306,25 @@ async def test_event_stream_completes_a_refused_upstream_with_its_502(edge, agen
     assert done["path"] == "/refused" and done["status_code"] == 502
 
 
+async def test_invalid_query_is_400_naming_the_bad_token(edge, agents):
+    async with HTTPUpstream() as up:
+        a = agents("http", up.port)
+        async with api(a) as c, public(edge) as p:
+            await p.get("/x", headers={"Host": host_of(a.public_url)})
+            await wait_captures(c, 1)
+            for q, token in (
+                ("status:abc", "status:abc"),
+                ("dur>banana", "dur>banana"),
+                ("status:404 OR status:501", "OR"),
+                ("method:GET status>400", "status>400"),
+            ):
+                r = await c.get("/api/requests/http", params={"q": q})
+                assert r.status_code == 400, (q, r.text)
+                assert token in r.json()["msg"], (q, r.json())
+            ok = await c.get("/api/requests/http", params={"q": "dur>0ms status:2xx"})
+            assert ok.status_code == 200 and ok.json()["total"] == 1
+
+
 def test_pyngrok_lists_starts_and_stops_tunnels(edge, tmp_path):
     """pyngrok launches burrow as if it were ngrok and drives its agent API."""
     from pyngrok import conf, ngrok
