@@ -278,6 +278,26 @@ class BurrowApp(App):
             return
         self.post_message(m.RowsLoaded(offset, page.items, page.total, generation, page.newest))
 
+    @work(exclusive=True, group="filter")
+    async def check_filter(self, text: str) -> None:
+        """Ask the agent whether a Requests filter is valid before dropping the current list."""
+        error = None
+        if self.agent is not None:
+            try:
+                await self.agent.requests(0, 1, text)
+            except APIError as exc:
+                if exc.status == 400:
+                    error = exc.msg
+        self.post_message(m.FilterChecked(text, error))
+
+    @on(m.FilterChecked)
+    def _filter_checked(self, msg: m.FilterChecked) -> None:
+        try:
+            pane = self.query_one(RequestsPane)
+        except NoMatches:  # closing
+            return
+        pane.filter_checked(msg.text, msg.error)
+
     @work(group="capture")
     async def load_capture(self, capture_id: str) -> None:
         if self.agent is None:

@@ -105,6 +105,38 @@ async def test_start_tunnel_by_form(setup):
         assert r.status_code == 200 and r.text == "GET /via-form\n"
 
 
+async def test_invalid_filter_keeps_the_previous_list_and_names_the_bad_token(setup):
+    edge, agent, _up = setup
+    app = make_app(edge, agent)
+    async with app.run_test(size=(120, 36)) as pilot, public(edge) as c:
+        rl = app.query_one(RequestList)
+        await until(pilot, lambda: app.agent is not None and rl.generation > 0, what="connect")
+        host = host_of(agent.public_url)
+        for path in ("/a", "/b/1", "/b/2"):
+            await c.get(path, headers={"Host": host})
+        await until(pilot, lambda: rl.total == 3 and len(rl.rows) == 3, what="3 rows")
+        await pilot.press("slash")
+        await pilot.press(*"path:/b")
+        await pilot.press("enter")
+        await until(pilot, lambda: rl.total == 2 and len(rl.rows) == 2, what="filtered rows")
+        pane = app.query_one("#requests-pane")
+        status = app.query_one("#requests-status")
+        for bad, token in (("status:abc", "status:abc"), ("dur>banana", "dur>banana"), ("a OR b", "OR")):
+            await pilot.press("slash")
+            box = app.query_one("#requests-pane-filter")
+            box.value = ""
+            await pilot.press(*bad)
+            await pilot.press("enter")
+            await until(pilot, lambda t=token: t in str(status.render()), timeout=5, what=f"error for {bad}")
+            assert "[f:path:/b]" in str(status.render())
+            # the previous list is kept whole: no placeholder rows, the old filter still applies
+            assert pane.filter_text == "path:/b"
+            assert rl.total == 2 and sorted(r["path"] for r in rl.rows.values()) == ["/b/1", "/b/2"]
+            assert box.display and box.value == bad and box.has_focus
+        await pilot.press("escape")
+        await until(pilot, lambda: rl.total == 3 and "bad filter" not in str(status.render()), what="cleared")
+
+
 async def test_filter_narrows_and_clear_empties(setup):
     edge, agent, _up = setup
     app = make_app(edge, agent)
