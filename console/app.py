@@ -530,17 +530,18 @@ class BurrowApp(App):
             self.notify("No agent API to start tunnels on.", severity="error")
             return
 
-        def started(body: dict | None) -> None:
-            if body:
-                agent = self.agent
+        agent = self.agent
 
-                async def go() -> str:
-                    t = await agent.start_tunnel(body)
-                    return f"Started {t.get('name')}: {t.get('public_url')}"
+        async def start(body: dict) -> str:
+            t = await agent.start_tunnel(body)
+            return f"Started {t.get('name')}: {t.get('public_url')}"
 
-                self._run_action(go, ("all",))
+        def started(result: dict | None) -> None:
+            # the form stayed open until the agent accepted; errors were shown in it
+            if result:
+                self.post_message(m.ActionDone(result["message"], ("all",)))
 
-        self.push_screen(NewTunnelScreen(), started)
+        self.push_screen(NewTunnelScreen(start), started)
 
     def confirm_stop_tunnel(self, name: str, url: str) -> None:
         if self.settings.read_only or self.agent is None:

@@ -137,6 +137,39 @@ async def test_invalid_filter_keeps_the_previous_list_and_names_the_bad_token(se
         await until(pilot, lambda: rl.total == 3 and "bad filter" not in str(status.render()), what="cleared")
 
 
+async def test_new_tunnel_form_keeps_input_and_shows_errors_inline(setup):
+    from console.screens import NewTunnelScreen
+
+    edge, agent, up = setup
+    app = make_app(edge, agent)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("3")
+        await until(pilot, lambda: len(app.tunnels) == 1, what="tunnels")
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(app.screen, NewTunnelScreen), what="the form")
+        form = app.screen
+        error = form.query_one("#nt-error")
+        await pilot.press(*"not a port!!")
+        await pilot.press("enter")
+        await until(pilot, lambda: "invalid host" in str(error.render()), timeout=5, what="inline address error")
+        assert app.screen is form and form.query_one("#nt-addr").value == "not a port!!"
+        # a valid address, but a URL the agent refuses: the API's error inline, input kept
+        form.query_one("#nt-addr").value = str(up.port)
+        form.query_one("#nt-url").value = "ftp://x.burrow.localhost"
+        form.query_one("#nt-url").focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: "ftp" in str(error.render()), timeout=5, what="the API's error inline")
+        assert app.screen is form
+        assert form.query_one("#nt-url").value == "ftp://x.burrow.localhost"
+        assert len(app.tunnels) == 1
+        form.query_one("#nt-url").value = ""
+        form.query_one("#nt-name").value = "second"
+        form.query_one("#nt-name").focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: len(app.tunnels) == 2, what="the new tunnel")
+        assert not isinstance(app.screen, NewTunnelScreen)
+
+
 async def test_filter_narrows_and_clear_empties(setup):
     edge, agent, _up = setup
     app = make_app(edge, agent)
