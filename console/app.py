@@ -654,15 +654,16 @@ class BurrowApp(App):
         agent = self.agent
 
         async def edit(capture: dict) -> None:
-            def sent(edits: dict | None) -> None:
-                if edits:
-                    async def go() -> str:
-                        new = await agent.replay(capture["id"], **edits)
-                        return f"Replayed an edited {edits['method']} {edits['uri']}" + (f" → {new}" if new else "")
+            async def send(edits: dict) -> str:
+                new = await agent.replay(capture["id"], **edits)
+                return f"Replayed an edited {edits['method']} {edits['uri']}" + (f" → {new}" if new else "")
 
-                    self._run_action(go)
+            def sent(result: dict | None) -> None:
+                # the dialog stayed open until the agent accepted; errors were shown in it
+                if result:
+                    self.post_message(m.ActionDone(result["message"], ()))
 
-            self.push_screen(EditReplayScreen(capture), sent)
+            self.push_screen(EditReplayScreen(capture, send), sent)
 
         self._with_capture(edit)
 
