@@ -95,7 +95,9 @@ class EditReplayScreen(ModalScreen[dict | None]):
         self.run_worker(go(), group="edit-replay", exclusive=True)
 
     def show_error(self, msg: str) -> None:
-        self.query_one("#er-error", Label).update(msg)
+        label = self.query_one("#er-error", Label)
+        label.update(msg)
+        label.set_class(bool(msg), "-wrap")  # long errors wrap instead of being cut
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "er-send":
