@@ -16,8 +16,8 @@ import re
 import shlex
 from collections.abc import Callable
 
-_DUR = re.compile(r"^dur(>=|<=|>|<|=)(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m)?$")
-_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000}
+_DUR = re.compile(r"^dur(>=|<=|>|<|=)(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)?$")
+_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
 FIELDS = ("status", "method", "path", "host", "tunnel", "ip", "body", "header", "replay")
 
 Pred = Callable[[object], bool]
