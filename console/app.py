@@ -278,6 +278,26 @@ class BurrowApp(App):
             return
         self.post_message(m.RowsLoaded(offset, page.items, page.total, generation, page.newest))
 
+    @work(exclusive=True, group="filter")
+    async def check_filter(self, text: str) -> None:
+        """Ask the agent whether a Requests filter is valid before dropping the current list."""
+        error = None
+        if self.agent is not None:
+            try:
+                await self.agent.requests(0, 1, text)
+            except APIError as exc:
+                if exc.status == 400:
+                    error = exc.msg
+        self.post_message(m.FilterChecked(text, error))
+
+    @on(m.FilterChecked)
+    def _filter_checked(self, msg: m.FilterChecked) -> None:
+        try:
+            pane = self.query_one(RequestsPane)
+        except NoMatches:  # closing
+            return
+        pane.filter_checked(msg.text, msg.error)
+
     @work(group="capture")
     async def load_capture(self, capture_id: str) -> None:
         if self.agent is None:
@@ -524,17 +544,18 @@ class BurrowApp(App):
             self.notify("No agent API to start tunnels on.", severity="error")
             return
 
-        def started(body: dict | None) -> None:
-            if body:
-                agent = self.agent
+        agent = self.agent
 
-                async def go() -> str:
-                    t = await agent.start_tunnel(body)
-                    return f"Started {t.get('name')}: {t.get('public_url')}"
+        async def start(body: dict) -> str:
+            t = await agent.start_tunnel(body)
+            return f"Started {t.get('name')}: {t.get('public_url')}"
 
-                self._run_action(go, ("all",))
+        def started(result: dict | None) -> None:
+            # the form stayed open until the agent accepted; errors were shown in it
+            if result:
+                self.post_message(m.ActionDone(result["message"], ("all",)))
 
-        self.push_screen(NewTunnelScreen(), started)
+        self.push_screen(NewTunnelScreen(start), started)
 
     def confirm_stop_tunnel(self, name: str, url: str) -> None:
         if self.settings.read_only or self.agent is None:
@@ -647,15 +668,16 @@ class BurrowApp(App):
         agent = self.agent
 
         async def edit(capture: dict) -> None:
-            def sent(edits: dict | None) -> None:
-                if edits:
-                    async def go() -> str:
-                        new = await agent.replay(capture["id"], **edits)
-                        return f"Replayed an edited {edits['method']} {edits['uri']}" + (f" → {new}" if new else "")
+            async def send(edits: dict) -> str:
+                new = await agent.replay(capture["id"], **edits)
+                return f"Replayed an edited {edits['method']} {edits['uri']}" + (f" → {new}" if new else "")
 
-                    self._run_action(go)
+            def sent(result: dict | None) -> None:
+                # the dialog stayed open until the agent accepted; errors were shown in it
+                if result:
+                    self.post_message(m.ActionDone(result["message"], ()))
 
-            self.push_screen(EditReplayScreen(capture), sent)
+            self.push_screen(EditReplayScreen(capture, send), sent)
 
         self._with_capture(edit)
 

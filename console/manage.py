@@ -65,7 +65,7 @@ EndpointForm .form { height: 100%; max-height: 30; }
 .form .row Input, .form .row Select { width: 1fr; }
 .form .row .value { width: 1fr; }
 .form #ef-policy { height: 1fr; min-height: 4; }
-.form .error { color: $error; height: auto; }
+.form .error { color: $error; width: 100%; height: auto; }
 .form .error.-empty { display: none; }
 .form .buttons { height: 1; margin-top: 1; }
 .form .buttons Button { margin-right: 2; }

@@ -34,6 +34,15 @@ class IngressesLoaded(Message):
         self.ingresses = ingresses
 
 
+class FilterChecked(Message):
+    """The agent's verdict on a Requests filter: ``error`` is None when it was accepted."""
+
+    def __init__(self, text: str, error: str | None) -> None:
+        super().__init__()
+        self.text = text
+        self.error = error
+
+
 class RowsLoaded(Message):
     def __init__(
         self, offset: int, items: list[dict], total: int, generation: int, newest: str | None = None

@@ -373,6 +373,10 @@ class RequestsPane(Pane):
     def update_status(self) -> None:
         rl = self.list
         line = Text()
+        if self.filter_error:
+            # The rejected filter stays in the box; the list and the old filter stay as they were.
+            line.append(f"bad filter: {self.filter_error}", style="bold red")
+            line.append("  (esc clears)  ")
         if self.filter_text:
             line.append(f"[f:{self.filter_text}]", style="bold")
             line.append(f" matched {rl.total:,}")
@@ -382,9 +386,28 @@ class RequestsPane(Pane):
         line.append("[following]" if rl.following else "[paused: f to follow]", style="bold" if rl.following else "")
         self.query_one("#requests-status", Static).update(line)
 
+    filter_error: str | None = None
+
     def apply_filter(self, text: str) -> None:
+        if not text:
+            self.filter_checked(text, None)
+            return
+        # Validate first: an invalid filter must not blank the list it would replace.
+        self.app.check_filter(text)
+
+    def filter_checked(self, text: str, error: str | None) -> None:
+        if error is not None:
+            self.filter_error = error
+            box = self.query_one(Input)
+            box.display = True
+            box.value = text
+            box.focus()
+            self.update_status()
+            return
+        self.filter_error = None
         super().apply_filter(text)
         self.app.reload_requests()
+        self.update_status()
 
     def action_detail(self) -> None:
         row = self.list.selected

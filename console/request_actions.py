@@ -4,6 +4,7 @@ tunnel, replay-vs-original diff, export, and the ``:`` command line."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Awaitable, Callable
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -25,9 +26,14 @@ class EditReplayScreen(ModalScreen[dict | None]):
         Binding("ctrl+s", "send", "send", priority=True),
     ]
 
-    def __init__(self, capture: dict) -> None:
+    def __init__(self, capture: dict, send: Callable[[dict], Awaitable[str]] | None = None) -> None:
+        """``send`` makes the replay; the dialog stays open with the agent's error
+        inline until it succeeds, then dismisses with ``{"message": ...}``.  Without
+        it the dialog dismisses with the edits."""
         super().__init__()
         self.capture = capture
+        self.send = send
+        self.busy = False
 
     def compose(self) -> ComposeResult:
         req = self.capture.get("request") or {}
@@ -65,17 +71,37 @@ class EditReplayScreen(ModalScreen[dict | None]):
                 self.query_one("#er-error", Label).update(f"header line {n} is not “Name: value”")
                 return
             headers.setdefault(name.strip(), []).append(value.strip())
-        self.dismiss(
-            {
-                "method": self.query_one("#er-method", Input).value.strip() or "GET",
-                "uri": self.query_one("#er-uri", Input).value.strip() or "/",
-                "headers": headers,
-                "body": self.query_one("#er-body", TextArea).text,
-            }
-        )
+        edits = {
+            "method": self.query_one("#er-method", Input).value.strip() or "GET",
+            "uri": self.query_one("#er-uri", Input).value.strip() or "/",
+            "headers": headers,
+            "body": self.query_one("#er-body", TextArea).text,
+        }
+        if self.send is None:
+            self.dismiss(edits)
+            return
+        if self.busy:
+            return
+        self.busy = True
+        self.show_error("")
+        send = self.send
+
+        async def go() -> None:
+            try:
+                message = await send(edits)
+            except Exception as exc:  # the agent's refusal inline; the edits stay
+                self.busy = False
+                self.show_error(getattr(exc, "msg", None) or f"{type(exc).__name__}: {exc}")
+                return
+            self.busy = False
+            self.dismiss({"message": message})
+
+        self.run_worker(go(), group="edit-replay", exclusive=True)
 
     def show_error(self, msg: str) -> None:
-        self.query_one("#er-error", Label).update(msg)
+        label = self.query_one("#er-error", Label)
+        label.update(msg)
+        label.set_class(bool(msg), "-wrap")  # long errors wrap instead of being cut
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "er-send":

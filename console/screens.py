@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Awaitable, Callable
 
 from rich.table import Table
 from rich.text import Text
@@ -77,6 +78,14 @@ class NewTunnelScreen(ModalScreen[dict | None]):
 
     BINDINGS = [("escape", "cancel", "cancel"), Binding("q", "cancel", "back", show=False)]
 
+    def __init__(self, start: Callable[[dict], Awaitable[str]] | None = None) -> None:
+        """``start`` makes the API call; the form stays open with its error inline
+        until it succeeds, then dismisses with ``{"message": ...}``.  Without it the
+        form dismisses with the request body."""
+        super().__init__()
+        self.start = start
+        self.busy = False
+
     def compose(self) -> ComposeResult:
         with Vertical(id="new-tunnel", classes="dialog"):
             yield Label("Start a tunnel", classes="title")
@@ -102,14 +111,45 @@ class NewTunnelScreen(ModalScreen[dict | None]):
             self.query_one("#nt-error", Label).update("An upstream address is required.")
             self.query_one("#nt-addr", Input).focus()
             return
-        body = {"proto": self.query_one("#nt-proto", Select).value, "addr": addr}
+        proto = self.query_one("#nt-proto", Select).value
+        from backend.agent.forward import Upstream
+
+        try:
+            Upstream.parse(addr, str(proto))
+        except (ValueError, KeyError) as exc:
+            self.show_error(f"Upstream address: {exc}" if str(exc) else "Upstream address is not valid.")
+            self.query_one("#nt-addr", Input).focus()
+            return
+        body = {"proto": proto, "addr": addr}
         name = self.query_one("#nt-name", Input).value.strip()
         url = self.query_one("#nt-url", Input).value.strip()
         if name:
             body["name"] = name
         if url:
             body["url"] = url
-        self.dismiss(body)
+        if self.start is None:
+            self.dismiss(body)
+            return
+        if self.busy:
+            return
+        self.busy = True
+        self.show_error("")
+        start = self.start
+
+        async def go() -> None:
+            try:
+                message = await start(body)
+            except Exception as exc:  # the API's refusal inline; the input stays
+                self.busy = False
+                self.show_error(getattr(exc, "msg", None) or f"{type(exc).__name__}: {exc}")
+                return
+            self.busy = False
+            self.dismiss({"message": message})
+
+        self.run_worker(go(), group="new-tunnel", exclusive=True)
+
+    def show_error(self, text: str) -> None:
+        self.query_one("#nt-error", Label).update(text)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()

@@ -136,6 +136,8 @@ async def serve_http(
                     resp = pages.upstream_refused(tunnel.upstream.display, str(err))
                     if obs is not None:
                         obs.synthetic_response(resp)
+                        # Every request_started gets its request_completed (with the 502).
+                        obs.finish()
                     w.write(resp)
                     await w.drain()
                     return

@@ -7,6 +7,7 @@ Terms are ANDed.  ``field:value`` matches a field (``status`` takes ``404``, ``4
 ``body`` searches the captured request and response bodies); ``dur`` compares with
 ``>``, ``>=``, ``<``, ``<=`` against ``ms``/``s``/``us`` values; ``replay:yes`` keeps
 replays; a bare word matches method, path, host or tunnel; ``-`` negates a term.
+``OR`` is refused (not silently searched for); every error names the bad token.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import re
 import shlex
 from collections.abc import Callable
 
-_DUR = re.compile(r"^dur(>=|<=|>|<|=)(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m)?$")
-_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000}
+_DUR = re.compile(r"^dur(>=|<=|>|<|=)(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)?$")
+_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
 FIELDS = ("status", "method", "path", "host", "tunnel", "ip", "body", "header", "replay")
 
 Pred = Callable[[object], bool]
@@ -39,8 +40,17 @@ def _status_pred(v: str) -> Pred:
     raise QueryError(f"status:{v} — expected a code (404), a class (4xx) or 'pending'")
 
 
+_COMPARE = re.compile(r"^([a-z]+)(>=|<=|>|<|=)", re.IGNORECASE)
+
+
 def _term(tok: str) -> Pred:
     m = _DUR.match(tok)
+    if not m:
+        c = _COMPARE.match(tok)
+        if c and c.group(1).lower() == "dur":
+            raise QueryError(f"{tok} — expected a duration such as dur>200ms or dur<=1.5s")
+        if c and c.group(1).lower() in FIELDS:
+            raise QueryError(f"{tok} — only dur compares with {c.group(2)}; write {c.group(1)}:value")
     if m:
         op, num, unit = m.group(1), float(m.group(2)), m.group(3) or "ms"
         limit = num * _UNITS[unit]
@@ -94,6 +104,8 @@ def compile_query(q: str) -> Pred:
         raise QueryError(f"cannot read the query: {exc}") from None
     preds: list[tuple[bool, Pred]] = []
     for tok in tokens:
+        if tok in ("OR", "||", "|"):
+            raise QueryError(f"{tok!r} is not supported: terms are ANDed (status:4xx matches 404 and 401)")
         neg = tok.startswith("-") and len(tok) > 1
         preds.append((neg, _term(tok[1:] if neg else tok)))
     if not preds:

@@ -105,6 +105,71 @@ async def test_start_tunnel_by_form(setup):
         assert r.status_code == 200 and r.text == "GET /via-form\n"
 
 
+async def test_invalid_filter_keeps_the_previous_list_and_names_the_bad_token(setup):
+    edge, agent, _up = setup
+    app = make_app(edge, agent)
+    async with app.run_test(size=(120, 36)) as pilot, public(edge) as c:
+        rl = app.query_one(RequestList)
+        await until(pilot, lambda: app.agent is not None and rl.generation > 0, what="connect")
+        host = host_of(agent.public_url)
+        for path in ("/a", "/b/1", "/b/2"):
+            await c.get(path, headers={"Host": host})
+        await until(pilot, lambda: rl.total == 3 and len(rl.rows) == 3, what="3 rows")
+        await pilot.press("slash")
+        await pilot.press(*"path:/b")
+        await pilot.press("enter")
+        await until(pilot, lambda: rl.total == 2 and len(rl.rows) == 2, what="filtered rows")
+        pane = app.query_one("#requests-pane")
+        status = app.query_one("#requests-status")
+        for bad, token in (("status:abc", "status:abc"), ("dur>banana", "dur>banana"), ("a OR b", "OR")):
+            await pilot.press("slash")
+            box = app.query_one("#requests-pane-filter")
+            box.value = ""
+            await pilot.press(*bad)
+            await pilot.press("enter")
+            await until(pilot, lambda t=token: t in str(status.render()), timeout=5, what=f"error for {bad}")
+            assert "[f:path:/b]" in str(status.render())
+            # the previous list is kept whole: no placeholder rows, the old filter still applies
+            assert pane.filter_text == "path:/b"
+            assert rl.total == 2 and sorted(r["path"] for r in rl.rows.values()) == ["/b/1", "/b/2"]
+            assert box.display and box.value == bad and box.has_focus
+        await pilot.press("escape")
+        await until(pilot, lambda: rl.total == 3 and "bad filter" not in str(status.render()), what="cleared")
+
+
+async def test_new_tunnel_form_keeps_input_and_shows_errors_inline(setup):
+    from console.screens import NewTunnelScreen
+
+    edge, agent, up = setup
+    app = make_app(edge, agent)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("3")
+        await until(pilot, lambda: len(app.tunnels) == 1, what="tunnels")
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(app.screen, NewTunnelScreen), what="the form")
+        form = app.screen
+        error = form.query_one("#nt-error")
+        await pilot.press(*"not a port!!")
+        await pilot.press("enter")
+        await until(pilot, lambda: "invalid host" in str(error.render()), timeout=5, what="inline address error")
+        assert app.screen is form and form.query_one("#nt-addr").value == "not a port!!"
+        # a valid address, but a URL the agent refuses: the API's error inline, input kept
+        form.query_one("#nt-addr").value = str(up.port)
+        form.query_one("#nt-url").value = "ftp://x.burrow.localhost"
+        form.query_one("#nt-url").focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: "ftp" in str(error.render()), timeout=5, what="the API's error inline")
+        assert app.screen is form
+        assert form.query_one("#nt-url").value == "ftp://x.burrow.localhost"
+        assert len(app.tunnels) == 1
+        form.query_one("#nt-url").value = ""
+        form.query_one("#nt-name").value = "second"
+        form.query_one("#nt-name").focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: len(app.tunnels) == 2, what="the new tunnel")
+        assert not isinstance(app.screen, NewTunnelScreen)
+
+
 async def test_filter_narrows_and_clear_empties(setup):
     edge, agent, _up = setup
     app = make_app(edge, agent)

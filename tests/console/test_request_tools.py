@@ -67,6 +67,33 @@ async def test_edit_and_replay_sends_the_edited_request(setup):
         assert body == b"changed body"
 
 
+async def test_edit_and_replay_keeps_the_edits_and_shows_the_agents_error(setup):
+    edge, agent, up = setup
+    app = make_app(edge, agent)
+    async with app.run_test(size=(120, 36)) as pilot, public(edge) as c:
+        await until(pilot, lambda: app.agent is not None and app.query_one(RequestList).generation > 0)
+        await c.post("/echo", content=b"original", headers={"Host": host_of(agent.public_url)})
+        await ready(pilot, 1)
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, EditReplayScreen), what="the edit form")
+        form = app.screen
+        headers = form.query_one("#er-headers")
+        bad = headers.text + "\nBad Header: x"
+        headers.text = bad
+        form.query_one("#er-body").text = "my edited body"
+        await pilot.press("ctrl+s")
+        error = form.query_one("#er-error")
+        await until(pilot, lambda: "header name" in str(error.render()), timeout=5, what="the agent's error inline")
+        assert app.screen is form
+        assert headers.text == bad and form.query_one("#er-body").text == "my edited body"
+        assert len(up.requests) == 1
+        headers.text = headers.text.replace("Bad Header", "Good-Header")
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: len(up.requests) == 2, what="the fixed replay upstream")
+        await until(pilot, lambda: not isinstance(app.screen, EditReplayScreen), what="the form closed")
+        assert b"Good-Header: x" in up.requests[1][0]
+
+
 async def test_replay_to_another_tunnel_and_diff_shows_changed_header(setup):
     edge, agent, _up = setup
     async with HTTPUpstream() as up2:

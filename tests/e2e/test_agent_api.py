@@ -261,6 +261,70 @@ async def test_event_stream_announces_exchanges(edge, agents):
         assert done["path"] == "/evented" and done["status_code"] == 200
 
 
+async def test_event_stream_completes_a_refused_upstream_with_its_502(edge, agents):
+    """An upstream that refuses the connection: request_started is followed by
+    request_completed carrying the agent's 502 (the console row must not stay pending)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    closed_port = s.getsockname()[1]
+    s.close()
+    a = agents("http", closed_port)
+    events: list[tuple[str, dict]] = []
+
+    async def listen():
+        async with api(a) as c, c.stream("GET", "/api/events") as s:
+            name = None
+            async for line in s.aiter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line[6:])))
+                    if name == "request_completed":
+                        return
+
+    task = asyncio.create_task(listen())
+    for _ in range(100):
+        if events:
+            break
+        await asyncio.sleep(0.02)
+    assert events and events[0][0] == "hello"
+    async with public(edge) as p:
+        r = await p.get("/refused", headers={"Host": host_of(a.public_url)})
+    assert r.status_code == 502
+    try:
+        await asyncio.wait_for(task, 5)
+    except TimeoutError:
+        task.cancel()
+        raise AssertionError(f"no request_completed after the 502: {[n for n, _ in events]}") from None
+    names = [n for n, _ in events]
+    assert names.index("request_started") < names.index("request_completed")
+    started = dict(events)["request_started"]
+    done = events[-1][1]
+    assert done["id"] == started["id"]
+    assert done["path"] == "/refused" and done["status_code"] == 502
+
+
+async def test_invalid_query_is_400_naming_the_bad_token(edge, agents):
+    async with HTTPUpstream() as up:
+        a = agents("http", up.port)
+        async with api(a) as c, public(edge) as p:
+            await p.get("/x", headers={"Host": host_of(a.public_url)})
+            await wait_captures(c, 1)
+            for q, token in (
+                ("status:abc", "status:abc"),
+                ("dur>banana", "dur>banana"),
+                ("status:404 OR status:501", "OR"),
+                ("method:GET status>400", "status>400"),
+            ):
+                r = await c.get("/api/requests/http", params={"q": q})
+                assert r.status_code == 400, (q, r.text)
+                assert token in r.json()["msg"], (q, r.json())
+            ok = await c.get("/api/requests/http", params={"q": "dur>0ms status:2xx"})
+            assert ok.status_code == 200 and ok.json()["total"] == 1
+
+
 def test_pyngrok_lists_starts_and_stops_tunnels(edge, tmp_path):
     """pyngrok launches burrow as if it were ngrok and drives its agent API."""
     from pyngrok import conf, ngrok
