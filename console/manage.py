@@ -16,8 +16,9 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Input, Label, Select, Static, TextArea
 
-from console.client import APIError, CloudClient
+from console.client import CloudClient
 from console.keymap import bindings
+from console.screens import error_text, submit_inline
 
 AGENT_READ_ONLY = "agent endpoints are read-only: stop the agent or its tunnel instead"
 
@@ -39,12 +40,6 @@ def yaml_language() -> str | None:
         return "yaml" if get_language("yaml") is not None else None
     except Exception:  # no tree-sitter, or a Textual without the helper
         return None
-
-
-def _error_text(exc: Exception) -> str:
-    if isinstance(exc, APIError):
-        return exc.msg
-    return f"{type(exc).__name__}: {exc}"
 
 
 FORM_CSS = """
@@ -127,20 +122,7 @@ class _Form(ModalScreen[dict | None]):
             self.show_error(plan)
             return
         call, done = plan
-        self.busy = True
-        self.show_error("")
-
-        async def go() -> None:
-            try:
-                result = await call()
-            except Exception as exc:  # the API's message inline; the form stays open
-                self.busy = False
-                self.show_error(_error_text(exc))
-                return
-            self.busy = False
-            self.dismiss({"message": done, "result": result})
-
-        self.run_worker(go(), group="form", exclusive=True)
+        submit_inline(self, call, lambda result: self.dismiss({"message": done, "result": result}), "form")
 
     def action_cancel(self) -> None:
         self.dismiss(None)
@@ -397,7 +379,7 @@ class SessionsScreen(Screen):
             try:
                 sessions = await cloud.tunnel_sessions()
             except Exception as exc:
-                self._show([], f"cannot list tunnel sessions: {_error_text(exc)}")
+                self._show([], f"cannot list tunnel sessions: {error_text(exc)}")
                 return
             self._show(sessions, "No tunnel sessions: no agent is online.")
 
@@ -470,7 +452,7 @@ class SessionsScreen(Screen):
                 try:
                     await cloud.post_action(f"/tunnel_sessions/{sid}/{verb}")
                 except Exception as exc:
-                    self.app.notify(f"cannot {verb} {sid}: {_error_text(exc)}", severity="error", timeout=8)
+                    self.app.notify(f"cannot {verb} {sid}: {error_text(exc)}", severity="error", timeout=8)
                     return
                 self.app.notify(f"{'Stopped' if verb == 'stop' else 'Restarted'} {sid}")
                 self.action_reload()
@@ -511,7 +493,7 @@ def confirm_delete(widget, path: str, what: str, detail: str) -> None:
             try:
                 await cloud.delete(path)
             except Exception as exc:
-                widget.app.notify(f"cannot delete {what}: {_error_text(exc)}", severity="error", timeout=8)
+                widget.app.notify(f"cannot delete {what}: {error_text(exc)}", severity="error", timeout=8)
                 return
             widget.app.notify(f"Deleted {what}")
             widget.app.refresh_all()

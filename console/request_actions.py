@@ -15,6 +15,7 @@ from textual.widgets.option_list import Option
 
 from console.diff import CaptureDiff, render_side_by_side, render_unified
 from console.render import decode_body
+from console.screens import submit_inline
 
 
 class EditReplayScreen(ModalScreen[dict | None]):
@@ -80,23 +81,8 @@ class EditReplayScreen(ModalScreen[dict | None]):
         if self.send is None:
             self.dismiss(edits)
             return
-        if self.busy:
-            return
-        self.busy = True
-        self.show_error("")
         send = self.send
-
-        async def go() -> None:
-            try:
-                message = await send(edits)
-            except Exception as exc:  # the agent's refusal inline; the edits stay
-                self.busy = False
-                self.show_error(getattr(exc, "msg", None) or f"{type(exc).__name__}: {exc}")
-                return
-            self.busy = False
-            self.dismiss({"message": message})
-
-        self.run_worker(go(), group="edit-replay", exclusive=True)
+        submit_inline(self, lambda: send(edits), lambda message: self.dismiss({"message": message}), "edit-replay")
 
     def show_error(self, msg: str) -> None:
         label = self.query_one("#er-error", Label)

@@ -17,6 +17,33 @@ from console.keymap import KEYMAP, bindings, display_key
 from console.render import decode_body, human_duration, human_size, render_body
 
 
+def error_text(exc: Exception) -> str:
+    """An API's refusal as the user should read it (its ``msg``), else the exception."""
+    return getattr(exc, "msg", None) or f"{type(exc).__name__}: {exc}"
+
+
+def submit_inline(screen, call: Callable[[], Awaitable], on_done: Callable[[object], None], group: str) -> None:
+    """Run ``call`` in a worker while the dialog stays open: its error shown inline
+    (``screen.show_error``) with the input kept, ``on_done(result)`` once it succeeds.
+    A second submit while one is in flight does nothing (``screen.busy``)."""
+    if screen.busy:
+        return
+    screen.busy = True
+    screen.show_error("")
+
+    async def go() -> None:
+        try:
+            result = await call()
+        except Exception as exc:  # the API's refusal inline; the input stays
+            screen.busy = False
+            screen.show_error(error_text(exc))
+            return
+        screen.busy = False
+        on_done(result)
+
+    screen.run_worker(go(), group=group, exclusive=True)
+
+
 class ConfirmScreen(ModalScreen[bool]):
     """Asks before a dangerous action: ``y``/``enter`` confirm, ``n``/``esc`` cancel."""
 
@@ -130,23 +157,8 @@ class NewTunnelScreen(ModalScreen[dict | None]):
         if self.start is None:
             self.dismiss(body)
             return
-        if self.busy:
-            return
-        self.busy = True
-        self.show_error("")
         start = self.start
-
-        async def go() -> None:
-            try:
-                message = await start(body)
-            except Exception as exc:  # the API's refusal inline; the input stays
-                self.busy = False
-                self.show_error(getattr(exc, "msg", None) or f"{type(exc).__name__}: {exc}")
-                return
-            self.busy = False
-            self.dismiss({"message": message})
-
-        self.run_worker(go(), group="new-tunnel", exclusive=True)
+        submit_inline(self, lambda: start(body), lambda message: self.dismiss({"message": message}), "new-tunnel")
 
     def show_error(self, text: str) -> None:
         self.query_one("#nt-error", Label).update(text)
