@@ -230,28 +230,35 @@ async def test_inspection_off(edge, agents):
             assert (await c.get("/api/requests/http")).json()["requests"] == []
 
 
+async def listen_until_completed(agent) -> tuple[list[tuple[str, dict]], asyncio.Task]:
+    """Follow the agent's /api/events until the first request_completed; returns the
+    events seen so far (filled as they come) and the task, once ``hello`` has arrived."""
+    events: list[tuple[str, dict]] = []
+
+    async def listen():
+        async with api(agent) as c, c.stream("GET", "/api/events") as s:
+            name = None
+            async for line in s.aiter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line[6:])))
+                    if name == "request_completed":
+                        return
+
+    task = asyncio.create_task(listen())
+    for _ in range(100):
+        if events:
+            break
+        await asyncio.sleep(0.02)
+    assert events and events[0][0] == "hello"
+    return events, task
+
+
 async def test_event_stream_announces_exchanges(edge, agents):
     async with HTTPUpstream() as up:
         a = agents("http", up.port)
-        events: list[tuple[str, dict]] = []
-
-        async def listen():
-            async with api(a) as c, c.stream("GET", "/api/events") as s:
-                name = None
-                async for line in s.aiter_lines():
-                    if line.startswith("event: "):
-                        name = line[7:]
-                    elif line.startswith("data: "):
-                        events.append((name, json.loads(line[6:])))
-                        if name == "request_completed":
-                            return
-
-        task = asyncio.create_task(listen())
-        for _ in range(100):
-            if events:
-                break
-            await asyncio.sleep(0.02)
-        assert events[0][0] == "hello"
+        events, task = await listen_until_completed(a)
         async with public(edge) as p:
             await p.get("/evented", headers={"Host": host_of(a.public_url)})
         await asyncio.wait_for(task, 10)
@@ -271,25 +278,7 @@ async def test_event_stream_completes_a_refused_upstream_with_its_502(edge, agen
     closed_port = s.getsockname()[1]
     s.close()
     a = agents("http", closed_port)
-    events: list[tuple[str, dict]] = []
-
-    async def listen():
-        async with api(a) as c, c.stream("GET", "/api/events") as s:
-            name = None
-            async for line in s.aiter_lines():
-                if line.startswith("event: "):
-                    name = line[7:]
-                elif line.startswith("data: "):
-                    events.append((name, json.loads(line[6:])))
-                    if name == "request_completed":
-                        return
-
-    task = asyncio.create_task(listen())
-    for _ in range(100):
-        if events:
-            break
-        await asyncio.sleep(0.02)
-    assert events and events[0][0] == "hello"
+    events, task = await listen_until_completed(a)
     async with public(edge) as p:
         r = await p.get("/refused", headers={"Host": host_of(a.public_url)})
     assert r.status_code == 502
