@@ -47,6 +47,15 @@ def _emit(ev: dict) -> None:
     sys.stdout.flush()
 
 
+def _write_ready(path: Path, ev: dict) -> None:
+    """The ready line, for a parent that started us detached (backend.local)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(ev, f)
+    os.replace(tmp, path)
+
+
 def _check_addr(flag: str, value: str, allow_remote: bool) -> str:
     try:
         host, _ = parse_hostport(value)
@@ -173,6 +182,7 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
     lim.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="SECS",
                      help="TLS handshake plus first message on the ingress and https ports")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
 
     def conn_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server-addr", default=None, help="edge ingress HOST:PORT")
@@ -208,6 +218,7 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
         p.add_argument("--log-level", default="info")
         p.add_argument("--region", default=None, help="accepted for ngrok compatibility")
         p.add_argument("--json", action="store_true")
+        p.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
 
     for proto in ("http", "tcp", "tls"):
         t = sub.add_parser(proto, help=f"start one {proto} tunnel to ADDR")
@@ -220,6 +231,11 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
         t.add_argument("--description", default="")
         t.add_argument("--inspect", choices=["true", "false"], default="true")
         t.add_argument("--traffic-policy-file", type=Path, default=None)
+        t.add_argument(
+            "--standalone", action="store_true",
+            help="run a private agent in this process (ngrok's way) instead of adding the "
+            "tunnel to the local agent that the console watches",
+        )
         conn_flags(t)
 
     a = sub.add_parser("agent", help="run an agent with the tunnels of a config file")
@@ -233,6 +249,8 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
     st.add_argument("--all", action="store_true")
     st.add_argument("--config", type=Path, action="append", default=None)
     conn_flags(st)
+    sub.add_parser("status", help="show the local backend (edge + agent) the console and `burrow http` share")
+    sub.add_parser("stop", help="stop the local backend (edge + agent) and the tunnels on it")
     return parser
 
 
@@ -244,11 +262,50 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if args.command in ("status", "stop"):
+            try:
+                return _local_command(args.command)
+            except BrokenPipeError:  # `burrow status | head`
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 0
         runner = {"serve": _serve, "agent": _agent, "start": _agent, "http": _agent, "tcp": _agent, "tls": _agent}
         return _run(runner[args.command](args))
     except CLIError as exc:
         print(f"burrow {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _local_command(command: str) -> int:
+    import httpx
+
+    from backend import local
+
+    rec = local.read_record()
+    if rec is None:
+        print("burrow: no local backend is running")
+        return 1 if command == "status" else 0
+    tunnels, captures = [], None
+    with (
+        contextlib.suppress(httpx.HTTPError, ValueError, KeyError),
+        httpx.Client(base_url=rec["agent_url"], timeout=2) as c,
+    ):
+        tunnels = c.get("/api/tunnels").json()["tunnels"]
+        captures = c.get("/api/requests/http", params={"limit": 0}).json().get("total")
+    counts = f"{len(tunnels)} tunnel{'s' * (len(tunnels) != 1)}"
+    if captures is not None:
+        counts += f", {captures} capture{'s' * (captures != 1)}"
+    if command == "stop":
+        local.stop(rec)
+        print(f"burrow: stopped the local {'edge and agent' if rec.get('edge_pid') else 'agent'} ({counts})")
+        return 0
+    print(f"local backend: running, {local.describe(rec)}" + (f", edge pid {rec['edge_pid']}" if rec.get("edge_pid") else ""))
+    print(f"  agent API   {rec['agent_url']}   {counts}")
+    print(f"  cloud API   {rec.get('api_url')}")
+    print(f"  data        {rec.get('data_dir')}  (logs in {local.run_dir()})")
+    for t in tunnels:
+        print(f"  {t['name']:<20} {t.get('public_url')} -> {t.get('config', {}).get('addr')}")
+    print("stop it with: burrow stop")
+    return 0
 
 
 def _run(coro) -> int:
@@ -326,8 +383,12 @@ async def _serve(args) -> int:
         await edge.stop()
         raise CLIError(str(exc)) from None
     info = edge.ready_info()
+    if args.ready_file is not None:
+        _write_ready(args.ready_file, {"event": "ready", "version": __version__, **info})
     if args.json:
         _emit({"event": "ready", "version": __version__, **info})
+    elif args.ready_file is not None:
+        print(f"burrow edge {__version__} ready: {json.dumps(info)}", flush=True)  # no credentials
     else:
         print(f"burrow edge {__version__}")
         rows = [
@@ -430,10 +491,73 @@ def _tunnels_from_config(conf: dict) -> list:
     return out
 
 
+def _cli_tunnel(args):
+    from backend.agent.tunnels import TunnelConfig
+
+    policy = ""
+    if args.traffic_policy_file is not None:
+        try:
+            policy = args.traffic_policy_file.read_text()
+        except OSError as exc:
+            raise CLIError(f"cannot read {args.traffic_policy_file}: {exc.strerror}") from None
+    try:
+        return TunnelConfig(
+            name=args.name,
+            proto=args.command,
+            addr=args.addr,
+            url=args.url,
+            binding=args.binding,
+            pooling_enabled=args.pooling_enabled,
+            metadata=args.metadata,
+            description=args.description,
+            inspect=args.inspect == "true",
+            traffic_policy=policy,
+        )
+    except ValidationError as exc:
+        raise CLIError(exc.errors()[0]["msg"]) from None
+
+
+# flags that pick an edge or configure an agent: with any of them, `burrow http` runs its
+# own agent (as ngrok does) instead of adding its tunnel to the local one
+_AGENT_FLAGS = (
+    "server_addr", "authtoken", "root_cas", "web_addr", "allow_remote", "web_allow_host",
+    "web_read_timeout", "data_tls", "pool_size", "inspect_db_size", "inspect_db",
+    "inspect_db_flush_ms", "inspect_body_cap", "log", "region", "json", "ready_file",
+)
+
+
+def _standalone(args) -> bool:
+    if args.standalone or any(os.environ.get(v) for v in ("BURROW_SERVER_ADDR", "BURROW_AUTHTOKEN")):
+        return True
+    return any(getattr(args, f, None) not in (None, False, []) for f in _AGENT_FLAGS)
+
+
+async def _attach(args) -> int:
+    """Add this tunnel to the local agent (starting the local backend if none runs)."""
+    from backend import local
+    from backend.agent import attach
+
+    tc = _cli_tunnel(args)
+
+    def progress(msg: str) -> None:
+        print(f"burrow: {msg}", file=sys.stderr, flush=True)
+
+    try:
+        rec, started = await asyncio.to_thread(local.find_or_start, args.command, progress)
+    except (local.LocalError, OSError) as exc:
+        raise CLIError(str(exc)) from None
+    stop = await _until_signal()
+    try:
+        return await attach.run(tc, rec, started, stop)
+    except attach.AttachError as exc:
+        raise CLIError(str(exc)) from None
+
+
 async def _agent(args) -> int:
+    if args.command in ("http", "tcp", "tls") and not _standalone(args):
+        return await _attach(args)
     from backend.agent.agent import Agent, AgentConfig, AgentError
     from backend.agent.api import parse_allow_hosts, start_agent_api
-    from backend.agent.tunnels import TunnelConfig
     from backend.httpserver import ServerLimits
 
     cfg_arg = getattr(args, "config", None)
@@ -496,29 +620,7 @@ async def _agent(args) -> int:
             if missing:
                 raise CLIError(f"no tunnel named {sorted(missing)[0]!r} in the config")
     else:
-        policy = ""
-        if args.traffic_policy_file is not None:
-            try:
-                policy = args.traffic_policy_file.read_text()
-            except OSError as exc:
-                raise CLIError(f"cannot read {args.traffic_policy_file}: {exc.strerror}") from None
-        try:
-            tunnels = [
-                TunnelConfig(
-                    name=args.name,
-                    proto=args.command,
-                    addr=args.addr,
-                    url=args.url,
-                    binding=args.binding,
-                    pooling_enabled=args.pooling_enabled,
-                    metadata=args.metadata,
-                    description=args.description,
-                    inspect=args.inspect == "true",
-                    traffic_policy=policy,
-                )
-            ]
-        except ValidationError as exc:
-            raise CLIError(exc.errors()[0]["msg"]) from None
+        tunnels = [_cli_tunnel(args)]
 
     display = None
     ready_sent = False
@@ -598,10 +700,14 @@ async def _agent(args) -> int:
                 "tunnels": [agent.tunnel_info(t) for t in agent.tunnels.values()],
             }
             ready_sent = True
+            if args.ready_file is not None:
+                _write_ready(args.ready_file, ready)
             if args.json:
                 _emit(ready)
             elif logger is not None and args.log == "stdout":
                 pass  # the log is the display
+            elif args.ready_file is not None:
+                print(f"burrow agent {__version__} ready: web {web}", flush=True)  # detached: a log
             else:
                 from backend.agent.status import StatusDisplay
 

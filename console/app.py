@@ -25,7 +25,7 @@ from console.client import AgentClient, APIError, CloudClient
 from console.config import Settings
 from console.keymap import KEYMAP, bindings, display_key
 from console.panes import EndpointsPane, IngressesPane, RequestsPane, TunnelsPane
-from console.screens import ConfirmScreen, DetailScreen, HelpScreen, NewTunnelScreen
+from console.screens import ConfirmScreen, DetailScreen, HelpScreen, NewTunnelScreen, QuitScreen
 from console.themes import BUNDLED_THEMES_DIR, DEFAULT_VARIABLES, load_themes, user_themes_dir
 from console.widgets.request_list import NeedRows, RequestList
 
@@ -101,6 +101,10 @@ class BurrowApp(App):
         self._redraw_header = self._redraw_status = False
         self.last_copied: str | None = None
         self.last_export: Path | None = None
+        # the local backend this console started (or adopted), set by the starter: quitting
+        # asks whether to stop it (backend_choice: "stop" or "leave")
+        self.owned_backend: dict | None = None
+        self.backend_choice: str | None = None
         # The theme is chosen here, before Textual first parses the stylesheet: chosen in
         # on_mount, it made Textual parse and apply every style a second time (~40 ms
         # before the first frame).  Problems are reported on mount.
@@ -497,11 +501,32 @@ class BurrowApp(App):
 
     # ------------------------------------------------------------ actions
     async def action_quit(self) -> None:
-        """``q`` quits only from the main screen; in a sub-screen it goes back (as mitmproxy)."""
+        """``q`` quits only from the main screen; in a sub-screen it goes back (as mitmproxy).
+
+        A console that started the local backend asks first whether to stop it, leave it
+        running, or stay (when it holds tunnels or captures: other terminals' work)."""
         if len(self.screen_stack) > 1:
             self.screen.dismiss(None)
             return
-        self.exit()
+        if self.owned_backend is None or self.backend_choice is not None:
+            self.exit()
+            return
+        tunnels = len(self.tunnels)
+        captures = 0
+        if self.agent is not None:
+            with contextlib.suppress(Exception):
+                captures = (await self.agent.requests(limit=0)).total
+        if not tunnels and not captures:
+            self.backend_choice = "stop"
+            self.exit()
+            return
+
+        def answered(choice: str | None) -> None:
+            if choice in ("stop", "leave"):
+                self.backend_choice = choice
+                self.exit()
+
+        self.push_screen(QuitScreen(tunnels, captures), answered)
 
     def action_pane(self, name: str) -> None:
         if self.screen is not self.screen_stack[0]:

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ENGINE_COMMANDS = {"serve", "agent", "start", "http", "tcp", "tls"}
+ENGINE_COMMANDS = {"serve", "agent", "start", "http", "tcp", "tls", "status", "stop"}
 AGENT_DEFAULT = "http://127.0.0.1:4040"
 API_DEFAULT = "http://127.0.0.1:4041"
 
@@ -117,53 +117,108 @@ def serve_web(args, argv: list[str]) -> int:
 
 
 def run_console(settings, demo: bool = False) -> int:
-    from console.app import BurrowApp
-
-    state: dict = {}
-
-    async def starter(progress):
-        agent_url, api_url, api_key = settings.agent_url, settings.api_url, settings.api_key
-        if not demo and (agent_url or api_url):
-            return agent_url, api_url, api_key
-        # Only needed without a URL to talk to: not imported before the first frame.
-        from backend.cli import default_data_dir
-        from console.bundled import BundledBackend
-        from console.client import AgentClient
-        from console.demo import Demo
-
-        if not demo and (await _answers(AGENT_DEFAULT, "/api/tunnels") or await _answers(API_DEFAULT, "/")):
-            if api_key is None:
-                api_key = _bootstrap_key(default_data_dir())
-            agent = AGENT_DEFAULT if await _answers(AGENT_DEFAULT, "/api/tunnels") else None
-            return agent, API_DEFAULT, api_key
-        data_dir = Path(tempfile.mkdtemp(prefix="burrow-demo-")) if demo else default_data_dir()
-        backend = BundledBackend(data_dir, ephemeral_ports=demo)
-        state["backend"] = backend
-        await backend.start(progress)
-        if demo:
-            progress("starting the demo app…")
-            d = Demo(AgentClient(backend.agent_url), backend.edge["http_url"])
-            state["demo"] = d
-            await d.start()
-        return backend.agent_url, backend.api_url, backend.api_key
-
-    async def on_exit():
-        if "demo" in state:
-            await state["demo"].stop()
-        if "backend" in state:
-            await state["backend"].stop()
-
-    app = BurrowApp(settings, starter, on_exit=on_exit)
+    app = make_app(settings, demo)
     # Everything made so far (modules, classes, settings) lives as long as the process:
     # keep it out of the cyclic garbage collector, whose full passes over it took ~30 ms
     # (a dropped frame) every second or so under live traffic.
     gc.freeze()
     gc.enable()
     app.run()
-    # belt and braces: never leave children running if the app died early
-    if "backend" in state and state["backend"].children:
-        asyncio.run(state["backend"].stop())
+    if app.owned_backend is not None and app.backend_choice == "leave":
+        from backend import local
+
+        local.leave(app.owned_backend)
+        print(
+            f"burrow: the local edge and agent keep running (agent API {app.owned_backend['agent_url']}); "
+            "`burrow` attaches to them again, `burrow stop` stops them"
+        )
     return app.return_code or 0
+
+
+def make_app(settings, demo: bool = False):
+    """The console against the given URLs, else the local backend (started if none).
+
+    The local backend (:mod:`backend.local`) is shared with ``burrow http``: whichever
+    starts first starts it, the others attach.  A console that started it asks on quit
+    whether to stop it; one killed with its terminal leaves it running, and the next
+    console finds it, says so and takes it over.
+    """
+    from console.app import BurrowApp
+
+    state: dict = {}
+    app: BurrowApp
+
+    async def starter(progress):
+        agent_url, api_url, api_key = settings.agent_url, settings.api_url, settings.api_key
+        if not demo and (agent_url or api_url):
+            return agent_url, api_url, api_key
+        # Only needed without a URL to talk to: not imported before the first frame.
+        from backend import local
+
+        def progress_from_thread(msg: str) -> None:
+            app.call_from_thread(progress, msg)
+
+        if demo:
+            import functools
+
+            from console.client import AgentClient
+            from console.demo import Demo
+
+            # the demo's backend is private (fresh data, any ports); it becomes the
+            # machine's local backend, for `burrow http` to join, unless one runs already
+            register = await asyncio.to_thread(local.read_record) is None
+            rec = await asyncio.to_thread(functools.partial(
+                local.start, "demo", state_dir=Path(tempfile.mkdtemp(prefix="burrow-demo-")),
+                ephemeral=True, register=register, progress=progress_from_thread,
+            ))
+            app.owned_backend = rec
+            progress("starting the demo app…")
+            d = Demo(AgentClient(rec["agent_url"]), rec["http_url"])
+            state["demo"] = d
+            await d.start()
+            return rec["agent_url"], rec["api_url"], rec.get("api_key")
+        rec = await asyncio.to_thread(local.read_record)
+        if rec is None and await _answers(AGENT_DEFAULT, "/api/tunnels"):
+            # an agent someone runs by hand at the default address (burrow or ngrok)
+            api = API_DEFAULT if await _answers(API_DEFAULT, "/") else None
+            return AGENT_DEFAULT, api, api_key or _bootstrap_key(local.data_dir())
+        if rec is not None:
+            what = local.describe(rec)
+            if local.orphaned(rec):
+                left = rec.get("left")
+                await asyncio.to_thread(local.adopt, rec)
+                app.owned_backend = rec
+                app.notify(
+                    (f"Attached to the local edge and agent left running ({what})."
+                     if left else
+                     f"Found the local edge and agent still running after their console went away "
+                     f"({what}): attached.") + " Quitting asks whether to stop them; `burrow stop` stops them.",
+                    timeout=15,
+                )
+            else:
+                app.notify(f"Attached to the local edge and agent ({what}).", timeout=8)
+        else:
+            rec, started = await asyncio.to_thread(local.find_or_start, "console", progress_from_thread)
+            if started:
+                app.owned_backend = rec
+        key = api_key or rec.get("api_key") or _bootstrap_key(Path(rec["data_dir"]))
+        return rec["agent_url"], rec.get("api_url"), key
+
+    async def on_exit():
+        if "demo" in state:
+            await state["demo"].stop()
+        rec = app.owned_backend
+        if rec is None:
+            return
+        # the demo's backend is stopped unless the user chose to leave it; a console's is
+        # stopped only when the user said so (a crash or a closed terminal leaves it)
+        if app.backend_choice == "stop" or (demo and app.backend_choice != "leave"):
+            from backend import local
+
+            await asyncio.to_thread(local.stop, rec)
+
+    app = BurrowApp(settings, starter, on_exit=on_exit)
+    return app
 
 
 def _bootstrap_key(data_dir: Path) -> str | None:

@@ -68,6 +68,33 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(False)
 
 
+class QuitScreen(ModalScreen[str | None]):
+    """Quitting a console that started the local backend: stop it, leave it, or stay."""
+
+    BINDINGS = [
+        ("y", "choose('stop')", "stop"),
+        ("d", "choose('leave')", "leave running"),
+        ("n,escape,q", "choose(None)", "stay"),
+    ]
+
+    def __init__(self, tunnels: int, captures: int) -> None:
+        super().__init__()
+        self.tunnels = tunnels
+        self.captures = captures
+
+    def compose(self) -> ComposeResult:
+        t = f"{self.tunnels} tunnel{'s' * (self.tunnels != 1)}"
+        c = f"{self.captures:,} capture{'s' * (self.captures != 1)}"
+        with Vertical(id="confirm-box", classes="dialog"):
+            yield Label(f"Stop the local edge and agent: {t}, {c}?", id="confirm-question")
+            yield Label("Captures stay on disk either way.", id="confirm-detail", classes="dim")
+            yield Label("Left running, `burrow` attaches again; `burrow stop` stops it.", classes="dim")
+            yield Label("[b]y[/b]: stop    [b]n[/b]/esc: stay    [b]d[/b]: leave running", classes="dim")
+
+    def action_choose(self, choice: str | None) -> None:
+        self.dismiss(choice)
+
+
 class HelpScreen(ModalScreen[None]):
     """Every key that works in the current context, with its words."""
 

@@ -16,6 +16,7 @@ form or "simple" cross-site request can.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 from collections.abc import Iterable
@@ -148,6 +149,10 @@ class _EndpointBody(BaseModel):
             inspect=self.inspect,
             traffic_policy=policy or "",
         )
+
+
+HOLD_HEARTBEAT = 1.0
+_releasing: set[asyncio.Task] = set()
 
 
 def build_router(agent: Agent) -> Router:
@@ -326,7 +331,30 @@ def build_router(agent: Agent) -> Router:
             "status": status_json(),
             "tunnels": [tunnel_json(t) for t in agent.tunnels.values()],
         }
-        return StreamResponse(agent.events.stream(hello))
+        hold = req.arg("hold")
+        if not hold:
+            return StreamResponse(agent.events.stream(hello))
+        if hold not in agent.tunnels:
+            return agent_error(req, 404, f"tunnel {hold!r} not found")
+        return StreamResponse(_held(hold, agent.events.stream(hello, heartbeat=HOLD_HEARTBEAT)))
+
+    async def _held(name: str, stream):
+        """burrow's addition: ``?hold=NAME`` ties tunnel NAME to this stream.
+
+        ``burrow http`` attached to the local agent holds one; when its process goes away
+        in any way (Ctrl+C, a closed terminal, kill -9), the stream breaks within a
+        couple of heartbeats and the tunnel is stopped, so no tunnel outlives its owner.
+        """
+        t = agent.tunnels.get(name)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
+            if agent.tunnels.get(name) is t:  # not a newer tunnel that took the name
+                task = asyncio.ensure_future(agent.stop_tunnel(name))
+                _releasing.add(task)
+                task.add_done_callback(_releasing.discard)
 
     async def guarded(handler, req: Request):
         try:

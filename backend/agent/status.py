@@ -19,63 +19,93 @@ if TYPE_CHECKING:
     from backend.agent.agent import Agent
 
 
-class StatusDisplay:
-    """Redraws session status, forwarding lines and connection metrics once a second."""
+def render(snap: dict) -> Table | Group:
+    """ngrok's status screen from a snapshot: ``status``, ``region``, ``latency_ms``,
+    ``web_addr``, ``tunnels`` (``public_url``, ``addr``, ``metrics`` as in the agent API),
+    ``requests`` (capture summaries, newest first; None when inspection is off) and
+    ``note`` (a line under the title)."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", width=30)
+    grid.add_column()
+    status = {"online": "green", "reconnecting": "yellow"}.get(snap["status"], "red")
+    grid.add_row(Text("burrow", style="bold cyan"), Text("(Ctrl+C to quit)", style="dim"))
+    if snap.get("note"):
+        grid.add_row("", Text(snap["note"], style="dim"))
+    grid.add_row("", "")
+    grid.add_row("Session Status", Text(snap["status"], style=status))
+    grid.add_row("Version", __version__)
+    grid.add_row("Region", snap.get("region") or "-")
+    lat = snap.get("latency_ms")
+    grid.add_row("Latency", f"{lat:.0f}ms" if lat is not None else "-")
+    web = snap.get("web_addr")
+    grid.add_row("Web Interface", f"http://{web}" if web else "off")
+    for t in snap["tunnels"]:
+        grid.add_row("Forwarding", f"{t.get('public_url') or '(offline)'} -> {t['addr']}")
+    grid.add_row("", "")
+    conns = Table.grid(padding=(0, 2))
+    for _ in range(6):
+        conns.add_column(justify="right", width=6)
+    conns.add_row("ttl", "opn", "rt1", "rt5", "p50", "p90")
+    for t in snap["tunnels"]:
+        m = t["metrics"]
+        c, h = m["conns"], m["http"]
+        p50, p90 = (h["p50"], h["p90"]) if h["count"] else (c["p50"], c["p90"])
+        conns.add_row(
+            str(c["count"]),
+            str(c["gauge"]),
+            f"{c['rate1']:.2f}",
+            f"{c['rate5']:.2f}",
+            f"{p50 / 1e9:.2f}",
+            f"{p90 / 1e9:.2f}",
+        )
+    grid.add_row("Connections", conns)
+    if snap.get("requests") is None:
+        return grid
+    reqs = Table.grid(padding=(0, 2))
+    reqs.add_row(Text("HTTP Requests", style="bold"))
+    reqs.add_row("-------------")
+    for s in snap["requests"]:
+        when = time.strftime("%H:%M:%S", time.localtime(s["start_ts"])) if s.get("start_ts") else s["start"][11:19]
+        code = s["status_code"]
+        style = "red" if code and code >= 500 else "yellow" if code and code >= 400 else "green"
+        line = Text(f"{when}  {s['method']:<7} {s['path'][:60]:<60} ")
+        line.append(str(code or "..."), style=style)
+        line.append(f"  {s['remote_addr']}", style="dim")
+        reqs.add_row(line)
+    return Group(grid, Text(""), reqs)
 
-    def __init__(self, agent: Agent, web_addr: str) -> None:
-        self.agent = agent
-        self.web_addr = web_addr
+
+def local_snapshot(a: Agent, web_addr: str) -> dict:
+    requests = None
+    if a.capture is not None:
+        requests = [{**cap.summary(), "start_ts": cap.start} for cap in a.capture.list(10)]
+    return {
+        "status": a.status,
+        "region": a.region,
+        "latency_ms": a.latency * 1000 if a.latency is not None else None,
+        "web_addr": web_addr,
+        "tunnels": [
+            {"public_url": t.public_url, "addr": t.upstream.display, "metrics": t.metrics.to_api()}
+            for t in a.tunnels.values()
+        ],
+        "requests": requests,
+    }
+
+
+class StatusDisplay:
+    """Redraws session status, forwarding lines and connection metrics once a second.
+
+    ``source`` gives the snapshot to draw (see :func:`render`): the agent in this process,
+    or the local agent's API for a tunnel attached to it (:mod:`backend.agent.attach`).
+    """
+
+    def __init__(self, agent: Agent | None, web_addr: str = "", source=None) -> None:
+        self.source = source or (lambda: local_snapshot(agent, web_addr))
         self._task: asyncio.Task | None = None
         self._live: Live | None = None
 
     def render(self) -> Table | Group:
-        a = self.agent
-        grid = Table.grid(padding=(0, 2))
-        grid.add_column(style="bold", width=30)
-        grid.add_column()
-        status = {"online": "green", "reconnecting": "yellow"}.get(a.status, "red")
-        grid.add_row(Text("burrow", style="bold cyan"), Text("(Ctrl+C to quit)", style="dim"))
-        grid.add_row("", "")
-        grid.add_row("Session Status", Text(a.status, style=status))
-        grid.add_row("Version", __version__)
-        grid.add_row("Region", a.region or "-")
-        grid.add_row("Latency", f"{a.latency * 1000:.0f}ms" if a.latency is not None else "-")
-        grid.add_row("Web Interface", f"http://{self.web_addr}" if self.web_addr else "off")
-        for t in a.tunnels.values():
-            grid.add_row("Forwarding", f"{t.public_url or '(offline)'} -> {t.upstream.display}")
-        grid.add_row("", "")
-        conns = Table.grid(padding=(0, 2))
-        for _ in range(6):
-            conns.add_column(justify="right", width=6)
-        conns.add_row("ttl", "opn", "rt1", "rt5", "p50", "p90")
-        for t in a.tunnels.values():
-            m = t.metrics.to_api()
-            c, h = m["conns"], m["http"]
-            p50, p90 = (h["p50"], h["p90"]) if h["count"] else (c["p50"], c["p90"])
-            conns.add_row(
-                str(c["count"]),
-                str(c["gauge"]),
-                f"{c['rate1']:.2f}",
-                f"{c['rate5']:.2f}",
-                f"{p50 / 1e9:.2f}",
-                f"{p90 / 1e9:.2f}",
-            )
-        grid.add_row("Connections", conns)
-        if a.capture is None:
-            return grid
-        reqs = Table.grid(padding=(0, 2))
-        reqs.add_row(Text("HTTP Requests", style="bold"))
-        reqs.add_row("-------------")
-        for cap in a.capture.list(10):
-            s = cap.summary()
-            when = time.strftime("%H:%M:%S", time.localtime(cap.start))
-            code = s["status_code"]
-            style = "red" if code and code >= 500 else "yellow" if code and code >= 400 else "green"
-            line = Text(f"{when}  {s['method']:<7} {s['path'][:60]:<60} ")
-            line.append(str(code or "..."), style=style)
-            line.append(f"  {s['remote_addr']}", style="dim")
-            reqs.add_row(line)
-        return Group(grid, Text(""), reqs)
+        return render(self.source())
 
     def start(self) -> None:
         console = Console(file=sys.stdout)
