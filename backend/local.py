@@ -3,7 +3,8 @@
 ``burrow`` (the console), ``burrow demo``, ``burrow http|tcp|tls`` all meet here.  The
 first of them that needs a backend starts it (an edge unless one already listens at the
 default ingress, and an agent) as detached processes in their own session, and writes
-``run/local.json`` in the data dir: pids, the agent API, the cloud API, who started it.
+``run/local.json`` in the data dir: pids, the agent API, the cloud API, who started it
+(no secrets: the console reads the API key from the edge's 0600 ``bootstrap.json``).
 Everyone after that attaches to it: the console watches that one agent, ``burrow http``
 adds its tunnel to it over the agent API and removes it on exit.  So every tunnel and
 every capture on this machine is in one place, in whatever order things were started.
@@ -84,7 +85,12 @@ def read_record() -> dict | None:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(rec, dict) or not pid_alive(rec.get("agent_pid")):
+    if (
+        not isinstance(rec, dict)
+        or not pid_alive(rec.get("agent_pid"))
+        # a pid reused after a crash: the agent must also still be listening
+        or not _listening(str(rec.get("agent_url", "")).removeprefix("http://"))
+    ):
         with contextlib.suppress(OSError):
             path.unlink()
         return None
@@ -208,8 +214,6 @@ def start(by: str, *, state_dir: Path | None = None, ephemeral: bool = False,
             _kill(edge.pid)
         raise
     rec.update(agent_pid=agent.pid, agent_url=f"http://{info['web_addr']}")
-    with contextlib.suppress(OSError, ValueError):
-        rec["api_key"] = json.loads((state / "bootstrap.json").read_text()).get("api_key")
     if register:
         write_record(rec)
     return rec

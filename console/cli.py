@@ -176,7 +176,7 @@ def make_app(settings, demo: bool = False):
             d = Demo(AgentClient(rec["agent_url"]), rec["http_url"])
             state["demo"] = d
             await d.start()
-            return rec["agent_url"], rec["api_url"], rec.get("api_key")
+            return rec["agent_url"], rec["api_url"], _bootstrap_key(Path(rec["data_dir"]))
         rec = await asyncio.to_thread(local.read_record)
         if rec is None and await _answers(AGENT_DEFAULT, "/api/tunnels"):
             # an agent someone runs by hand at the default address (burrow or ngrok)
@@ -201,7 +201,7 @@ def make_app(settings, demo: bool = False):
             rec, started = await asyncio.to_thread(local.find_or_start, "console", progress_from_thread)
             if started:
                 app.owned_backend = rec
-        key = api_key or rec.get("api_key") or _bootstrap_key(Path(rec["data_dir"]))
+        key = api_key or _bootstrap_key(Path(rec["data_dir"]))
         return rec["agent_url"], rec.get("api_url"), key
 
     async def on_exit():
