@@ -514,7 +514,7 @@ def _cli_tunnel(args):
             traffic_policy=policy,
         )
     except ValidationError as exc:
-        raise CLIError(exc.errors()[0]["msg"]) from None
+        raise CLIError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 # flags that pick an edge or configure an agent: with any of them, `burrow http` runs its
@@ -538,6 +538,8 @@ async def _attach(args) -> int:
     from backend.agent import attach
 
     tc = _cli_tunnel(args)
+    if "/" in tc.name or not tc.name.isprintable():
+        raise CLIError(f"--name {tc.name!r}: a tunnel name is one path segment of the agent API (no '/')")
 
     def progress(msg: str) -> None:
         print(f"burrow: {msg}", file=sys.stderr, flush=True)
