@@ -88,8 +88,8 @@ class QuitScreen(ModalScreen[str | None]):
         with Vertical(id="confirm-box", classes="dialog"):
             yield Label(f"Stop the local edge and agent: {t}, {c}?", id="confirm-question")
             yield Label("Captures stay on disk either way.", id="confirm-detail", classes="dim")
-            yield Label("Left running, `burrow` attaches again; `burrow stop` stops it.", classes="dim")
-            yield Label("[b]y[/b]: stop    [b]n[/b]/esc: stay    [b]d[/b]: leave running", classes="dim")
+            yield Label("`burrow` attaches again; `burrow stop` stops it.", classes="dim")
+            yield Label("[b]y[/b]: stop    [b]n[/b]/esc: stay    [b]d[/b]: leave it running", classes="dim")
 
     def action_choose(self, choice: str | None) -> None:
         self.dismiss(choice)
