@@ -544,11 +544,13 @@ async def _attach(args) -> int:
     def progress(msg: str) -> None:
         print(f"burrow: {msg}", file=sys.stderr, flush=True)
 
+    stop = await _until_signal()  # Ctrl+C while the backend starts: it starts, we add nothing
     try:
         rec, started = await asyncio.to_thread(local.find_or_start, args.command, progress)
     except (local.LocalError, OSError) as exc:
         raise CLIError(str(exc)) from None
-    stop = await _until_signal()
+    if stop.is_set():
+        return 0
     try:
         return await attach.run(tc, rec, started, stop)
     except attach.AttachError as exc:
