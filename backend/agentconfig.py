@@ -50,9 +50,12 @@ def read(path: Path, missing_ok: bool = False) -> dict:
 
 def write(path: Path, data: dict) -> None:
     """Replace ``path`` with ``data`` as YAML, mode 0600 (its directory 0700 if made)."""
+    write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True))
+
+
+def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

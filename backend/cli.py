@@ -431,7 +431,10 @@ def _ngrok_command(args) -> int:
             print(f"# dry run: {path} was not changed", file=sys.stderr)
             return 0
         backup = path.with_name(path.name + ".v2.bak")
-        agentconfig.write(backup, data)
+        try:
+            agentconfig.write_text(backup, path.read_text())  # as it was, comments and all
+        except OSError as exc:
+            raise CLIError(f"read {path}: {exc.strerror}") from None
         agentconfig.write(path, new)
         print(f"Upgraded configuration file at {path} to version 3 (the old one is in {backup})")
         return 0

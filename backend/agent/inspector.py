@@ -232,7 +232,11 @@ def add_pages(router: Router, agent: Agent, status_json: Callable[[], dict], tun
 
         return serve
 
+    async def no_icon(req: Request) -> Response:
+        return Response(204, b"", "", [("Cache-Control", "max-age=86400")])
+
     router.add("GET", "/", root)
+    router.add("GET", "/favicon.ico", no_icon)
     router.add("GET", "/inspect/http", inspect_http)
     router.add("GET", "/status", status)
     router.add("GET", "/static/inspector.js", asset(_JS, "text/javascript; charset=utf-8"))
