@@ -211,7 +211,7 @@ def test_start_up_failures_are_eror_lines_before_the_exit(edge, tmp_path):
 
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
-    nowhere = agent_config(tmp_path / "nowhere.yml", edge, connect_url="127.0.0.1:%d" % closed.getsockname()[1])
+    nowhere = agent_config(tmp_path / "nowhere.yml", edge, connect_url=f"127.0.0.1:{closed.getsockname()[1]}")
     closed.close()
     r = burrow("start", "--none", "--log", "stdout", "--config", nowhere)
     logs = [NgrokLog(x) for x in r.stdout.splitlines()]
@@ -227,7 +227,7 @@ def test_pyngrok_reports_a_web_address_in_use_with_ngroks_error(edge, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        addr = "127.0.0.1:%d" % busy.getsockname()[1]
+        addr = f"127.0.0.1:{busy.getsockname()[1]}"
         pc = pyngrok_config(agent_config(tmp_path / "busy.yml", edge, web_addr=addr))
         try:
             with pytest.raises(PyngrokNgrokError) as err:
@@ -264,6 +264,10 @@ def test_status_page_through_a_tunnel_to_the_agents_own_web_address(edge, tmp_pa
             assert local.get("/status").status_code == 200
             assert local.get("/status", headers={"Host": "rebound.example"}).status_code == 403
             assert local.get("/status", headers={"Host": f"rebound.example:{web_port}"}).status_code == 403
+            # only a tunnel whose upstream is this web address lends its name
+            other = ngrok.connect("8080", pyngrok_config=pc)
+            assert local.get("/status", headers={"Host": host_of(other.public_url)}).status_code == 403
+            assert local.get("/status", headers={"Host": host_of(tunnel.public_url)}).status_code == 200
     finally:
         ngrok.kill(pyngrok_config=pc)
 
