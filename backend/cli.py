@@ -26,7 +26,15 @@ from backend.netutil import AddressError, is_loopback, parse_hostport
 
 
 class CLIError(Exception):
-    """A one-line error for the user."""
+    """A one-line error for the user.
+
+    ``log`` is how an agent started with ``--log`` reports it, in ngrok's words:
+    ``(msg, obj, err)`` for a ``lvl=eror`` logfmt line written before the exit.
+    """
+
+    def __init__(self, text: str, log: tuple[str, str, str] | None = None) -> None:
+        super().__init__(text)
+        self.log = log
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,8 +87,11 @@ def _port_range(text: str) -> tuple[int, int]:
 
 
 def _agent_failure(exc) -> CLIError:
-    """One line for an error from the edge, with ngrok's code when it has one."""
-    return CLIError(f"{exc} ({exc.code})" if getattr(exc, "code", "") else str(exc))
+    """One line for an error from the edge, with ngrok's code when it has one; logged
+    as ngrok logs a session that ends for good (its err ends with the code)."""
+    code = getattr(exc, "code", "")
+    err = f"{exc}\n\n{code}" if code else str(exc)
+    return CLIError(f"{exc} ({code})" if code else str(exc), ("session closing", "tunnels.session", err))
 
 
 def _seconds(text: str) -> float:
@@ -106,8 +117,9 @@ def _count(text: str) -> int:
 # --------------------------------------------------------------------------- parsers
 def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description="Self-hosted tunnels that speak ngrok's wire formats.")
-    parser.add_argument("--version", action="version", version=f"burrow {__version__}")
+    parser.add_argument("--version", action="version", version=f"burrow version {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    _add_ngrok_commands(sub)
 
     s = sub.add_parser("serve", help="run the edge: ingress, public listeners and cloud API")
     s.add_argument("--data-dir", type=Path, default=None)
@@ -268,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             except BrokenPipeError:  # `burrow status | head`
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 return 0
+        if args.command in ("version", "config"):
+            return _ngrok_command(args)
         runner = {"serve": _serve, "agent": _agent, "start": _agent, "http": _agent, "tcp": _agent, "tls": _agent}
         return _run(runner[args.command](args))
     except CLIError as exc:
@@ -306,6 +320,126 @@ def _local_command(command: str) -> int:
         print(f"  {t['name']:<20} {t.get('public_url')} -> {t.get('config', {}).get('addr')}")
     print("stop it with: burrow stop")
     return 0
+
+
+# ------------------------------------------------ ngrok's own commands: version, config
+# ``burrow version`` and ``burrow config add-authtoken|add-api-key|check|upgrade`` answer
+# as ngrok's do, so tools that drive ngrok (pyngrok's set_auth_token, get_version) and
+# people used to it can use burrow in its place.
+def _add_ngrok_commands(sub) -> None:
+    sub.add_parser("version", help="print the version (ngrok's shape: burrow version X.Y.Z)")
+    c = sub.add_parser("config", help="ngrok-compatible: edit and check the agent's config file")
+    csub = c.add_subparsers(dest="config_command", parser_class=_Parser, required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config", type=Path, action="append", default=None, metavar="PATH",
+            help="the config file (default: ~/.config/burrow/burrow.yml or $BURROW_CONFIG)",
+        )
+        # accepted as ngrok accepts them (pyngrok passes --log stdout); these commands
+        # print their one result line whatever the log settings
+        p.add_argument("--log", default=None, help=argparse.SUPPRESS)
+        p.add_argument("--log-format", default=None, help=argparse.SUPPRESS)
+        p.add_argument("--log-level", default=None, help=argparse.SUPPRESS)
+
+    for name, what in (("add-authtoken", "authtoken"), ("add-api-key", "API key")):
+        p = csub.add_parser(name, help=f"save the {what} in the config file")
+        p.add_argument("value", metavar="TOKEN" if name == "add-authtoken" else "KEY")
+        common(p)
+    common(csub.add_parser("check", help="validate the config file and print its path"))
+    p = csub.add_parser("upgrade", help="rewrite a v2 config file in the v3 format")
+    p.add_argument("--dry-run", action="store_true", help="print the upgraded file; change nothing")
+    common(p)
+
+
+def _config_paths(args) -> tuple[list[Path], bool]:
+    """The ``--config`` files (ngrok also takes a comma-separated list), or the default
+    path; the flag tells whether the default was used."""
+    from backend import agentconfig
+
+    given = getattr(args, "config", None)
+    if isinstance(given, Path):
+        given = [given]
+    paths = [Path(part) for g in (given or []) for part in str(g).split(",") if part]
+    return (paths, False) if paths else ([agentconfig.default_path()], True)
+
+
+def _validate_config(conf: dict, where: Path) -> None:
+    """What ``config check`` and the agent both refuse: a bad version, a non-mapping
+    ``agent:``, unusable addresses, an invalid tunnel or endpoint."""
+    from backend import agentconfig
+
+    version = agentconfig.version_of(conf)
+    if version not in ("2", "3"):
+        raise CLIError(f"{where}: unsupported config version {conf.get('version')!r} (expected 2 or 3)")
+    if "agent" in conf and not isinstance(conf["agent"], dict):
+        raise CLIError(f"{where}: 'agent' must be a mapping")
+    aconf = agentconfig.agent_section(conf)
+    for key in ("server_addr", "connect_url"):
+        if aconf.get(key) is not None:
+            try:
+                parse_hostport(str(aconf[key]))
+            except AddressError as exc:
+                raise CLIError(f"{where}: {key}: {exc}") from None
+    web = aconf.get("web_addr")
+    if web is not None and web is not False and str(web).lower() != "false":
+        try:
+            parse_hostport(str(web))
+        except AddressError as exc:
+            raise CLIError(f"{where}: web_addr: {exc}") from None
+    if "tunnels" in conf and not isinstance(conf["tunnels"], dict | None):
+        raise CLIError(f"{where}: 'tunnels' must be a mapping of names to tunnels")
+    if "endpoints" in conf and not isinstance(conf["endpoints"], list | None):
+        raise CLIError(f"{where}: 'endpoints' must be a list")
+    _tunnels_from_config(conf)
+
+
+def _ngrok_command(args) -> int:
+    from backend import agentconfig
+
+    if args.command == "version":
+        print(f"burrow version {__version__}")
+        return 0
+    paths, _ = _config_paths(args)
+    path = paths[0]
+    try:
+        if args.config_command in ("add-authtoken", "add-api-key"):
+            key = "authtoken" if args.config_command == "add-authtoken" else "api_key"
+            if not args.value.strip():
+                raise CLIError(f"an empty {key} cannot be saved")
+            agentconfig.set_agent_option(path, key, args.value.strip())
+            what = "Authtoken" if key == "authtoken" else "API key"
+            print(f"{what} saved to configuration file: {path}")
+            return 0
+        if args.config_command == "check":
+            for p in paths:
+                _validate_config(agentconfig.read(p), p)
+                print(f"Valid configuration file at {p}")
+            return 0
+        # upgrade
+        data = agentconfig.read(path)
+        _validate_config(data, path)
+        if agentconfig.version_of(data) == "3":
+            print(f"Configuration file at {path} is already version 3; nothing to upgrade")
+            return 0
+        new, notes = agentconfig.upgrade(data)
+        _validate_config(new, path)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        if args.dry_run:
+            sys.stdout.write(yaml.safe_dump(new, sort_keys=False, default_flow_style=False))
+            print(f"# dry run: {path} was not changed", file=sys.stderr)
+            return 0
+        backup = path.with_name(path.name + ".v2.bak")
+        try:
+            agentconfig.write_text(backup, path.read_text())  # as it was, comments and all
+        except OSError as exc:
+            raise CLIError(f"read {path}: {exc.strerror}") from None
+        agentconfig.write(path, new)
+        print(f"Upgraded configuration file at {path} to version 3 (the old one is in {backup})")
+        return 0
+    except agentconfig.ConfigFileError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _run(coro) -> int:
@@ -560,17 +694,64 @@ async def _attach(args) -> int:
 async def _agent(args) -> int:
     if args.command in ("http", "tcp", "tls") and not _standalone(args):
         return await _attach(args)
+    logger = None
+    if args.log and args.log.lower() not in ("false", "none"):
+        from backend.logfmt import LogfmtWriter
+
+        try:
+            logger = LogfmtWriter(args.log)
+        except OSError as exc:
+            raise CLIError(f"--log {args.log}: {exc.strerror}") from None
+    try:
+        return await _agent_run(args, logger)
+    except CLIError as exc:
+        # ngrok reports a start-up failure on its log before it exits (pyngrok reads it)
+        if logger is not None:
+            msg, obj, err = exc.log or ("failed to start agent", "app", str(exc))
+            logger("eror", msg, obj=obj, err=err)
+        raise
+
+
+def _read_agent_config(args, logger) -> dict:
+    """The config files (``--config``, later files win; else the default path if it
+    exists), with ngrok's start-up log lines about them."""
+    paths, default = _config_paths(args)
+    if default and logger is not None:
+        logger("info", "no configuration paths supplied")
+    conf: dict = {}
+    for path in paths:
+        if default and not path.exists():
+            break
+        if default and logger is not None:
+            logger("info", "using configuration at default config path", path=str(path))
+        try:
+            conf.update(_load_config(path))
+        except CLIError as exc:
+            raise CLIError(str(exc), ("failed to open config file", "app", str(exc))) from None
+        if logger is not None:
+            logger("info", "open config file", path=str(path), err="nil")
+    return conf
+
+
+def _listen_err(addr: str, exc: OSError) -> str:
+    """A failed listen in Go's words, as ngrok logs it:
+    ``listen tcp 127.0.0.1:4040: bind: address already in use``."""
+    import errno
+
+    words = {
+        errno.EADDRINUSE: "address already in use",
+        errno.EADDRNOTAVAIL: "cannot assign requested address",
+        errno.EACCES: "permission denied",
+    }.get(exc.errno, (exc.strerror or str(exc)).lower())
+    return f"listen tcp {addr}: bind: {words}"
+
+
+async def _agent_run(args, logger) -> int:
     from backend.agent.agent import Agent, AgentConfig, AgentError
     from backend.agent.api import parse_allow_hosts, start_agent_api
     from backend.httpserver import ServerLimits
 
-    cfg_arg = getattr(args, "config", None)
-    if isinstance(cfg_arg, list):  # "start" accepts --config several times; later files win
-        conf = {}
-        for path in cfg_arg:
-            conf.update(_load_config(path))
-    else:
-        conf = _load_config(cfg_arg)
+    conf = _read_agent_config(args, logger)
     aconf = conf.get("agent") if isinstance(conf.get("agent"), dict) else conf
     data_dir = default_data_dir()
     boot = {}
@@ -582,13 +763,14 @@ async def _agent(args) -> int:
     if not authtoken:
         raise CLIError("no authtoken: pass --authtoken or set BURROW_AUTHTOKEN")
     server_addr = (
-        args.server_addr or os.environ.get("BURROW_SERVER_ADDR") or aconf.get("server_addr") or "127.0.0.1:4042"
+        args.server_addr or os.environ.get("BURROW_SERVER_ADDR") or aconf.get("server_addr")
+        or aconf.get("connect_url") or "127.0.0.1:4042"
     )
     try:
         parse_hostport(server_addr)
     except AddressError as exc:
         raise CLIError(f"--server-addr: {exc}") from None
-    root_cas = args.root_cas or aconf.get("root_cas")
+    root_cas = args.root_cas or aconf.get("root_cas") or aconf.get("connect_cas")
     if root_cas is None and (data_dir / "ca.pem").exists():
         root_cas = str(data_dir / "ca.pem")
     if root_cas is not None and not Path(root_cas).is_file():
@@ -629,15 +811,6 @@ async def _agent(args) -> int:
     display = None
     ready_sent = False
 
-    logger = None
-    if args.log and args.log.lower() not in ("false", "none"):
-        from backend.logfmt import LogfmtWriter
-
-        try:
-            logger = LogfmtWriter(args.log)
-        except OSError as exc:
-            raise CLIError(f"--log {args.log}: {exc.strerror}") from None
-
     def events(ev: dict) -> None:  # the ready line comes first; earlier events are in it
         if logger is not None:
             logger.event(ev)
@@ -672,7 +845,9 @@ async def _agent(args) -> int:
             api = await start_agent_api(agent, web_addr, allow_hosts=web_allow_hosts, limits=web_limits)
         except OSError as exc:
             if web_explicit:
-                raise CLIError(f"cannot listen on --web-addr {web_addr}: {exc.strerror}") from None
+                await agent.stop()
+                err = _listen_err(str(web_addr), exc)
+                raise CLIError(f"--web-addr: {err}", ("failed to start web service", "web", err)) from None
             host = parse_hostport(web_addr)[0]
             api = await start_agent_api(agent, f"{host}:0", allow_hosts=web_allow_hosts, limits=web_limits)
         web = "{}:{}".format(*api.addr)

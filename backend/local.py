@@ -204,8 +204,9 @@ def start(by: str, *, state_dir: Path | None = None, ephemeral: bool = False,
             rec.update(edge_pid=edge.pid, api_url=info["api_url"], ingress_addr=info["ingress_addr"],
                        http_url=info.get("http_url"), ca_file=info["ca_file"])
         progress("starting the local agent…")
+        # --config: not the user's agent config file (its authtoken is for another edge)
         args = ["agent", "--server-addr", rec["ingress_addr"], "--web-addr", f"127.0.0.1:{port('agent')}",
-                "--inspect-db", str(state / "captures.db")]
+                "--inspect-db", str(state / "captures.db"), "--config", os.devnull]
         if Path(rec["ca_file"]).is_file():
             args += ["--root-cas", rec["ca_file"]]
         agent, info = _spawn("agent", args, env, timeout)

@@ -32,6 +32,10 @@ class LogfmtWriter:
         self._out: TextIO = (
             sys.stdout if target == "stdout" else sys.stderr if target == "stderr" else open(target, "a")  # noqa: SIM115
         )
+        # The agent binds its tunnels before it reports the session up; "started tunnel"
+        # lines wait for the session lines, in ngrok's order.
+        self._session_up = False
+        self._held: list[dict] = []
 
     def __call__(self, lvl: str, msg: str, **fields: object) -> None:
         self._out.write(format_line(lvl, msg, **fields) + "\n")
@@ -43,12 +47,23 @@ class LogfmtWriter:
         if name == "session":
             self("info", "client session established", obj="tunnels.session", id=ev.get("session_id"))
             self("info", "tunnel session started", obj="tunnels.session")
+            self._session_up = True
+            held, self._held = self._held, []
+            for t in held:
+                self.event(t)
         elif name == "tunnel_started":
+            if not self._session_up:
+                self._held.append(ev)
+                return
             self("info", "started tunnel", obj="tunnels", name=ev.get("name"), addr=ev.get("addr"), url=ev.get("public_url"))
         elif name == "tunnel_stopped":
             self("info", "stopped tunnel", obj="tunnels", name=ev.get("name"))
         elif name == "disconnected":
-            self("warn", "session closed", obj="tunnels.session", err=ev.get("reason"))
+            if self._session_up:
+                self("warn", "session closed", obj="tunnels.session", err=ev.get("reason"))
+            else:  # a dial or handshake that failed: ngrok logs these as errors
+                self("eror", "failed to reconnect session", obj="tunnels.session", err=ev.get("reason"))
+            self._session_up = False
         elif name == "reconnecting":
             self("info", "reconnecting", obj="tunnels.session", attempt=ev.get("attempt"), delay=ev.get("delay"))
         elif name in ("stopped", "restart"):

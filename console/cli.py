@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ENGINE_COMMANDS = {"serve", "agent", "start", "http", "tcp", "tls", "status", "stop"}
+ENGINE_COMMANDS = {"serve", "agent", "start", "http", "tcp", "tls", "status", "stop", "version", "config"}
 AGENT_DEFAULT = "http://127.0.0.1:4040"
 API_DEFAULT = "http://127.0.0.1:4041"
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         from backend import __version__
 
-        print(f"burrow {__version__}")
+        print(f"burrow version {__version__}")  # ngrok's shape: tools split on "version "
         return 0
 
     # Until the console runs, the cyclic garbage collector is off: with textual and

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -390,6 +390,10 @@ def build_router(agent: Agent) -> Router:
     add("GET", "/api/requests/http/{id}", get_request)
     add("DELETE", "/api/requests/http/{id}", delete_request)
     add("GET", "/api/events", events)
+    # ngrok's inspector addresses: small HTML pages over the same data
+    from backend.agent.inspector import add_pages
+
+    add_pages(router, agent, status_json, tunnel_json)
     return router
 
 
@@ -457,8 +461,18 @@ class LocalGuard:
     in front of the API.
     """
 
-    def __init__(self, server: APIServer, allow_hosts: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        server: APIServer,
+        allow_hosts: Iterable[str] = (),
+        tunnel_hosts: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
         self.server = server
+        # host names of the agent's own tunnels whose upstream is this listener: a
+        # tunnel pointed at the web address serves the API and the pages through it,
+        # as ngrok's does (the name is one the user's edge gave the user, so no
+        # attacker's DNS can rebind it to us)
+        self.tunnel_hosts = tunnel_hosts
         self.extra_any_port: set[str] = set()
         self.extra_exact: set[tuple[str, int]] = set()
         for host, port in parse_allow_hosts(allow_hosts):
@@ -474,6 +488,9 @@ class LocalGuard:
         host, port = parsed
         if host in self.extra_any_port or (port is not None and (host, port) in self.extra_exact):
             return True
+        return self._local(host, port) or host in self.tunnel_hosts()
+
+    def _local(self, host: str, port: int | None) -> bool:
         bound_host, bound_port = self.server.addr[0], self.server.addr[1]
         if (port if port is not None else 80) != bound_port:
             return False
@@ -525,12 +542,33 @@ class LocalGuard:
             parts = urlsplit(origin.strip())
         except ValueError:
             return False
-        if parts.scheme.lower() != "http" or not parts.netloc or parts.path not in ("", "/"):
+        scheme = parts.scheme.lower()
+        # https: a page served through an https tunnel to this listener
+        if scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
             return False
         a, b = _split_host(parts.netloc), _split_host(host)
         if a is None or b is None:
             return False
-        return (a[0], a[1] or 80) == (b[0], b[1] or 80)
+        default = 443 if scheme == "https" else 80
+        return (a[0], a[1] or default) == (b[0], b[1] or default)
+
+
+def _own_tunnel_hosts(agent: Agent, addr: tuple) -> set[str]:
+    """Host names of the agent's online http(s) tunnels whose upstream is ``addr``."""
+    out = set()
+    bound = _ip(str(addr[0]))
+    for t in agent.tunnels.values():
+        up = t.upstream
+        if not t.public_url or t.config.proto not in ("http", "https") or getattr(up, "port", None) != addr[1]:
+            continue
+        ip = _ip(getattr(up, "host", ""))
+        local = up.host == "localhost" or (ip is not None and (ip.is_loopback or ip == bound))
+        if not local:
+            continue
+        parsed = _split_host(urlsplit(t.public_url).netloc)
+        if parsed is not None:
+            out.add(parsed[0])
+    return out
 
 
 async def start_agent_api(
@@ -541,6 +579,10 @@ async def start_agent_api(
     limits: ServerLimits | None = None,
 ) -> APIServer:
     server = APIServer(build_router(agent), agent_error, limits=limits)
-    server.guard = LocalGuard(server, allow_hosts)
+
+    def tunnel_hosts() -> set[str]:
+        return _own_tunnel_hosts(agent, server.addr)
+
+    server.guard = LocalGuard(server, allow_hosts, tunnel_hosts)
     await server.start(addr)
     return server
