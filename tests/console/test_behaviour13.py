@@ -180,7 +180,7 @@ async def test_read_only_refuses_tunnels_forms_and_replay(url):
         for gone in ("replay the selected", "then replay it", "replay to another", "start a tunnel",
                      "create a cloud endpoint", "edit the selected", "register an agent"):
             assert gone not in titles, gone
-        assert "diff a replay" in titles and "export" in titles and "copy as a curl" in titles
+        assert "diff replay ↔ original" in titles and "export" in titles and "copy as a curl" in titles
         # the detail view: looking works, replaying is not offered
         await pilot.press("4", "enter")
         await pilot.pause(0.3)
