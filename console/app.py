@@ -100,6 +100,8 @@ class BurrowApp(App):
         self._redrawn_at = 0.0
         self._redraw_header = self._redraw_status = False
         self.last_copied: str | None = None
+        # capture id → the newest replay of it made from this console (J opens it)
+        self.replays: dict[str, str] = {}
         self.last_export: Path | None = None
         # the local backend this console started (or adopted), set by the starter: quitting
         # asks whether to stop it (backend_choice: "stop" or "leave")
@@ -552,9 +554,12 @@ class BurrowApp(App):
     def action_help(self) -> None:
         ctx = self.active_pane
         from console.manage import SessionsScreen
+        from console.request_actions import DiffScreen
 
         if isinstance(self.screen, DetailScreen):
             contexts = ["detail"]
+        elif isinstance(self.screen, DiffScreen):
+            contexts = ["diff"]
         elif isinstance(self.screen, SessionsScreen):
             contexts = ["sessions"]
         else:
@@ -564,7 +569,17 @@ class BurrowApp(App):
     def action_refresh(self) -> None:
         self.refresh_all()
 
+    def refuse_read_only(self, what: str) -> bool:
+        """In read-only mode, say so and refuse: the keys are unbound and out of the
+        palette, but a rebound key or a stray action must not change anything either."""
+        if not self.settings.read_only:
+            return False
+        self.notify(f"read-only: {what} is off (the console was started with --read-only)", severity="warning")
+        return True
+
     def action_new_tunnel(self) -> None:
+        if self.refuse_read_only("starting tunnels"):
+            return
         if self.agent is None:
             self.notify("No agent API to start tunnels on.", severity="error")
             return
@@ -583,7 +598,7 @@ class BurrowApp(App):
         self.push_screen(NewTunnelScreen(start), started)
 
     def confirm_stop_tunnel(self, name: str, url: str) -> None:
-        if self.settings.read_only or self.agent is None:
+        if self.refuse_read_only("stopping tunnels") or self.agent is None:
             return
         agent = self.agent
 
@@ -598,7 +613,7 @@ class BurrowApp(App):
         self.push_screen(ConfirmScreen(f"Stop tunnel {name}?", f"{url} will go offline."), answered)
 
     def confirm_clear(self) -> None:
-        if self.settings.read_only or self.agent is None:
+        if self.refuse_read_only("clearing captures") or self.agent is None:
             return
         agent = self.agent
 
@@ -613,22 +628,49 @@ class BurrowApp(App):
         self.push_screen(ConfirmScreen("Delete all captured requests?", "This cannot be undone."), answered)
 
     def replay(self, capture_id: str) -> None:
-        """Replay one capture, or every marked one when rows are marked on the list."""
-        if self.agent is None:
+        """Replay one capture, or every marked one when rows are marked on the list.
+
+        From the detail view the notice offers the new capture: ``J`` opens it."""
+        if self.refuse_read_only("replay") or self.agent is None:
             return
         agent = self.agent
         rl = self.query_one(RequestList)
-        ids = list(rl.marked) if rl.marked and not isinstance(self.screen, DetailScreen) else [capture_id]
+        in_detail = isinstance(self.screen, DetailScreen)
+        ids = list(rl.marked) if rl.marked and not in_detail else [capture_id]
 
         async def go() -> str:
+            new = None
             for cid in ids:
-                await agent.replay(cid)
-            return f"Replayed {ids[0]}" if len(ids) == 1 else f"Replayed {len(ids)} marked requests"
+                new = await agent.replay(cid)
+                if new:
+                    self.replays[cid] = new
+            if len(ids) > 1:
+                return f"Replayed {len(ids)} marked requests"
+            return await self._replayed(ids[0], new, in_detail)
 
         self._run_action(go)
 
+    async def _replayed(self, original: str, new: str | None, offer: bool) -> str:
+        """The notice after one replay: the new capture's status, and (``offer``) the key to open it."""
+        if not new or self.agent is None:
+            return f"Replayed {original}"
+        try:
+            resp = (await self.agent.request(new)).get("response") or {}
+            status = resp.get("status_code") or "sent"
+        except APIError:
+            status = "sent"
+        return f"Replayed {original} → {status}" + (" · J opens it" if offer else "")
+
+    def open_last_replay(self, capture_id: str) -> None:
+        """Open the newest replay of ``capture_id`` made from this console."""
+        new = self.replays.get(capture_id)
+        if new is None:
+            self.notify("No replay of this request yet: r replays it, then J opens the replay.", severity="warning")
+            return
+        self.open_detail(new)
+
     def action_delete_requests(self) -> None:
-        if self.settings.read_only or self.agent is None:
+        if self.refuse_read_only("deleting captures") or self.agent is None:
             return
         rl = self.query_one(RequestList)
         targets = rl.targets()
@@ -690,12 +732,19 @@ class BurrowApp(App):
     def action_edit_replay(self) -> None:
         from console.request_actions import EditReplayScreen
 
+        if self.refuse_read_only("edit and replay"):
+            return
         agent = self.agent
+        offer = isinstance(self.screen, DetailScreen)
 
         async def edit(capture: dict) -> None:
             async def send(edits: dict) -> str:
                 new = await agent.replay(capture["id"], **edits)
-                return f"Replayed an edited {edits['method']} {edits['uri']}" + (f" → {new}" if new else "")
+                if new:
+                    self.replays[capture["id"]] = new
+                return f"Replayed an edited {edits['method']} {edits['uri']}" + (
+                    f" → {new}" + (" · J opens it" if offer else "") if new else ""
+                )
 
             def sent(result: dict | None) -> None:
                 # the dialog stayed open until the agent accepted; errors were shown in it
@@ -709,10 +758,13 @@ class BurrowApp(App):
     def action_replay_to(self) -> None:
         from console.request_actions import PickScreen
 
+        if self.refuse_read_only("replay to another tunnel"):
+            return
         cid = self._current_capture_id()
         if cid is None or self.agent is None:
             return
         agent = self.agent
+        offer = isinstance(self.screen, DetailScreen)
         options = [(t["name"], f"{t['name']}  {t.get('public_url', '')}") for t in self.tunnels if t.get("name")]
         if not options:
             self.notify("No tunnels to replay to.", severity="warning")
@@ -722,7 +774,9 @@ class BurrowApp(App):
             if name:
                 async def go() -> str:
                     new = await agent.replay(cid, tunnel_name=name)
-                    return f"Replayed {cid} to {name}" + (f" → {new}" if new else "")
+                    if new:
+                        self.replays[cid] = new
+                    return f"Replayed {cid} to {name}" + (f" → {new}" + (" · J opens it" if offer else "") if new else "")
 
                 self._run_action(go)
 
@@ -736,8 +790,17 @@ class BurrowApp(App):
 
         async def diff(capture: dict) -> None:
             original_id = capture.get("replay_of")
-            if not original_id:
-                self.post_message(m.ActionFailed("Not a replay: pick a request marked ↻ to diff it against its original."))
+            if not original_id:  # an original: diff its latest replay against it
+                replay_id = await self._latest_replay(capture["id"])
+                if replay_id is None:
+                    self.post_message(m.ActionFailed("No replay of this request yet: r replays it, then D diffs the two."))
+                    return
+                try:
+                    replay = await agent.request(replay_id)
+                except APIError as exc:
+                    self.post_message(m.ActionFailed(f"the replay {replay_id} is gone: {exc.msg}"))
+                    return
+                self.call_later(self.push_screen, DiffScreen(diff_captures(capture, replay)))
                 return
             try:
                 original = await agent.request(original_id)
@@ -747,6 +810,18 @@ class BurrowApp(App):
             self.call_later(self.push_screen, DiffScreen(diff_captures(original, capture)))
 
         self._with_capture(diff)
+
+    async def _latest_replay(self, capture_id: str) -> str | None:
+        """The newest capture that replays ``capture_id``: asked of the agent
+        (``replay_of:ID``), else the one made from this console."""
+        if self.agent is not None:
+            try:
+                page = await self.agent.requests(0, 1, f"replay_of:{capture_id}")
+            except APIError:  # an agent without the term (ngrok): fall back
+                page = None
+            if page is not None and page.items and page.items[0].get("replay_of") == capture_id:
+                return page.items[0]["id"]
+        return self.replays.get(capture_id)
 
     def _copy(self, text: str) -> None:
         from console.export import clipboard_sequence
@@ -833,12 +908,15 @@ class BurrowApp(App):
     def action_command(self) -> None:
         from console.request_actions import CommandScreen
 
-        self.push_screen(CommandScreen(), self._command)
+        self.push_screen(CommandScreen(self.available_themes), self._command)
 
     def _command(self, text: str | None) -> None:
+        from console.request_actions import COMMANDS, complete
+
         if not text:
             return
         word, _, arg = text.partition(" ")
+        word = complete(word, COMMANDS)[0] or word  # a unique prefix is enough
         if word in PANES:
             self.action_pane(word)
         elif word == "sessions":
@@ -858,11 +936,13 @@ class BurrowApp(App):
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """Every keymap entry that works on this screen, with its key as the user types it."""
         from console.manage import SessionsScreen
+        from console.request_actions import DiffScreen
 
         yield from super().get_system_commands(screen)
         groups = {
             "app": "console", "list": "list", "endpoints": "endpoint", "ingresses": "ingress",
             "tunnels": "tunnel", "requests": "request", "detail": "request", "sessions": "session",
+            "diff": "diff",
         }
         main = screen is self.screen_stack[0]
         for k in KEYMAP:
@@ -872,7 +952,9 @@ class BurrowApp(App):
                 continue
             if k.context == "sessions" and not isinstance(screen, SessionsScreen):
                 continue
-            if k.context not in ("app", "detail", "sessions") and not main:
+            if k.context == "diff" and not isinstance(screen, DiffScreen):
+                continue
+            if k.context not in ("app", "detail", "sessions", "diff") and not main:
                 continue
             key = display_key(self.keymap_overrides.get(k.id, k.key))
             yield SystemCommand(
@@ -885,7 +967,7 @@ class BurrowApp(App):
         # run_action returns a coroutine: not awaiting it ran nothing
         if k.context == "app":
             await self.run_action(k.action)
-        elif k.context in ("detail", "sessions"):
+        elif k.context in ("detail", "sessions", "diff"):
             await self.screen.run_action(k.action)
         else:
             pane = k.context if k.context in PANES else self.active_pane

@@ -4,7 +4,8 @@ Every key has an id (``context.action``), the key, the context it works in, the 
 it runs and the words shown in the footer, the help screen and the command palette.
 Users rebind keys by id from their config (``keymap: {requests.replay: R}``), which
 goes through Textual's ``App.set_keymap``.  ``dangerous`` keys are left unbound
-entirely in read-only mode.
+entirely in read-only mode: that is every key that changes something (starts, stops,
+creates, edits, deletes or replays), since read-only is for looking.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ class Key:
     action: str
     help: str
     description: str = ""
-    dangerous: bool = False
+    dangerous: bool = False  # changes something: unbound (and out of the palette) in read-only mode
     show: bool = True
     priority: bool = False
 
 
-# Contexts: "app" (everywhere), the four panes, "list" (any table pane), "detail", "confirm".
+# Contexts: "app" (everywhere), the four panes, "list" (any table pane), "detail", "diff",
+# "sessions", "confirm".
 KEYMAP: tuple[Key, ...] = (
     # ---------------------------------------------------------------- everywhere
     # the pane keys are shown on the tabs themselves, so they stay out of the footer
@@ -49,26 +51,26 @@ KEYMAP: tuple[Key, ...] = (
     Key("list.top", "g", "list", "top", "top", "go to the first row", show=False),
     Key("list.bottom", "G", "list", "bottom", "bottom", "go to the last row", show=False),
     # ---------------------------------------------------------------- endpoints & ingresses
-    Key("endpoints.new", "n", "endpoints", "new_endpoint", "new", "create a cloud endpoint (URL, bindings, policy)"),
-    Key("endpoints.edit", "e", "endpoints", "edit_endpoint", "edit", "edit the selected cloud endpoint"),
+    Key("endpoints.new", "n", "endpoints", "new_endpoint", "new", "create a cloud endpoint (URL, bindings, policy)", dangerous=True),
+    Key("endpoints.edit", "e", "endpoints", "edit_endpoint", "edit", "edit the selected cloud endpoint", dangerous=True),
     Key("endpoints.delete", "ctrl+d", "endpoints", "delete_endpoint", "delete", "delete the selected cloud endpoint", dangerous=True),
     Key("endpoints.sessions", "S", "endpoints", "sessions", "sessions", "show the tunnel sessions (stop, restart)"),
-    Key("ingresses.new", "n", "ingresses", "new_ingress", "new", "register an agent ingress domain"),
-    Key("ingresses.edit", "e", "ingresses", "edit_ingress", "edit", "edit the selected agent ingress"),
+    Key("ingresses.new", "n", "ingresses", "new_ingress", "new", "register an agent ingress domain", dangerous=True),
+    Key("ingresses.edit", "e", "ingresses", "edit_ingress", "edit", "edit the selected agent ingress", dangerous=True),
     Key("ingresses.delete", "ctrl+d", "ingresses", "delete_ingress", "delete", "delete the selected agent ingress", dangerous=True),
     # ---------------------------------------------------------------- tunnels
-    Key("tunnels.new", "n", "tunnels", "new_tunnel", "new", "start a tunnel (proto, addr, name, URL)"),
+    Key("tunnels.new", "n", "tunnels", "new_tunnel", "new", "start a tunnel (proto, addr, name, URL)", dangerous=True),
     Key("tunnels.stop", "s", "tunnels", "stop_tunnel", "stop", "stop the selected tunnel", dangerous=True),
     # ---------------------------------------------------------------- requests
     Key("requests.detail", "enter", "requests", "detail", "detail", "open the selected request"),
-    Key("requests.replay", "r", "requests", "replay", "replay", "replay the selected request"),
+    Key("requests.replay", "r", "requests", "replay", "replay", "replay the selected request", dangerous=True),
     Key("requests.follow", "f", "requests", "toggle_follow", "follow", "keep the newest request selected"),
     Key("requests.mark", "space", "requests", "toggle_mark", "mark", "mark the request (replay, export, delete act on marked ones)", show=False),
     Key("requests.delete", "ctrl+d", "requests", "app.delete_requests", "delete", "delete the marked (or selected) requests", dangerous=True, show=False),
     Key("requests.clear", "z", "requests", "clear", "clear", "delete all captured requests (zap)", dangerous=True),
-    Key("requests.edit", "e", "requests", "app.edit_replay", "edit", "edit the request, then replay it"),
-    Key("requests.replay_to", "R", "requests", "app.replay_to", "replay to", "replay to another tunnel", show=False),
-    Key("requests.diff", "D", "requests", "app.diff", "diff", "diff a replay against its original"),
+    Key("requests.edit", "e", "requests", "app.edit_replay", "edit", "edit the request, then replay it", dangerous=True),
+    Key("requests.replay_to", "R", "requests", "app.replay_to", "replay to", "replay to another tunnel", dangerous=True, show=False),
+    Key("requests.diff", "D", "requests", "app.diff", "diff", "diff replay ↔ original (either one selected)"),
     Key("requests.copy", "y", "requests", "app.copy_curl", "copy curl", "copy as a curl command (OSC 52)", show=False),
     Key("requests.show_curl", "Y", "requests", "app.show_curl", "show curl", "show the curl command", show=False),
     Key("requests.export", "x", "requests", "app.export", "export", "export: curl, HTTPie, raw, or HAR of the list"),
@@ -83,19 +85,31 @@ KEYMAP: tuple[Key, ...] = (
     # ---------------------------------------------------------------- detail
     Key("detail.back", "escape", "detail", "back", "back", "back to the list"),
     Key("detail.quit", "q", "detail", "back", "back", "back to the list (q quits only from the panes)", show=False),
-    Key("detail.replay", "r", "detail", "replay", "replay", "replay this request"),
+    Key("detail.replay", "r", "detail", "replay", "replay", "replay this request", dangerous=True),
     Key("detail.pretty", "p", "detail", "mode('pretty')", "pretty", "pretty-print bodies by content type"),
     Key("detail.raw", "w", "detail", "mode('raw')", "raw", "show bodies as raw text"),
     Key("detail.hex", "h", "detail", "mode('hex')", "hex", "show bodies as hex"),
     Key("detail.request", "left_square_bracket", "detail", "focus_part('request')", "request", "jump to the request"),
     Key("detail.response", "right_square_bracket", "detail", "focus_part('response')", "response", "jump to the response"),
-    Key("detail.edit", "e", "detail", "app.edit_replay", "edit", "edit this request, then replay it"),
-    Key("detail.diff", "D", "detail", "app.diff", "diff", "diff this replay against its original"),
+    Key("detail.edit", "e", "detail", "app.edit_replay", "edit", "edit this request, then replay it", dangerous=True),
+    Key("detail.diff", "D", "detail", "app.diff", "diff", "diff replay ↔ original (either one open)"),
     Key("detail.copy", "y", "detail", "app.copy_curl", "copy curl", "copy as a curl command (OSC 52)"),
     Key("detail.show_curl", "Y", "detail", "app.show_curl", "show curl", "show the curl command", show=False),
     Key("detail.export", "x", "detail", "app.export", "export", "export: curl, HTTPie, raw, or HAR"),
-    Key("detail.down", "j", "detail", "scroll_down", "down", "scroll down", show=False),
-    Key("detail.up", "k", "detail", "scroll_up", "up", "scroll up", show=False),
+    Key("detail.replay_open", "J", "detail", "open_replay", "open replay", "open the replay just made from here", show=False),
+    Key("detail.down", "j", "detail", "scroll_down", "down", "scroll down a line", show=False),
+    Key("detail.up", "k", "detail", "scroll_up", "up", "scroll up a line", show=False),
+    Key("detail.top", "g", "detail", "scroll_top", "top", "scroll to the top", show=False),
+    Key("detail.bottom", "G", "detail", "scroll_bottom", "bottom", "scroll to the bottom", show=False),
+    # ---------------------------------------------------------------- replay-vs-original diff
+    Key("diff.back", "escape,q", "diff", "close", "back", "back to where the diff was opened"),
+    Key("diff.help", "question_mark", "diff", "app.help", "help", "list the keys that work here"),
+    Key("diff.unified", "u", "diff", "mode('unified')", "unified", "show the diff unified"),
+    Key("diff.side", "s", "diff", "mode('side')", "side by side", "show the diff side by side"),
+    Key("diff.down", "j", "diff", "scroll_down", "down", "scroll down a line", show=False),
+    Key("diff.up", "k", "diff", "scroll_up", "up", "scroll up a line", show=False),
+    Key("diff.top", "g", "diff", "scroll_top", "top", "scroll to the top", show=False),
+    Key("diff.bottom", "G", "diff", "scroll_bottom", "bottom", "scroll to the bottom", show=False),
     # ---------------------------------------------------------------- tunnel sessions screen
     Key("sessions.back", "escape", "sessions", "back", "back", "back to the panes"),
     Key("sessions.stop", "s", "sessions", "stop", "stop", "stop the selected tunnel session", dangerous=True),

@@ -18,7 +18,7 @@ from textual.widgets import Button, DataTable, Footer, Input, Label, Select, Sta
 
 from console.client import CloudClient
 from console.keymap import bindings
-from console.screens import error_text, submit_inline
+from console.screens import cancel_form, error_text, form_values, submit_inline
 
 AGENT_READ_ONLY = "agent endpoints are read-only: stop the agent or its tunnel instead"
 
@@ -125,14 +125,14 @@ class _Form(ModalScreen[dict | None]):
         submit_inline(self, call, lambda result: self.dismiss({"message": done, "result": result}), "form")
 
     def action_cancel(self) -> None:
-        self.dismiss(None)
+        cancel_form(self)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         event.stop()
         if event.button.id == f"{self.PREFIX}-save":
             self.action_submit()
         else:
-            self.action_cancel()
+            self.dismiss(None)  # the Cancel button is explicit: no question
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
@@ -199,6 +199,7 @@ class EndpointForm(_Form):
 
     def on_mount(self) -> None:
         self.query_one("#ef-url", Input).focus()
+        self.pristine = form_values(self)
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id != "ef-url":
@@ -300,6 +301,7 @@ class IngressForm(_Form):
     def on_mount(self) -> None:
         first = "#if-description" if self.ingress else "#if-domain"
         self.query_one(first, Input).focus()
+        self.pristine = form_values(self)
 
     def build(self):
         cloud = self.cloud
@@ -432,6 +434,7 @@ class SessionsScreen(Screen):
 
     def _command(self, verb: str, question: str, detail: str) -> None:
         if self.read_only:
+            self.app.notify(f"read-only: {verb} is off (the console was started with --read-only)", severity="warning")
             return
         s = self.selected
         cloud = getattr(self.app, "cloud", None)

@@ -76,7 +76,7 @@ class Pane(Vertical):
 
 
 class TablePane(Pane):
-    """A pane showing rows of dicts in a DataTable, filtered by substring."""
+    """A pane showing rows of dicts in a DataTable, filtered by substring as you type."""
 
     COLUMNS: tuple[tuple[str, Callable[[dict], object]], ...] = ()
     EMPTY = "nothing here yet"
@@ -94,7 +94,15 @@ class TablePane(Pane):
         yield Static(self.EMPTY, classes="empty")
 
     def on_mount(self) -> None:
-        self.query_one(Input).display = False
+        box = self.query_one(Input)
+        box.display = False
+        box.placeholder = "filter…  (applies as you type; enter goes to the rows, esc clears)"
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        # a substring match over rows already here is instant: no enter needed
+        event.stop()
+        if event.input.display and event.value.strip() != self.filter_text:
+            self.apply_filter(event.value.strip())
 
     def focus_main(self) -> None:
         self.query_one(DataTable).focus()
@@ -201,19 +209,23 @@ class EndpointsPane(TablePane):
     def action_new_endpoint(self) -> None:
         from console.manage import EndpointForm, open_form
 
-        if self._cloud_ok():
+        if not self.app.refuse_read_only("creating endpoints") and self._cloud_ok():
             open_form(self, EndpointForm(self.app.cloud))
 
     def action_edit_endpoint(self) -> None:
         from console.manage import EndpointForm, open_form
 
+        if self.app.refuse_read_only("editing endpoints and policies"):
+            return
         if self._cloud_ok() and (row := self._selected_cloud("edit")) is not None:
             open_form(self, EndpointForm(self.app.cloud, row))
 
     def action_delete_endpoint(self) -> None:
         from console.manage import confirm_delete
 
-        if self.read_only or not self._cloud_ok() or (row := self._selected_cloud("delete")) is None:
+        if self.app.refuse_read_only("deleting endpoints"):
+            return
+        if not self._cloud_ok() or (row := self._selected_cloud("delete")) is None:
             return
         url = row.get("url") or row.get("public_url") or row["id"]
         confirm_delete(self, f"/endpoints/{row['id']}", f"cloud endpoint {url}", "Its traffic policy is deleted with it.")
@@ -250,19 +262,23 @@ class IngressesPane(TablePane):
     def action_new_ingress(self) -> None:
         from console.manage import IngressForm, open_form
 
-        if self._cloud_ok():
+        if not self.app.refuse_read_only("registering agent ingresses") and self._cloud_ok():
             open_form(self, IngressForm(self.app.cloud))
 
     def action_edit_ingress(self) -> None:
         from console.manage import IngressForm, open_form
 
+        if self.app.refuse_read_only("editing agent ingresses"):
+            return
         if self._cloud_ok() and (row := self._picked("edit")) is not None:
             open_form(self, IngressForm(self.app.cloud, row))
 
     def action_delete_ingress(self) -> None:
         from console.manage import confirm_delete
 
-        if self.read_only or not self._cloud_ok() or (row := self._picked("delete")) is None:
+        if self.app.refuse_read_only("deleting agent ingresses"):
+            return
+        if not self._cloud_ok() or (row := self._picked("delete")) is None:
             return
         domain = row.get("domain") or row["id"]
         confirm_delete(self, f"/agent_ingresses/{row['id']}", f"agent ingress {domain}", "Agents can no longer use its names.")

@@ -4,7 +4,7 @@ tunnel, replay-vs-original diff, export, and the ``:`` command line."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -14,8 +14,9 @@ from textual.widgets import Button, Input, Label, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
 from console.diff import CaptureDiff, render_side_by_side, render_unified
+from console.keymap import bindings
 from console.render import decode_body
-from console.screens import submit_inline
+from console.screens import cancel_form, form_values, submit_inline
 
 
 class EditReplayScreen(ModalScreen[dict | None]):
@@ -61,6 +62,7 @@ class EditReplayScreen(ModalScreen[dict | None]):
 
     def on_mount(self) -> None:
         self.query_one("#er-method", Input).focus()
+        self.pristine = form_values(self)
 
     def action_send(self) -> None:
         headers: dict[str, list[str]] = {}
@@ -96,7 +98,7 @@ class EditReplayScreen(ModalScreen[dict | None]):
             self.dismiss(None)
 
     def action_cancel(self) -> None:
-        self.dismiss(None)
+        cancel_form(self)
 
 
 class PickScreen(ModalScreen[str | None]):
@@ -127,11 +129,7 @@ class PickScreen(ModalScreen[str | None]):
 class DiffScreen(ModalScreen[None]):
     """A replay against its original: status, headers and body; unified or side by side."""
 
-    BINDINGS = [
-        Binding("escape,q", "close", "back"),
-        Binding("u", "mode('unified')", "unified"),
-        Binding("s", "mode('side')", "side by side"),
-    ]
+    BINDINGS = bindings("diff")
 
     def __init__(self, diff: CaptureDiff) -> None:
         super().__init__()
@@ -142,7 +140,7 @@ class DiffScreen(ModalScreen[None]):
         with Vertical(id="diff-box", classes="dialog full"):
             yield Label(f"Replay vs original — {self.diff.summary()}", classes="title")
             yield Label("u unified · s side by side · esc back", classes="dim")
-            with VerticalScroll():
+            with VerticalScroll(id="diff-scroll"):
                 yield Static(id="diff-body")
 
     def on_mount(self) -> None:
@@ -159,6 +157,18 @@ class DiffScreen(ModalScreen[None]):
 
     def action_close(self) -> None:
         self.dismiss(None)
+
+    def action_scroll_down(self) -> None:
+        self.query_one("#diff-scroll", VerticalScroll).scroll_down(animate=False)
+
+    def action_scroll_up(self) -> None:
+        self.query_one("#diff-scroll", VerticalScroll).scroll_up(animate=False)
+
+    def action_scroll_top(self) -> None:
+        self.query_one("#diff-scroll", VerticalScroll).scroll_home(animate=False)
+
+    def action_scroll_bottom(self) -> None:
+        self.query_one("#diff-scroll", VerticalScroll).scroll_end(animate=False)
 
 
 class TextScreen(ModalScreen[None]):
@@ -190,21 +200,118 @@ COMMANDS = {
     "theme": "switch theme: :theme NAME",
     "quit": "leave the console",
 }
+TAKES_ARG = {"theme"}
+
+
+def complete(word: str, names: Iterable[str]) -> tuple[str | None, list[str]]:
+    """What ``word`` names among ``names``: itself, or the one name it is a prefix of
+    (``ses`` → ``sessions``).  Returns (name or None, the candidates)."""
+    names = list(names)
+    if word in names:
+        return word, [word]
+    matches = [n for n in names if n.startswith(word.lower())]
+    return (matches[0] if len(matches) == 1 else None), matches
+
+
+def _common_prefix(words: list[str]) -> str:
+    first, last = min(words), max(words)
+    n = 0
+    while n < min(len(first), len(last)) and first[n] == last[n]:
+        n += 1
+    return first[:n]
 
 
 class CommandScreen(ModalScreen[str | None]):
-    """k9s-style ``:`` command line at the bottom of the screen."""
+    """k9s-style ``:`` command line at the bottom of the screen: the line above it shows
+    the commands that match what is typed, tab completes, a unique prefix is enough."""
 
-    BINDINGS = [Binding("escape", "cancel", "cancel")]
+    BINDINGS = [Binding("escape", "cancel", "cancel"), Binding("tab", "complete", "complete", priority=True)]
+
+    def __init__(self, themes: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.themes = sorted(themes)
 
     def compose(self) -> ComposeResult:
-        yield Input(placeholder=":" + " :".join(COMMANDS), id="command")
+        with Vertical(id="command-box"):
+            yield Label("", id="command-hint")
+            yield Input(placeholder=":" + " :".join(COMMANDS) + "   (tab completes)", id="command")
 
     def on_mount(self) -> None:
         self.query_one(Input).focus()
+        self._hint("")
+
+    def _parts(self, text: str) -> tuple[str, str, bool]:
+        word, space, arg = text.lstrip(":").partition(" ")
+        return word, arg.strip(), bool(space)
+
+    def _candidates(self, text: str) -> tuple[str, list[str]]:
+        """What is being completed (``command`` or ``theme``) and its candidates."""
+        word, arg, spaced = self._parts(text)
+        if spaced:
+            name, _ = complete(word, COMMANDS)
+            if name == "theme":
+                return "theme", complete(arg, self.themes)[1]
+            return "argument", []
+        return "command", complete(word, COMMANDS)[1]
+
+    def _hint(self, text: str, error: str = "") -> None:
+        label = self.query_one("#command-hint", Label)
+        label.set_class(bool(error), "error")
+        if error:
+            label.update(error)
+            return
+        what, found = self._candidates(text)
+        if what == "command":
+            if len(found) == 1:
+                label.update(f":{found[0]} — {COMMANDS[found[0]]}")
+            else:
+                label.update("  ".join(f":{c}" for c in found) or f"no command starts with {text.lstrip(':')!r}")
+        elif what == "theme":
+            label.update("  ".join(found) or "no theme starts with that")
+        else:
+            label.update("")
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        self._hint(event.value)
+
+    def action_complete(self) -> None:
+        box = self.query_one(Input)
+        word = self._parts(box.value)[0]
+        what, found = self._candidates(box.value)
+        if not found:
+            return
+        common = _common_prefix(found)
+        if what == "command":
+            box.value = found[0] + (" " if found[0] in TAKES_ARG else "") if len(found) == 1 else common
+        elif what == "theme":
+            box.value = f"{word} {found[0] if len(found) == 1 else common}"
+        box.cursor_position = len(box.value)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.dismiss(event.value.strip().lstrip(":"))
+        event.stop()
+        word, arg, _ = self._parts(event.value.strip())
+        if not word:
+            self.dismiss(None)
+            return
+        name, found = complete(word, COMMANDS)
+        if name is None:
+            if found:
+                self._hint(event.value, f":{word} is ambiguous: " + ", ".join(f":{c}" for c in found))
+            else:
+                self._hint(event.value, f"unknown command :{word}; have " + " ".join(f":{c}" for c in COMMANDS))
+            return
+        if name == "theme":
+            theme, themes = complete(arg, self.themes)
+            if theme is None:
+                if not arg:
+                    problem = "name a theme"
+                else:
+                    problem = f"{arg!r} is ambiguous" if themes else f"no theme {arg!r}"
+                self._hint(event.value, f"{problem}; have " + ", ".join(themes or self.themes))
+                return
+            arg = theme
+        self.dismiss(f"{name} {arg}".strip())
 
     def action_cancel(self) -> None:
         self.dismiss(None)

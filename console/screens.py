@@ -11,7 +11,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingsMap
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Footer, Input, Label, Select, Static
+from textual.widgets import Button, Footer, Input, Label, Select, Static, TextArea
 
 from console.keymap import KEYMAP, bindings, display_key
 from console.render import decode_body, human_duration, human_size, render_body
@@ -42,6 +42,29 @@ def submit_inline(screen, call: Callable[[], Awaitable], on_done: Callable[[obje
         on_done(result)
 
     screen.run_worker(go(), group=group, exclusive=True)
+
+
+def form_values(screen) -> tuple:
+    """What a form's fields hold now: compared with what they held on mount to tell a
+    changed form (ask before discarding it) from an untouched one (close at once)."""
+    return tuple(
+        (w.id, w.text if isinstance(w, TextArea) else w.value) for w in screen.query("Input, TextArea, Select")
+    )
+
+
+def cancel_form(screen) -> None:
+    """esc/q on a form: close it at once when nothing changed, else ask first."""
+    if form_values(screen) == getattr(screen, "pristine", None):
+        screen.dismiss(None)
+        return
+
+    def answered(yes: bool | None) -> None:
+        if yes:
+            screen.dismiss(None)
+
+    screen.app.push_screen(
+        ConfirmScreen("Discard changes?", "y throws away what you typed · n goes back to the form"), answered
+    )
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -158,6 +181,7 @@ class NewTunnelScreen(ModalScreen[dict | None]):
 
     def on_mount(self) -> None:
         self.query_one("#nt-addr", Input).focus()
+        self.pristine = form_values(self)
 
     def _submit(self) -> None:
         addr = self.query_one("#nt-addr", Input).value.strip()
@@ -201,7 +225,7 @@ class NewTunnelScreen(ModalScreen[dict | None]):
             self.dismiss(None)
 
     def action_cancel(self) -> None:
-        self.dismiss(None)
+        cancel_form(self)
 
 
 class DetailScreen(Screen):
@@ -287,3 +311,13 @@ class DetailScreen(Screen):
 
     def action_scroll_up(self) -> None:
         self.query_one("#detail-scroll", VerticalScroll).scroll_up(animate=False)
+
+    def action_scroll_top(self) -> None:
+        self.query_one("#detail-scroll", VerticalScroll).scroll_home(animate=False)
+
+    def action_scroll_bottom(self) -> None:
+        self.query_one("#detail-scroll", VerticalScroll).scroll_end(animate=False)
+
+    def action_open_replay(self) -> None:
+        """Open the replay last made from this view (``r``, then ``J``)."""
+        self.app.open_last_replay(self.capture_id)

@@ -6,7 +6,7 @@ Terms are ANDed.  ``field:value`` matches a field (``status`` takes ``404``, ``4
 ``4``; ``path``/``host``/``tunnel``/``ip``/``header`` match substrings, case-insensitive;
 ``body`` searches the captured request and response bodies); ``dur`` compares with
 ``>``, ``>=``, ``<``, ``<=`` against ``ms``/``s``/``us`` values; ``replay:yes`` keeps
-replays; a bare word matches method, path, host or tunnel; ``-`` negates a term.
+replays and ``replay_of:ID`` the replays of one capture; a bare word matches method, path, host or tunnel; ``-`` negates a term.
 ``OR`` is refused (not silently searched for); every error names the bad token.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 _DUR = re.compile(r"^dur(>=|<=|>|<|=)(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)?$")
 _UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
-FIELDS = ("status", "method", "path", "host", "tunnel", "ip", "body", "header", "replay")
+FIELDS = ("status", "method", "path", "host", "tunnel", "ip", "body", "header", "replay", "replay_of")
 
 Pred = Callable[[object], bool]
 
@@ -85,6 +85,8 @@ def _term(tok: str) -> Pred:
             return lambda c: low.encode() in c.req.head.lower() or (
                 c.resp is not None and low.encode() in c.resp.head.lower()
             )
+        if field == "replay_of":
+            return lambda c: c.replay_of == value
         if field == "replay":
             want = low in ("yes", "true", "1")
             return lambda c: (c.replay_of is not None) == want

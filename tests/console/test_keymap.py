@@ -10,6 +10,7 @@ from console.app import BurrowApp
 from console.keymap import KEYMAP, bindings
 from console.manage import SessionsScreen
 from console.panes import EndpointsPane, IngressesPane, RequestsPane, TablePane, TunnelsPane
+from console.request_actions import DiffScreen
 from console.screens import ConfirmScreen, DetailScreen
 from console.widgets.request_list import RequestList
 
@@ -21,6 +22,7 @@ CONTEXTS = {
     "tunnels": [TunnelsPane],
     "requests": [RequestsPane, RequestList],
     "detail": [DetailScreen],
+    "diff": [DiffScreen],
     "confirm": [ConfirmScreen],
     "sessions": [SessionsScreen],
 }

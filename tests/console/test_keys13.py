@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from console.manage import SessionsScreen
-from console.screens import DetailScreen, HelpScreen, NewTunnelScreen
+from console.screens import ConfirmScreen, DetailScreen, HelpScreen, NewTunnelScreen
 from tests.console.fixture_api import FixtureServer
 from tests.console.test_snapshots import fixture_app, settle
 
@@ -124,7 +124,10 @@ async def test_q_in_sub_screens_goes_back(url):
         assert app.screen.query_one("#nt-addr").value == "q"
         app.screen.query_one("#nt-start").focus()
         await pilot.pause(0.1)
-        await pilot.press("q")
+        await pilot.press("q")  # the form was changed (the "q" typed): asks first
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
         await pilot.pause(0.2)
         assert app.screen is main
         assert app.return_code is None
@@ -190,7 +193,7 @@ async def test_palette_lists_every_key_as_typed_and_runs_pane_entries(url):
         await settle(pilot)
         cmds = {c.title: c.help for c in app.get_system_commands(app.screen)}
         for k in KEYMAP:
-            if k.context in ("detail", "sessions", "confirm"):
+            if k.context in ("detail", "diff", "sessions", "confirm"):
                 continue
             assert any(t.endswith(k.description or k.help) for t in cmds), k.id
         assert cmds["console: list the keys that work here"] == "key ?"

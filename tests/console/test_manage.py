@@ -114,8 +114,9 @@ async def test_endpoint_create_edit_invalid_policy_delete(edge):
         assert expected in form.error
         assert "no-such-action" in form.error
         assert app.screen is form and form.query_one("#ef-error", Label).display
-        await pilot.press("escape")  # leaves the editor
-        await pilot.press("escape")  # closes the form
+        await pilot.press("escape")  # the policy was changed: asks first
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="discard changes?")
+        await pilot.press("y")
         await until(pilot, lambda: not isinstance(app.screen, EndpointForm), what="cancel")
         [ep3] = await cloud_endpoints(a)
         assert ep3["traffic_policy"] == ep2["traffic_policy"]
