@@ -79,6 +79,21 @@ def _validation_msg(exc: ValidationError) -> str:
     return f"{loc}: {e.get('msg')}"
 
 
+def _addr_json(t: Tunnel) -> str:
+    """``config.addr`` as ngrok shows it: ``http://localhost:80`` for http tunnels,
+    ``localhost:22`` for tcp and tls ones (seed 003), unless the upstream is tls/https."""
+    up = t.upstream
+    if t.config.proto in ("tcp", "tls") and up.scheme == "tcp":
+        host = f"[{up.host}]" if ":" in up.host else up.host
+        return f"{host}:{up.port}"
+    return up.display
+
+
+def _inspects(t: Tunnel) -> bool:
+    """Whether the tunnel's traffic is captured: only HTTP is, as with ngrok."""
+    return bool(t.config.inspect) and t.config.proto in ("http", "https")
+
+
 def tunnel_json(t: Tunnel) -> dict:
     return {
         "name": t.name,
@@ -86,13 +101,20 @@ def tunnel_json(t: Tunnel) -> dict:
         "uri": f"/api/tunnels/{t.name}",
         "public_url": t.public_url,
         "proto": t.config.proto,
-        "config": {"addr": t.upstream.display, "inspect": t.config.inspect},
+        "config": {"addr": _addr_json(t), "inspect": _inspects(t)},
         "metrics": t.metrics.to_api(),
     }
 
 
 def endpoint_json(t: Tunnel) -> dict:
-    """The v3 ``/api/endpoints`` shape (what pyngrok 9 reads by default)."""
+    """The v3 ``/api/endpoints`` shape (what pyngrok 9 reads by default).
+
+    ``config`` is the v2 block pyngrok falls back on; ``upstream.protocol`` (``http1``)
+    is only for HTTP upstreams, as a tcp or tls endpoint speaks no HTTP version.
+    """
+    upstream: dict = {"url": _addr_json(t)}
+    if t.config.proto in ("http", "https"):
+        upstream["protocol"] = "http1"
     return {
         "id": t.endpoint_id or "",
         "name": t.name,
@@ -100,13 +122,14 @@ def endpoint_json(t: Tunnel) -> dict:
         "url": t.public_url,
         "public_url": t.public_url,
         "proto": t.config.proto,
-        "upstream": {"url": t.upstream.display, "protocol": "http1"},
+        "upstream": upstream,
+        "config": {"addr": _addr_json(t), "inspect": _inspects(t)},
         "traffic_policy": t.config.traffic_policy,
         "pooling_enabled": t.config.pooling_enabled,
         "bindings": [t.config.binding] if t.config.binding else ["public"],
         "metadata": t.config.metadata,
         "description": t.config.description,
-        "inspect": t.config.inspect,
+        "inspect": _inspects(t),
         "metrics": t.metrics.to_api(),
     }
 

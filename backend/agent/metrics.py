@@ -102,31 +102,39 @@ class TunnelMetrics:
         self.http_durations.update(duration_ns)
 
     def to_api(self) -> dict:
+        """ngrok's metrics block: counts and the gauge are integers, and rates and
+        percentiles are numbers written as Go writes a float64 (``0``, not ``0.0``)."""
         qs = (0.5, 0.9, 0.95, 0.99)
         c1, c5, c15 = self.conns.snapshot()
         cp = self.conn_durations.percentiles(qs)
         h1, h5, h15 = self.http.snapshot()
         hp = self.http_durations.percentiles(qs)
+        n = _go_number
         return {
             "conns": {
-                "count": self.conns.count,
-                "gauge": self.conns_gauge,
-                "rate1": c1,
-                "rate5": c5,
-                "rate15": c15,
-                "p50": cp[0],
-                "p90": cp[1],
-                "p95": cp[2],
-                "p99": cp[3],
+                "count": int(self.conns.count),
+                "gauge": int(self.conns_gauge),
+                "rate1": n(c1),
+                "rate5": n(c5),
+                "rate15": n(c15),
+                "p50": n(cp[0]),
+                "p90": n(cp[1]),
+                "p95": n(cp[2]),
+                "p99": n(cp[3]),
             },
             "http": {
-                "count": self.http.count,
-                "rate1": h1,
-                "rate5": h5,
-                "rate15": h15,
-                "p50": hp[0],
-                "p90": hp[1],
-                "p95": hp[2],
-                "p99": hp[3],
+                "count": int(self.http.count),
+                "rate1": n(h1),
+                "rate5": n(h5),
+                "rate15": n(h15),
+                "p50": n(hp[0]),
+                "p90": n(hp[1]),
+                "p95": n(hp[2]),
+                "p99": n(hp[3]),
             },
         }
+
+
+def _go_number(x: float) -> int | float:
+    """A float as Go's encoding/json writes it: whole numbers without a fraction."""
+    return int(x) if float(x).is_integer() else x

@@ -1,7 +1,11 @@
 """The cloud API's JSON shapes (ngrok API v2), as pydantic models.
 
 Response models list every documented field; a field with no value is sent as ``null``
-(the official clients read every field by key). They ignore unknown fields when
+(the official clients read scalar fields by key), except the reference fields and the
+agent-only fields that ngrok's own examples leave out when they do not apply
+(``OMIT_WHEN_NULL`` of :class:`Endpoint` and :class:`Tunnel`): a client that tests
+``"tunnel" in endpoint`` sees what it would see from ngrok. The official client sets
+missing references to ``None`` itself. They ignore unknown fields when
 parsing, so the console can read a real ngrok account with them too. Request bodies
 (``*Create`` / ``*Update``) are strict and forbid unknown fields: the API turns those
 validation errors into ``ERR_NGROK_214`` / ``ERR_NGROK_215``.
@@ -12,9 +16,16 @@ Timestamps are aware UTC datetimes, serialised as RFC 3339 (``2024-10-17T20:26:4
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated
+from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PlainSerializer,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 __all__ = [
     "APIKey",
@@ -42,6 +53,8 @@ __all__ = [
     "ReservedDomain",
     "ReservedDomainList",
     "Timestamp",
+    "Tunnel",
+    "TunnelList",
     "TunnelSession",
     "TunnelSessionList",
 ]
@@ -57,6 +70,19 @@ Timestamp = Annotated[dt.datetime, PlainSerializer(_rfc3339, return_type=str, wh
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    #: Fields left out of the JSON when they are None, as ngrok's examples do. A dump
+    #: with ``context={"all_fields": True}`` keeps them (what API filters see).
+    OMIT_WHEN_NULL: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_nulls(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo):
+        data = handler(self)
+        if self.OMIT_WHEN_NULL and not (info.context or {}).get("all_fields"):
+            for key in self.OMIT_WHEN_NULL:
+                if key in data and data[key] is None:
+                    del data[key]
+        return data
 
 
 class _Body(BaseModel):
@@ -78,6 +104,13 @@ class Error(_Out):
 
 # -------------------------------------------------------------------------- endpoints
 class Endpoint(_Out):
+    OMIT_WHEN_NULL = frozenset(
+        (
+            "region", "domain", "tcp_addr", "tunnel", "edge", "upstream_url", "upstream_proto",
+            "upstream_protocol", "tunnel_session", "name",
+        )
+    )  # fmt: skip
+
     id: str
     region: str | None = None
     created_at: Timestamp
@@ -208,6 +241,32 @@ class ReservedDomain(_Out):
 
 class ReservedDomainList(_Out):
     reserved_domains: list[ReservedDomain]
+    uri: str
+    next_page_uri: str | None = None
+
+
+# ---------------------------------------------------------------------------- tunnels
+class Tunnel(_Out):
+    """A tunnel of an online agent session (one per agent endpoint, ``tn_`` + its id body)."""
+
+    OMIT_WHEN_NULL = frozenset(("tunnel_session", "endpoint", "labels", "backends"))
+
+    id: str
+    public_url: str
+    started_at: Timestamp
+    metadata: str | None = None
+    proto: str
+    region: str | None = None
+    tunnel_session: Ref | None = None
+    endpoint: Ref | None = None
+    #: Only for labeled (backend) tunnels, which burrow does not have.
+    labels: dict[str, str] | None = None
+    backends: list[Ref] | None = None
+    forwards_to: str | None = None
+
+
+class TunnelList(_Out):
+    tunnels: list[Tunnel]
     uri: str
     next_page_uri: str | None = None
 

@@ -65,7 +65,10 @@ def test_default_page_is_100_and_the_client_iterates_past_it(api):
     first = api.agent_ingresses.list()
     assert len(first.ingresses) == 100 and first.next_page_uri is not None
     assert {i.id for i in first} == made
-    assert len(api.agent_ingresses.list(limit="500").ingresses) == 100  # capped at 100
+    assert len(api.agent_ingresses.list(limit="100").ingresses) == 100
+    with pytest.raises(ngrok.Error) as exc:  # ngrok refuses more than 100, never cuts
+        api.agent_ingresses.list(limit="500")
+    assert exc.value.http_status_code == 400 and exc.value.error_code == "ERR_NGROK_215"
 
 
 @pytest.mark.parametrize(

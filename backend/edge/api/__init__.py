@@ -1,11 +1,13 @@
 """The edge's cloud API (ngrok API v2 wire format).
 
 :mod:`.core` holds the conventions (auth, version header, rate limit, errors, bodies,
-paging); one module per resource registers its routes:
+paging) and :mod:`.filtering` the CEL ``filter`` of every list; one module per resource
+registers its routes:
 
 - :mod:`.endpoints` — ``/endpoints`` (cloud endpoints in the store, agent endpoints live)
 - :mod:`.agent_ingresses` — ``/agent_ingresses``
 - :mod:`.tunnel_sessions` — ``/tunnel_sessions`` and their stop / restart / update
+- :mod:`.tunnels` — ``/tunnels`` (read-only: one per agent endpoint)
 - :mod:`.keys` — ``/credentials`` (authtokens) and ``/api_keys``
 - :mod:`.reserved_domains` — ``/reserved_domains`` (read-only; claimed by cloud endpoints)
 """
@@ -20,6 +22,7 @@ from backend.edge.api.endpoints import EndpointsAPI
 from backend.edge.api.keys import APIKeysAPI, CredentialsAPI
 from backend.edge.api.reserved_domains import ReservedDomainsAPI
 from backend.edge.api.tunnel_sessions import TunnelSessionsAPI
+from backend.edge.api.tunnels import TunnelsAPI
 from backend.httpserver import APIServer, Request, Response, Router, ServerLimits, json_response
 
 if TYPE_CHECKING:
@@ -39,6 +42,7 @@ def build_router(edge: Edge) -> Router:
         EndpointsAPI(edge),
         AgentIngressesAPI(edge),
         TunnelSessionsAPI(edge),
+        TunnelsAPI(edge),
         CredentialsAPI(edge),
         APIKeysAPI(edge),
         ReservedDomainsAPI(edge),

@@ -33,6 +33,7 @@ from backend.edge.api.core import (
     paged,
     parse_body,
 )
+from backend.edge.api.filtering import wire_obj
 from backend.httpserver import Request, Response, Router, empty
 from backend.ids import new_id
 from backend.netutil import is_ip, valid_hostname
@@ -175,14 +176,15 @@ class AgentIngressesAPI:
 
     async def list(self, req: Request) -> Response:
         who = caller(req)
-        page = page_params(req)
+        page = page_params(req, item=w.AgentIngress)
         rows = self.store.list_agent_ingresses(
-            who.account_id, before_id=page.before_id, limit=page.limit + 1
+            who.account_id, before_id=page.before_id, limit=page.store_limit
         )
-        rows, next_uri = paged(req, page, rows)
+        items = page.select([wire(self.edge, req.base_url, r) for r in rows], wire_obj)
+        items, next_uri = paged(req, page, items)
         return dump(
             w.AgentIngressList(
-                ingresses=[wire(self.edge, req.base_url, r) for r in rows],
+                ingresses=items,
                 uri=f"{req.base_url}/agent_ingresses",
                 next_page_uri=next_uri,
             )
@@ -190,7 +192,7 @@ class AgentIngressesAPI:
 
     async def get(self, req: Request) -> Response:
         who = caller(req)
-        id_ = check_id(req.params["id"], AGENT_INGRESS_PREFIX)
+        id_ = check_id(req.params["id"], AGENT_INGRESS_PREFIX, "agent ingress")
         ing = self.store.get_agent_ingress(who.account_id, id_)
         if ing is None:
             raise not_found("agent ingress", id_)
@@ -235,7 +237,7 @@ class AgentIngressesAPI:
 
     async def update(self, req: Request) -> Response:
         who = caller(req)
-        id_ = check_id(req.params["id"], AGENT_INGRESS_PREFIX)
+        id_ = check_id(req.params["id"], AGENT_INGRESS_PREFIX, "agent ingress")
         body = parse_body(req, w.AgentIngressUpdate)
         ing = self.store.get_agent_ingress(who.account_id, id_)
         if ing is None:
@@ -264,7 +266,7 @@ class AgentIngressesAPI:
 
     async def delete(self, req: Request) -> Response:
         who = caller(req)
-        id_ = check_id(req.params["id"], AGENT_INGRESS_PREFIX)
+        id_ = check_id(req.params["id"], AGENT_INGRESS_PREFIX, "agent ingress")
         if not self.store.delete_agent_ingress(who.account_id, id_):
             raise not_found("agent ingress", id_)
         return empty(204)

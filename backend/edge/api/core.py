@@ -14,11 +14,14 @@
 - Bodies are JSON objects (``ERR_NGROK_216`` without a Content-Type, ``ERR_NGROK_210``
   for another type, ``ERR_NGROK_213`` unparsable, ``ERR_NGROK_214`` unknown field,
   ``ERR_NGROK_215`` wrong type or value). A POST with no body at all is an empty object.
-- Lists: ``limit`` (1-100, default 100) and ``before_id``; newest first; ``uri`` and an
-  absolute ``next_page_uri`` (or null) built from the API's public URL
-  (``--api-public-url``, default the listen address), never from the Host header.
-- Ids: a malformed id is ``ERR_NGROK_223`` (400); an id that names nothing this account
-  owns is ``ERR_NGROK_404`` (404), whoever else may own it.
+- Lists: ``limit`` (1-100, default 100; more is ``ERR_NGROK_215``, as ngrok answers),
+  ``before_id`` and ``filter`` (a CEL predicate over ``obj``, see :mod:`.filtering`);
+  newest first; ``uri`` and an absolute ``next_page_uri`` (or null) built from the API's
+  public URL (``--api-public-url``, default the listen address), never from the Host
+  header.
+- Ids: an id that names nothing this account owns is ``ERR_NGROK_404`` (404), whoever
+  else may own it, and so is one that cannot be an id at all (``ts_unknown``): ngrok
+  answers a missing object with 404 whatever the id looks like.
 
 Handlers raise :class:`APIError`; :func:`handler` turns it into ngrok's error body.
 """
@@ -43,6 +46,7 @@ from backend.ids import new_id
 from backend.store import StoreError
 
 if TYPE_CHECKING:
+    from backend.edge.api.filtering import Filter
     from backend.edge.server import Edge
 
 __all__ = [
@@ -350,14 +354,16 @@ def check_text(name: str, value: str | None, max_bytes: int) -> None:
         )
 
 
-def check_id(value: str, prefix: str) -> str:
-    """Refuse an id that cannot be one of ours (``prefix_`` + 27 base62 characters)."""
+def check_id(value: str, prefix: str, kind: str = "resource") -> str:
+    """Answer 404 at once for an id that cannot be one of ours (``prefix_`` + 27 base62).
+
+    ngrok answers every id it has no object for with 404, malformed or not; checking the
+    shape first only spares the lookup (and keeps junk out of the store's queries).
+    """
     head, sep, body = value.partition("_")
     if not sep or head != prefix or not _ID_BODY.fullmatch(body):
         shown = value if len(value) <= 64 else value[:64] + "..."
-        raise APIError(
-            400, "ERR_NGROK_223", f"{shown!r} is not a valid {prefix}_ resource identifier."
-        )
+        raise not_found(kind, shown)
     return value
 
 
@@ -370,20 +376,34 @@ def not_found(kind: str, id_: str) -> APIError:
 class Page:
     limit: int
     before_id: str | None
+    filter: Filter | None = None
+
+    @property
+    def store_limit(self) -> int | None:
+        """How many rows to ask the store for: all of them when a filter must see each."""
+        return None if self.filter is not None else self.limit + 1
+
+    def select(self, items: list, as_obj: Callable[[Any], dict]) -> list:
+        """``items`` the filter keeps (all without a filter); ``as_obj`` gives the wire dict."""
+        return items if self.filter is None else self.filter.select(items, as_obj)
 
 
-def page_params(req: Request, extra: Iterable[str] = ()) -> Page:
-    """Read ``limit`` and ``before_id``; refuse unknown query parameters and ``filter``."""
+def page_params(
+    req: Request, extra: Iterable[str] = (), item: type[BaseModel] | None = None
+) -> Page:
+    """Read ``limit``, ``before_id`` and ``filter``; refuse unknown query parameters.
+
+    ``item`` is the wire model of the listed objects: a filter naming a field it lacks
+    is refused.
+    """
+    from backend.edge.api.filtering import compile_filter
+
     allowed = {"limit", "before_id", "filter", *extra}
     for name in req.query:
         if name not in allowed:
             raise APIError(400, "ERR_NGROK_214", f"Unknown query parameter {name[:60]!r}.")
-    if req.arg("filter"):
-        raise APIError(
-            400,
-            "ERR_NGROK_215",
-            "The filter parameter (CEL list filters) is not supported by burrow yet.",
-        )
+    fields = frozenset(item.model_fields) if item is not None else None
+    flt = compile_filter(req.arg("filter"), fields)
     raw = req.arg("limit")
     limit = MAX_LIMIT
     if raw:
@@ -395,10 +415,13 @@ def page_params(req: Request, extra: Iterable[str] = ()) -> Page:
                 "ERR_NGROK_215",
                 f"Invalid value for parameter 'limit': {raw[:20]!r} is not an integer.",
             ) from None
-        if limit < 1:
-            raise APIError(400, "ERR_NGROK_215", "Parameter 'limit' must be at least 1.")
-        limit = min(limit, MAX_LIMIT)
-    return Page(limit=limit, before_id=req.arg("before_id") or None)
+        if not 1 <= limit <= MAX_LIMIT:
+            raise APIError(
+                400,
+                "ERR_NGROK_215",
+                f"Parameter 'limit' must be between 1 and {MAX_LIMIT}, not {raw[:20]}.",
+            )
+    return Page(limit=limit, before_id=req.arg("before_id") or None, filter=flt)
 
 
 def paged(

@@ -40,6 +40,8 @@ from backend.edge.api.core import (
     paged,
     parse_body,
 )
+from backend.edge.api.filtering import wire_obj
+from backend.edge.api.tunnels import tunnel_id
 from backend.edge.sessions import AgentEndpoint
 from backend.httpserver import Request, Response, Router, empty
 from backend.ids import new_id
@@ -207,7 +209,6 @@ def agent_wire(base: str, ep: AgentEndpoint) -> w.Endpoint:
             if "://" in up
             else ("tcp" if ep.proto in ("tcp", "tls") else "http")
         )
-    body = ep.id.partition("_")[2]
     created = _ts(ep.created_at)
     return w.Endpoint(
         id=ep.id,
@@ -223,7 +224,7 @@ def agent_wire(base: str, ep: AgentEndpoint) -> w.Endpoint:
         type="agent",
         metadata=ep.metadata or None,
         description=ep.description or None,
-        tunnel=w.Ref(id=f"tn_{body}", uri=f"{base}/tunnels/tn_{body}"),
+        tunnel=w.Ref(id=tunnel_id(ep), uri=f"{base}/tunnels/{tunnel_id(ep)}"),
         upstream_url=up,
         upstream_proto=up_proto,
         upstream_protocol=up_proto,
@@ -362,12 +363,12 @@ class EndpointsAPI:
 
     async def list(self, req: Request) -> Response:
         who = caller(req)
-        page = page_params(req, extra=("id", "url"))
+        page = page_params(req, extra=("id", "url"), item=w.Endpoint)
         ids = set(req.query.get("id", []))
         urls = set(req.query.get("url", []))
         filtered = bool(ids or urls)
         cloud = self.store.list_cloud_endpoints(
-            who.account_id, before_id=page.before_id, limit=None if filtered else page.limit + 1
+            who.account_id, before_id=page.before_id, limit=None if filtered else page.store_limit
         )
         items = [cloud_wire(self.edge, req.base_url, ep) for ep in cloud]
         items += [agent_wire(req.base_url, ep) for ep in self._agent_endpoints(who.account_id)]
@@ -376,6 +377,9 @@ class EndpointsAPI:
         if urls:
             items = [e for e in items if e.url in urls or e.public_url in urls]
         items.sort(key=lambda e: e.id, reverse=True)
+        if page.before_id is not None:
+            items = [e for e in items if e.id < page.before_id]
+        items = page.select(items, wire_obj)
         items, next_uri = paged(req, page, items)
         return dump(
             w.EndpointList(endpoints=items, uri=f"{req.base_url}/endpoints", next_page_uri=next_uri)
@@ -383,7 +387,7 @@ class EndpointsAPI:
 
     async def get(self, req: Request) -> Response:
         who = caller(req)
-        id_ = check_id(req.params["id"], ENDPOINT_PREFIX)
+        id_ = check_id(req.params["id"], ENDPOINT_PREFIX, "endpoint")
         cloud = self.store.get_cloud_endpoint(who.account_id, id_)
         if cloud is not None:
             return dump(cloud_wire(self.edge, req.base_url, cloud))
@@ -451,7 +455,7 @@ class EndpointsAPI:
 
     async def update(self, req: Request) -> Response:
         who = caller(req)
-        id_ = check_id(req.params["id"], ENDPOINT_PREFIX)
+        id_ = check_id(req.params["id"], ENDPOINT_PREFIX, "endpoint")
         body = parse_body(req, w.EndpointUpdate)
         current = self.store.get_cloud_endpoint(who.account_id, id_)
         if current is None:
@@ -513,7 +517,7 @@ class EndpointsAPI:
 
     async def delete(self, req: Request) -> Response:
         who = caller(req)
-        id_ = check_id(req.params["id"], ENDPOINT_PREFIX)
+        id_ = check_id(req.params["id"], ENDPOINT_PREFIX, "endpoint")
         if self.store.delete_cloud_endpoint(who.account_id, id_):
             self.edge.unserve_cloud_endpoint(id_)
             self.edge.on_event({"event": "cloud_endpoint_deleted", "id": id_})

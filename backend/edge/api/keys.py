@@ -25,6 +25,7 @@ from backend.edge.api.core import (
     paged,
     parse_body,
 )
+from backend.edge.api.filtering import wire_obj
 from backend.httpserver import Request, Response, Router, empty
 from backend.schema import cloud as w
 from backend.store import APIKey, Credential, new_token
@@ -91,6 +92,7 @@ class _TokenAPI(abc.ABC):
     path = ""
     noun = ""
     prefix = ""
+    model: type[w.Credential] | type[w.APIKey]
 
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
@@ -137,15 +139,20 @@ class _TokenAPI(abc.ABC):
         """PATCH description, metadata (and what else the resource has)."""
 
     def _own(self, req: Request):
-        id_ = check_id(req.params["id"], self.prefix)
+        id_ = check_id(req.params["id"], self.prefix, self.noun)
         obj = self._fetch(id_)
         if obj is None or obj.account_id != caller(req).account_id:
             raise not_found(self.noun, id_)
         return obj
 
     async def list(self, req: Request) -> Response:
-        page = page_params(req)
-        rows, next_uri = paged(req, page, list(reversed(self._all(caller(req).account_id))))
+        page = page_params(req, item=self.model)
+        rows = list(reversed(self._all(caller(req).account_id)))
+        if page.filter is not None:
+            if page.before_id is not None:
+                rows = [r for r in rows if r.id < page.before_id]
+            rows = page.select(rows, lambda r: wire_obj(self._wire(req.base_url, r)))
+        rows, next_uri = paged(req, page, rows)
         return dump(self._list_wire(req.base_url, rows, next_uri))
 
     async def get(self, req: Request) -> Response:
@@ -165,6 +172,7 @@ class _TokenAPI(abc.ABC):
 
 class CredentialsAPI(_TokenAPI):
     path, noun, prefix = "/credentials", "credential", CREDENTIAL_PREFIX
+    model = w.Credential
 
     def _fetch(self, id_: str) -> Credential | None:
         return self.store.get_authtoken(id_)
@@ -215,6 +223,7 @@ class CredentialsAPI(_TokenAPI):
 
 class APIKeysAPI(_TokenAPI):
     path, noun, prefix = "/api_keys", "API key", API_KEY_PREFIX
+    model = w.APIKey
 
     def _fetch(self, id_: str) -> APIKey | None:
         return self.store.get_api_key(id_)

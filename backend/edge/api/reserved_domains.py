@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from backend.edge.api.core import caller, check_id, dump, handler, not_found, page_params, paged
+from backend.edge.api.filtering import wire_obj
 from backend.httpserver import Request, Response, Router
 from backend.schema import cloud as w
 from backend.store import ReservedDomain
@@ -41,21 +42,22 @@ class ReservedDomainsAPI:
 
     async def list(self, req: Request) -> Response:
         who = caller(req)
-        page = page_params(req)
+        page = page_params(req, item=w.ReservedDomain)
         rows = self.store.list_reserved_domains(
-            who.account_id, before_id=page.before_id, limit=page.limit + 1
+            who.account_id, before_id=page.before_id, limit=page.store_limit
         )
-        rows, next_uri = paged(req, page, rows)
+        items = page.select([wire(req.base_url, r) for r in rows], wire_obj)
+        items, next_uri = paged(req, page, items)
         return dump(
             w.ReservedDomainList(
-                reserved_domains=[wire(req.base_url, r) for r in rows],
+                reserved_domains=items,
                 uri=f"{req.base_url}/reserved_domains",
                 next_page_uri=next_uri,
             )
         )
 
     async def get(self, req: Request) -> Response:
-        id_ = check_id(req.params["id"], RESERVED_DOMAIN_PREFIX)
+        id_ = check_id(req.params["id"], RESERVED_DOMAIN_PREFIX, "reserved domain")
         rd = self.store.get_reserved_domain(caller(req).account_id, id_)
         if rd is None:
             raise not_found("reserved domain", id_)

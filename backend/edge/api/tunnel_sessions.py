@@ -23,6 +23,7 @@ from backend.edge.api.core import (
     paged,
     parse_body,
 )
+from backend.edge.api.filtering import wire_obj
 from backend.edge.sessions import Session
 from backend.httpserver import Request, Response, Router, json_response
 from backend.schema import cloud as w
@@ -72,7 +73,7 @@ class TunnelSessionsAPI:
         router.add("POST", "/tunnel_sessions/{id}/update", handler(self.update))
 
     def _session(self, req: Request) -> Session:
-        id_ = check_id(req.params["id"], SESSION_PREFIX)
+        id_ = check_id(req.params["id"], SESSION_PREFIX, "tunnel session")
         s = self.edge.registry.sessions.get(id_)
         if s is None or s.closed or s.account_id != caller(req).account_id:
             raise not_found("tunnel session", id_)
@@ -80,17 +81,20 @@ class TunnelSessionsAPI:
 
     async def list(self, req: Request) -> Response:
         who = caller(req)
-        page = page_params(req)
+        page = page_params(req, item=w.TunnelSession)
         sessions = [
             s
             for s in self.edge.registry.sessions.values()
             if s.account_id == who.account_id and not s.closed
         ]
         sessions.sort(key=lambda s: s.id, reverse=True)
-        sessions, next_uri = paged(req, page, sessions)
+        if page.before_id is not None:
+            sessions = [s for s in sessions if s.id < page.before_id]
+        items = page.select([wire(req.base_url, s) for s in sessions], wire_obj)
+        items, next_uri = paged(req, page, items)
         return dump(
             w.TunnelSessionList(
-                tunnel_sessions=[wire(req.base_url, s) for s in sessions],
+                tunnel_sessions=items,
                 uri=f"{req.base_url}/tunnel_sessions",
                 next_page_uri=next_uri,
             )
