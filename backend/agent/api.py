@@ -91,6 +91,11 @@ def tunnel_json(t: Tunnel) -> dict:
     }
 
 
+def _internal(url: str) -> bool:
+    host = url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+    return host.endswith(".internal")
+
+
 def endpoint_json(t: Tunnel) -> dict:
     """The v3 ``/api/endpoints`` shape (what pyngrok 9 reads by default)."""
     return {
@@ -103,7 +108,7 @@ def endpoint_json(t: Tunnel) -> dict:
         "upstream": {"url": t.upstream.display, "protocol": "http1"},
         "traffic_policy": t.config.traffic_policy,
         "pooling_enabled": t.config.pooling_enabled,
-        "bindings": [t.config.binding] if t.config.binding else ["public"],
+        "bindings": [t.config.binding or ("internal" if _internal(t.public_url) else "public")],
         "metadata": t.config.metadata,
         "description": t.config.description,
         "inspect": t.config.inspect,

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from backend.agent.tunnels import TunnelConfig
 from backend.policy.document import PolicyError, parse_policy
+from backend.policy.engine import compile_policy
 
 PROTOS = ("http", "https", "tcp", "tls")
 
@@ -113,9 +114,11 @@ def _bool(v: Any, opt: str, where: str) -> bool:
 
 
 def _policy_dict(v: Any, where: str) -> dict:
+    """The policy as a mapping, compiled here so that a bad one is a 400, not a failed bind."""
     if isinstance(v, str) and not v.strip():
         return {}
     try:
+        compile_policy(v)
         return parse_policy(v).model_dump(exclude_none=True)
     except PolicyError as exc:
         raise OptionError(f"{where}: invalid traffic_policy: {exc}") from None
@@ -278,11 +281,9 @@ def tunnel_configs(raw: dict, name: str = "") -> list[TunnelConfig]:
                 merged[ph] = rules
         policy = json.dumps(merged)
         _policy_dict(policy, where)  # e.g. a CIDR that does not parse is found here, not at bind
-    elif isinstance(policy_in, dict):
-        _policy_dict(policy_in, where)
-        policy = json.dumps(policy_in)
     else:
-        policy = policy_in
+        _policy_dict(policy_in, where)
+        policy = json.dumps(policy_in) if isinstance(policy_in, dict) else policy_in
 
     host_header = raw.get("host_header") or ""
     if not isinstance(host_header, str):
