@@ -357,6 +357,9 @@ class Agent:
     async def _bind(self, t: Tunnel) -> None:
         tc = t.config
         url = t.public_url or tc.url  # re-bind the URL we had
+        twin = self.tunnels.get(tc.same_host_as) if tc.same_host_as else None
+        if not t.public_url and twin is not None and twin.public_url and url.endswith("://"):
+            url += twin.public_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
         proto = tc.proto
         if proto in ("http", "https") and "://" in url:
             scheme = url.split("://", 1)[0].lower()

@@ -213,7 +213,9 @@ def tunnel_configs(raw: dict, name: str = "") -> list[TunnelConfig]:
         raise OptionError(f"{where}: addr (or upstream.url) is required: a port, host:port or URL")
 
     # --- names
-    given = [k for k in _NAMES if raw.get(k)]
+    # a scheme-only url ("tcp://", as pyngrok sends) picks the scheme, not a name
+    scheme_only = raw.get("url") if isinstance(raw.get("url"), str) and raw["url"].endswith("://") else ""
+    given = [k for k in _NAMES if raw.get(k) and not (k == "url" and scheme_only)]
     if len(given) > 1:
         raise OptionError(f"{where}: give only one of {', '.join(given)}")
     host = ""
@@ -228,6 +230,8 @@ def tunnel_configs(raw: dict, name: str = "") -> list[TunnelConfig]:
             url = f"tcp://{value}"
         else:
             host = value.split("://", 1)[-1]
+    if scheme_only and not url:
+        url = f"{scheme_only}{host}"
     binding = raw.get("binding")
     if "bindings" in raw:
         bindings = _strings(raw["bindings"], "bindings", where)
@@ -320,9 +324,10 @@ def tunnel_configs(raw: dict, name: str = "") -> list[TunnelConfig]:
         else:
             defs = [(name, "http", host, True)]  # https when the edge has it, as ngrok v3
     out = []
-    for n, pr, u, auto in defs:
+    for i, (n, pr, u, auto) in enumerate(defs):
+        twin = name if i and not host else ""  # one random name for both schemes
         try:
-            out.append(TunnelConfig(name=n, proto=pr, url=u, auto_https=auto, **common))
+            out.append(TunnelConfig(name=n, proto=pr, url=u, auto_https=auto, same_host_as=twin, **common))
         except ValidationError as exc:
             e = exc.errors()[0]
             loc = ".".join(str(x) for x in e.get("loc", ()))

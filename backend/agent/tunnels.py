@@ -34,6 +34,8 @@ class TunnelConfig(BaseModel):
     host_header: str = ""
     #: ngrok's proxy_proto: 0 (off), 1 or 2 -- PROXY protocol header to the upstream
     proxy_proto: Literal[0, 1, 2] = 0
+    #: the http half of ``schemes: [http, https]``: bind the host its https twin got
+    same_host_as: str = ""
 
     @field_validator("addr", mode="before")
     @classmethod

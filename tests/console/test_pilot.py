@@ -90,7 +90,7 @@ async def test_stop_tunnel_by_key_confirmed(setup):
 async def test_start_tunnel_by_form(setup):
     edge, agent, up = setup
     app = make_app(edge, agent)
-    async with app.run_test(size=(120, 36)) as pilot, public(edge) as c:
+    async with app.run_test(size=(120, 36)) as pilot:
         await pilot.press("3")
         await until(pilot, lambda: len(app.tunnels) == 1, what="tunnels")
         await pilot.press("n")

@@ -121,6 +121,7 @@ def test_pyngrok_schemes_and_bind_tls(edge, pyngrok):
         listed = {t.name: t.public_url for t in ngrok.get_tunnels(pyngrok_config=pc)}
         assert set(listed) == {"web", "web (http)"}
         assert listed["web (http)"].startswith("http://")
+        assert listed["web (http)"].split("://")[1].split(":")[0] == listed["web"].split("://")[1].split(":")[0]
         for url in listed.values():
             status, _, body = fetch(edge, url, "/both")
             assert (status, body) == (200, b"upstream /both\n"), url
