@@ -593,35 +593,54 @@ def _load_config(path: Path | None) -> dict:
     return data
 
 
+# ngrok's agent settings (v2 at the top level, v3 under ``agent:``) and burrow's own; a
+# key outside these fails the start, as it does for ngrok
+_AGENT_KEYS = {
+    "authtoken", "api_key", "server_addr", "root_cas", "web_addr", "web_allow_hosts", "region",
+    "log", "log_level", "log_format", "inspect_db_size", "console_ui", "console_ui_color",
+    "metadata", "update", "update_channel", "update_check", "heartbeat_interval",
+    "heartbeat_tolerance", "connect_timeout", "dns_resolver_ips", "proxy_url",
+    "remote_management", "crl_noverify", "web_addr_tls", "connect_interface", "connect_url",
+    "ca_file", "api_url",
+    # burrow's
+    "pool_size", "inspect_body_cap", "inspect_db", "inspect_db_flush_ms", "web_read_timeout",
+}
+_TOP_KEYS = {"version", "agent", "tunnels", "endpoints"}
+
+
+def _check_config_keys(conf: dict) -> None:
+    """Refuse what ngrok would refuse in a config file: unknown keys, misplaced sections."""
+    agent = conf.get("agent")
+    if agent is not None and not isinstance(agent, dict):
+        raise CLIError("invalid config: agent must be a mapping")
+    for key in conf:
+        if key not in _TOP_KEYS and (agent is not None or key not in _AGENT_KEYS):
+            raise CLIError(f"invalid config: unknown key {key!r} at the top level")
+    for key in agent or {}:
+        if key not in _AGENT_KEYS:
+            raise CLIError(f"invalid config: unknown key {key!r} in agent")
+    if conf.get("tunnels") is not None and not isinstance(conf["tunnels"], dict):
+        raise CLIError("invalid config: tunnels must be a mapping of names to tunnel definitions")
+    if conf.get("endpoints") is not None and not isinstance(conf["endpoints"], list):
+        raise CLIError("invalid config: endpoints must be a list of endpoint definitions")
+
+
 def _tunnels_from_config(conf: dict) -> list:
     """Read ngrok-style ``tunnels:`` (a mapping) and ``endpoints:`` (a list)."""
-    from backend.agent.tunnels import TunnelConfig
+    from backend.agent import options
 
+    _check_config_keys(conf)
     out = []
     try:
         for name, t in (conf.get("tunnels") or {}).items():
-            out.append(TunnelConfig.model_validate({**(t or {}), "name": name}))
-        for e in conf.get("endpoints") or []:
-            up = (e.get("upstream") or {}).get("url", "")
-            url = e.get("url", "")
-            proto = url.split("://", 1)[0] if "://" in url else "http"
-            out.append(
-                TunnelConfig.model_validate(
-                    {
-                        "name": e.get("name", ""),
-                        "proto": proto,
-                        "addr": up,
-                        "url": url,
-                        "metadata": e.get("metadata", ""),
-                        "description": e.get("description", ""),
-                        "pooling_enabled": e.get("pooling_enabled", False),
-                    }
-                )
-            )
-    except (ValidationError, AttributeError, TypeError) as exc:
-        msg = exc.errors()[0] if isinstance(exc, ValidationError) else {"msg": str(exc), "loc": ()}
-        loc = ".".join(str(x) for x in msg.get("loc", ()))
-        raise CLIError(f"invalid tunnel in config: {loc} {msg['msg']}".strip()) from None
+            out += options.tunnel_configs(t or {}, str(name))
+        for i, e in enumerate(conf.get("endpoints") or []):
+            name = e.get("name") if isinstance(e, dict) else None
+            if not name:
+                raise options.OptionError(f"endpoint #{i + 1} has no name")
+            out += options.tunnel_configs(options.from_endpoint(e, str(name)), str(name))
+    except options.OptionError as exc:
+        raise CLIError(f"invalid tunnel configuration: {exc}") from None
     return out
 
 
@@ -752,6 +771,11 @@ async def _agent_run(args, logger) -> int:
     from backend.httpserver import ServerLimits
 
     conf = _read_agent_config(args, logger)
+    try:
+        config_tunnels = _tunnels_from_config(conf) if args.command in ("agent", "start") else []
+    except CLIError as exc:
+        # pyngrok reads this line: ``lvl=eror msg="failed to read the configuration" ...``
+        raise CLIError(str(exc), exc.log or ("failed to read the configuration", "config", str(exc))) from None
     aconf = conf.get("agent") if isinstance(conf.get("agent"), dict) else conf
     data_dir = default_data_dir()
     boot = {}
@@ -793,15 +817,15 @@ async def _agent_run(args, logger) -> int:
     )
 
     if args.command == "agent":
-        tunnels = _tunnels_from_config(conf)
+        tunnels = config_tunnels
     elif args.command == "start":
-        every = _tunnels_from_config(conf)
+        every = config_tunnels
         if args.none:
             tunnels = []
         elif args.all or not args.names:
             tunnels = every
         else:
-            tunnels = [t for t in every if t.name in args.names]
+            tunnels = [t for t in every if t.name in args.names or t.name.removesuffix(" (http)") in args.names]
             missing = set(args.names) - {t.name for t in tunnels}
             if missing:
                 raise CLIError(f"no tunnel named {sorted(missing)[0]!r} in the config")

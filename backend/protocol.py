@@ -78,6 +78,9 @@ class AuthOk(_Msg):
     region: str = "local"
     heartbeat_interval: float = 10.0
     heartbeat_timeout: float = 20.0
+    #: the edge has an https listener, so an http tunnel that names no scheme gets an
+    #: https URL (ngrok v3's default); absent from older edges = no
+    https: bool = False
 
 
 class BindOk(_Msg):

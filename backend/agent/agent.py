@@ -93,6 +93,7 @@ class Agent:
         self.tunnels: dict[str, Tunnel] = {}
         self.session_id: str | None = None
         self.region = ""
+        self.edge_https = False  # learnt from auth_ok: may http tunnels default to https?
         self.latency: float | None = None
         self.status = "connecting"
         self._by_endpoint: dict[str, Tunnel] = {}
@@ -185,10 +186,13 @@ class Agent:
         return True
 
     # --------------------------------------------------------------- internals
+    def default_name(self, proto: str) -> str:
+        """The name of a tunnel started without one (ngrok's ``command_line`` first)."""
+        return "command_line" if not self.tunnels else f"{proto}-{len(self.tunnels)}"
+
     def _add_tunnel(self, tc: TunnelConfig) -> Tunnel:
         if not tc.name:
-            base = "command_line" if not self.tunnels else f"{tc.proto}-{len(self.tunnels)}"
-            tc = tc.model_copy(update={"name": base})
+            tc = tc.model_copy(update={"name": self.default_name(tc.proto)})
         if tc.name in self.tunnels:
             raise AgentError(f"a tunnel named {tc.name!r} already exists", "ERR_NGROK_102")
         try:
@@ -237,6 +241,7 @@ class Agent:
             self.session_id = msg.session_id
             self._session_key = msg.session_key
             self.region = msg.region
+            self.edge_https = msg.https
             self.status = "online"
             reader = self._spawn(self._read_loop(r, msg.heartbeat_timeout))
             pinger = self._spawn(self._pinger(msg.heartbeat_interval))
@@ -352,11 +357,16 @@ class Agent:
     async def _bind(self, t: Tunnel) -> None:
         tc = t.config
         url = t.public_url or tc.url  # re-bind the URL we had
+        twin = self.tunnels.get(tc.same_host_as) if tc.same_host_as else None
+        if not t.public_url and twin is not None and twin.public_url and url.endswith("://"):
+            url += twin.public_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
         proto = tc.proto
         if proto in ("http", "https") and "://" in url:
             scheme = url.split("://", 1)[0].lower()
             if scheme in ("http", "https"):
                 proto = scheme  # `burrow http 80 --url https://x` makes an https endpoint
+        elif proto == "http" and tc.auto_https and self.edge_https:
+            proto = "https"  # ngrok v3: an http tunnel that names no scheme is https
         reply = await self._request(
             p.Bind(
                 req_id=0,
@@ -380,7 +390,7 @@ class Agent:
 
     @staticmethod
     def tunnel_info(t: Tunnel) -> dict:
-        return {"name": t.name, "public_url": t.public_url, "proto": t.config.proto, "addr": t.config.addr}
+        return {"name": t.name, "public_url": t.public_url, "proto": t.proto, "addr": t.config.addr}
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -428,7 +438,7 @@ class Agent:
             if t.config.proto in ("http", "https"):
                 await forward.serve_http(t, start, r, w)
             else:
-                await forward.serve_tcp(t, r, w)
+                await forward.serve_tcp(t, r, w, start)
         finally:
             t.metrics.conn_closed(time.perf_counter_ns() - t0)
             close(w)

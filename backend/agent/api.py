@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from backend import __version__
+from backend.agent import options
 from backend.agent.agent import AgentError
 from backend.agent.query import QueryError, compile_query
 from backend.agent.replay import ReplayError, ReplayRequest, replay
@@ -100,10 +100,15 @@ def tunnel_json(t: Tunnel) -> dict:
         "ID": t.endpoint_id or "",
         "uri": f"/api/tunnels/{t.name}",
         "public_url": t.public_url,
-        "proto": t.config.proto,
+        "proto": t.proto,
         "config": {"addr": _addr_json(t), "inspect": _inspects(t)},
         "metrics": t.metrics.to_api(),
     }
+
+
+def _internal(url: str) -> bool:
+    host = url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+    return host.endswith(".internal")
 
 
 def endpoint_json(t: Tunnel) -> dict:
@@ -121,57 +126,17 @@ def endpoint_json(t: Tunnel) -> dict:
         "uri": f"/api/endpoints/{t.name}",
         "url": t.public_url,
         "public_url": t.public_url,
-        "proto": t.config.proto,
+        "proto": t.proto,
         "upstream": upstream,
         "config": {"addr": _addr_json(t), "inspect": _inspects(t)},
         "traffic_policy": t.config.traffic_policy,
         "pooling_enabled": t.config.pooling_enabled,
-        "bindings": [t.config.binding] if t.config.binding else ["public"],
+        "bindings": [t.config.binding or ("internal" if _internal(t.public_url) else "public")],
         "metadata": t.config.metadata,
         "description": t.config.description,
         "inspect": _inspects(t),
         "metrics": t.metrics.to_api(),
     }
-
-
-class _EndpointBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    name: str = ""
-    url: str = ""
-    upstream: dict | None = None
-    traffic_policy: str | dict | None = None
-    pooling_enabled: bool = False
-    bindings: list[str] | None = None
-    metadata: str = ""
-    description: str = ""
-    inspect: bool = True
-
-    def tunnel_config(self, name: str | None = None) -> TunnelConfig:
-        up = (self.upstream or {}).get("url")
-        if up is None or up == "":
-            raise BadRequest("upstream.url is required")
-        if isinstance(up, bool) or not isinstance(up, str | int):
-            raise BadRequest("upstream.url must be a string such as 8080 or http://localhost:8080")
-        proto = self.url.split("://", 1)[0].lower() if "://" in self.url else ""
-        if not proto:
-            up_scheme = str(up).split("://", 1)[0].lower() if "://" in str(up) else "http"
-            proto = {"tcp": "tcp", "tls": "tls"}.get(up_scheme, "http")
-        policy = self.traffic_policy
-        if isinstance(policy, dict):
-            policy = json.dumps(policy)
-        return TunnelConfig(
-            name=name or self.name,
-            proto=proto,
-            addr=str(up),
-            url=self.url,
-            binding=(self.bindings or [None])[0],
-            pooling_enabled=self.pooling_enabled,
-            metadata=self.metadata,
-            description=self.description,
-            inspect=self.inspect,
-            traffic_policy=policy or "",
-        )
 
 
 HOLD_HEARTBEAT = 1.0
@@ -228,15 +193,30 @@ def build_router(agent: Agent) -> Router:
             return agent_error(req, 404, f"tunnel {req.params['name']!r} not found")
         return json_response(tunnel_json(t))
 
-    async def _start(tc: TunnelConfig) -> Tunnel:
+    def _configs(body: dict, name: str = "") -> list[TunnelConfig]:
+        """The tunnels a v2 tunnel or v3 endpoint definition asks for (Invalid if none)."""
         try:
-            return await agent.start_tunnel(tc)
+            if not name and not body.get("name"):
+                proto = body.get("proto") if isinstance(body.get("proto"), str) else "http"
+                name = agent.default_name(proto)
+            return options.tunnel_configs(body, name)
+        except options.OptionError as exc:
+            raise _Invalid(str(exc)) from None
+
+    async def _start(tcs: list[TunnelConfig]) -> Tunnel:
+        """Start every tunnel of one definition (all or none); answer the first (https)."""
+        started: list[Tunnel] = []
+        try:
+            for tc in tcs:
+                started.append(await agent.start_tunnel(tc))
         except AgentError as exc:
+            for t in started:
+                await agent.stop_tunnel(t.name)
             raise _Failed(str(exc)) from None
+        return started[0]
 
     async def start_tunnel(req: Request) -> Response:
-        tc = TunnelConfig.model_validate(_body(req))
-        return json_response(tunnel_json(await _start(tc)), 201)
+        return json_response(tunnel_json(await _start(_configs(_body(req)))), 201)
 
     async def stop_tunnel(req: Request) -> Response:
         if not await agent.stop_tunnel(req.params["name"]):
@@ -256,14 +236,14 @@ def build_router(agent: Agent) -> Router:
         return json_response(endpoint_json(t))
 
     async def create_endpoint(req: Request) -> Response:
-        tc = _EndpointBody.model_validate(_body(req)).tunnel_config()
-        return json_response(endpoint_json(await _start(tc)), 201)
+        tcs = _configs(_body(req))
+        return json_response(endpoint_json(await _start(tcs)), 201)
 
     async def put_endpoint(req: Request) -> Response:
         name = req.params["name"]
-        tc = _EndpointBody.model_validate(_body(req)).tunnel_config(name)
+        tcs = _configs(_body(req), name)
         existed = await agent.stop_tunnel(name)
-        t = await _start(tc)
+        t = await _start(tcs)
         return json_response(endpoint_json(t), 200 if existed else 201)
 
     async def delete_endpoint(req: Request) -> Response:
@@ -386,6 +366,8 @@ def build_router(agent: Agent) -> Router:
             return agent_error(req, 400, str(exc))
         except ValidationError as exc:
             return agent_error(req, 400, f"invalid body: {_validation_msg(exc)}")
+        except _Invalid as exc:
+            return agent_error(req, 400, "invalid tunnel configuration", {"err": str(exc)})
         except _NotFound as exc:
             return agent_error(req, 404, str(exc))
         except _Failed as exc:
@@ -426,6 +408,10 @@ class _NotFound(Exception):
 
 class _Failed(Exception):
     pass
+
+
+class _Invalid(Exception):
+    """A tunnel definition that cannot run: 400 "invalid tunnel configuration" (ngrok's 102)."""
 
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

@@ -57,6 +57,8 @@ async def run(tc: TunnelConfig, rec: dict, started: bool, stop: asyncio.Event) -
             for _ in range(5):
                 name = _tunnel_name(tc, taken)
                 body = tc.model_dump(exclude_defaults=True) | {"name": name, "proto": tc.proto, "addr": tc.addr}
+                if tc.proto == "http" and "://" not in tc.url:
+                    body["schemes"] = ["http"]  # burrow http: http unless --url says https
                 r = await c.post("/api/tunnels", json=body)
                 if r.status_code == 201:
                     break

@@ -7,18 +7,22 @@ tunnels are relayed as raw bytes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import re
 import ssl
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from backend import pages
+from backend.agent import fileserver
 from backend.http1 import (
     MAX_HEAD,
     HTTPError,
     UpstreamError,
     add_headers,
+    field_value,
     parse_request_head,
     proxy_exchange,
     read_head,
@@ -58,13 +62,16 @@ def _check_host(host: str, addr: str) -> str:
 class Upstream:
     """Where a tunnel forwards to, parsed from ``addr`` the way ngrok reads it."""
 
-    scheme: str  # http | https | tcp | tls
+    scheme: str  # http | https | tcp | tls | file
     host: str
     port: int
+    path: str = ""  # file:// only: the directory served
 
     @classmethod
     def parse(cls, addr: str, proto: str) -> Upstream:
         text = addr.strip()
+        if text[:7].lower() == "file://":
+            return cls("file", "", 0, fileserver.root_of(text))
         scheme = {"http": "http", "https": "http", "tcp": "tcp", "tls": "tcp"}[proto]
         if "://" in text:
             scheme, text = text.split("://", 1)
@@ -92,11 +99,21 @@ class Upstream:
         return cls(scheme, _check_host(host, addr) if host else "localhost", port)
 
     @property
+    def host_port(self) -> str:
+        """``host[:port]`` as a Host header names this upstream (the port left out when default)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == _default_port(self.scheme) else f"{host}:{self.port}"
+
+    @property
     def display(self) -> str:
+        if self.scheme == "file":
+            return f"file://{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.scheme == "file":
+            raise OSError(errno.EOPNOTSUPP, "a file:// upstream is served by the agent itself")
         ctx = None
         if self.scheme in ("https", "tls"):
             # Like ngrok, the agent does not verify local upstream certificates.
@@ -118,7 +135,11 @@ async def serve_http(
     tunnel: Tunnel, start: StartData, r: asyncio.StreamReader, w: asyncio.StreamWriter
 ) -> None:
     """Proxy HTTP exchanges arriving on a data connection to the tunnel's upstream."""
+    if tunnel.upstream.scheme == "file":
+        await fileserver.serve(tunnel, start, r, w)
+        return
     up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    host_header = tunnel.config.host_header
     try:
         while True:
             raw = await read_head(r)
@@ -129,7 +150,7 @@ async def serve_http(
             if up is None or up[0].at_eof():
                 close(up[1] if up else None)
                 try:
-                    up = await tunnel.upstream.connect()
+                    up = await _connect(tunnel, start)
                 except (OSError, TimeoutError) as exc:
                     up = None
                     err = exc.strerror or type(exc).__name__ if isinstance(exc, OSError) else "timeout"
@@ -141,6 +162,8 @@ async def serve_http(
                     w.write(resp)
                     await w.drain()
                     return
+            if host_header:
+                raw = replace_host(raw, tunnel.upstream.host_port if host_header == "rewrite" else host_header)
             fwd = add_headers(
                 raw,
                 [
@@ -177,9 +200,56 @@ async def serve_http(
         close(w)
 
 
-async def serve_tcp(tunnel: Tunnel, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+async def _connect(tunnel: Tunnel, start: StartData) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Dial the upstream; with ``proxy_proto``, first say who the public client is."""
+    up_r, up_w = await tunnel.upstream.connect()
+    version = tunnel.config.proxy_proto
+    if version:
+        peer = up_w.get_extra_info("peername") or ("127.0.0.1", tunnel.upstream.port)
+        up_w.write(proxy_header(version, start.client_addr, start.client_port, peer[0], peer[1]))
+    return up_r, up_w
+
+
+def proxy_header(version: int, src: str, src_port: int, dst: str, dst_port: int) -> bytes:
+    """A PROXY protocol header (v1 text or v2 binary) for one TCP connection."""
     try:
-        up_r, up_w = await tunnel.upstream.connect()
+        s_ip, d_ip = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    except ValueError:
+        return b"PROXY UNKNOWN\r\n" if version == 1 else _V2_SIG + b"\x20\x00\x00\x00"
+    if s_ip.version != d_ip.version:  # e.g. an IPv4 client and an upstream on ::1
+        d_ip = ipaddress.ip_address("0.0.0.0" if s_ip.version == 4 else "::")
+    if version == 1:
+        fam = "TCP4" if s_ip.version == 4 else "TCP6"
+        return f"PROXY {fam} {s_ip} {d_ip} {src_port} {dst_port}\r\n".encode()
+    fam = b"\x11" if s_ip.version == 4 else b"\x21"
+    addrs = s_ip.packed + d_ip.packed + struct.pack(">HH", src_port, dst_port)
+    return _V2_SIG + b"\x21" + fam + struct.pack(">H", len(addrs)) + addrs
+
+
+_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def replace_host(raw: bytes, host: str) -> bytes:
+    """The request head with its Host field set to ``host`` (ngrok's host_header)."""
+    lines = raw.split(b"\r\n")
+    value = field_value(host).encode("utf-8", "surrogateescape")
+    out = [lines[0]]
+    done = False
+    for ln in lines[1:]:
+        if ln[:5].lower() == b"host:":
+            if not done:
+                out.append(b"Host: " + value)
+                done = True
+            continue
+        out.append(ln)
+    if not done:
+        out.insert(1, b"Host: " + value)
+    return b"\r\n".join(out)
+
+
+async def serve_tcp(tunnel: Tunnel, r: asyncio.StreamReader, w: asyncio.StreamWriter, start: StartData) -> None:
+    try:
+        up_r, up_w = await _connect(tunnel, start)
     except (OSError, TimeoutError):
         close(w)
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from backend.agent.forward import Upstream
 from backend.agent.metrics import TunnelMetrics
@@ -28,6 +28,14 @@ class TunnelConfig(BaseModel):
     description: str = ""
     inspect: bool = True
     traffic_policy: str = ""
+    #: no scheme asked for: https when the edge has an https listener (ngrok v3's default)
+    auto_https: bool = False
+    #: ngrok's host_header: "rewrite" (the upstream's host:port) or a literal Host value
+    host_header: str = ""
+    #: ngrok's proxy_proto: 0 (off), 1 or 2 -- PROXY protocol header to the upstream
+    proxy_proto: Literal[0, 1, 2] = 0
+    #: the http half of ``schemes: [http, https]``: bind the host its https twin got
+    same_host_as: str = ""
 
     @field_validator("addr", mode="before")
     @classmethod
@@ -43,8 +51,16 @@ class TunnelConfig(BaseModel):
     @classmethod
     def _addr_valid(cls, v: str, info: ValidationInfo) -> str:
         # checked now, so a bad addr is refused (400) instead of failing every request later
-        Upstream.parse(v, info.data.get("proto") or "http")
+        up = Upstream.parse(v, info.data.get("proto") or "http")
+        if up.scheme == "file" and info.data.get("proto") not in ("http", "https"):
+            raise ValueError("a file:// upstream is served over http tunnels only")
         return v
+
+    @model_validator(mode="after")
+    def _proxy_proto_upstream(self) -> TunnelConfig:
+        if self.proxy_proto and Upstream.parse(self.addr, self.proto).scheme in ("https", "tls", "file"):
+            raise ValueError("proxy_proto needs a plain TCP or HTTP upstream (not https://, tls:// or file://)")
+        return self
 
 
 class Tunnel:
@@ -60,6 +76,13 @@ class Tunnel:
         self.error: str | None = None
         self.started = time.time()
         self.capture = None  # set by the agent when inspection is on
+
+    @property
+    def proto(self) -> str:
+        """What the tunnel serves: the public URL's scheme once bound (https for ngrok v3's default)."""
+        if self.public_url and "://" in self.public_url and self.config.proto in ("http", "https"):
+            return self.public_url.split("://", 1)[0]
+        return self.config.proto
 
     @property
     def online(self) -> bool:

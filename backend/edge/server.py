@@ -440,6 +440,7 @@ class Edge:
                 region=cfg.region,
                 heartbeat_interval=cfg.heartbeat_interval,
                 heartbeat_timeout=cfg.heartbeat_timeout,
+                https="https" in self.addrs,
             ),
         )
         self.on_event({"event": "session_started", "session_id": s.id, "ip": peer_ip})

@@ -90,7 +90,7 @@ async def test_stop_tunnel_by_key_confirmed(setup):
 async def test_start_tunnel_by_form(setup):
     edge, agent, up = setup
     app = make_app(edge, agent)
-    async with app.run_test(size=(120, 36)) as pilot, public(edge) as c:
+    async with app.run_test(size=(120, 36)) as pilot:
         await pilot.press("3")
         await until(pilot, lambda: len(app.tunnels) == 1, what="tunnels")
         await pilot.press("n")
@@ -101,7 +101,11 @@ async def test_start_tunnel_by_form(setup):
         await pilot.press("enter")
         await until(pilot, lambda: len(app.tunnels) == 2, what="the new tunnel")
         new = next(t for t in app.tunnels if t["name"] == "second")
-        r = await c.get("/via-form", headers={"Host": host_of(new["public_url"])})
+        # no scheme asked for: https, ngrok v3's default, since the edge has an https listener
+        assert new["public_url"].startswith("https://") and new["proto"] == "https"
+        port = edge.ready["https_url"].rsplit(":", 1)[1]
+        async with httpx.AsyncClient(verify=False, timeout=10) as s:
+            r = await s.get(f"https://127.0.0.1:{port}/via-form", headers={"Host": host_of(new["public_url"])})
         assert r.status_code == 200 and r.text == "GET /via-form\n"
 
 

@@ -161,7 +161,7 @@ async def test_unusable_addr_is_refused_at_creation(edge, agents, addr):
     async with api(a) as c:
         r = await c.post("/api/tunnels", json={"addr": addr, "proto": "http", "name": "bad"})
         body = assert_agent_error(r, 400)
-        assert "addr" in body["msg"]
+        assert body["msg"] == "invalid tunnel configuration" and "addr" in body["details"]["err"]
         r = await c.post("/api/endpoints", json={"name": "bad", "upstream": {"url": addr}})
         assert_agent_error(r, 400)
         names = [t["name"] for t in (await c.get("/api/tunnels")).json()["tunnels"]]
@@ -174,7 +174,7 @@ async def test_upstream_url_must_be_a_string_or_port(edge, agents):
     async with api(a) as c:
         for url in (True, {"x": 1}, [80], 1.5):
             r = await c.post("/api/endpoints", json={"name": "bad", "upstream": {"url": url}})
-            assert "upstream.url" in assert_agent_error(r, 400)["msg"], url
+            assert "upstream.url" in assert_agent_error(r, 400)["details"]["err"], url
         # a lone surrogate (valid JSON escape, not encodable text): 400, not a 500
         r = await c.post(
             "/api/tunnels",

@@ -110,10 +110,10 @@ async def until(pred, timeout: float, what: str) -> float:
 
 async def get(url: str, path: str) -> int:
     """A public request to a tunnel URL, through the edge's address (with its Host)."""
-    host = url.split("://", 1)[1]
+    scheme, host = url.split("://", 1)  # https: a tunnel started with no scheme (ngrok v3)
     name, port = host.rsplit(":", 1)
-    async with httpx.AsyncClient(timeout=10) as c:
-        r = await c.get(f"http://127.0.0.1:{port}{path}", headers={"Host": name})
+    async with httpx.AsyncClient(timeout=10, verify=False) as c:
+        r = await c.get(f"{scheme}://127.0.0.1:{port}{path}", headers={"Host": name})
     return r.status_code
 
 
