@@ -600,7 +600,7 @@ _AGENT_KEYS = {
     "log", "log_level", "log_format", "inspect_db_size", "console_ui", "console_ui_color",
     "metadata", "update", "update_channel", "update_check", "heartbeat_interval",
     "heartbeat_tolerance", "connect_timeout", "dns_resolver_ips", "proxy_url",
-    "remote_management", "crl_noverify", "web_addr_tls", "connect_interface", "connect_url",
+    "remote_management", "crl_noverify", "web_addr_tls", "connect_interface", "connect_url", "connect_cas",
     "ca_file", "api_url",
     # burrow's
     "pool_size", "inspect_body_cap", "inspect_db", "inspect_db_flush_ms", "web_read_timeout",

@@ -196,7 +196,7 @@ def test_start_up_log_lines_in_ngroks_order(edge, tmp_path):
     ]
     assert f"path={config} err=nil" in lines[0]
     assert "obj=web addr=127.0.0.1:" in lines[1]
-    assert "name=web" in lines[-1] and "url=http://" in lines[-1]
+    assert "name=web" in lines[-1] and "url=https://" in lines[-1]  # ngrok v3's default scheme
 
 
 def test_start_up_failures_are_eror_lines_before_the_exit(edge, tmp_path):
@@ -251,7 +251,7 @@ def test_status_page_through_a_tunnel_to_the_agents_own_web_address(edge, tmp_pa
     try:
         api_url = ngrok.get_ngrok_process(pyngrok_config=pc).api_url
         web_port = api_url.rsplit(":", 1)[1]
-        tunnel = ngrok.connect(web_port, pyngrok_config=pc)
+        tunnel = ngrok.connect(web_port, pyngrok_config=pc, bind_tls=False)  # through the http port
         host, port = edge.http_addr
         with httpx.Client(base_url=f"http://{host}:{port}", timeout=20) as public:
             page = public.get("/status", headers={"Host": host_of(tunnel.public_url) + f":{port}"})
