@@ -11,10 +11,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingsMap
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Footer, Input, Label, Select, Static
+from textual.widgets import Button, Input, Label, Select, Static
 
 from console.keymap import KEYMAP, bindings, display_key
 from console.render import decode_body, human_duration, human_size, render_body
+from console.widgets.footer import BurrowFooter
 
 
 def error_text(exc: Exception) -> str:
@@ -192,7 +193,7 @@ class DetailScreen(Screen):
         with VerticalScroll(id="detail-scroll"):
             yield Static("", id="detail-request")
             yield Static("", id="detail-response")
-        yield Footer()
+        yield BurrowFooter()
 
     def on_mount(self) -> None:
         self.app.load_capture(self.capture_id)
