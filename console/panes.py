@@ -435,9 +435,9 @@ def first_steps(tunnels: list[dict], endpoints: list[dict], read_only: bool = Fa
     out.append("No requests yet.", style="bold")
     out.append(" Every HTTP request through a tunnel shows here as it arrives.\n\n")
 
-    def row(label: str, value: str, note: str = "") -> None:
+    def row(label: str, value: str, note: str = "", style: str = "bold") -> None:
         out.append(f"  {label:<20}", style="dim")
-        out.append(value, style="bold")
+        out.append(value, style=style)
         if note:
             out.append(f"   {note}", style="dim")
         out.append("\n")
@@ -450,7 +450,7 @@ def first_steps(tunnels: list[dict], endpoints: list[dict], read_only: bool = Fa
     for url, what in addresses[:3]:
         row("Try", url, what)
     if not addresses:
-        row("Your edge", "(its public address shows here once a tunnel is up)")
+        row("Your edge", "its public address shows here once a tunnel is up", style="dim italic")
     if not read_only:
         row("Or from here", "3 then n", "starts a tunnel;  ? lists every key")
     return out
