@@ -22,6 +22,8 @@ from console.render import decode_body, human_duration, human_size
 
 DEBOUNCE = 0.15
 """Seconds the selection must rest before the selected capture is fetched."""
+REDRAW = 1 / 30
+"""At most this often the summary line is drawn again while the selection moves."""
 
 
 class RequestSummary(VerticalScroll, can_focus=False):
@@ -35,6 +37,7 @@ class RequestSummary(VerticalScroll, can_focus=False):
         self.row: dict | None = None
         self.capture: dict | None = None
         self._timer: Timer | None = None
+        self._draw_timer: Timer | None = None
         self.fetches = 0  # how many captures this pane asked for (tests check the debounce)
         self.shown: RenderableType = ""  # what the pane shows now
 
@@ -48,9 +51,9 @@ class RequestSummary(VerticalScroll, can_focus=False):
         if not same:
             self.capture = None
         elif self.capture is not None and not (row.get("status_code") is not None and not self.capture.get("response")):
-            self._draw()  # already have it (a completed row only needs a refetch if it was pending)
+            self._draw_soon()  # already have it (a completed row only needs a refetch if it was pending)
             return
-        self._draw()
+        self._draw_soon()
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
@@ -69,7 +72,16 @@ class RequestSummary(VerticalScroll, can_focus=False):
             self.capture = capture
             self._draw()
 
+    def _draw_soon(self) -> None:
+        """Draw within REDRAW seconds: following 1,000 new requests a second, the
+        selection changes with each one, and drawing each would take the event loop."""
+        if self._draw_timer is None:
+            self._draw_timer = self.set_timer(REDRAW, self._draw)
+
     def _draw(self) -> None:
+        if self._draw_timer is not None:
+            self._draw_timer.stop()
+            self._draw_timer = None
         self.shown = self._content()
         self.query_one("#summary-body", Static).update(self.shown)
 

@@ -162,10 +162,12 @@ async def test_split_at_150_columns_shows_the_selected_headers_lazily(fixture_ur
             return await real(cid)
 
         app.agent.request = counting
-        for _ in range(15):  # a burst of keys: one fetch, for where the cursor rests
-            await pilot.press("j")
-        await pilot.pause(0.5)
         rl = app.query_one(RequestList)
+        # A burst of moves (key repeat): one fetch, for where the cursor rests.  Made in
+        # one go, so a slow test machine cannot space them wider than the debounce.
+        for _ in range(15):
+            rl.action_cursor_down()
+        await pilot.pause(0.5)
         assert fetched == [rl.selected["id"]]
         out = Console(width=200, file=io.StringIO(), record=True)
         out.print(summary.shown)
@@ -258,3 +260,30 @@ async def test_dialogs_fit_80x24_with_buttons_visible(fixture_url, dialog):
         error = next(w for w in screen.query(Label) if "does not match" in str(w.render()))
         assert visible(error) and error.region.height >= 2, dialog
         assert all(visible(b) for b in buttons), dialog
+
+
+async def test_split_does_not_fetch_per_new_request_while_following(fixture_url):
+    """Following a flood of new requests moves the selection with each one: the
+    summary waits for a pause before it fetches (here: once, for the newest)."""
+    app = fixture_app(fixture_url)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await settle(pilot)
+        await pilot.pause(0.4)
+        fetched: list[str] = []
+        real = app.agent.request
+
+        async def counting(cid):
+            fetched.append(cid)
+            return await real(cid)
+
+        app.agent.request = counting
+        rl = app.query_one(RequestList)
+        assert rl.following
+        for i in range(40):  # as fast as the event stream delivers them
+            rl.insert_new({"id": f"{0x100 + i:016x}", "method": "GET", "path": f"/new/{i}",
+                           "start": "2026-01-02T03:05:00+00:00", "tunnel_name": "web"})
+        await pilot.pause(0.5)
+        assert fetched == [f"{0x100 + 39:016x}"]
+        out = Console(width=200, file=io.StringIO(), record=True)
+        out.print(app.query_one(RequestSummary).shown)
+        assert "/new/39" in out.export_text()
