@@ -18,7 +18,7 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.css.query import NoMatches
 from textual.screen import Screen
-from textual.widgets import Footer, Static, TabbedContent, TabPane
+from textual.widgets import Static, TabbedContent, TabPane
 
 from console import messages as m
 from console.client import AgentClient, APIError, CloudClient
@@ -27,6 +27,7 @@ from console.keymap import KEYMAP, bindings, display_key
 from console.panes import EndpointsPane, IngressesPane, RequestsPane, TunnelsPane
 from console.screens import ConfirmScreen, DetailScreen, HelpScreen, NewTunnelScreen, QuitScreen
 from console.themes import BUNDLED_THEMES_DIR, DEFAULT_VARIABLES, load_themes, user_themes_dir
+from console.widgets.footer import BurrowFooter
 from console.widgets.request_list import NeedRows, RequestList
 
 PANES = ("endpoints", "ingresses", "tunnels", "requests")
@@ -148,7 +149,7 @@ class BurrowApp(App):
                 yield TunnelsPane(id="tunnels-pane", read_only=ro)
             with TabPane("4 Requests", id="requests"):
                 yield RequestsPane(id="requests-pane", read_only=ro, clock=self.clock)
-        yield Footer()
+        yield BurrowFooter()
 
     def on_mount(self) -> None:
         if not self.settings.animations:
@@ -282,7 +283,7 @@ class BurrowApp(App):
             if exc.status == 400:
                 self.post_message(m.ActionFailed(exc.msg))
             return
-        self.post_message(m.RowsLoaded(offset, page.items, page.total, generation, page.newest))
+        self.post_message(m.RowsLoaded(offset, page.items, page.total, generation, page.newest, page.stored))
 
     @work(exclusive=True, group="filter")
     async def check_filter(self, text: str) -> None:
@@ -313,6 +314,16 @@ class BurrowApp(App):
         except APIError as exc:
             self.post_message(m.ActionFailed(f"cannot load {capture_id}: {exc.msg}"))
 
+    @work(exclusive=True, group="summary")
+    async def load_summary(self, capture_id: str) -> None:
+        """The capture under the cursor, for the Requests split (debounced by the pane)."""
+        if self.agent is None:
+            return
+        try:
+            self.post_message(m.SummaryLoaded(await self.agent.request(capture_id)))
+        except APIError:
+            return  # deleted meanwhile: the list will catch up
+
     def _run_action(self, coro_fn: Callable[[], Awaitable[str]], refresh: tuple[str, ...] = ()) -> None:
         async def go() -> None:
             try:
@@ -336,6 +347,7 @@ class BurrowApp(App):
     def _tunnels(self, msg: m.TunnelsLoaded) -> None:
         self.tunnels = msg.tunnels
         self.query_one(TunnelsPane).set_rows(msg.tunnels)
+        self.query_one(RequestsPane).update_status()  # the first-steps hint names their URLs
         self._draw_header()
 
     @on(m.EndpointsLoaded)
@@ -343,6 +355,7 @@ class BurrowApp(App):
     def _endpoints(self, msg: m.EndpointsLoaded) -> None:
         self.endpoints = msg.endpoints
         self.query_one(EndpointsPane).set_rows(msg.endpoints)
+        self.query_one(RequestsPane).update_status()
         self._draw_header()
 
     @on(m.IngressesLoaded)
@@ -360,7 +373,10 @@ class BurrowApp(App):
     @_while_mounted
     def _rows(self, msg: m.RowsLoaded) -> None:
         self.query_one(RequestList).apply_page(msg.offset, msg.items, msg.total, msg.generation, msg.newest)
-        self.query_one(RequestsPane).update_status()
+        pane = self.query_one(RequestsPane)
+        if msg.stored is not None and msg.generation == self.query_one(RequestList).generation:
+            pane.stored = msg.stored
+        pane.update_status()
         self._draw_header()
 
     @on(m.CaptureLoaded)
@@ -369,6 +385,11 @@ class BurrowApp(App):
         screen = self.screen
         if isinstance(screen, DetailScreen) and screen.capture_id == msg.capture.get("id"):
             screen.show(msg.capture)
+
+    @on(m.SummaryLoaded)
+    @_while_mounted
+    def _summary(self, msg: m.SummaryLoaded) -> None:
+        self.query_one(RequestsPane).summary.show_capture(msg.capture)
 
     @on(m.Connection)
     @_while_mounted
@@ -393,6 +414,8 @@ class BurrowApp(App):
             self.post_message(m.Connection("agent", True))
             self.reload_requests()
         elif name == "request_started":
+            self.query_one(RequestsPane).stored += 1
+            self._redraw_status = True
             if filtered:
                 self._schedule_reload()
             else:

@@ -63,6 +63,7 @@ class Page:
     items: list[dict]
     total: int
     newest: str | None = None  # newest capture id at the time of the answer (burrow only)
+    stored: int | None = None  # every capture the agent holds, matched or not (burrow only)
 
 
 class AgentClient:
@@ -110,14 +111,14 @@ class AgentClient:
         body = (await _call(self.http, "GET", "/api/requests/http", params=params)).json()
         if "total" in body:
             self.extended = True
-            return Page(body.get("requests", []), body["total"], body.get("newest"))
+            return Page(body.get("requests", []), body["total"], body.get("newest"), body.get("stored"))
         # a plain ngrok agent: no paging, no server-side query; summarise here
         self.extended = False
         items = [summarise(r) for r in body.get("requests", [])]
         if query:
             q = query.lower()
             items = [i for i in items if q in i["path"].lower() or q in i["method"].lower()]
-        return Page(items[offset : offset + limit], len(items))
+        return Page(items[offset : offset + limit], len(items), stored=len(body.get("requests", [])))
 
     async def request(self, capture_id: str) -> dict:
         return (await _call(self.http, "GET", f"/api/requests/http/{capture_id}")).json()

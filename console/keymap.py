@@ -26,6 +26,9 @@ class Key:
     dangerous: bool = False  # changes something: unbound (and out of the palette) in read-only mode
     show: bool = True
     priority: bool = False
+    # Place in the footer, lowest first.  A narrow footer cuts from the right, so the
+    # keys a newcomer needs to find everything else (``? help``, ``q quit``) go first.
+    footer: int = 50
 
 
 # Contexts: "app" (everywhere), the four panes, "list" (any table pane), "detail", "diff",
@@ -39,9 +42,9 @@ KEYMAP: tuple[Key, ...] = (
     Key("app.requests", "4", "app", "pane('requests')", "requests", "show the Requests pane", show=False),
     Key("app.next_pane", "tab", "app", "next_pane", "next pane", "switch to the next pane", show=False, priority=True),
     Key("app.prev_pane", "shift+tab", "app", "prev_pane", "prev pane", "switch to the previous pane", show=False, priority=True),
-    Key("app.help", "question_mark", "app", "help", "help", "list the keys that work here"),
+    Key("app.help", "question_mark", "app", "help", "help", "list the keys that work here", footer=0),
     Key("app.refresh", "ctrl+r", "app", "refresh", "refresh", "reload everything from the APIs", show=False),
-    Key("app.quit", "q", "app", "quit", "quit", "leave the console"),
+    Key("app.quit", "q", "app", "quit", "quit", "leave the console", footer=1),
     Key("app.command", "colon", "app", "command", "command", ":endpoints :ingresses :tunnels :requests :sessions :theme NAME :quit", show=False),
     # ---------------------------------------------------------------- table panes
     Key("list.filter", "slash", "list", "filter", "filter", "filter the rows of this pane"),
@@ -83,7 +86,7 @@ KEYMAP: tuple[Key, ...] = (
     Key("requests.page_down", "pagedown", "requests", "page_down", "page down", "move a page down", show=False),
     Key("requests.page_up", "pageup", "requests", "page_up", "page up", "move a page up", show=False),
     # ---------------------------------------------------------------- detail
-    Key("detail.back", "escape", "detail", "back", "back", "back to the list"),
+    Key("detail.back", "escape", "detail", "back", "back", "back to the list", footer=1),
     Key("detail.quit", "q", "detail", "back", "back", "back to the list (q quits only from the panes)", show=False),
     Key("detail.replay", "r", "detail", "replay", "replay", "replay this request", dangerous=True),
     Key("detail.pretty", "p", "detail", "mode('pretty')", "pretty", "pretty-print bodies by content type"),
@@ -111,7 +114,7 @@ KEYMAP: tuple[Key, ...] = (
     Key("diff.top", "g", "diff", "scroll_top", "top", "scroll to the top", show=False),
     Key("diff.bottom", "G", "diff", "scroll_bottom", "bottom", "scroll to the bottom", show=False),
     # ---------------------------------------------------------------- tunnel sessions screen
-    Key("sessions.back", "escape", "sessions", "back", "back", "back to the panes"),
+    Key("sessions.back", "escape", "sessions", "back", "back", "back to the panes", footer=1),
     Key("sessions.stop", "s", "sessions", "stop", "stop", "stop the selected tunnel session", dangerous=True),
     Key("sessions.restart", "r", "sessions", "restart", "restart", "restart the selected tunnel session's agent", dangerous=True),
     Key("sessions.reload", "ctrl+r", "sessions", "reload", "refresh", "reload the sessions", show=False),
@@ -134,6 +137,14 @@ def bindings(context: str, read_only: bool = False) -> list[Binding]:
         Binding(k.key, k.action, k.help, show=k.show, id=k.id, priority=k.priority)
         for k in keys(context, read_only)
     ]
+
+
+def footer_rank(binding_id: str | None) -> int:
+    """Where a binding goes in the footer (see ``Key.footer``); unknown ids go last."""
+    return _FOOTER_RANK.get(binding_id or "", 100)
+
+
+_FOOTER_RANK = {k.id: k.footer for k in KEYMAP}
 
 
 def display_key(key: str) -> str:

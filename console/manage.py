@@ -14,11 +14,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingsMap
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, DataTable, Footer, Input, Label, Select, Static, TextArea
+from textual.widgets import Button, DataTable, Input, Label, Select, Static, TextArea
 
 from console.client import CloudClient
 from console.keymap import bindings
 from console.screens import cancel_form, error_text, form_values, submit_inline
+from console.widgets.footer import BurrowFooter
 
 AGENT_READ_ONLY = "agent endpoints are read-only: stop the agent or its tunnel instead"
 
@@ -365,7 +366,7 @@ class SessionsScreen(Screen):
         table.add_columns(*self.COLUMNS)
         yield table
         yield Static("loading…", classes="empty", id="sessions-empty")
-        yield Footer()
+        yield BurrowFooter()
 
     def on_mount(self) -> None:
         self.query_one(DataTable).focus()

@@ -45,7 +45,13 @@ class FilterChecked(Message):
 
 class RowsLoaded(Message):
     def __init__(
-        self, offset: int, items: list[dict], total: int, generation: int, newest: str | None = None
+        self,
+        offset: int,
+        items: list[dict],
+        total: int,
+        generation: int,
+        newest: str | None = None,
+        stored: int | None = None,
     ) -> None:
         super().__init__()
         self.offset = offset
@@ -53,6 +59,15 @@ class RowsLoaded(Message):
         self.total = total
         self.generation = generation
         self.newest = newest
+        self.stored = stored  # every capture the agent holds, for "matched/total"
+
+
+class SummaryLoaded(Message):
+    """The capture under the Requests cursor, for the split's headers pane."""
+
+    def __init__(self, capture: dict) -> None:
+        super().__init__()
+        self.capture = capture
 
 
 class CaptureLoaded(Message):

@@ -13,7 +13,11 @@ from textual.widgets import DataTable, Input, Static
 
 from console.keymap import bindings
 from console.render import human_duration
-from console.widgets.request_list import RequestList
+from console.widgets.request_list import ListModeChanged, RequestList, RequestSelected
+from console.widgets.request_summary import RequestSummary
+
+SPLIT_WIDTH = 150
+"""From this width on, Requests shows the selected request's headers under the list."""
 
 SPARK = "▁▂▃▄▅▆▇█"
 # console.manage (the cloud forms, with a TextArea) is imported by the actions that open
@@ -21,11 +25,14 @@ SPARK = "▁▂▃▄▅▆▇█"
 
 
 def sparkline(values: list[float], width: int = 12) -> str:
+    """The last ``width`` values as bars scaled to the highest; an idle tick is the
+    lowest bar (not a blank), so a quiet tunnel still shows a line."""
     vals = list(values)[-width:]
     if not vals:
         return ""
     top = max(vals) or 1.0
-    return "".join(SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1)))] if v else " " for v in vals)
+    steps = len(SPARK) - 2
+    return "".join(SPARK[1 + min(steps, int(v / top * steps))] if v > 0 else SPARK[0] for v in vals)
 
 
 class Pane(Vertical):
@@ -79,6 +86,7 @@ class TablePane(Pane):
     """A pane showing rows of dicts in a DataTable, filtered by substring as you type."""
 
     COLUMNS: tuple[tuple[str, Callable[[dict], object]], ...] = ()
+    FLEX: tuple[str, ...] = ()  # columns cut to fit the width, so the ones after stay on screen
     EMPTY = "nothing here yet"
 
     def __init__(self, *, id: str, read_only: bool = False) -> None:
@@ -91,7 +99,7 @@ class TablePane(Pane):
         table = DataTable(cursor_type="row", zebra_stripes=False, id=f"{self.id}-table")
         table.add_columns(*(name for name, _ in self.COLUMNS))
         yield table
-        yield Static(self.EMPTY, classes="empty")
+        yield Static(self.empty_text(), classes="empty")
 
     def on_mount(self) -> None:
         box = self.query_one(Input)
@@ -103,6 +111,10 @@ class TablePane(Pane):
         event.stop()
         if event.input.display and event.value.strip() != self.filter_text:
             self.apply_filter(event.value.strip())
+
+    def empty_text(self) -> Text:
+        """What this pane is for and the key that fills it (shown while it has no rows)."""
+        return Text.from_markup(self.EMPTY)
 
     def focus_main(self) -> None:
         self.query_one(DataTable).focus()
@@ -127,16 +139,20 @@ class TablePane(Pane):
         needle = self.filter_text.lower()
         columns = self.COLUMNS  # may depend on the width: take one set for this pass
         labels = tuple(name for name, _ in columns)
-        if tuple(str(c.label) for c in table.columns.values()) != labels:
-            table.clear(columns=True)
-            table.add_columns(*labels)
         cells_of = [[fn(r) for _, fn in columns] for r in self.rows]
         self.shown = []
-        table.clear()
+        kept = []
         for row, cells in zip(self.rows, cells_of, strict=True):
             if needle and not any(needle in str(c).lower() for c in cells):
                 continue
             self.shown.append(row)
+            kept.append(cells)
+        # Columns are made anew each time, so their widths follow the rows shown now (a
+        # DataTable column only ever grows); a FLEX column gives up width to the others.
+        table.clear(columns=True)
+        table.add_columns(*labels)
+        self._fit_flex(labels, kept, table)
+        for row, cells in zip(self.shown, kept, strict=True):
             table.add_row(*cells, key=self.key_of(row))
         if keep is not None:
             for i, row in enumerate(self.shown):
@@ -148,7 +164,35 @@ class TablePane(Pane):
         if not self.shown and self.filter_text:
             empty.update(f"no rows match “{self.filter_text}”")
         elif not self.shown:
-            empty.update(self.EMPTY)
+            empty.update(self.empty_text())
+
+    def _fit_flex(self, labels: tuple[str, ...], rows: list[list], table: DataTable) -> None:
+        """Cut the cells of the FLEX columns (with …, in FLEX order) until every column fits."""
+        width = table.size.width or self.size.width
+        if not width or not rows:
+            return
+
+        def cell_width(c) -> int:
+            return c.cell_len if isinstance(c, Text) else len(str(c))
+
+        widths = [max([len(name)] + [cell_width(r[i]) for r in rows]) for i, name in enumerate(labels)]
+        pad = 2 * table.cell_padding * len(labels) + 1  # +1: a vertical scrollbar's gutter
+        over = sum(widths) + pad - width
+        for name in self.FLEX:
+            if over <= 0:
+                break
+            if name not in labels:
+                continue
+            i = labels.index(name)
+            cut = min(over, widths[i] - max(len(name), 8))
+            if cut <= 0:
+                continue
+            widths[i] -= cut
+            over -= cut
+            for r in rows:
+                text = str(r[i])
+                if len(text) > widths[i]:
+                    r[i] = text[: widths[i] - 1] + "…"
 
     @property
     def selected(self) -> dict | None:
@@ -178,7 +222,12 @@ def _ref(v) -> str:
 
 class EndpointsPane(TablePane):
     context = "endpoints"
-    EMPTY = "No endpoints. Start a tunnel (3, then n) or create a cloud endpoint in the API."
+    FLEX = ("URL",)
+    EMPTY = (
+        "[b]No endpoints.[/b] An endpoint is a public URL the edge serves.\n"
+        "Every tunnel adds one: run [b]burrow http 8000[/b], or [b]3[/b] then [b]n[/b].\n"
+        "[b]n[/b] here creates a cloud endpoint (a URL with a traffic policy, no agent needed)."
+    )
     COLUMNS = (
         ("TYPE", lambda r: r.get("type", "")),
         ("URL", lambda r: r.get("url") or r.get("public_url", "")),
@@ -239,7 +288,11 @@ class EndpointsPane(TablePane):
 
 class IngressesPane(TablePane):
     context = "ingresses"
-    EMPTY = "No agent ingresses. Agents connect to the edge's own ingress address."
+    EMPTY = (
+        "[b]No agent ingresses.[/b] Agents connect to the edge's own address.\n"
+        "An agent ingress is a domain of yours that agents dial instead (with its certificate).\n"
+        "[b]n[/b] registers one."
+    )
     COLUMNS = (
         ("DOMAIN", lambda r: r.get("domain", "")),
         ("REGION DOMAINS", lambda r: ", ".join(r.get("region_domains") or [])),
@@ -296,7 +349,11 @@ def _cert_status(r: dict) -> str:
 
 class TunnelsPane(TablePane):
     context = "tunnels"
-    EMPTY = "No tunnels. Press n to start one."
+    FLEX = ("PUBLIC URL → ADDR", "PUBLIC URL", "NAME")
+    EMPTY = (
+        "[b]No tunnels[/b] — [b]n[/b] starts one, or run [b]burrow http 8000[/b].\n"
+        "A tunnel gives an app on this machine a public URL; its live traffic shows here."
+    )
 
     def __init__(self, *, id: str, read_only: bool = False) -> None:
         super().__init__(id=id, read_only=read_only)
@@ -359,6 +416,62 @@ class TunnelsPane(TablePane):
         self.app.confirm_stop_tunnel(row["name"], row.get("public_url", ""))
 
 
+def public_addresses(tunnels: list[dict], endpoints: list[dict]) -> list[tuple[str, str]]:
+    """The edge's public HTTP addresses the console knows: ``(url, what serves it)`` from
+    the tunnels' public URLs, then the endpoints' (never invented)."""
+    seen: dict[str, str] = {}
+    for t in tunnels:
+        url = t.get("public_url") or ""
+        if url.startswith(("http://", "https://")) and url not in seen:
+            addr = (t.get("config") or {}).get("addr", "")
+            seen[url] = f"tunnel {t.get('name', '')}" + (f" → {addr}" if addr else "")
+    for e in endpoints:
+        url = e.get("url") or e.get("public_url") or ""
+        if url.startswith(("http://", "https://")) and url not in seen:
+            seen[url] = f"{e.get('type', '')} endpoint".strip()
+    return list(seen.items())
+
+
+def edge_pattern(url: str) -> str | None:
+    """``http://web.burrow.localhost:4080`` → ``http://*.burrow.localhost:4080``: where
+    a new tunnel's random name will live (None when the host has no parent domain)."""
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0]
+    parent = host.partition(".")[2]
+    parent_name = parent.split(":", 1)[0]
+    if host.split(":", 1)[0].replace(".", "").isdigit() or ("." not in parent_name and parent_name != "localhost"):
+        return None  # an IP address, or a name right under a top-level domain
+    return f"{scheme}://*.{parent}"
+
+
+def first_steps(tunnels: list[dict], endpoints: list[dict], read_only: bool = False) -> Text:
+    """The Requests pane before the first request: what to do next, with the edge's
+    real address when a tunnel or an endpoint tells it."""
+    out = Text()
+    out.append("No requests yet.", style="bold")
+    out.append(" Every HTTP request through a tunnel shows here as it arrives.\n\n")
+
+    def row(label: str, value: str, note: str = "", style: str = "bold") -> None:
+        out.append(f"  {label:<20}", style="dim")
+        out.append(value, style=style)
+        if note:
+            out.append(f"   {note}", style="dim")
+        out.append("\n")
+
+    row("Put an app online", "burrow http 8000", "(then open the URL it prints)")
+    addresses = public_addresses(tunnels, endpoints)
+    patterns = list(dict.fromkeys(p for p in (edge_pattern(u) for u, _ in addresses) if p))
+    if patterns:
+        row("Your edge serves", patterns[0])
+    for url, what in addresses[:3]:
+        row("Try", url, what)
+    if not addresses:
+        row("Your edge", "its public address shows here once a tunnel is up", style="dim italic")
+    if not read_only:
+        row("Or from here", "3 then n", "starts a tunnel;  ? lists every key")
+    return out
+
+
 class RequestsPane(Pane):
     context = "requests"
 
@@ -373,6 +486,8 @@ class RequestsPane(Pane):
         yield Static("", id="requests-status", classes="status-line")
         yield from super().compose()
         yield RequestList(id="request-list", clock=self._clock)
+        yield Static("", id="requests-empty", classes="empty")
+        yield RequestSummary(id="request-summary")
 
     def on_mount(self) -> None:
         self.query_one(Input).display = False
@@ -387,21 +502,68 @@ class RequestsPane(Pane):
         self.list.focus()
 
     def update_status(self) -> None:
+        """``filter: status:5xx · 3 marked · paused · 12/230``: what narrows the list,
+        what is marked, whether the newest request stays selected, matched/total."""
         rl = self.list
         line = Text()
         if self.filter_error:
             # The rejected filter stays in the box; the list and the old filter stay as they were.
             line.append(f"bad filter: {self.filter_error}", style="bold red")
             line.append("  (esc clears)  ")
+        parts: list[tuple[str, str]] = []
         if self.filter_text:
-            line.append(f"[f:{self.filter_text}]", style="bold")
-            line.append(f" matched {rl.total:,}")
+            parts.append((f"filter: {self.filter_text}", "bold"))
+        if rl.marked:
+            parts.append((f"{len(rl.marked):,} marked", "bold"))
+        parts.append(("following", "") if rl.following else ("paused (f follows)", "bold"))
+        if self.filter_text:
+            parts.append((f"{rl.total:,}/{max(self.stored, rl.total):,}", ""))
         else:
-            line.append(f"{rl.total:,} requests")
-        line.append("  ")
-        line.append("[following]" if rl.following else "[paused: f to follow]", style="bold" if rl.following else "")
+            parts.append((f"{rl.total:,} request" + ("" if rl.total == 1 else "s"), ""))
+        for i, (text, style) in enumerate(parts):
+            if i:
+                line.append(" · ", style="dim")
+            line.append(text, style=style)
         self.query_one("#requests-status", Static).update(line)
+        self._update_empty()
 
+    def _update_empty(self) -> None:
+        """Until a request is there, say what to do next (or that the filter hides all)."""
+        rl = self.list
+        empty = rl.total == 0
+        self.set_class(empty, "-empty")
+        hint = self.query_one("#requests-empty", Static)
+        hint.display = empty
+        if not empty:
+            return
+        if self.filter_text:
+            text = Text.assemble(("No requests match ", ""), (self.filter_text, "bold"), (".  esc clears the filter.", ""))
+        else:
+            app = self.app
+            text = first_steps(getattr(app, "tunnels", []), getattr(app, "endpoints", []), self.read_only)
+        hint.update(text)
+
+    def on_resize(self) -> None:
+        split = self.size.width >= SPLIT_WIDTH
+        if split != self.has_class("-split"):
+            self.set_class(split, "-split")
+            if split:
+                self.summary.select(self.list.selected)
+
+    @property
+    def summary(self) -> RequestSummary:
+        return self.query_one(RequestSummary)
+
+    def on_request_selected(self, event: RequestSelected) -> None:
+        event.stop()
+        if self.has_class("-split"):
+            self.summary.select(event.row)
+
+    def on_list_mode_changed(self, event: ListModeChanged) -> None:
+        event.stop()
+        self.update_status()
+
+    stored = 0  # every capture the agent holds (the "/230" of "12/230")
     filter_error: str | None = None
 
     def apply_filter(self, text: str) -> None:

@@ -45,20 +45,21 @@ class EditReplayScreen(ModalScreen[dict | None]):
             body = info.body.decode("utf-8")
         except UnicodeDecodeError:
             body = ""
-        # scrolls when the terminal is short (80×24): tab moves through the fields
-        with VerticalScroll(id="edit-replay", classes="dialog wide"):
+        # Compact fields and text areas that share the height, so the error and the
+        # buttons stay on screen down to 80×24.
+        with Vertical(id="edit-replay", classes="dialog wide"):
             yield Label("Edit and replay  (ctrl+s sends, esc cancels)", classes="title")
             with Horizontal(classes="row"):
-                yield Input(req.get("method", "GET"), id="er-method", classes="method")
-                yield Input(req.get("uri", "/"), id="er-uri")
+                yield Input(req.get("method", "GET"), id="er-method", classes="method", compact=True)
+                yield Input(req.get("uri", "/"), id="er-uri", compact=True)
             yield Label("Headers (one “Name: value” per line)")
             yield TextArea(headers, id="er-headers", classes="headers")
             yield Label("Body" + ("" if not info.body or body else " (binary: replaced by what you type)"))
             yield TextArea(body, id="er-body", classes="body")
             yield Label("", id="er-error", classes="error")
             with Horizontal(classes="buttons"):
-                yield Button("Send (ctrl+s)", variant="primary", id="er-send")
-                yield Button("Cancel", id="er-cancel")
+                yield Button("Send (ctrl+s)", variant="primary", id="er-send", compact=True)
+                yield Button("Cancel", id="er-cancel", compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#er-method", Input).focus()
@@ -71,7 +72,7 @@ class EditReplayScreen(ModalScreen[dict | None]):
                 continue
             name, sep, value = line.partition(":")
             if not sep or not name.strip():
-                self.query_one("#er-error", Label).update(f"header line {n} is not “Name: value”")
+                self.show_error(f"header line {n} is not “Name: value”")
                 return
             headers.setdefault(name.strip(), []).append(value.strip())
         edits = {
@@ -90,6 +91,7 @@ class EditReplayScreen(ModalScreen[dict | None]):
         label = self.query_one("#er-error", Label)
         label.update(msg)
         label.set_class(bool(msg), "-wrap")  # long errors wrap instead of being cut
+        label.display = bool(msg)  # no empty line while there is nothing to say
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "er-send":

@@ -11,10 +11,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingsMap
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Footer, Input, Label, Select, Static, TextArea
+from textual.widgets import Button, Input, Label, Select, Static, TextArea
 
 from console.keymap import KEYMAP, bindings, display_key
 from console.render import decode_body, human_duration, human_size, render_body
+from console.widgets.footer import BurrowFooter
 
 
 def error_text(exc: Exception) -> str:
@@ -164,20 +165,29 @@ class NewTunnelScreen(ModalScreen[dict | None]):
         self.busy = False
 
     def compose(self) -> ComposeResult:
+        # One line per field (label left, compact input right), so the whole form, its
+        # error and its buttons fit an 80×24 terminal.
         with Vertical(id="new-tunnel", classes="dialog"):
             yield Label("Start a tunnel", classes="title")
-            yield Label("Protocol")
-            yield Select([(p, p) for p in ("http", "tcp", "tls")], value="http", allow_blank=False, id="nt-proto")
-            yield Label("Upstream address (port, host:port or URL)")
-            yield Input(placeholder="8080", id="nt-addr")
-            yield Label("Name (optional)")
-            yield Input(placeholder="web", id="nt-name")
-            yield Label("URL (optional; random when empty)")
-            yield Input(placeholder="http://web.burrow.localhost", id="nt-url")
+            with Horizontal(classes="row"):
+                yield Label("Protocol")
+                yield Select(
+                    [(p, p) for p in ("http", "tcp", "tls")], value="http", allow_blank=False, id="nt-proto", compact=True
+                )
+            with Horizontal(classes="row"):
+                yield Label("Upstream")
+                yield Input(placeholder="8080  (port, host:port or URL)", id="nt-addr", compact=True)
+            with Horizontal(classes="row"):
+                yield Label("Name")
+                yield Input(placeholder="optional, e.g. web", id="nt-name", compact=True)
+            with Horizontal(classes="row"):
+                yield Label("URL")
+                yield Input(placeholder="optional; random when empty", id="nt-url", compact=True)
             yield Label("", id="nt-error", classes="error")
             with Horizontal(classes="buttons"):
-                yield Button("Start", variant="primary", id="nt-start")
-                yield Button("Cancel", id="nt-cancel")
+                yield Button("Start", variant="primary", id="nt-start", compact=True)
+                yield Button("Cancel", id="nt-cancel", compact=True)
+                yield Static("esc cancels", classes="dim")
 
     def on_mount(self) -> None:
         self.query_one("#nt-addr", Input).focus()
@@ -186,7 +196,7 @@ class NewTunnelScreen(ModalScreen[dict | None]):
     def _submit(self) -> None:
         addr = self.query_one("#nt-addr", Input).value.strip()
         if not addr:
-            self.query_one("#nt-error", Label).update("An upstream address is required.")
+            self.show_error("An upstream address is required.")
             self.query_one("#nt-addr", Input).focus()
             return
         proto = self.query_one("#nt-proto", Select).value
@@ -212,7 +222,9 @@ class NewTunnelScreen(ModalScreen[dict | None]):
         submit_inline(self, lambda: start(body), lambda message: self.dismiss({"message": message}), "new-tunnel")
 
     def show_error(self, text: str) -> None:
-        self.query_one("#nt-error", Label).update(text)
+        label = self.query_one("#nt-error", Label)
+        label.update(text)
+        label.display = bool(text)  # no empty line while there is nothing to say
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
@@ -243,7 +255,7 @@ class DetailScreen(Screen):
         with VerticalScroll(id="detail-scroll"):
             yield Static("", id="detail-request")
             yield Static("", id="detail-response")
-        yield Footer()
+        yield BurrowFooter()
 
     def on_mount(self) -> None:
         self.app.load_capture(self.capture_id)

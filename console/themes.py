@@ -37,13 +37,15 @@ BUNDLED_THEMES_DIR: Path = Path(__file__).resolve().parent.parent / "themes"
 DEFAULT_THEME = "burrow-dark"
 """The theme the console starts with when neither flag nor config names one."""
 
+# Colour means status only: the methods are neutral greys (writes a little brighter), so
+# a red or green cell is always a status, never a DELETE or a POST.
 DEFAULT_VARIABLES: dict[str, str] = {
-    "method-get": "#5AA9E6",
-    "method-post": "#6CC58A",
-    "method-put": "#E8A25A",
-    "method-patch": "#B48EE8",
-    "method-delete": "#E5676B",
-    "method-other": "#9AA3B2",
+    "method-get": "#A9B1BE",
+    "method-post": "#D7DAE0",
+    "method-put": "#D7DAE0",
+    "method-patch": "#D7DAE0",
+    "method-delete": "#EEF0F4",
+    "method-other": "#8A919E",
     "status-2xx": "#6CC58A",
     "status-3xx": "#56C2C9",
     "status-4xx": "#E8C15A",

@@ -18,37 +18,46 @@ sys.path.insert(0, str(ROOT))
 from textual._doc import take_svg_screenshot  # noqa: E402
 
 from tests.console.fixture_api import FixtureServer  # noqa: E402
-from tests.console.test_snapshots import fixture_app, settle  # noqa: E402
+from tests.console.test_snapshots import EMPTY, fixture_app, settle  # noqa: E402
 
+# name: (keys, terminal size, data served: "full" fixture or a fresh install)
 VIEWS = {
-    "requests": (),
-    "detail": ("j", "enter"),
-    "tunnels": ("3",),
-    "endpoints": ("1",),
-    "ingresses": ("2",),
-    "help": ("question_mark",),
-    "edit-and-replay": ("j", "e"),
-    "diff": ("j", "j", "D"),
-    "new-cloud-endpoint": ("1", "n"),
+    "requests": ((), (120, 36), "full"),
+    "requests-split": (("j", "j", "j"), (200, 50), "full"),
+    "first-screen": ((), (120, 36), "empty"),
+    "detail": (("j", "enter"), (120, 36), "full"),
+    "tunnels": (("3",), (120, 36), "full"),
+    "endpoints": (("1",), (120, 36), "full"),
+    "ingresses": (("2",), (120, 36), "full"),
+    "help": (("question_mark",), (120, 36), "full"),
+    "edit-and-replay": (("j", "e"), (120, 36), "full"),
+    "diff": (("j", "j", "D"), (120, 36), "full"),
+    "new-cloud-endpoint": (("1", "n"), (120, 36), "full"),
+    "new-tunnel-80x24": (("3", "n"), (80, 24), "full"),
 }
+DATA = {"full": ({}, {}), "empty": (EMPTY, {"rows": 0, "tunnels": 0, "endpoints": 0, "ingresses": 0})}
 
 
 def main() -> None:
     out = Path(__file__).resolve().parent
-    with FixtureServer() as server:
-        for name, keys in VIEWS.items():
-            app = fixture_app(server.url)
+    for data in DATA:
+        served, counts = DATA[data]
+        with FixtureServer(**served) as server:
+            for name, (keys, size, which) in VIEWS.items():
+                if which != data:
+                    continue
+                app = fixture_app(server.url)
 
-            async def before(pilot, keys=keys):
-                await settle(pilot)
-                for k in keys:
-                    await pilot.press(k)
-                    await asyncio.sleep(0.1)
-                await pilot.pause()
+                async def before(pilot, keys=keys, counts=counts):
+                    await settle(pilot, **counts)
+                    for k in keys:
+                        await pilot.press(k)
+                        await asyncio.sleep(0.1)
+                    await pilot.pause(0.3)
 
-            svg = take_svg_screenshot(app=app, terminal_size=(120, 36), run_before=before)
-            (out / f"{name}.svg").write_text(svg)
-            print(f"wrote screenshots/{name}.svg")
+                svg = take_svg_screenshot(app=app, terminal_size=size, run_before=before)
+                (out / f"{name}.svg").write_text(svg)
+                print(f"wrote screenshots/{name}.svg")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,10 @@ class NeedRows(Message):
         self.generation = generation
 
 
+class ListModeChanged(Message):
+    """Marks or follow mode changed: the status line says so."""
+
+
 class RequestSelected(Message):
     def __init__(self, row: dict | None) -> None:
         super().__init__()
@@ -240,6 +244,7 @@ class RequestList(ScrollView, can_focus=True):
             return
         if self.marked.pop(row["id"], None) is None:
             self.marked[row["id"]] = row
+        self.post_message(ListModeChanged())
         self.following = False
         self.action_cursor_down()
         self.refresh()
@@ -253,7 +258,12 @@ class RequestList(ScrollView, can_focus=True):
     def forget(self, ids: set[str]) -> None:
         for cid in ids:
             self.marked.pop(cid, None)
+        self.post_message(ListModeChanged())
         self.refresh()
+
+    def watch_following(self, old: bool, new: bool) -> None:
+        if old != new:
+            self.post_message(ListModeChanged())
 
     # ----------------------------------------------------------------- cursor
     def watch_cursor(self, old: int, new: int) -> None:

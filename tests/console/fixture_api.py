@@ -75,6 +75,26 @@ def _capture_rows() -> list[dict]:
 
 ROWS = _capture_rows()
 
+# Requests per second of each tunnel over the last ticks, sent as the agent's ``metrics``
+# events after ``hello`` so the Tunnels pane has a sparkline to draw.  The counts end at
+# the tunnels' own totals (128 and 7).
+RATES = {
+    "web": [0, 2, 5, 3, 8, 13, 9, 4, 6, 11, 7, 3, 1],
+    "db": [0, 0, 1, 0, 0, 2, 0, 1, 0, 0, 0, 1, 0],
+}
+
+
+def _metrics_ticks(tunnels: list[dict]) -> list[dict]:
+    ticks = []
+    for i in range(len(RATES["web"])):
+        tick = {}
+        for t in tunnels:
+            rates = RATES.get(t["name"], [0] * len(RATES["web"]))
+            end = t["metrics"]["http"]["count"]
+            tick[t["name"]] = _metrics(end - sum(rates[i + 1:]))
+        ticks.append({"tunnels": tick})
+    return ticks
+
 
 def _detail(row: dict) -> dict:
     body = b'{"users": [{"id": 42, "name": "Ada", "roles": ["admin", "dev"]}], "total": 1}'
@@ -115,7 +135,13 @@ INGRESSES = [
 ]
 
 
-def build_router() -> Router:
+def build_router(
+    tunnels: list[dict] = TUNNELS,
+    rows: list[dict] = ROWS,
+    endpoints: list[dict] = ENDPOINTS,
+    ingresses: list[dict] = INGRESSES,
+) -> Router:
+    """The fixture's agent API and cloud API; pass empty lists for a fresh install."""
     router = Router()
     sessions_data = [
         {"id": "ts_2abc", "uri": "http://api.invalid/tunnel_sessions/ts_2abc", "agent_version": "0.4.0",
@@ -133,46 +159,48 @@ def build_router() -> Router:
         return json_response({"status": "online", "agent_version": "x", "uri": "/api/status",
                               "session": {"legs": [{"region": "local", "latency": "3ms"}]}})
 
-    async def tunnels(req: Request) -> Response:
-        return json_response({"tunnels": TUNNELS, "uri": "/api/tunnels"})
+    async def list_tunnels(req: Request) -> Response:
+        return json_response({"tunnels": tunnels, "uri": "/api/tunnels"})
 
     async def requests(req: Request) -> Response:
         offset = int(req.arg("offset") or 0)
         limit = int(req.arg("limit") or 100)
         q = (req.arg("q") or "").lower()
-        rows = [r for r in ROWS if q in r["path"].lower()] if q else ROWS
-        return json_response({"uri": "/api/requests/http", "requests": rows[offset: offset + limit],
-                              "total": len(rows), "stored": len(ROWS)})
+        matched = [r for r in rows if q in r["path"].lower()] if q else rows
+        return json_response({"uri": "/api/requests/http", "requests": matched[offset: offset + limit],
+                              "total": len(matched), "stored": len(rows)})
 
     async def detail(req: Request) -> Response:
-        row = next((r for r in ROWS if r["id"] == req.params["id"]), None)
+        row = next((r for r in rows if r["id"] == req.params["id"]), None)
         if row is None:
             return json_response({"error_code": 100, "status_code": 404, "msg": "not found", "details": {}}, 404)
         return json_response(_detail(row))
 
     async def events(req: Request) -> StreamResponse:
         async def gen():
-            yield b"event: hello\ndata: " + json.dumps({"status": {"status": "online", "session": {"legs": [{"region": "local", "latency": "3ms"}]}}, "tunnels": TUNNELS}).encode() + b"\n\n"
+            yield b"event: hello\ndata: " + json.dumps({"status": {"status": "online", "session": {"legs": [{"region": "local", "latency": "3ms"}]}}, "tunnels": tunnels}).encode() + b"\n\n"
+            for tick in _metrics_ticks(tunnels):
+                yield b"event: metrics\ndata: " + json.dumps(tick).encode() + b"\n\n"
             await asyncio.sleep(3600)
 
         return StreamResponse(gen())
 
-    async def endpoints(req: Request) -> Response:
-        return page(ENDPOINTS, "endpoints")
+    async def list_endpoints(req: Request) -> Response:
+        return page(endpoints, "endpoints")
 
-    async def ingresses(req: Request) -> Response:
-        return page(INGRESSES, "ingresses")
+    async def list_ingresses(req: Request) -> Response:
+        return page(ingresses, "ingresses")
 
     async def sessions(req: Request) -> Response:
         return page(sessions_data, "tunnel_sessions")
 
     router.add("GET", "/api/status", status)
-    router.add("GET", "/api/tunnels", tunnels)
+    router.add("GET", "/api/tunnels", list_tunnels)
     router.add("GET", "/api/requests/http", requests)
     router.add("GET", "/api/requests/http/{id}", detail)
     router.add("GET", "/api/events", events)
-    router.add("GET", "/endpoints", endpoints)
-    router.add("GET", "/agent_ingresses", ingresses)
+    router.add("GET", "/endpoints", list_endpoints)
+    router.add("GET", "/agent_ingresses", list_ingresses)
     router.add("GET", "/tunnel_sessions", sessions)
     return router
 
@@ -180,7 +208,9 @@ def build_router() -> Router:
 class FixtureServer:
     """Serves the fixture on 127.0.0.1 (port 0) from its own thread and event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, **data) -> None:
+        """``data``: what to serve instead of the fixture (see :func:`build_router`)."""
+        self.data = data
         self.loop = asyncio.new_event_loop()
         self.url = ""
         self._ready = threading.Event()
@@ -192,7 +222,7 @@ class FixtureServer:
         def err(req, status, msg):
             return json_response({"error_code": 100, "status_code": status, "msg": msg, "details": {}}, status)
 
-        server = APIServer(build_router(), err)
+        server = APIServer(build_router(**self.data), err)
         host, port = self.loop.run_until_complete(server.start("127.0.0.1:0"))
         self.url = f"http://{host}:{port}"
         self._ready.set()

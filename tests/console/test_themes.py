@@ -185,3 +185,28 @@ def test_variable_style_converts_textual_colours_for_rich() -> None:
     assert fallback.color is not None
     assert fallback.color.triplet == Color.parse(DEFAULT_VARIABLES["replay"]).rich_color.triplet
     assert variable_style({}, "unknown").color is None
+
+
+NEUTRAL_ANSI = {"ansi_default", "ansi_white", "ansi_bright_white", "ansi_black", "ansi_bright_black"}
+METHODS = ("method-get", "method-post", "method-put", "method-patch", "method-delete", "method-other")
+STATUSES = ("status-2xx", "status-3xx", "status-4xx", "status-5xx")
+
+
+@pytest.mark.parametrize("name", [*sorted(BUNDLED_NAMES), "defaults"])
+def test_colour_means_status_only(name: str) -> None:
+    """Methods are neutral tones: a DELETE is not the red of a 5xx, a POST not the green of a 2xx."""
+    if name == "defaults":
+        variables = dict(DEFAULT_VARIABLES)
+    else:
+        themes, _ = load_themes([BUNDLED_THEMES_DIR])
+        variables = {**DEFAULT_VARIABLES, **themes[name].variables}
+    statuses = {variables[s] for s in STATUSES}
+    for key in METHODS:
+        value = variables[key]
+        assert value not in statuses, (name, key, value)
+        if value.startswith("ansi_"):
+            assert value in NEUTRAL_ANSI, (name, key, value)
+        else:
+            c = Color.parse(value)
+            chroma = (max(c.r, c.g, c.b) - min(c.r, c.g, c.b)) / 255  # 0 = grey
+            assert chroma < 0.12, (name, key, value)
