@@ -200,9 +200,12 @@ def request_url(
 ) -> str:
     """The full URL of a captured request.
 
-    The host comes from the ``Host`` header and the scheme from the tunnel's
-    ``public_url`` (``http`` when it is not given or not HTTPS).  ``base_url`` replaces
-    scheme and host (and may add a path prefix), e.g. to aim at another tunnel.
+    Scheme, host and port come from the tunnel's ``public_url``: that is where the
+    request can be sent again, whatever ``Host`` the client wrote (``curl -H 'Host:
+    web.burrow.localhost' http://127.0.0.1:4080/`` names no port).  Without a public
+    URL (an unknown tunnel) they come from the ``Host`` header, over ``http``.
+    ``base_url`` replaces scheme and host (and may add a path prefix), e.g. to aim at
+    another tunnel.
     """
     _, target, msg = _request(capture)
     if target.lower().startswith(("http://", "https://")):  # absolute-form (proxy style)
@@ -219,10 +222,9 @@ def request_url(
     if base_url:
         return base_url.rstrip("/") + target
     public = urlsplit(public_url or "")
-    if not scheme:
-        scheme = "https" if public.scheme.lower() == "https" else "http"
-    host = host or public.netloc or "localhost"
-    return f"{scheme}://{host}{target}"
+    if public.scheme.lower() in ("http", "https") and public.netloc and "*" not in public.netloc:
+        return f"{public.scheme.lower()}://{public.netloc}{target}"
+    return f"{scheme or 'http'}://{host or 'localhost'}{target}"
 
 
 def _sent_headers(msg: WireMessage) -> list[tuple[str, str]]:
@@ -342,8 +344,9 @@ def to_curl(
     would mangle) is piped in by ``printf`` with octal escapes.  Host and Content-Length
     come from the URL and the body; hop-by-hop headers are left out; curl's default
     ``User-Agent``, ``Accept``, ``Content-Type`` and ``Expect`` are suppressed when the
-    original did not send them.  ``public_url`` is the tunnel's public URL (for the
-    scheme); ``base_url`` sends the request somewhere else instead.
+    original did not send them.  ``public_url`` is the tunnel's public URL (scheme,
+    host and port, see :func:`request_url`); ``base_url`` sends the request somewhere
+    else instead.
     """
     method, target, msg = _request(capture)
     url = request_url(capture, base_url, public_url)
@@ -687,8 +690,8 @@ def to_har(
 ) -> dict[str, Any]:
     """A HAR 1.2 log of captured requests (import it in a browser's network panel).
 
-    ``public_urls`` maps tunnel names to their public URLs so each entry's URL gets
-    the right scheme.  Each entry carries a ``_burrow`` object (custom fields are
+    ``public_urls`` maps tunnel names to their public URLs so each entry's URL has
+    the scheme, host and port it can be sent to again.  Each entry carries a ``_burrow`` object (custom fields are
     allowed with a leading underscore) with the capture id, tunnel, ``replay_of`` and
     which sides were truncated.  Binary response bodies are base64 with
     ``encoding: "base64"``; binary request bodies likewise, marked ``_encoding``.
