@@ -18,7 +18,7 @@ from textual.widgets import Button, DataTable, Footer, Input, Label, Select, Sta
 
 from console.client import CloudClient
 from console.keymap import bindings
-from console.screens import error_text, submit_inline
+from console.screens import InlineErrors, error_text, submit_inline
 
 AGENT_READ_ONLY = "agent endpoints are read-only: stop the agent or its tunnel instead"
 
@@ -69,7 +69,7 @@ EndpointForm .form { height: 100%; max-height: 30; }
 """
 
 
-class _Form(ModalScreen[dict | None]):
+class _Form(InlineErrors, ModalScreen[dict | None]):
     """Shared behaviour: ctrl+s submits in a worker, errors inline, esc cancels."""
 
     BINDINGS = [
@@ -365,9 +365,16 @@ class SessionsScreen(Screen):
         yield Static("loading…", classes="empty", id="sessions-empty")
         yield Footer()
 
+    # after a stop or restart, look again at these delays (seconds): the agent takes a
+    # moment to go away or to come back with a new session
+    AFTER_COMMAND = (0.5, 1.5, 3.0, 6.0)
+
     def on_mount(self) -> None:
         self.query_one(DataTable).focus()
         self.action_reload()
+        # like the panes, the sessions refresh by themselves
+        every = getattr(getattr(self.app, "settings", None), "cloud_poll_seconds", 10.0)
+        self.set_interval(every, self.action_reload)
 
     def action_reload(self) -> None:
         cloud = getattr(self.app, "cloud", None)
@@ -456,6 +463,8 @@ class SessionsScreen(Screen):
                     return
                 self.app.notify(f"{'Stopped' if verb == 'stop' else 'Restarted'} {sid}")
                 self.action_reload()
+                for delay in self.AFTER_COMMAND:
+                    self.set_timer(delay, self.action_reload)
                 refresh = getattr(self.app, "refresh_all", None)
                 if refresh is not None:
                     refresh()

@@ -15,10 +15,10 @@ from textual.widgets.option_list import Option
 
 from console.diff import CaptureDiff, render_side_by_side, render_unified
 from console.render import decode_body
-from console.screens import submit_inline
+from console.screens import InlineErrors, submit_inline
 
 
-class EditReplayScreen(ModalScreen[dict | None]):
+class EditReplayScreen(InlineErrors, ModalScreen[dict | None]):
     """Method, path, headers (one ``Name: value`` per line) and body of a replay."""
 
     BINDINGS = [
@@ -69,7 +69,7 @@ class EditReplayScreen(ModalScreen[dict | None]):
                 continue
             name, sep, value = line.partition(":")
             if not sep or not name.strip():
-                self.query_one("#er-error", Label).update(f"header line {n} is not “Name: value”")
+                self.show_error(f"header line {n} is not “Name: value”")
                 return
             headers.setdefault(name.strip(), []).append(value.strip())
         edits = {

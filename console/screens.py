@@ -44,6 +44,26 @@ def submit_inline(screen, call: Callable[[], Awaitable], on_done: Callable[[obje
     screen.run_worker(go(), group=group, exclusive=True)
 
 
+class InlineErrors:
+    """For dialogs that show an error inline (``show_error``): editing any field clears
+    it, so an error never stays next to the field that has been fixed since."""
+
+    busy: bool = False
+
+    def _edited(self) -> None:
+        if not self.busy:  # while a submit is in flight its answer decides
+            self.show_error("")
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self._edited()
+
+    def on_text_area_changed(self, event) -> None:
+        self._edited()
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        self._edited()
+
+
 class ConfirmScreen(ModalScreen[bool]):
     """Asks before a dangerous action: ``y``/``enter`` confirm, ``n``/``esc`` cancel."""
 
@@ -100,7 +120,7 @@ class HelpScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
-class NewTunnelScreen(ModalScreen[dict | None]):
+class NewTunnelScreen(InlineErrors, ModalScreen[dict | None]):
     """A small form: proto, upstream address, name, URL."""
 
     BINDINGS = [("escape", "cancel", "cancel"), Binding("q", "cancel", "back", show=False)]
@@ -135,7 +155,7 @@ class NewTunnelScreen(ModalScreen[dict | None]):
     def _submit(self) -> None:
         addr = self.query_one("#nt-addr", Input).value.strip()
         if not addr:
-            self.query_one("#nt-error", Label).update("An upstream address is required.")
+            self.show_error("An upstream address is required.")
             self.query_one("#nt-addr", Input).focus()
             return
         proto = self.query_one("#nt-proto", Select).value

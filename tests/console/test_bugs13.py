@@ -11,8 +11,10 @@ import pytest
 
 from console.screens import DetailScreen
 from console.widgets.request_list import RequestList
+from tests.console.fixture_api import FixtureServer
 from tests.console.test_pilot import public, until
 from tests.console.test_request_tools import make_app, ready
+from tests.console.test_snapshots import fixture_app, settle
 from tests.procs import host_of
 from tests.upstreams import HTTPUpstream
 
@@ -81,3 +83,92 @@ async def test_after_clear_while_paused_the_next_request_can_be_selected(setup):
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, DetailScreen), what="the detail view")
         assert app.screen.capture_id == rl.rows[0]["id"]
+
+
+# ---------------------------------------------------------------- stale inline errors
+@pytest.fixture(scope="module")
+def fixture_url():
+    with FixtureServer() as server:
+        yield server.url
+
+
+@pytest.mark.parametrize(
+    "keys, screen_type, error_id, field",
+    [
+        (("2", "n"), "IngressForm", "#if-error", "#if-domain"),
+        (("1", "n"), "EndpointForm", "#ef-error", "#ef-url"),
+        (("3", "n"), "NewTunnelScreen", "#nt-error", "#nt-addr"),
+    ],
+)
+async def test_inline_error_goes_once_the_field_is_edited(fixture_url, keys, screen_type, error_id, field):
+    app = fixture_app(fixture_url)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await pilot.press(*keys)
+        await until(pilot, lambda: type(app.screen).__name__ == screen_type, what=screen_type)
+        form = app.screen
+        error = form.query_one(error_id)
+        form.query_one(field).focus()
+        await pilot.press("enter")  # the field is empty: refused inline
+        await until(pilot, lambda: "required" in str(error.render()), timeout=5, what="the inline error")
+        await pilot.press("c")
+        await pilot.pause(0.2)
+        assert "required" not in str(error.render())
+        assert form.query_one(field).value == "c"
+
+
+async def test_edit_replay_error_goes_once_the_headers_are_edited(fixture_url):
+    app = fixture_app(fixture_url)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await pilot.press("j", "e")
+        await until(pilot, lambda: type(app.screen).__name__ == "EditReplayScreen", what="the edit form")
+        form = app.screen
+        headers = form.query_one("#er-headers")
+        headers.text = headers.text + "\nno colon here"
+        await pilot.press("ctrl+s")
+        error = form.query_one("#er-error")
+        await until(pilot, lambda: "Name: value" in str(error.render()), timeout=5, what="the inline error")
+        headers.focus()
+        await pilot.press("x")
+        await pilot.pause(0.2)
+        assert str(error.render()).strip() == ""
+
+
+# ---------------------------------------------------------------- sessions refresh
+async def test_sessions_screen_shows_the_new_session_after_a_restart(edge, agents):
+    from console.manage import SessionsScreen
+    from console.screens import ConfirmScreen
+    from tests.console.test_manage import cloud_app
+
+    agent = agents("http", 9, "--name", "web")
+    app = cloud_app(edge, agent, cloud_poll_seconds=60)  # no periodic refresh in time
+    async with app.run_test(size=(120, 36)) as pilot:
+        await until(pilot, lambda: len(app.endpoints) == 1, what="agent endpoint")
+        await pilot.press("1", "S")
+        await until(pilot, lambda: isinstance(app.screen, SessionsScreen) and app.screen.sessions, what="sessions")
+        screen = app.screen
+        [old] = [s["id"] for s in screen.sessions]
+        await pilot.press("r")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirm")
+        await pilot.press("y")
+        await until(
+            pilot, lambda: [s["id"] for s in screen.sessions if s["id"] != old], timeout=15, what="the new session"
+        )
+        assert old not in [s["id"] for s in screen.sessions]
+
+
+async def test_sessions_screen_refreshes_by_itself(edge, agents):
+    from console.manage import SessionsScreen
+    from tests.console.test_manage import api, cloud_app
+
+    agent = agents("http", 9, "--name", "web")
+    app = cloud_app(edge, agent)  # polls every 0.5 s
+    async with app.run_test(size=(120, 36)) as pilot, api(edge) as a:
+        await until(pilot, lambda: len(app.endpoints) == 1, what="agent endpoint")
+        await pilot.press("1", "S")
+        await until(pilot, lambda: isinstance(app.screen, SessionsScreen) and app.screen.sessions, what="sessions")
+        screen = app.screen
+        [s] = screen.sessions
+        assert (await a.post(f"/tunnel_sessions/{s['id']}/stop", json={})).status_code < 300  # from elsewhere
+        await until(pilot, lambda: screen.sessions == [], timeout=10, what="the list to follow")

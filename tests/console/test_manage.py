@@ -29,8 +29,7 @@ def cloud_app(edge, agent=None, **extra) -> BurrowApp:
         api_url=edge.ready["api_url"],
         api_key=API_KEY,
         context="test",
-        cloud_poll_seconds=0.5,
-        **extra,
+        **{"cloud_poll_seconds": 0.5, **extra},
     )
 
     async def starter(progress):
