@@ -25,6 +25,7 @@ from console.client import AgentClient, APIError, CloudClient
 from console.config import Settings
 from console.keymap import KEYMAP, bindings, display_key
 from console.panes import EndpointsPane, IngressesPane, RequestsPane, TunnelsPane
+from console.render import plural
 from console.screens import ConfirmScreen, DetailScreen, HelpScreen, NewTunnelScreen
 from console.themes import BUNDLED_THEMES_DIR, DEFAULT_VARIABLES, load_themes, user_themes_dir
 from console.widgets.request_list import NeedRows, RequestList
@@ -479,8 +480,8 @@ class BurrowApp(App):
             db = self.status.get("inspect_db") or {}
             header.update(
                 f"[b]burrow[/b] [dim]›[/dim] {where}  [{colour}]● {status}[/]  {region}"
-                f"  [dim]│[/dim] {len(self.tunnels)} tunnels · {len(self.endpoints)} endpoints"
-                f" · {total:,} requests"
+                f"  [dim]│[/dim] {plural(len(self.tunnels), 'tunnel')} · {plural(len(self.endpoints), 'endpoint')}"
+                f" · {plural(total, 'request')}"
                 + (f"  [dim]│[/dim] [$error]{self.connection_error}[/]" if status in ("unreachable", "offline") else "")
                 + (_db_failing(db) if db.get("ok") is False and self.connection == "online" else "")
             )
@@ -598,7 +599,7 @@ class BurrowApp(App):
         async def go() -> str:
             for cid in ids:
                 await agent.replay(cid)
-            return f"Replayed {ids[0]}" if len(ids) == 1 else f"Replayed {len(ids)} marked requests"
+            return f"Replayed {ids[0]}" if len(ids) == 1 else f"Replayed {plural(len(ids), 'marked request')}"
 
         self._run_action(go)
 
@@ -618,13 +619,13 @@ class BurrowApp(App):
                 async def go() -> str:
                     for cid in ids:
                         await agent.delete_request(cid)
-                    return f"Deleted {len(ids)} request" + ("s" if len(ids) != 1 else "")
+                    return f"Deleted {plural(len(ids), 'request')}"
 
                 rl.forget(ids)
                 self._run_action(go)
 
         what = "the marked requests" if rl.marked else f"{targets[0].get('method', '')} {targets[0].get('path', '')}"
-        self.push_screen(ConfirmScreen(f"Delete {len(ids)} captured request{'s' if len(ids) != 1 else ''}?", what), answered)
+        self.push_screen(ConfirmScreen(f"Delete {plural(len(ids), 'captured request')}?", what), answered)
 
     def open_detail(self, capture_id: str) -> None:
         self.push_screen(DetailScreen(capture_id, self.settings.read_only))
@@ -768,7 +769,7 @@ class BurrowApp(App):
         self.push_screen(PickScreen("Export", options), self._export)
 
     def _export(self, choice: str | None) -> None:
-        from console.export import raw_request, raw_response, to_curl, to_httpie, write_har
+        from console.export import export_har, raw_request, raw_response, to_curl, to_httpie
         from console.request_actions import TextScreen
 
         if not choice or self.agent is None:
@@ -780,15 +781,18 @@ class BurrowApp(App):
             marked = list(self.query_one(RequestList).marked)
 
             async def har() -> str:
+                from backend import __version__
+                from console.config import export_dir
+
                 ids = marked or [r["id"] for r in (await agent.requests(0, 1000, query)).items]
                 captures = [await agent.request(cid) for cid in ids]
-                from backend import __version__
-
-                path = self.settings.export_dir / f"burrow-{len(captures)}-requests.har"
                 publics = {t["name"]: t.get("public_url", "") for t in self.tunnels if t.get("name")}
-                write_har(path, captures, __version__, public_urls=publics)
+                try:
+                    path = export_har(export_dir(self.settings), captures, __version__, public_urls=publics)
+                except OSError as exc:
+                    raise APIError(f"cannot write the HAR file: {exc}") from None
                 self.last_export = path
-                return f"Wrote {len(captures)} requests to {path}"
+                return f"Wrote {plural(len(captures), 'request')} to {path}"
 
             self._run_action(har)
             return

@@ -32,6 +32,7 @@ from console.render import (
     _kind,
     decode_body,
     human_size,
+    plural,
 )
 
 __all__ = [
@@ -211,7 +212,7 @@ class CaptureDiff:
         for side, diff in (("request", self.request), ("response", self.response)):
             n = len(diff.headers.changes)
             if n:
-                parts.append(f"{n} {side} header{'s' if n != 1 else ''}")
+                parts.append(plural(n, f"{side} header"))
             if not diff.body.same:
                 parts.append(f"{side} body")
         return "differs: " + ", ".join(parts) if parts else "no differences"
@@ -456,7 +457,7 @@ def _unified_body(body: BodyDiff, lines: list[Text]) -> None:
         lines.append(Text("  " + _esc(line), style=style))
     if len(diff) > RENDER_LINES:
         lines.append(
-            Text(f"  … {len(diff) - RENDER_LINES:,} more diff lines not shown", style=_NOTE)
+            Text(f"  … {plural(len(diff) - RENDER_LINES, 'more diff line')} not shown", style=_NOTE)
         )
 
 
@@ -492,7 +493,7 @@ def render_unified(diff: CaptureDiff) -> RenderableType:
             lines.extend(Text(f"  + {line}", style=_NEW) for line in new)
         if side.headers.unchanged:
             n = side.headers.unchanged
-            lines.append(Text(f"  {n} header{'s' if n != 1 else ''} unchanged", style=_SAME))
+            lines.append(Text(f"  {plural(n, 'header')} unchanged", style=_SAME))
         _unified_body(side.body, lines)
         _notes(side.body, lines)
     return Group(*lines)
@@ -542,7 +543,7 @@ def _body_rows(body: BodyDiff, table: Table) -> None:
     for left, right in pairs:
         table.add_row(left, right)
     if total > len(pairs):
-        more = f"… {total - len(pairs):,} more diff lines not shown"
+        more = f"… {plural(total - len(pairs), 'more diff line')} not shown"
         table.add_row(_cell(more, _NOTE), _cell(more, _NOTE))
 
 
@@ -593,7 +594,7 @@ def render_side_by_side(diff: CaptureDiff, width: int = 120) -> RenderableType:
                 )
         if side.headers.unchanged:
             n = side.headers.unchanged
-            same = f"{n} header{'s' if n != 1 else ''} unchanged"
+            same = f"{plural(n, 'header')} unchanged"
             table.add_row(_cell(same, _SAME), _cell(same, _SAME))
         _body_rows(side.body, table)
         for note in side.body.notes:

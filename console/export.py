@@ -35,6 +35,7 @@ from console.render import (
     _parse_head,
     _split_head,
     decode_body,
+    plural,
 )
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "INLINE_BODY_LIMIT",
     "WireMessage",
     "clipboard_sequence",
+    "export_har",
     "osc52",
     "parse_message",
     "raw_request",
@@ -713,18 +715,44 @@ def write_har(
     *,
     public_urls: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write :func:`to_har` as UTF-8 JSON to ``path`` (atomically) and return the path."""
+    """Write :func:`to_har` as UTF-8 JSON to a new file ``path`` and return the path.
+
+    An existing file is never replaced (``FileExistsError``): the file is created with
+    ``O_EXCL``, so two exports cannot overwrite each other or anything else.
+    """
     target = Path(path).expanduser()
-    har = to_har(captures, creator_version, public_urls=public_urls)
-    tmp = target.with_name(f".{target.name}.tmp")
+    data = json.dumps(to_har(captures, creator_version, public_urls=public_urls), indent=2, ensure_ascii=False) + "\n"
     # The requests' Authorization headers and cookies are in it: 0600, whatever the umask.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     if hasattr(os, "fchmod"):
-        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover temp file
+        os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(har, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(target)
+        f.write(data)
     return target
+
+
+def export_har(
+    directory: str | os.PathLike[str],
+    captures: list[Mapping[str, Any]],
+    creator_version: str,
+    *,
+    public_urls: Mapping[str, str] | None = None,
+    now: datetime | None = None,
+) -> Path:
+    """Write a HAR of ``captures`` into ``directory`` (made if missing) under a new,
+    timestamped name (``burrow-20260102-030405-3-requests.har``, then ``-2``, ``-3``…
+    when taken) and return its absolute path."""
+    folder = Path(directory).expanduser().absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = f"burrow-{stamp}-{plural(len(captures), 'request').replace(' ', '-')}"
+    for n in range(1, 1000):
+        path = folder / (f"{base}.har" if n == 1 else f"{base}-{n}.har")
+        try:
+            return write_har(path, captures, creator_version, public_urls=public_urls)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free file name for {base}.har in {folder}")
 
 
 # --- clipboard -------------------------------------------------------------------------

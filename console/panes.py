@@ -12,7 +12,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Input, Static
 
 from console.keymap import bindings
-from console.render import human_duration
+from console.render import human_duration, plural
 from console.widgets.request_list import RequestList
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -381,7 +381,7 @@ class RequestsPane(Pane):
             line.append(f"[f:{self.filter_text}]", style="bold")
             line.append(f" matched {rl.total:,}")
         else:
-            line.append(f"{rl.total:,} requests")
+            line.append(plural(rl.total, "request"))
         line.append("  ")
         line.append("[following]" if rl.following else "[paused: f to follow]", style="bold" if rl.following else "")
         self.query_one("#requests-status", Static).update(line)

@@ -80,6 +80,11 @@ async def test_after_clear_while_paused_the_next_request_can_be_selected(setup):
         await c.get("/after", headers={"Host": host})
         await until(pilot, lambda: rl.total == 1 and rl.rows.get(0, {}).get("status_code"), what="the new row")
         assert rl.selected is not None and rl.selected["path"] == "/after"
+        # one of each, said in the singular
+        await pilot.pause(0.2)
+        header = str(app.query_one("#header").render())
+        assert "1 tunnel ·" in header and "1 request" in header and "1 requests" not in header
+        assert "1 request " in str(app.query_one("#requests-status").render())
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, DetailScreen), what="the detail view")
         assert app.screen.capture_id == rl.rows[0]["id"]
@@ -172,3 +177,75 @@ async def test_sessions_screen_refreshes_by_itself(edge, agents):
         [s] = screen.sessions
         assert (await a.post(f"/tunnel_sessions/{s['id']}/stop", json={})).status_code < 300  # from elsewhere
         await until(pilot, lambda: screen.sessions == [], timeout=10, what="the list to follow")
+
+
+# ---------------------------------------------------------------- HAR files
+def test_har_exports_get_new_timestamped_names_and_never_overwrite(tmp_path):
+    import os
+    import stat
+    from datetime import datetime
+
+    from console.export import export_har
+    from tests.console.test_export import sample_captures
+
+    at = datetime(2026, 1, 2, 3, 4, 5)
+    caps = sample_captures()
+    first = export_har(tmp_path / "out", caps, "1", now=at)
+    second = export_har(tmp_path / "out", caps, "1", now=at)
+    one = export_har(tmp_path / "out", caps[:1], "1", now=at)
+    assert first.name == "burrow-20260102-030405-6-requests.har"
+    assert second.name == "burrow-20260102-030405-6-requests-2.har"
+    assert one.name == "burrow-20260102-030405-1-request.har"
+    assert first.is_absolute() and first.read_text() == second.read_text()
+    for p in (first, second, one):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
+    with pytest.raises(FileExistsError):
+        from console.export import write_har
+
+        write_har(first, caps, "1")
+
+
+def test_default_export_dir_is_downloads_else_the_data_dir(tmp_path, monkeypatch):
+    from console.config import Settings, export_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("BURROW_DATA_DIR", str(tmp_path / "data"))
+    assert export_dir(Settings()) == tmp_path / "data" / "exports"
+    (tmp_path / "Downloads").mkdir()
+    assert export_dir(Settings()) == tmp_path / "Downloads"
+    assert export_dir(Settings(export_dir="~/hars")) == tmp_path / "hars"
+
+
+async def test_two_har_exports_make_two_files_and_the_toast_names_the_path(setup, tmp_path):
+    edge, agent, _up = setup
+    app = make_app(edge, agent, export_dir=tmp_path / "exports")
+    async with app.run_test(size=(120, 36)) as pilot, public(edge) as c:
+        await until(pilot, lambda: app.agent is not None and app.query_one(RequestList).generation > 0)
+        await c.get("/only", headers={"Host": host_of(agent.public_url)})
+        await ready(pilot, 1)
+        paths = []
+        for _ in range(2):
+            app.last_export = None
+            await pilot.press("x")
+            await pilot.pause()
+            options = app.screen.query_one("#pick")
+            options.highlighted = options.option_count - 1  # HAR
+            await pilot.press("enter")
+            await until(pilot, lambda: app.last_export is not None, what="the HAR file")
+            paths.append(app.last_export)
+        await pilot.pause(0.2)
+        toasts = [str(n.message) for n in app._notifications]
+    assert paths[0] != paths[1] and all(p.parent == tmp_path / "exports" for p in paths)
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == sorted(p.name for p in paths)
+    assert paths[0].name.endswith("-1-request.har")
+    assert f"Wrote 1 request to {paths[1]}" in toasts
+
+
+# ---------------------------------------------------------------- plurals
+def test_plural():
+    from console.render import plural
+
+    assert plural(0, "tunnel") == "0 tunnels"
+    assert plural(1, "tunnel") == "1 tunnel"
+    assert plural(1234, "request") == "1,234 requests"
+    assert plural(2, "entry", "entries") == "2 entries"
