@@ -465,14 +465,36 @@ def _notes(body: BodyDiff, lines: list[Text]) -> None:
     lines.extend(Text(f"  ⚠ {note}", style=_NOTE) for note in body.notes)
 
 
-def render_unified(diff: CaptureDiff) -> RenderableType:
-    """The diff as coloured unified-diff text: ``-`` original (red), ``+`` replay (green)."""
-    lines: list[Text] = [
-        Text(
-            f"replay {diff.replay_id} vs original {diff.original_id}: {diff.summary()}",
-            style=_TITLE,
+def diff_title(diff: CaptureDiff, width: int) -> str:
+    """``Replay <id> vs original <id> — <summary>`` in at most ``width`` cells: the ids go
+    first when it is too long, then the summary is cut at a comma (or word) with ``…``."""
+    summary = diff.summary()
+    full = f"Replay {diff.replay_id} vs original {diff.original_id} — {summary}"
+    if len(full) <= width:
+        return full
+    short = f"Replay vs original — {summary}"
+    if len(short) <= width:
+        return short
+    head = "Replay vs original — "
+    room = max(0, width - len(head) - 1)
+    cut = summary[:room]
+    for sep in (", ", " "):
+        if sep in cut:
+            cut = cut[: cut.rindex(sep)]
+            break
+    return (head + cut.rstrip(",: ") + "…")[: max(1, width)]
+
+
+def render_unified(diff: CaptureDiff, title: bool = True) -> RenderableType:
+    """The diff as coloured unified-diff text: ``-`` original (red), ``+`` replay (green).
+
+    ``title=False`` leaves out the first line (ids and summary) for a screen that shows
+    them in its own title."""
+    lines: list[Text] = []
+    if title:
+        lines.append(
+            Text(f"replay {diff.replay_id} vs original {diff.original_id}: {diff.summary()}", style=_TITLE)
         )
-    ]
     lines.append(Text("Request", style=_TITLE))
     if diff.method.changed or diff.uri.changed:
         lines.append(Text(f"  - {diff.method.old} {_esc(diff.uri.old)}", style=_OLD))
@@ -547,8 +569,9 @@ def _body_rows(body: BodyDiff, table: Table) -> None:
         table.add_row(_cell(more, _NOTE), _cell(more, _NOTE))
 
 
-def render_side_by_side(diff: CaptureDiff, width: int = 120) -> RenderableType:
-    """The diff as a two-column table, original on the left and replay on the right.
+def render_side_by_side(diff: CaptureDiff, width: int = 120, title: bool = True) -> RenderableType:
+    """The diff as a two-column table, original on the left and replay on the right
+    (``title=False``: without the summary above it).
 
     Only differing headers are listed (with a count of unchanged ones); bodies show
     each change with :data:`CONTEXT_LINES` of context and line numbers.
@@ -558,7 +581,7 @@ def render_side_by_side(diff: CaptureDiff, width: int = 120) -> RenderableType:
         width=max(width, 20),
         show_edge=False,
         pad_edge=False,
-        title=Text(diff.summary(), style=_TITLE),
+        title=Text(diff.summary(), style=_TITLE) if title else None,
     )
     table.add_column(f"original {diff.original_id}", ratio=1, overflow="fold")
     table.add_column(f"replay {diff.replay_id}", ratio=1, overflow="fold")

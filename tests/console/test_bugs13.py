@@ -249,3 +249,39 @@ def test_plural():
     assert plural(1, "tunnel") == "1 tunnel"
     assert plural(1234, "request") == "1,234 requests"
     assert plural(2, "entry", "entries") == "2 entries"
+
+
+# ---------------------------------------------------------------- diff title
+def test_diff_title_shortens_to_the_width():
+    from console.diff import diff_title, render_side_by_side, render_unified
+    from tests.console.test_diff import _example, text_of
+
+    d = _example()
+    full = diff_title(d, 200)
+    assert full.startswith("Replay 00000000000000bb vs original 00000000000000aa — differs: ")
+    mid = diff_title(d, 70)
+    assert mid.startswith("Replay vs original — differs: status 200 → 500") and len(mid) <= 70
+    for width in (60, 40, 30):
+        short = diff_title(d, width)
+        assert len(short) <= width and short.endswith("…") and not short.endswith(",…")
+    # the bodies under that title do not say it again
+    assert "vs original" not in text_of(render_unified(d, title=False))
+    assert d.summary() not in text_of(render_side_by_side(d, 100, title=False))
+
+
+async def test_diff_screen_shows_its_title_once_at_80_columns(fixture_url):
+    from console.request_actions import DiffScreen
+
+    app = fixture_app(fixture_url)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("j", "j", "D")
+        await until(pilot, lambda: isinstance(app.screen, DiffScreen), what="the diff")
+        await pilot.pause(0.2)
+        title = app.screen.query_one("#diff-title")
+        text = str(title.render())
+        assert text.startswith("Replay vs original — differs: request line")
+        assert len(text) <= title.content_region.width
+        await pilot.press("s")  # side by side: still one title
+        await pilot.pause(0.2)
+        assert str(app.screen.query_one("#diff-title").render()) == text
