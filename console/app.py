@@ -23,7 +23,7 @@ from textual.widgets import Footer, Static, TabbedContent, TabPane
 from console import messages as m
 from console.client import AgentClient, APIError, CloudClient
 from console.config import Settings
-from console.keymap import KEYMAP, bindings, display_key
+from console.keymap import KEYMAP, bindings, check_keymap, display_key
 from console.panes import EndpointsPane, IngressesPane, RequestsPane, TunnelsPane
 from console.render import plural
 from console.screens import ConfirmScreen, DetailScreen, HelpScreen, NewTunnelScreen
@@ -154,6 +154,11 @@ class BurrowApp(App):
             self.notify(f"unknown theme {self.settings.theme!r}; using the default", severity="warning")
         if self.keymap_overrides:
             self.set_keymap(self.keymap_overrides)
+            # "?" and "question_mark" are the same key: compare them as Textual will
+            from textual.keys import _normalize_key_list
+
+            for warning in check_keymap(self.keymap_overrides, _normalize_key_list):
+                self.notify(warning, severity="warning", timeout=12)
         self.query_one(RequestList).focus()
         self._draw_header()
 

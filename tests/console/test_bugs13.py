@@ -285,3 +285,45 @@ async def test_diff_screen_shows_its_title_once_at_80_columns(fixture_url):
         await pilot.press("s")  # side by side: still one title
         await pilot.pause(0.2)
         assert str(app.screen.query_one("#diff-title").render()) == text
+
+
+# ---------------------------------------------------------------- keymap warnings
+def test_check_keymap_names_unknown_ids_and_stolen_keys():
+    from textual.keys import _normalize_key_list
+
+    from console.keymap import check_keymap
+
+    assert check_keymap({"requests.replay": "R2"}, _normalize_key_list) == []
+    [unknown] = check_keymap({"request.replay": "R"}, _normalize_key_list)
+    assert "'request.replay'" in unknown and "did you mean 'requests.replay'" in unknown
+    [stolen] = check_keymap({"requests.replay": "z"}, _normalize_key_list)
+    assert stolen.startswith("keymap: requests.replay = z takes z from requests.clear")
+    # the app's keys clash everywhere; "?" is question_mark
+    [help_] = check_keymap({"tunnels.new": "?"}, _normalize_key_list)
+    assert "takes ? from app.help" in help_
+    # keys of screens that never show together do not clash
+    assert check_keymap({"detail.pretty": "z"}, _normalize_key_list) == []
+
+
+async def test_keymap_problems_are_shown_at_start_and_the_rebinding_wins(fixture_url):
+    from console.app import BurrowApp
+    from console.config import Settings
+    from console.screens import ConfirmScreen
+    from tests.console.fixture_api import fixed_clock
+
+    url = fixture_url
+    settings = Settings(agent_url=url, api_url=url, api_key="k", context="fixture",
+                        keymap={"requests.replay": "z", "requests.folow": "F"})
+
+    async def starter(progress):
+        return url, url, "k"
+
+    app = BurrowApp(settings, starter, clock=fixed_clock)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        toasts = [str(n.message) for n in app._notifications]
+        assert any("requests.replay = z takes z from requests.clear" in t for t in toasts), toasts
+        assert any("'requests.folow'" in t and "'requests.follow'" in t for t in toasts), toasts
+        await pilot.press("z")
+        await pilot.pause(0.3)
+        assert not isinstance(app.screen, ConfirmScreen)  # z replays now, it does not clear
