@@ -327,3 +327,46 @@ async def test_keymap_problems_are_shown_at_start_and_the_rebinding_wins(fixture
         await pilot.press("z")
         await pilot.pause(0.3)
         assert not isinstance(app.screen, ConfirmScreen)  # z replays now, it does not clear
+
+
+# ---------------------------------------------------------------- filter error marker
+@pytest.mark.parametrize(
+    "query, token",
+    [
+        ("status:abc", "status:abc"),
+        ("s path:/b dur>banana", "dur>banana"),
+        ("a OR b", "OR"),
+        ("method:GET -status:ABC", "-status:ABC"),
+        ("foo:bar path:/x", "foo:bar"),
+    ],
+)
+def test_filter_error_marks_the_bad_token(query, token):
+    from backend.agent.query import QueryError, compile_query
+    from console.panes import filter_error_line
+
+    with pytest.raises(QueryError) as err:
+        compile_query(query)
+    for message in (str(err.value), f"invalid query: {err.value}"):  # the agent API's 400 adds the prefix
+        line = filter_error_line(query, message)
+        marked = [line.plain[s.start:s.end] for s in line.spans if "underline" in str(s.style)]
+        assert marked == [token]
+        assert query in line.plain and message in line.plain
+
+
+async def test_filter_error_line_underlines_the_token_in_the_query(setup):
+    edge, agent, _up = setup
+    app = make_app(edge, agent)
+    async with app.run_test(size=(120, 36)) as pilot, public(edge) as c:
+        rl = app.query_one(RequestList)
+        await until(pilot, lambda: app.agent is not None and rl.generation > 0, what="connect")
+        await c.get("/a", headers={"Host": host_of(agent.public_url)})
+        await ready(pilot, 1)
+        await pilot.press("slash", *"path:/a dur>banana", "enter")
+        status = app.query_one("#requests-status")
+        await until(pilot, lambda: "bad filter" in str(status.render()), timeout=5, what="the error")
+        text = str(status.render())
+        assert text.startswith("bad filter: path:/a dur>banana  ← invalid query: dur>banana — expected a duration")
+        pane = app.query_one("#requests-pane")
+        from console.panes import bad_token
+
+        assert bad_token(pane.filter_error_query, pane.filter_error) == (8, 18)
