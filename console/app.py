@@ -8,6 +8,7 @@ HTTP, so it works the same against a remote burrow over SSH and against ngrok.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import time
@@ -100,6 +101,8 @@ class BurrowApp(App):
         self._redraw_timer = None
         self._redrawn_at = 0.0
         self._redraw_header = self._redraw_status = False
+        self._key_backlog: collections.deque = collections.deque()
+        self._key_pump: asyncio.Task | None = None
         self.last_copied: str | None = None
         self.last_export: Path | None = None
         # The theme is chosen here, before Textual first parses the stylesheet: chosen in
@@ -126,6 +129,66 @@ class BurrowApp(App):
         self.update_classes(classes, update=False)
         self._refresh_truecolor_filter(self.ansi_theme)
         self.stylesheet.set_variables(self.get_css_variables())
+
+    # ------------------------------------------------------------ keys, one at a time
+    # Textual hands each key to the focused widget's queue at once, and runs the key's
+    # binding only when the key has bubbled back up to the app.  Keys arriving in one
+    # burst (fast typing, a terminal without bracketed paste) were therefore all given
+    # to the old widget before the first one ran: "n8080" opened the new-tunnel form
+    # but "8080" went to the table behind it, and a tab among them switched panes.
+    # Here each key is delivered only once the one before has been handled, and once
+    # a dialog the previous key opened is mounted and focused.
+    async def on_event(self, event) -> None:
+        from textual import events
+
+        if not isinstance(event, events.Key) or event.is_forwarded:
+            await super().on_event(event)
+            return
+        pending = getattr(event, "_burrow_pending", None)
+        if pending is None:  # fresh from the terminal: queue it
+            self._key_backlog.append(event)
+            if self._key_pump is None or self._key_pump.done():
+                self._key_pump = asyncio.create_task(self._pump_keys())
+            return
+        await super().on_event(event)
+        pending.set_result(None)
+
+    def _on_key(self, event) -> None:
+        # Textual calls App._on_key (the bindings) after this one: done after that
+        done = getattr(event, "_burrow_done", None)
+        if done is not None:
+            self.call_next(done.set)
+
+    async def _pump_keys(self) -> None:
+        while self._key_backlog:
+            event = self._key_backlog.popleft()
+            with contextlib.suppress(Exception):  # a closing app: never block input
+                screen = self.screen
+                if not screen._mounted_event.is_set():  # opened by the previous key
+                    await asyncio.wait_for(screen._mounted_event.wait(), 1.0)
+                    await self._round_trip(self)  # the focus its on_mount asked for
+            pending: asyncio.Future = asyncio.get_running_loop().create_future()
+            event._burrow_pending = pending
+            event._burrow_done = done = asyncio.Event()
+            self.post_message(event)
+            # Handled: it came back up to the app (where bindings run), or a widget
+            # on the way stopped it (an Input took a letter).  Stopped on its way into
+            # the app, the app handles it before a round trip through its queue.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pending, 1.0)
+                deadline = time.monotonic() + 1.0
+                while not done.is_set() and not event._stop_propagation and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)
+                if not done.is_set():
+                    await self._round_trip(self)
+
+    @staticmethod
+    async def _round_trip(node) -> None:
+        """Wait until ``node`` has handled everything posted to it so far."""
+        done = asyncio.Event()
+        if node.call_later(done.set):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), 1.0)
 
     # ------------------------------------------------------------ set-up
     def get_theme_variable_defaults(self) -> dict[str, str]:
@@ -197,6 +260,8 @@ class BurrowApp(App):
             self.poll_cloud()
 
     async def on_unmount(self) -> None:
+        if self._key_pump is not None:
+            self._key_pump.cancel()
         for c in (self.agent, self.cloud):
             if c is not None:
                 with contextlib.suppress(Exception):

@@ -18,7 +18,7 @@ from textual.widgets import Button, DataTable, Footer, Input, Label, Select, Sta
 
 from console.client import CloudClient
 from console.keymap import bindings
-from console.screens import InlineErrors, error_text, submit_inline
+from console.screens import FieldInput, InlineErrors, error_text, submit_inline
 
 AGENT_READ_ONLY = "agent endpoints are read-only: stop the agent or its tunnel instead"
 
@@ -165,7 +165,7 @@ class EndpointForm(_Form):
             title = f"Edit cloud endpoint {ep.get('id', '')}" if ep else "New cloud endpoint"
             yield Label(title, classes="title")
             yield self._row(
-                "URL", Input(ep.get("url", ""), placeholder="https://app.burrow.localhost", id="ef-url", compact=True)
+                "URL", FieldInput(ep.get("url", ""), placeholder="https://app.burrow.localhost", id="ef-url", compact=True)
             )
             yield self._row(
                 "Binding",
@@ -178,10 +178,10 @@ class EndpointForm(_Form):
                 ),
             )
             yield self._row(
-                "Description", Input(ep.get("description") or "", placeholder="optional", id="ef-description", compact=True)
+                "Description", FieldInput(ep.get("description") or "", placeholder="optional", id="ef-description", compact=True)
             )
             yield self._row(
-                "Metadata", Input(ep.get("metadata") or "", placeholder="optional, e.g. JSON", id="ef-metadata", compact=True)
+                "Metadata", FieldInput(ep.get("metadata") or "", placeholder="optional, e.g. JSON", id="ef-metadata", compact=True)
             )
             yield Label(
                 "Traffic policy (YAML" + (", highlighted" if lang else "") + "; tab indents, esc leaves the editor)",
@@ -280,12 +280,12 @@ class IngressForm(_Form):
             if ing:
                 yield self._row("Domain", Label(ing.get("domain", ""), classes="value"))
             else:
-                yield self._row("Domain", Input(placeholder="connect.example.com", id="if-domain", compact=True))
+                yield self._row("Domain", FieldInput(placeholder="connect.example.com", id="if-domain", compact=True))
             yield self._row(
-                "Description", Input(ing.get("description") or "", placeholder="optional", id="if-description", compact=True)
+                "Description", FieldInput(ing.get("description") or "", placeholder="optional", id="if-description", compact=True)
             )
             yield self._row(
-                "Metadata", Input(ing.get("metadata") or "", placeholder="optional, e.g. JSON", id="if-metadata", compact=True)
+                "Metadata", FieldInput(ing.get("metadata") or "", placeholder="optional, e.g. JSON", id="if-metadata", compact=True)
             )
             yield self._row(
                 "Certificate",

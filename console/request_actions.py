@@ -16,7 +16,7 @@ from textual.widgets.option_list import Option
 
 from console.diff import CaptureDiff, diff_title, render_side_by_side, render_unified
 from console.render import decode_body
-from console.screens import InlineErrors, submit_inline
+from console.screens import FieldInput, InlineErrors, submit_inline
 
 
 class EditReplayScreen(InlineErrors, ModalScreen[dict | None]):
@@ -49,8 +49,8 @@ class EditReplayScreen(InlineErrors, ModalScreen[dict | None]):
         with VerticalScroll(id="edit-replay", classes="dialog wide"):
             yield Label("Edit and replay  (ctrl+s sends, esc cancels)", classes="title")
             with Horizontal(classes="row"):
-                yield Input(req.get("method", "GET"), id="er-method", classes="method")
-                yield Input(req.get("uri", "/"), id="er-uri")
+                yield FieldInput(req.get("method", "GET"), id="er-method", classes="method")
+                yield FieldInput(req.get("uri", "/"), id="er-uri")
             yield Label("Headers (one “Name: value” per line)")
             yield TextArea(headers, id="er-headers", classes="headers")
             yield Label("Body" + ("" if not info.body or body else " (binary: replaced by what you type)"))

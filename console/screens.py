@@ -44,6 +44,29 @@ def submit_inline(screen, call: Callable[[], Awaitable], on_done: Callable[[obje
     screen.run_worker(go(), group=group, exclusive=True)
 
 
+class FieldInput(Input):
+    """A form field that takes a paste as typing would: a tab in it moves on to the next
+    field (so ``8080<tab>web`` fills two fields), the paste ends at its first line
+    break (never a submit), and other control characters are left out."""
+
+    def _on_paste(self, event) -> None:
+        event.stop()
+        event.prevent_default()  # not Input's own paste, which keeps tabs in the value
+        text = event.text.splitlines()[0] if event.text else ""
+        field: Input = self
+        for n, part in enumerate(text.split("\t")):
+            if n:
+                nxt = self.screen.focus_next()
+                if not isinstance(nxt, Input):
+                    return
+                field = nxt
+            clean = "".join(ch for ch in part if ch.isprintable())
+            if field.selection.is_empty:
+                field.insert_text_at_cursor(clean)
+            else:
+                field.replace(clean, *field.selection)
+
+
 class InlineErrors:
     """For dialogs that show an error inline (``show_error``): editing any field clears
     it, so an error never stays next to the field that has been fixed since."""
@@ -139,11 +162,11 @@ class NewTunnelScreen(InlineErrors, ModalScreen[dict | None]):
             yield Label("Protocol")
             yield Select([(p, p) for p in ("http", "tcp", "tls")], value="http", allow_blank=False, id="nt-proto")
             yield Label("Upstream address (port, host:port or URL)")
-            yield Input(placeholder="8080", id="nt-addr")
+            yield FieldInput(placeholder="8080", id="nt-addr")
             yield Label("Name (optional)")
-            yield Input(placeholder="web", id="nt-name")
+            yield FieldInput(placeholder="web", id="nt-name")
             yield Label("URL (optional; random when empty)")
-            yield Input(placeholder="http://web.burrow.localhost", id="nt-url")
+            yield FieldInput(placeholder="http://web.burrow.localhost", id="nt-url")
             yield Label("", id="nt-error", classes="error")
             with Horizontal(classes="buttons"):
                 yield Button("Start", variant="primary", id="nt-start")

@@ -370,3 +370,60 @@ async def test_filter_error_line_underlines_the_token_in_the_query(setup):
         from console.panes import bad_token
 
         assert bad_token(pane.filter_error_query, pane.filter_error) == (8, 18)
+
+
+# ---------------------------------------------------------------- keys in a burst, pastes
+def _burst(app, *keys: str) -> None:
+    """Keys as the terminal delivers a burst: all posted before any is handled
+    (``pilot.press`` waits for the app between keys, which hid the problem)."""
+    from textual import events
+
+    for k in keys:
+        app.post_message(events.Key(k, k if len(k) == 1 else None))
+
+
+async def test_keys_typed_right_after_n_go_to_the_new_form(fixture_url):
+    from console.screens import NewTunnelScreen
+
+    app = fixture_app(fixture_url)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await pilot.press("3")
+        await pilot.pause(0.2)
+        _burst(app, "n", *"8081", "tab", *"web")
+        await until(pilot, lambda: isinstance(app.screen, NewTunnelScreen)
+                    and app.screen.query_one("#nt-name").value == "web", timeout=5, what="the typed fields")
+        assert app.screen.query_one("#nt-addr").value == "8081"
+        assert app.active_pane == "tunnels"  # the tab moved between fields, not panes
+        assert app.focused.id == "nt-name"
+
+
+async def test_keys_in_a_burst_on_the_list_each_act_once(fixture_url):
+    app = fixture_app(fixture_url)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        rl = app.query_one(RequestList)
+        _burst(app, *"jjjjj", "k")
+        await until(pilot, lambda: rl.cursor == 4, timeout=5, what="four rows down")
+        await pilot.pause(0.2)
+        assert rl.cursor == 4
+
+
+async def test_a_paste_with_tabs_fills_the_next_fields_without_control_characters(fixture_url):
+    from textual import events
+
+    from console.screens import NewTunnelScreen
+
+    app = fixture_app(fixture_url)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(pilot)
+        await pilot.press("3", "n")
+        await until(pilot, lambda: isinstance(app.screen, NewTunnelScreen), what="the form")
+        app.post_message(events.Paste("8081\tweb\x07\nhttp://ignored.example"))
+        await pilot.pause(0.3)
+        form = app.screen
+        assert isinstance(form, NewTunnelScreen)  # the newline did not submit it
+        assert form.query_one("#nt-addr").value == "8081"
+        assert form.query_one("#nt-name").value == "web"
+        assert form.query_one("#nt-url").value == ""
+        assert app.focused.id == "nt-name"
