@@ -102,7 +102,8 @@ class BurrowApp(App):
         self._redrawn_at = 0.0
         self._redraw_header = self._redraw_status = False
         self._key_backlog: collections.deque = collections.deque()
-        self._key_pump: asyncio.Task | None = None
+        self._key_in_flight = False
+        self._key_watch: asyncio.Task | None = None
         self.last_copied: str | None = None
         self.last_export: Path | None = None
         # The theme is chosen here, before Textual first parses the stylesheet: chosen in
@@ -144,14 +145,16 @@ class BurrowApp(App):
         if not isinstance(event, events.Key) or event.is_forwarded:
             await super().on_event(event)
             return
-        pending = getattr(event, "_burrow_pending", None)
-        if pending is None:  # fresh from the terminal: queue it
-            self._key_backlog.append(event)
-            if self._key_pump is None or self._key_pump.done():
-                self._key_pump = asyncio.create_task(self._pump_keys())
+        if self._key_in_flight and not getattr(event, "_burrow_go", False):
+            self._key_backlog.append(event)  # after the key before it
             return
+        # nothing before it: delivered now, as Textual does, and followed until handled
+        self._key_in_flight = True
+        event._burrow_done = asyncio.Event()
         await super().on_event(event)
-        pending.set_result(None)
+        if not event.is_forwarded:  # a priority binding took it, here and now
+            event._burrow_done.set()
+        self._key_watch = asyncio.create_task(self._follow_key(event))
 
     def _on_key(self, event) -> None:
         # Textual calls App._on_key (the bindings) after this one: done after that
@@ -159,28 +162,29 @@ class BurrowApp(App):
         if done is not None:
             self.call_next(done.set)
 
-    async def _pump_keys(self) -> None:
-        while self._key_backlog:
-            event = self._key_backlog.popleft()
-            with contextlib.suppress(Exception):  # a closing app: never block input
+    async def _follow_key(self, event) -> None:
+        """Wait until ``event`` is handled, then deliver the next key of a burst."""
+        with contextlib.suppress(Exception):  # a closing app: never block input
+            # Handled: it came back up to the app (where bindings run), or a widget on
+            # the way stopped it (an Input took a letter).  Stopped on its way into the
+            # app, the app handles it before a round trip through its queue.
+            done = event._burrow_done
+            deadline = time.monotonic() + 1.0
+            while not done.is_set() and not event._stop_propagation and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
+            if not done.is_set():
+                await self._round_trip(self)
+            if self._key_backlog:
                 screen = self.screen
-                if not screen._mounted_event.is_set():  # opened by the previous key
+                if not screen._mounted_event.is_set():  # a dialog the key opened
                     await asyncio.wait_for(screen._mounted_event.wait(), 1.0)
                     await self._round_trip(self)  # the focus its on_mount asked for
-            pending: asyncio.Future = asyncio.get_running_loop().create_future()
-            event._burrow_pending = pending
-            event._burrow_done = done = asyncio.Event()
-            self.post_message(event)
-            # Handled: it came back up to the app (where bindings run), or a widget
-            # on the way stopped it (an Input took a letter).  Stopped on its way into
-            # the app, the app handles it before a round trip through its queue.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(pending, 1.0)
-                deadline = time.monotonic() + 1.0
-                while not done.is_set() and not event._stop_propagation and time.monotonic() < deadline:
-                    await asyncio.sleep(0.001)
-                if not done.is_set():
-                    await self._round_trip(self)
+        if not self._key_backlog:
+            self._key_in_flight = False
+            return
+        nxt = self._key_backlog.popleft()
+        nxt._burrow_go = True
+        self.post_message(nxt)
 
     @staticmethod
     async def _round_trip(node) -> None:
@@ -260,8 +264,8 @@ class BurrowApp(App):
             self.poll_cloud()
 
     async def on_unmount(self) -> None:
-        if self._key_pump is not None:
-            self._key_pump.cancel()
+        if self._key_watch is not None:
+            self._key_watch.cancel()
         for c in (self.agent, self.cloud):
             if c is not None:
                 with contextlib.suppress(Exception):

@@ -90,7 +90,7 @@ async def test_endpoint_create_edit_invalid_policy_delete(edge):
 
         # edit: the description and the binding stay, the policy changes
         await pilot.press("e")
-        await until(pilot, lambda: isinstance(app.screen, EndpointForm), what="edit form")
+        await until(pilot, lambda: isinstance(app.screen, EndpointForm) and app.screen.query("#ef-url"), what="edit form")
         form = app.screen
         assert form.query_one("#ef-url", Input).value == ep["url"]
         await type_into(pilot, "#ef-description", "edited")
