@@ -377,6 +377,8 @@ class SessionsScreen(Screen):
         self.set_interval(every, self.action_reload)
 
     def action_reload(self) -> None:
+        if not self.is_attached:  # a timer firing as the screen closes
+            return
         cloud = getattr(self.app, "cloud", None)
         if cloud is None:
             self._show([], "no cloud API")
