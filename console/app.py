@@ -8,6 +8,7 @@ HTTP, so it works the same against a remote burrow over SSH and against ngrok.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import time
@@ -23,8 +24,9 @@ from textual.widgets import Static, TabbedContent, TabPane
 from console import messages as m
 from console.client import AgentClient, APIError, CloudClient
 from console.config import Settings
-from console.keymap import KEYMAP, bindings, display_key
+from console.keymap import KEYMAP, bindings, check_keymap, display_key
 from console.panes import EndpointsPane, IngressesPane, RequestsPane, TunnelsPane
+from console.render import plural
 from console.screens import ConfirmScreen, DetailScreen, HelpScreen, NewTunnelScreen, QuitScreen
 from console.themes import BUNDLED_THEMES_DIR, DEFAULT_VARIABLES, load_themes, user_themes_dir
 from console.widgets.footer import BurrowFooter
@@ -100,6 +102,9 @@ class BurrowApp(App):
         self._redraw_timer = None
         self._redrawn_at = 0.0
         self._redraw_header = self._redraw_status = False
+        self._key_backlog: collections.deque = collections.deque()
+        self._key_in_flight = False
+        self._key_watch: asyncio.Task | None = None
         self.last_copied: str | None = None
         # capture id → the newest replay of it made from this console (J opens it)
         self.replays: dict[str, str] = {}
@@ -133,6 +138,69 @@ class BurrowApp(App):
         self._refresh_truecolor_filter(self.ansi_theme)
         self.stylesheet.set_variables(self.get_css_variables())
 
+    # ------------------------------------------------------------ keys, one at a time
+    # Textual hands each key to the focused widget's queue at once, and runs the key's
+    # binding only when the key has bubbled back up to the app.  Keys arriving in one
+    # burst (fast typing, a terminal without bracketed paste) were therefore all given
+    # to the old widget before the first one ran: "n8080" opened the new-tunnel form
+    # but "8080" went to the table behind it, and a tab among them switched panes.
+    # Here each key is delivered only once the one before has been handled, and once
+    # a dialog the previous key opened is mounted and focused.
+    async def on_event(self, event) -> None:
+        from textual import events
+
+        if not isinstance(event, events.Key) or event.is_forwarded:
+            await super().on_event(event)
+            return
+        if self._key_in_flight and not getattr(event, "_burrow_go", False):
+            self._key_backlog.append(event)  # after the key before it
+            return
+        # nothing before it: delivered now, as Textual does, and followed until handled
+        self._key_in_flight = True
+        event._burrow_done = asyncio.Event()
+        await super().on_event(event)
+        if not event.is_forwarded:  # a priority binding took it, here and now
+            event._burrow_done.set()
+        self._key_watch = asyncio.create_task(self._follow_key(event))
+
+    def _on_key(self, event) -> None:
+        # Textual calls App._on_key (the bindings) after this one: done after that
+        done = getattr(event, "_burrow_done", None)
+        if done is not None:
+            self.call_next(done.set)
+
+    async def _follow_key(self, event) -> None:
+        """Wait until ``event`` is handled, then deliver the next key of a burst."""
+        with contextlib.suppress(Exception):  # a closing app: never block input
+            # Handled: it came back up to the app (where bindings run), or a widget on
+            # the way stopped it (an Input took a letter).  Stopped on its way into the
+            # app, the app handles it before a round trip through its queue.
+            done = event._burrow_done
+            deadline = time.monotonic() + 1.0
+            while not done.is_set() and not event._stop_propagation and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
+            if not done.is_set():
+                await self._round_trip(self)
+            if self._key_backlog:
+                screen = self.screen
+                if not screen._mounted_event.is_set():  # a dialog the key opened
+                    await asyncio.wait_for(screen._mounted_event.wait(), 1.0)
+                    await self._round_trip(self)  # the focus its on_mount asked for
+        if not self._key_backlog:
+            self._key_in_flight = False
+            return
+        nxt = self._key_backlog.popleft()
+        nxt._burrow_go = True
+        self.post_message(nxt)
+
+    @staticmethod
+    async def _round_trip(node) -> None:
+        """Wait until ``node`` has handled everything posted to it so far."""
+        done = asyncio.Event()
+        if node.call_later(done.set):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), 1.0)
+
     # ------------------------------------------------------------ set-up
     def get_theme_variable_defaults(self) -> dict[str, str]:
         return {**super().get_theme_variable_defaults(), **DEFAULT_VARIABLES}
@@ -160,6 +228,11 @@ class BurrowApp(App):
             self.notify(f"unknown theme {self.settings.theme!r}; using the default", severity="warning")
         if self.keymap_overrides:
             self.set_keymap(self.keymap_overrides)
+            # "?" and "question_mark" are the same key: compare them as Textual will
+            from textual.keys import _normalize_key_list
+
+            for warning in check_keymap(self.keymap_overrides, _normalize_key_list):
+                self.notify(warning, severity="warning", timeout=12)
         self.query_one(RequestList).focus()
         self._draw_header()
 
@@ -198,6 +271,8 @@ class BurrowApp(App):
             self.poll_cloud()
 
     async def on_unmount(self) -> None:
+        if self._key_watch is not None:
+            self._key_watch.cancel()
         for c in (self.agent, self.cloud):
             if c is not None:
                 with contextlib.suppress(Exception):
@@ -508,8 +583,8 @@ class BurrowApp(App):
             db = self.status.get("inspect_db") or {}
             header.update(
                 f"[b]burrow[/b] [dim]›[/dim] {where}  [{colour}]● {status}[/]  {region}"
-                f"  [dim]│[/dim] {len(self.tunnels)} tunnels · {len(self.endpoints)} endpoints"
-                f" · {total:,} requests"
+                f"  [dim]│[/dim] {plural(len(self.tunnels), 'tunnel')} · {plural(len(self.endpoints), 'endpoint')}"
+                f" · {plural(total, 'request')}"
                 + (f"  [dim]│[/dim] [$error]{self.connection_error}[/]" if status in ("unreachable", "offline") else "")
                 + (_db_failing(db) if db.get("ok") is False and self.connection == "online" else "")
             )
@@ -668,7 +743,7 @@ class BurrowApp(App):
                 if new:
                     self.replays[cid] = new
             if len(ids) > 1:
-                return f"Replayed {len(ids)} marked requests"
+                return f"Replayed {plural(len(ids), 'marked request')}"
             return await self._replayed(ids[0], new, in_detail)
 
         self._run_action(go)
@@ -708,13 +783,13 @@ class BurrowApp(App):
                 async def go() -> str:
                     for cid in ids:
                         await agent.delete_request(cid)
-                    return f"Deleted {len(ids)} request" + ("s" if len(ids) != 1 else "")
+                    return f"Deleted {plural(len(ids), 'request')}"
 
                 rl.forget(ids)
                 self._run_action(go)
 
         what = "the marked requests" if rl.marked else f"{targets[0].get('method', '')} {targets[0].get('path', '')}"
-        self.push_screen(ConfirmScreen(f"Delete {len(ids)} captured request{'s' if len(ids) != 1 else ''}?", what), answered)
+        self.push_screen(ConfirmScreen(f"Delete {plural(len(ids), 'captured request')}?", what), answered)
 
     def open_detail(self, capture_id: str) -> None:
         self.push_screen(DetailScreen(capture_id, self.settings.read_only))
@@ -891,7 +966,7 @@ class BurrowApp(App):
         self.push_screen(PickScreen("Export", options), self._export)
 
     def _export(self, choice: str | None) -> None:
-        from console.export import raw_request, raw_response, to_curl, to_httpie, write_har
+        from console.export import export_har, raw_request, raw_response, to_curl, to_httpie
         from console.request_actions import TextScreen
 
         if not choice or self.agent is None:
@@ -903,15 +978,18 @@ class BurrowApp(App):
             marked = list(self.query_one(RequestList).marked)
 
             async def har() -> str:
+                from backend import __version__
+                from console.config import export_dir
+
                 ids = marked or [r["id"] for r in (await agent.requests(0, 1000, query)).items]
                 captures = [await agent.request(cid) for cid in ids]
-                from backend import __version__
-
-                path = self.settings.export_dir / f"burrow-{len(captures)}-requests.har"
                 publics = {t["name"]: t.get("public_url", "") for t in self.tunnels if t.get("name")}
-                write_har(path, captures, __version__, public_urls=publics)
+                try:
+                    path = export_har(export_dir(self.settings), captures, __version__, public_urls=publics)
+                except OSError as exc:
+                    raise APIError(f"cannot write the HAR file: {exc}") from None
                 self.last_export = path
-                return f"Wrote {len(captures)} requests to {path}"
+                return f"Wrote {plural(len(captures), 'request')} to {path}"
 
             self._run_action(har)
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -112,8 +113,32 @@ def serve_web(args, argv: list[str]) -> int:
         elif not a.startswith("--web-addr="):
             rest.append(a)
     command = shlex.join([sys.executable, "-m", "console.cli", *rest])
-    Server(command, host=host, port=port, title="burrow").serve()
+    # A taken port: one line, not aiohttp's traceback.  Checked first (the usual case),
+    # and caught from the server too (taken between the check and the bind).
+    problem = _cannot_listen(host, port)
+    if problem is None:
+        try:
+            Server(command, host=host, port=port, title="burrow").serve()
+        except OSError as exc:
+            problem = os.strerror(exc.errno) if exc.errno else str(exc)
+    if problem is not None:
+        print(f"burrow: error: cannot listen on --web-addr {args.web_addr}: {problem}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (e.g. "Address already in use"), or None."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+            s.bind(addr)
+    except OSError as exc:
+        return os.strerror(exc.errno) if exc.errno else str(exc)
+    return None
 
 
 def run_console(settings, demo: bool = False) -> int:

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     read_only: bool = False
     context: str | None = None  # the name shown in the header (default: the agent URL)
     cloud_poll_seconds: float = 10.0
-    export_dir: Path = Field(default_factory=Path.cwd)  # where HAR files are written
+    export_dir: Path | None = None  # where HAR files are written; see export_dir()
     animations: bool = False  # off by default: they cost frames over SSH and show nothing new
 
     @classmethod
@@ -72,6 +72,20 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+def export_dir(settings: Settings) -> Path:
+    """Where HAR exports go: the ``export_dir`` setting, else ``~/Downloads`` when it
+    exists, else ``exports/`` in burrow's data directory (``$BURROW_DATA_DIR``,
+    ``$XDG_DATA_HOME/burrow`` or ``~/.local/share/burrow``)."""
+    if settings.export_dir is not None:
+        return settings.export_dir.expanduser()
+    downloads = Path.home() / "Downloads"
+    if downloads.is_dir():
+        return downloads
+    from backend.cli import default_data_dir
+
+    return default_data_dir() / "exports"
 
 
 def load_settings(**flags: Any) -> Settings:

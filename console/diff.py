@@ -32,6 +32,7 @@ from console.render import (
     _kind,
     decode_body,
     human_size,
+    plural,
 )
 
 __all__ = [
@@ -211,7 +212,7 @@ class CaptureDiff:
         for side, diff in (("request", self.request), ("response", self.response)):
             n = len(diff.headers.changes)
             if n:
-                parts.append(f"{n} {side} header{'s' if n != 1 else ''}")
+                parts.append(plural(n, f"{side} header"))
             if not diff.body.same:
                 parts.append(f"{side} body")
         return "differs: " + ", ".join(parts) if parts else "no differences"
@@ -456,7 +457,7 @@ def _unified_body(body: BodyDiff, lines: list[Text]) -> None:
         lines.append(Text("  " + _esc(line), style=style))
     if len(diff) > RENDER_LINES:
         lines.append(
-            Text(f"  … {len(diff) - RENDER_LINES:,} more diff lines not shown", style=_NOTE)
+            Text(f"  … {plural(len(diff) - RENDER_LINES, 'more diff line')} not shown", style=_NOTE)
         )
 
 
@@ -464,14 +465,36 @@ def _notes(body: BodyDiff, lines: list[Text]) -> None:
     lines.extend(Text(f"  ⚠ {note}", style=_NOTE) for note in body.notes)
 
 
-def render_unified(diff: CaptureDiff) -> RenderableType:
-    """The diff as coloured unified-diff text: ``-`` original (red), ``+`` replay (green)."""
-    lines: list[Text] = [
-        Text(
-            f"replay {diff.replay_id} vs original {diff.original_id}: {diff.summary()}",
-            style=_TITLE,
+def diff_title(diff: CaptureDiff, width: int) -> str:
+    """``Replay <id> vs original <id> — <summary>`` in at most ``width`` cells: the ids go
+    first when it is too long, then the summary is cut at a comma (or word) with ``…``."""
+    summary = diff.summary()
+    full = f"Replay {diff.replay_id} vs original {diff.original_id} — {summary}"
+    if len(full) <= width:
+        return full
+    short = f"Replay vs original — {summary}"
+    if len(short) <= width:
+        return short
+    head = "Replay vs original — "
+    room = max(0, width - len(head) - 1)
+    cut = summary[:room]
+    for sep in (", ", " "):
+        if sep in cut:
+            cut = cut[: cut.rindex(sep)]
+            break
+    return (head + cut.rstrip(",: ") + "…")[: max(1, width)]
+
+
+def render_unified(diff: CaptureDiff, title: bool = True) -> RenderableType:
+    """The diff as coloured unified-diff text: ``-`` original (red), ``+`` replay (green).
+
+    ``title=False`` leaves out the first line (ids and summary) for a screen that shows
+    them in its own title."""
+    lines: list[Text] = []
+    if title:
+        lines.append(
+            Text(f"replay {diff.replay_id} vs original {diff.original_id}: {diff.summary()}", style=_TITLE)
         )
-    ]
     lines.append(Text("Request", style=_TITLE))
     if diff.method.changed or diff.uri.changed:
         lines.append(Text(f"  - {diff.method.old} {_esc(diff.uri.old)}", style=_OLD))
@@ -492,7 +515,7 @@ def render_unified(diff: CaptureDiff) -> RenderableType:
             lines.extend(Text(f"  + {line}", style=_NEW) for line in new)
         if side.headers.unchanged:
             n = side.headers.unchanged
-            lines.append(Text(f"  {n} header{'s' if n != 1 else ''} unchanged", style=_SAME))
+            lines.append(Text(f"  {plural(n, 'header')} unchanged", style=_SAME))
         _unified_body(side.body, lines)
         _notes(side.body, lines)
     return Group(*lines)
@@ -542,12 +565,13 @@ def _body_rows(body: BodyDiff, table: Table) -> None:
     for left, right in pairs:
         table.add_row(left, right)
     if total > len(pairs):
-        more = f"… {total - len(pairs):,} more diff lines not shown"
+        more = f"… {plural(total - len(pairs), 'more diff line')} not shown"
         table.add_row(_cell(more, _NOTE), _cell(more, _NOTE))
 
 
-def render_side_by_side(diff: CaptureDiff, width: int = 120) -> RenderableType:
-    """The diff as a two-column table, original on the left and replay on the right.
+def render_side_by_side(diff: CaptureDiff, width: int = 120, title: bool = True) -> RenderableType:
+    """The diff as a two-column table, original on the left and replay on the right
+    (``title=False``: without the summary above it).
 
     Only differing headers are listed (with a count of unchanged ones); bodies show
     each change with :data:`CONTEXT_LINES` of context and line numbers.
@@ -557,7 +581,7 @@ def render_side_by_side(diff: CaptureDiff, width: int = 120) -> RenderableType:
         width=max(width, 20),
         show_edge=False,
         pad_edge=False,
-        title=Text(diff.summary(), style=_TITLE),
+        title=Text(diff.summary(), style=_TITLE) if title else None,
     )
     table.add_column(f"original {diff.original_id}", ratio=1, overflow="fold")
     table.add_column(f"replay {diff.replay_id}", ratio=1, overflow="fold")
@@ -593,7 +617,7 @@ def render_side_by_side(diff: CaptureDiff, width: int = 120) -> RenderableType:
                 )
         if side.headers.unchanged:
             n = side.headers.unchanged
-            same = f"{n} header{'s' if n != 1 else ''} unchanged"
+            same = f"{plural(n, 'header')} unchanged"
             table.add_row(_cell(same, _SAME), _cell(same, _SAME))
         _body_rows(side.body, table)
         for note in side.body.notes:

@@ -35,6 +35,7 @@ from console.render import (
     _parse_head,
     _split_head,
     decode_body,
+    plural,
 )
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "INLINE_BODY_LIMIT",
     "WireMessage",
     "clipboard_sequence",
+    "export_har",
     "osc52",
     "parse_message",
     "raw_request",
@@ -200,9 +202,12 @@ def request_url(
 ) -> str:
     """The full URL of a captured request.
 
-    The host comes from the ``Host`` header and the scheme from the tunnel's
-    ``public_url`` (``http`` when it is not given or not HTTPS).  ``base_url`` replaces
-    scheme and host (and may add a path prefix), e.g. to aim at another tunnel.
+    Scheme, host and port come from the tunnel's ``public_url``: that is where the
+    request can be sent again, whatever ``Host`` the client wrote (``curl -H 'Host:
+    web.burrow.localhost' http://127.0.0.1:4080/`` names no port).  Without a public
+    URL (an unknown tunnel) they come from the ``Host`` header, over ``http``.
+    ``base_url`` replaces scheme and host (and may add a path prefix), e.g. to aim at
+    another tunnel.
     """
     _, target, msg = _request(capture)
     if target.lower().startswith(("http://", "https://")):  # absolute-form (proxy style)
@@ -219,10 +224,9 @@ def request_url(
     if base_url:
         return base_url.rstrip("/") + target
     public = urlsplit(public_url or "")
-    if not scheme:
-        scheme = "https" if public.scheme.lower() == "https" else "http"
-    host = host or public.netloc or "localhost"
-    return f"{scheme}://{host}{target}"
+    if public.scheme.lower() in ("http", "https") and public.netloc and "*" not in public.netloc:
+        return f"{public.scheme.lower()}://{public.netloc}{target}"
+    return f"{scheme or 'http'}://{host or 'localhost'}{target}"
 
 
 def _sent_headers(msg: WireMessage) -> list[tuple[str, str]]:
@@ -342,8 +346,9 @@ def to_curl(
     would mangle) is piped in by ``printf`` with octal escapes.  Host and Content-Length
     come from the URL and the body; hop-by-hop headers are left out; curl's default
     ``User-Agent``, ``Accept``, ``Content-Type`` and ``Expect`` are suppressed when the
-    original did not send them.  ``public_url`` is the tunnel's public URL (for the
-    scheme); ``base_url`` sends the request somewhere else instead.
+    original did not send them.  ``public_url`` is the tunnel's public URL (scheme,
+    host and port, see :func:`request_url`); ``base_url`` sends the request somewhere
+    else instead.
     """
     method, target, msg = _request(capture)
     url = request_url(capture, base_url, public_url)
@@ -687,8 +692,8 @@ def to_har(
 ) -> dict[str, Any]:
     """A HAR 1.2 log of captured requests (import it in a browser's network panel).
 
-    ``public_urls`` maps tunnel names to their public URLs so each entry's URL gets
-    the right scheme.  Each entry carries a ``_burrow`` object (custom fields are
+    ``public_urls`` maps tunnel names to their public URLs so each entry's URL has
+    the scheme, host and port it can be sent to again.  Each entry carries a ``_burrow`` object (custom fields are
     allowed with a leading underscore) with the capture id, tunnel, ``replay_of`` and
     which sides were truncated.  Binary response bodies are base64 with
     ``encoding: "base64"``; binary request bodies likewise, marked ``_encoding``.
@@ -710,18 +715,44 @@ def write_har(
     *,
     public_urls: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write :func:`to_har` as UTF-8 JSON to ``path`` (atomically) and return the path."""
+    """Write :func:`to_har` as UTF-8 JSON to a new file ``path`` and return the path.
+
+    An existing file is never replaced (``FileExistsError``): the file is created with
+    ``O_EXCL``, so two exports cannot overwrite each other or anything else.
+    """
     target = Path(path).expanduser()
-    har = to_har(captures, creator_version, public_urls=public_urls)
-    tmp = target.with_name(f".{target.name}.tmp")
+    data = json.dumps(to_har(captures, creator_version, public_urls=public_urls), indent=2, ensure_ascii=False) + "\n"
     # The requests' Authorization headers and cookies are in it: 0600, whatever the umask.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     if hasattr(os, "fchmod"):
-        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover temp file
+        os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(har, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(target)
+        f.write(data)
     return target
+
+
+def export_har(
+    directory: str | os.PathLike[str],
+    captures: list[Mapping[str, Any]],
+    creator_version: str,
+    *,
+    public_urls: Mapping[str, str] | None = None,
+    now: datetime | None = None,
+) -> Path:
+    """Write a HAR of ``captures`` into ``directory`` (made if missing) under a new,
+    timestamped name (``burrow-20260102-030405-3-requests.har``, then ``-2``, ``-3``…
+    when taken) and return its absolute path."""
+    folder = Path(directory).expanduser().absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = f"burrow-{stamp}-{plural(len(captures), 'request').replace(' ', '-')}"
+    for n in range(1, 1000):
+        path = folder / (f"{base}.har" if n == 1 else f"{base}-{n}.har")
+        try:
+            return write_har(path, captures, creator_version, public_urls=public_urls)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free file name for {base}.har in {folder}")
 
 
 # --- clipboard -------------------------------------------------------------------------

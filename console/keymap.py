@@ -127,6 +127,52 @@ KEYMAP: tuple[Key, ...] = (
 )
 
 
+# Contexts whose keys work at the same time: the app's keys everywhere, the table
+# panes' shared keys (``list``) in each table pane.
+_TABLES = {"list", "endpoints", "ingresses", "tunnels"}
+
+
+def _together(a: str, b: str) -> bool:
+    return a == b or "app" in (a, b) or ({a, b} <= _TABLES and "list" in (a, b))
+
+
+def check_keymap(overrides: dict[str, str], normalize=lambda keys: keys) -> list[str]:
+    """Warnings about a user keymap, to show at start: ids that name no key (with the
+    closest known id), and keys taken from another action that works at the same time.
+
+    The user's binding wins; the action it took the key from keeps working from the
+    command palette (ctrl+p) and the warning names it, so it can get another key."""
+    import difflib
+
+    by_id = {k.id: k for k in KEYMAP}
+    warnings: list[str] = []
+    for kid in overrides:
+        if kid not in by_id:
+            close = difflib.get_close_matches(kid, list(by_id), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            warnings.append(f"keymap: no key has the id {kid!r}, ignored{hint}")
+
+    def effective(k: Key) -> set[str]:
+        return set(normalize(overrides.get(k.id, k.key)).split(","))
+
+    for kid, new in overrides.items():
+        mine = by_id.get(kid)
+        if mine is None:
+            continue
+        taken = set(normalize(new).split(","))
+        for other in KEYMAP:
+            if other.id == kid or not _together(mine.context, other.context):
+                continue
+            both = taken & effective(other)
+            if both:
+                key = display_key(sorted(both)[0])
+                warnings.append(
+                    f"keymap: {kid} = {key} takes {key} from {other.id} ({other.description or other.help}); "
+                    "that action is now only in the command palette (ctrl+p) unless you rebind it too"
+                )
+    return warnings
+
+
 def keys(context: str, read_only: bool = False) -> list[Key]:
     return [k for k in KEYMAP if k.context == context and not (read_only and k.dangerous)]
 

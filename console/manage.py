@@ -18,7 +18,14 @@ from textual.widgets import Button, DataTable, Input, Label, Select, Static, Tex
 
 from console.client import CloudClient
 from console.keymap import bindings
-from console.screens import cancel_form, error_text, form_values, submit_inline
+from console.screens import (
+    FieldInput,
+    InlineErrors,
+    cancel_form,
+    error_text,
+    form_values,
+    submit_inline,
+)
 from console.widgets.footer import BurrowFooter
 
 AGENT_READ_ONLY = "agent endpoints are read-only: stop the agent or its tunnel instead"
@@ -70,7 +77,7 @@ EndpointForm .form { height: 100%; max-height: 30; }
 """
 
 
-class _Form(ModalScreen[dict | None]):
+class _Form(InlineErrors, ModalScreen[dict | None]):
     """Shared behaviour: ctrl+s submits in a worker, errors inline, esc cancels."""
 
     BINDINGS = [
@@ -166,7 +173,7 @@ class EndpointForm(_Form):
             title = f"Edit cloud endpoint {ep.get('id', '')}" if ep else "New cloud endpoint"
             yield Label(title, classes="title")
             yield self._row(
-                "URL", Input(ep.get("url", ""), placeholder="https://app.burrow.localhost", id="ef-url", compact=True)
+                "URL", FieldInput(ep.get("url", ""), placeholder="https://app.burrow.localhost", id="ef-url", compact=True)
             )
             yield self._row(
                 "Binding",
@@ -179,10 +186,10 @@ class EndpointForm(_Form):
                 ),
             )
             yield self._row(
-                "Description", Input(ep.get("description") or "", placeholder="optional", id="ef-description", compact=True)
+                "Description", FieldInput(ep.get("description") or "", placeholder="optional", id="ef-description", compact=True)
             )
             yield self._row(
-                "Metadata", Input(ep.get("metadata") or "", placeholder="optional, e.g. JSON", id="ef-metadata", compact=True)
+                "Metadata", FieldInput(ep.get("metadata") or "", placeholder="optional, e.g. JSON", id="ef-metadata", compact=True)
             )
             yield Label(
                 "Traffic policy (YAML" + (", highlighted" if lang else "") + "; tab indents, esc leaves the editor)",
@@ -282,12 +289,12 @@ class IngressForm(_Form):
             if ing:
                 yield self._row("Domain", Label(ing.get("domain", ""), classes="value"))
             else:
-                yield self._row("Domain", Input(placeholder="connect.example.com", id="if-domain", compact=True))
+                yield self._row("Domain", FieldInput(placeholder="connect.example.com", id="if-domain", compact=True))
             yield self._row(
-                "Description", Input(ing.get("description") or "", placeholder="optional", id="if-description", compact=True)
+                "Description", FieldInput(ing.get("description") or "", placeholder="optional", id="if-description", compact=True)
             )
             yield self._row(
-                "Metadata", Input(ing.get("metadata") or "", placeholder="optional, e.g. JSON", id="if-metadata", compact=True)
+                "Metadata", FieldInput(ing.get("metadata") or "", placeholder="optional, e.g. JSON", id="if-metadata", compact=True)
             )
             yield self._row(
                 "Certificate",
@@ -368,11 +375,20 @@ class SessionsScreen(Screen):
         yield Static("loading…", classes="empty", id="sessions-empty")
         yield BurrowFooter()
 
+    # after a stop or restart, look again at these delays (seconds): the agent takes a
+    # moment to go away or to come back with a new session
+    AFTER_COMMAND = (0.5, 1.5, 3.0, 6.0)
+
     def on_mount(self) -> None:
         self.query_one(DataTable).focus()
         self.action_reload()
+        # like the panes, the sessions refresh by themselves
+        every = getattr(getattr(self.app, "settings", None), "cloud_poll_seconds", 10.0)
+        self.set_interval(every, self.action_reload)
 
     def action_reload(self) -> None:
+        if not self.is_attached:  # a timer firing as the screen closes
+            return
         cloud = getattr(self.app, "cloud", None)
         if cloud is None:
             self._show([], "no cloud API")
@@ -460,6 +476,8 @@ class SessionsScreen(Screen):
                     return
                 self.app.notify(f"{'Stopped' if verb == 'stop' else 'Restarted'} {sid}")
                 self.action_reload()
+                for delay in self.AFTER_COMMAND:
+                    self.set_timer(delay, self.action_reload)
                 refresh = getattr(self.app, "refresh_all", None)
                 if refresh is not None:
                     refresh()

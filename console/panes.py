@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable
 
@@ -12,7 +13,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Input, Static
 
 from console.keymap import bindings
-from console.render import human_duration
+from console.render import human_duration, plural
 from console.widgets.request_list import ListModeChanged, RequestList, RequestSelected
 from console.widgets.request_summary import RequestSummary
 
@@ -472,6 +473,45 @@ def first_steps(tunnels: list[dict], endpoints: list[dict], read_only: bool = Fa
     return out
 
 
+_TOKEN = re.compile(r"""(?:[^\s"']+|"[^"]*"?|'[^']*'?)+""")
+
+
+def bad_token(query: str, error: str) -> tuple[int, int] | None:
+    """Where in ``query`` the token is that the agent's error names: ``(start, end)``.
+
+    The agent names the token (``status:abc — expected…``, ``'OR' is not supported``,
+    ``unknown field 'foo'``) but not its place; the first token the message quotes
+    (without a leading ``-``, case aside) or whose field it names is the one."""
+    low = error.lower()
+    for m in _TOKEN.finditer(query):
+        tok = m.group().lower()
+        bare = tok[1:] if tok.startswith("-") and len(tok) > 1 else tok
+        field = bare.partition(":")[0] if ":" in bare else None
+        if (
+            re.search(rf"(^|: ){re.escape(bare)} ", low)  # "invalid query: status:abc — …"
+            or f"'{bare}'" in low
+            or (field and f"field '{field}'" in low)
+        ):
+            return m.start(), m.end()
+    return None
+
+
+def filter_error_line(query: str, error: str) -> Text:
+    """``bad filter: path:/b status:abc ← status:abc — expected…`` with the bad token
+    underlined in red (and the rest of the query plain), so the eye goes to it."""
+    line = Text("bad filter: ", style="bold red")
+    span = bad_token(query, error)
+    if span is None:
+        line.append(error, style="bold red")
+        return line
+    start, end = span
+    line.append(query[:start])
+    line.append(query[start:end], style="bold red underline reverse")
+    line.append(query[end:])
+    line.append(f"  ← {error}", style="red")
+    return line
+
+
 class RequestsPane(Pane):
     context = "requests"
 
@@ -508,7 +548,7 @@ class RequestsPane(Pane):
         line = Text()
         if self.filter_error:
             # The rejected filter stays in the box; the list and the old filter stay as they were.
-            line.append(f"bad filter: {self.filter_error}", style="bold red")
+            line.append_text(filter_error_line(self.filter_error_query, self.filter_error))
             line.append("  (esc clears)  ")
         parts: list[tuple[str, str]] = []
         if self.filter_text:
@@ -519,7 +559,7 @@ class RequestsPane(Pane):
         if self.filter_text:
             parts.append((f"{rl.total:,}/{max(self.stored, rl.total):,}", ""))
         else:
-            parts.append((f"{rl.total:,} request" + ("" if rl.total == 1 else "s"), ""))
+            parts.append((plural(rl.total, "request"), ""))
         for i, (text, style) in enumerate(parts):
             if i:
                 line.append(" · ", style="dim")
@@ -565,6 +605,7 @@ class RequestsPane(Pane):
 
     stored = 0  # every capture the agent holds (the "/230" of "12/230")
     filter_error: str | None = None
+    filter_error_query = ""
 
     def apply_filter(self, text: str) -> None:
         if not text:
@@ -576,6 +617,7 @@ class RequestsPane(Pane):
     def filter_checked(self, text: str, error: str | None) -> None:
         if error is not None:
             self.filter_error = error
+            self.filter_error_query = text
             box = self.query_one(Input)
             box.display = True
             box.value = text

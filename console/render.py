@@ -35,6 +35,7 @@ __all__ = [
     "decode_body",
     "human_duration",
     "human_size",
+    "plural",
     "render_body",
 ]
 
@@ -312,6 +313,11 @@ def decode_body(raw_message: bytes) -> BodyInfo:
 
 
 # --- sizes and durations --------------------------------------------------------------
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 request``, ``2 requests``, ``1,024 requests``; ``many`` for irregular words."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
 
 
 def human_size(n: int) -> str:

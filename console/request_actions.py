@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Awaitable, Callable, Iterable
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -13,13 +14,13 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
-from console.diff import CaptureDiff, render_side_by_side, render_unified
+from console.diff import CaptureDiff, diff_title, render_side_by_side, render_unified
 from console.keymap import bindings
 from console.render import decode_body
-from console.screens import cancel_form, form_values, submit_inline
+from console.screens import FieldInput, InlineErrors, cancel_form, form_values, submit_inline
 
 
-class EditReplayScreen(ModalScreen[dict | None]):
+class EditReplayScreen(InlineErrors, ModalScreen[dict | None]):
     """Method, path, headers (one ``Name: value`` per line) and body of a replay."""
 
     BINDINGS = [
@@ -50,8 +51,8 @@ class EditReplayScreen(ModalScreen[dict | None]):
         with Vertical(id="edit-replay", classes="dialog wide"):
             yield Label("Edit and replay  (ctrl+s sends, esc cancels)", classes="title")
             with Horizontal(classes="row"):
-                yield Input(req.get("method", "GET"), id="er-method", classes="method", compact=True)
-                yield Input(req.get("uri", "/"), id="er-uri", compact=True)
+                yield FieldInput(req.get("method", "GET"), id="er-method", classes="method", compact=True)
+                yield FieldInput(req.get("uri", "/"), id="er-uri", compact=True)
             yield Label("Headers (one “Name: value” per line)")
             yield TextArea(headers, id="er-headers", classes="headers")
             yield Label("Body" + ("" if not info.body or body else " (binary: replaced by what you type)"))
@@ -140,7 +141,8 @@ class DiffScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="diff-box", classes="dialog full"):
-            yield Label(f"Replay vs original — {self.diff.summary()}", classes="title")
+            # one title (ids and summary), shortened to the width; the body has none
+            yield Static("", id="diff-title", classes="title")
             yield Label("u unified · s side by side · esc back", classes="dim")
             with VerticalScroll(id="diff-scroll"):
                 yield Static(id="diff-body")
@@ -148,9 +150,18 @@ class DiffScreen(ModalScreen[None]):
     def on_mount(self) -> None:
         self._draw()
 
+    def on_resize(self) -> None:
+        self._draw()
+
     def _draw(self) -> None:
+        box = self.query_one("#diff-box")
+        inner = box.content_region.width or max(20, self.size.width - 10)
+        self.query_one("#diff-title", Static).update(Text(diff_title(self.diff, inner)))
         width = max(40, self.size.width - 8)
-        body = render_unified(self.diff) if self.mode == "unified" else render_side_by_side(self.diff, width)
+        if self.mode == "unified":
+            body = render_unified(self.diff, title=False)
+        else:
+            body = render_side_by_side(self.diff, width, title=False)
         self.query_one("#diff-body", Static).update(body)
 
     def action_mode(self, mode: str) -> None:

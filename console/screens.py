@@ -68,6 +68,49 @@ def cancel_form(screen) -> None:
     )
 
 
+class FieldInput(Input):
+    """A form field that takes a paste as typing would: a tab in it moves on to the next
+    field (so ``8080<tab>web`` fills two fields), the paste ends at its first line
+    break (never a submit), and other control characters are left out."""
+
+    def _on_paste(self, event) -> None:
+        event.stop()
+        event.prevent_default()  # not Input's own paste, which keeps tabs in the value
+        text = event.text.splitlines()[0] if event.text else ""
+        field: Input = self
+        for n, part in enumerate(text.split("\t")):
+            if n:
+                nxt = self.screen.focus_next()
+                if not isinstance(nxt, Input):
+                    return
+                field = nxt
+            clean = "".join(ch for ch in part if ch.isprintable())
+            if field.selection.is_empty:
+                field.insert_text_at_cursor(clean)
+            else:
+                field.replace(clean, *field.selection)
+
+
+class InlineErrors:
+    """For dialogs that show an error inline (``show_error``): editing any field clears
+    it, so an error never stays next to the field that has been fixed since."""
+
+    busy: bool = False
+
+    def _edited(self) -> None:
+        if not self.busy:  # while a submit is in flight its answer decides
+            self.show_error("")
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self._edited()
+
+    def on_text_area_changed(self, event) -> None:
+        self._edited()
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        self._edited()
+
+
 class ConfirmScreen(ModalScreen[bool]):
     """Asks before a dangerous action: ``y``/``enter`` confirm, ``n``/``esc`` cancel."""
 
@@ -151,7 +194,7 @@ class HelpScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
-class NewTunnelScreen(ModalScreen[dict | None]):
+class NewTunnelScreen(InlineErrors, ModalScreen[dict | None]):
     """A small form: proto, upstream address, name, URL."""
 
     BINDINGS = [("escape", "cancel", "cancel"), Binding("q", "cancel", "back", show=False)]
@@ -176,13 +219,13 @@ class NewTunnelScreen(ModalScreen[dict | None]):
                 )
             with Horizontal(classes="row"):
                 yield Label("Upstream")
-                yield Input(placeholder="8080  (port, host:port or URL)", id="nt-addr", compact=True)
+                yield FieldInput(placeholder="8080  (port, host:port or URL)", id="nt-addr", compact=True)
             with Horizontal(classes="row"):
                 yield Label("Name")
-                yield Input(placeholder="optional, e.g. web", id="nt-name", compact=True)
+                yield FieldInput(placeholder="optional, e.g. web", id="nt-name", compact=True)
             with Horizontal(classes="row"):
                 yield Label("URL")
-                yield Input(placeholder="optional; random when empty", id="nt-url", compact=True)
+                yield FieldInput(placeholder="optional; random when empty", id="nt-url", compact=True)
             yield Label("", id="nt-error", classes="error")
             with Horizontal(classes="buttons"):
                 yield Button("Start", variant="primary", id="nt-start", compact=True)

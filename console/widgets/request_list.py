@@ -207,6 +207,7 @@ class RequestList(ScrollView, can_focus=True):
         """A new capture that matches the current filter: it goes on top."""
         if row["id"] in self.by_id:
             return
+        was_empty = self.total == 0
         self.rows.shift()
         self._asked = {o + 1: t for o, t in self._asked.items()}
         self.rows[0] = row
@@ -217,8 +218,10 @@ class RequestList(ScrollView, can_focus=True):
         self.total += 1
         self._trim()
         self._resize()
-        if not self.following:
-            self.cursor += 1  # keep the same request selected
+        if not self.following and not was_empty:
+            # keep the same request selected; on an empty (e.g. just cleared) list there
+            # is none, and the cursor stays on the new row instead of below the last one
+            self.cursor += 1
             self.scroll_to(y=self.scroll_offset.y + 1, animate=False, immediate=True)
         self.refresh()
         self._announce()

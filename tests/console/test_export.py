@@ -288,7 +288,14 @@ def test_request_url_scheme_host_and_override():
     assert request_url(cap, public_url="https://web.burrow.localhost:8443") == (
         "https://web.burrow.localhost:8443/p?q=1"
     )
-    assert request_url(cap, public_url="http://x") == "http://web.burrow.localhost:8443/p?q=1"
+    # the tunnel's public URL wins over the Host header: it is where the request can go again
+    assert request_url(cap, public_url="http://x:4080") == "http://x:4080/p?q=1"
+    no_port = capture(head("GET /big.json HTTP/1.1\nHost: web.burrow.localhost"))
+    assert request_url(no_port, public_url="http://web.burrow.localhost:4080") == (
+        "http://web.burrow.localhost:4080/big.json"
+    )
+    assert request_url(no_port) == "http://web.burrow.localhost/big.json"  # unknown tunnel
+    assert request_url(no_port, public_url="tcp://localhost:20001") == "http://web.burrow.localhost/big.json"
     assert request_url(cap, "https://other.example/") == "https://other.example/p?q=1"
     raw_target = capture(head("GET /a b/\xe9#x HTTP/1.1\nHost: h"))  # bytes a URL cannot hold
     raw_target["request"]["uri"] = "/a b/\xc3\xa9#x"

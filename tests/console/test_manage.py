@@ -29,8 +29,7 @@ def cloud_app(edge, agent=None, **extra) -> BurrowApp:
         api_url=edge.ready["api_url"],
         api_key=API_KEY,
         context="test",
-        cloud_poll_seconds=0.5,
-        **extra,
+        **{"cloud_poll_seconds": 0.5, **extra},
     )
 
     async def starter(progress):
@@ -91,7 +90,7 @@ async def test_endpoint_create_edit_invalid_policy_delete(edge):
 
         # edit: the description and the binding stay, the policy changes
         await pilot.press("e")
-        await until(pilot, lambda: isinstance(app.screen, EndpointForm), what="edit form")
+        await until(pilot, lambda: isinstance(app.screen, EndpointForm) and app.screen.query("#ef-url"), what="edit form")
         form = app.screen
         assert form.query_one("#ef-url", Input).value == ep["url"]
         await type_into(pilot, "#ef-description", "edited")

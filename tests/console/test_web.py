@@ -49,3 +49,17 @@ def test_web_refuses_a_non_loopback_address():
     )
     assert r.returncode == 1
     assert "loopback" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_web_on_a_taken_port_says_so_in_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "console.cli", "console", "--web", "--web-addr", f"127.0.0.1:{port}",
+             "--agent-url", "http://127.0.0.1:9"],
+            capture_output=True, text=True, timeout=30,
+        )
+    assert r.returncode == 1
+    assert r.stderr == f"burrow: error: cannot listen on --web-addr 127.0.0.1:{port}: Address already in use\n"
