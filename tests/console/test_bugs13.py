@@ -84,7 +84,8 @@ async def test_after_clear_while_paused_the_next_request_can_be_selected(setup):
         await pilot.pause(0.2)
         header = str(app.query_one("#header").render())
         assert "1 tunnel ·" in header and "1 request" in header and "1 requests" not in header
-        assert "1 request " in str(app.query_one("#requests-status").render())
+        status = str(app.query_one("#requests-status").render())
+        assert status.endswith("· 1 request") and "1 requests" not in status
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, DetailScreen), what="the detail view")
         assert app.screen.capture_id == rl.rows[0]["id"]
