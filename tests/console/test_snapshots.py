@@ -183,3 +183,18 @@ def test_empty_pane(snap_compare, empty_url, pane):
 
 def test_empty_tunnels_wide(snap_compare, empty_url):
     _snap(snap_compare, empty_url, (200, 50), "3", data={"rows": 0, "tunnels": 0, "endpoints": 0, "ingresses": 0})
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 36)])
+def test_quit_dialog_of_a_console_that_started_the_backend(snap_compare, fixture_url, size):
+    """q in a console that started the local backend asks: stop it, stay, or leave it."""
+    app = fixture_app(fixture_url)
+    app.owned_backend = {"agent_url": fixture_url, "agent_pid": 0}
+
+    async def before(pilot):
+        await settle(pilot)
+        await pilot.press("q")
+        await pilot.pause(0.3)
+
+    assert snap_compare(app, terminal_size=size, run_before=before)
+    assert app._exception is None
