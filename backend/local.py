@@ -188,8 +188,15 @@ def start(by: str, *, state_dir: Path | None = None, ephemeral: bool = False,
     default_ingress = f"127.0.0.1:{DEFAULT_PORTS['ingress']}"
     edge = None
     try:
-        if not ephemeral and state_dir is None and _listening(default_ingress):
-            # someone runs `burrow serve` with the defaults: use that edge
+        if (
+            not ephemeral
+            and state_dir is None
+            and os.environ.get("BURROW_LOCAL_PORTS") != "0"
+            and (state / "bootstrap.json").is_file()
+            and _listening(default_ingress)
+        ):
+            # this user runs `burrow serve` with the defaults (its credentials are in our
+            # data dir): use that edge; someone else's edge there is none of our business
             rec.update(edge_pid=None, api_url=f"http://127.0.0.1:{DEFAULT_PORTS['api']}",
                        ingress_addr=default_ingress, ca_file=str(state / "ca.pem"))
         else:
@@ -202,7 +209,8 @@ def start(by: str, *, state_dir: Path | None = None, ephemeral: bool = False,
                 "--https-addr", f"127.0.0.1:{port('https')}",
             ], env, timeout)
             rec.update(edge_pid=edge.pid, api_url=info["api_url"], ingress_addr=info["ingress_addr"],
-                       http_url=info.get("http_url"), ca_file=info["ca_file"])
+                       http_url=info.get("http_url"), https_url=info.get("https_url"),
+                       domain=info.get("domain"), ca_file=info["ca_file"])
         progress("starting the local agent…")
         # --config: not the user's agent config file (its authtoken is for another edge)
         args = ["agent", "--server-addr", rec["ingress_addr"], "--web-addr", f"127.0.0.1:{port('agent')}",

@@ -113,6 +113,9 @@ class BurrowApp(App):
         # asks whether to stop it (backend_choice: "stop" or "leave")
         self.owned_backend: dict | None = None
         self.backend_choice: str | None = None
+        # the local backend's public HTTP address and domain, when the console knows them
+        # (it started or found the backend): the first screen names them
+        self.edge_info: dict | None = None
         # The theme is chosen here, before Textual first parses the stylesheet: chosen in
         # on_mount, it made Textual parse and apply every style a second time (~40 ms
         # before the first frame).  Problems are reported on mount.

@@ -11,8 +11,6 @@ import tempfile
 from pathlib import Path
 
 ENGINE_COMMANDS = {"serve", "agent", "start", "http", "tcp", "tls", "status", "stop", "version", "config"}
-AGENT_DEFAULT = "http://127.0.0.1:4040"
-API_DEFAULT = "http://127.0.0.1:4041"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,17 +29,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--web-addr", default="127.0.0.1:8000", help="where --web listens (loopback)")
     p.add_argument("--version", action="store_true")
     return p
-
-
-async def _answers(url: str, path: str) -> bool:
-    import httpx
-
-    try:
-        async with httpx.AsyncClient(timeout=0.5) as c:
-            r = await c.get(url + path)
-        return r.status_code < 500
-    except httpx.HTTPError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,16 +184,15 @@ def make_app(settings, demo: bool = False):
                 ephemeral=True, register=register, progress=progress_from_thread,
             ))
             app.owned_backend = rec
+            app.edge_info = rec
             progress("starting the demo app…")
             d = Demo(AgentClient(rec["agent_url"]), rec["http_url"])
             state["demo"] = d
             await d.start()
             return rec["agent_url"], rec["api_url"], _bootstrap_key(Path(rec["data_dir"]))
+        # Only this user's own local backend: not whatever answers at 127.0.0.1:4040,
+        # which may be another user's agent (or a real ngrok: --agent-url says so)
         rec = await asyncio.to_thread(local.read_record)
-        if rec is None and await _answers(AGENT_DEFAULT, "/api/tunnels"):
-            # an agent someone runs by hand at the default address (burrow or ngrok)
-            api = API_DEFAULT if await _answers(API_DEFAULT, "/") else None
-            return AGENT_DEFAULT, api, api_key or _bootstrap_key(local.data_dir())
         if rec is not None:
             what = local.describe(rec)
             if local.orphaned(rec):
@@ -226,6 +212,7 @@ def make_app(settings, demo: bool = False):
             rec, started = await asyncio.to_thread(local.find_or_start, "console", progress_from_thread)
             if started:
                 app.owned_backend = rec
+        app.edge_info = rec
         key = api_key or _bootstrap_key(Path(rec["data_dir"]))
         return rec["agent_url"], rec.get("api_url"), key
 

@@ -445,9 +445,12 @@ def edge_pattern(url: str) -> str | None:
     return f"{scheme}://*.{parent}"
 
 
-def first_steps(tunnels: list[dict], endpoints: list[dict], read_only: bool = False) -> Text:
+def first_steps(
+    tunnels: list[dict], endpoints: list[dict], read_only: bool = False, edge: dict | None = None
+) -> Text:
     """The Requests pane before the first request: what to do next, with the edge's
-    real address when a tunnel or an endpoint tells it."""
+    real address when a tunnel or an endpoint tells it, or when the console started or
+    found the local backend (``edge``: its ``http_url`` and ``domain``)."""
     out = Text()
     out.append("No requests yet.", style="bold")
     out.append(" Every HTTP request through a tunnel shows here as it arrives.\n\n")
@@ -462,11 +465,16 @@ def first_steps(tunnels: list[dict], endpoints: list[dict], read_only: bool = Fa
     row("Put an app online", "burrow http 8000", "(then open the URL it prints)")
     addresses = public_addresses(tunnels, endpoints)
     patterns = list(dict.fromkeys(p for p in (edge_pattern(u) for u, _ in addresses) if p))
+    if not patterns and edge and edge.get("domain") and edge.get("http_url"):
+        scheme, _, hostport = edge["http_url"].partition("://")
+        port = hostport.rpartition(":")[2]
+        default = {"http": "80", "https": "443"}.get(scheme)
+        patterns = [f"{scheme}://*.{edge['domain']}" + ("" if port == default else f":{port}")]
     if patterns:
         row("Your edge serves", patterns[0])
     for url, what in addresses[:3]:
         row("Try", url, what)
-    if not addresses:
+    if not addresses and not patterns:
         row("Your edge", "its public address shows here once a tunnel is up", style="dim italic")
     if not read_only:
         row("Or from here", "3 then n", "starts a tunnel;  ? lists every key")
@@ -580,7 +588,10 @@ class RequestsPane(Pane):
             text = Text.assemble(("No requests match ", ""), (self.filter_text, "bold"), (".  esc clears the filter.", ""))
         else:
             app = self.app
-            text = first_steps(getattr(app, "tunnels", []), getattr(app, "endpoints", []), self.read_only)
+            text = first_steps(
+                getattr(app, "tunnels", []), getattr(app, "endpoints", []), self.read_only,
+                getattr(app, "edge_info", None),
+            )
         hint.update(text)
 
     def on_resize(self) -> None:

@@ -110,6 +110,13 @@ def test_first_steps_never_invents_an_address():
     assert edge_pattern("http://127.0.0.1:4080") is None
 
 
+def test_first_steps_names_the_local_backends_edge_before_any_tunnel():
+    edge = {"http_url": "http://127.0.0.1:4080", "domain": "burrow.localhost"}
+    text = first_steps([], [], edge=edge).plain
+    assert "http://*.burrow.localhost:4080" in text
+    assert "shows here once a tunnel is up" not in text
+
+
 async def test_the_hint_goes_when_the_first_request_arrives(fixture_url):
     with FixtureServer(rows=[]) as quiet:
         app = fixture_app(quiet.url)

@@ -224,6 +224,10 @@ async def test_leave_running_then_the_next_console_attaches_and_keeps_captures(h
         app = make_app(settings())
         async with app.run_test(size=(100, 30)) as pilot:
             await connected(app)
+            # before any tunnel, the first screen names the edge it started
+            port = app.owned_backend["http_url"].rsplit(":", 1)[1]
+            hint = app.query_one("#requests-empty")
+            await until(lambda: f"http://*.burrow.localhost:{port}" in str(hint.render()), 5, "the edge's address")
             r = await app.agent.start_tunnel({"name": "web", "proto": "http", "addr": str(up.port)})
             assert await get(r["public_url"], "/kept") == 200
             await until(lambda: app.query_one(RequestList).total >= 1, 5, "the capture")
