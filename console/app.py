@@ -423,9 +423,12 @@ class BurrowApp(App):
     @on(m.TunnelsLoaded)
     @_while_mounted
     def _tunnels(self, msg: m.TunnelsLoaded) -> None:
+        several = len(self.tunnels) > 1
         self.tunnels = msg.tunnels
         self.query_one(TunnelsPane).set_rows(msg.tunnels)
         self.query_one(RequestsPane).update_status()  # the first-steps hint names their URLs
+        if several != (len(msg.tunnels) > 1):
+            self.query_one(RequestList).refresh()  # the TUNNEL column comes or goes
         self._draw_header()
 
     @on(m.EndpointsLoaded)

@@ -162,16 +162,16 @@ async def serve_http(
                     w.write(resp)
                     await w.drain()
                     return
+            extra = [
+                (b"X-Forwarded-For", start.client_addr.encode()),
+                (b"X-Forwarded-Host", req.host.encode("latin-1")),
+                (b"X-Forwarded-Proto", start.proto.encode()),
+            ]
             if host_header:
                 raw = replace_host(raw, tunnel.upstream.host_port if host_header == "rewrite" else host_header)
-            fwd = add_headers(
-                raw,
-                [
-                    (b"X-Forwarded-For", start.client_addr.encode()),
-                    (b"X-Forwarded-Host", req.host.encode("latin-1")),
-                    (b"X-Forwarded-Proto", start.proto.encode()),
-                ],
-            )
+                # as ngrok does when it rewrites Host: the name the client asked for
+                extra.append((b"X-Original-Host", req.host.encode("latin-1")))
+            fwd = add_headers(raw, extra)
             try:
                 res = await proxy_exchange(req, fwd, r, w, up[0], up[1], obs)
             except UpstreamError as exc:

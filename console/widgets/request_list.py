@@ -334,6 +334,10 @@ class RequestList(ScrollView, can_focus=True):
         w = self._width
         if w >= 100:
             return [("TIME", 8), ("TUNNEL", 12), ("CLIENT", 15), ("METHOD", 7), ("PATH", 0), ("STATUS", 6), ("DURATION", 9), ("SIZE", 9)]
+        if len(getattr(self.app, "tunnels", ())) > 1:
+            # narrow, but several tunnels: which one a request came through matters more
+            # than the path's last characters
+            return [("TIME", 8), ("TUNNEL", 10), ("METHOD", 7), ("PATH", 0), ("STATUS", 6), ("DURATION", 9)]
         return [("TIME", 8), ("METHOD", 7), ("PATH", 0), ("STATUS", 6), ("DURATION", 9)]
 
     def _widths(self) -> list[int]:

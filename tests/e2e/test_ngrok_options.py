@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import BurrowProc
+from tests.procs import BurrowProc, host_of
 from tests.upstreams import HTTPUpstream
 
 BURROW = os.path.join(os.path.dirname(sys.executable), "burrow")
@@ -213,6 +213,7 @@ def test_pyngrok_v2_tunnels_and_v3_endpoints_from_the_config(edge, pyngrok):
         assert status == 200 and "x-secret" not in hdrs
         assert seen[-1]["X-From"] == "config" and "User-Agent" not in seen[-1]
         assert seen[-1]["Host"] == f"127.0.0.1:{port}" or seen[-1]["Host"] == f"localhost:{port}"
+        assert seen[-1]["X-Original-Host"] == host_of(web.public_url)  # the Host the client sent
 
         ngrok.kill(pyngrok_config=pc)
         pc3 = config(extra.replace("    schemes: [http]\n", ""))  # the same definitions in a v3 file
