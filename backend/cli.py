@@ -578,19 +578,14 @@ def _int_opt(flag: int | None, conf_value, default: int) -> int:
 
 
 def _load_config(path: Path | None) -> dict:
+    from backend import agentconfig
+
     if path is None:
         return {}
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise CLIError(f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise CLIError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise CLIError(f"{path}: the top level must be a mapping")
-    return data
+        return agentconfig.read(path)
+    except agentconfig.ConfigFileError as exc:
+        raise CLIError(str(exc)) from None
 
 
 # ngrok's agent settings (v2 at the top level, v3 under ``agent:``) and burrow's own; a

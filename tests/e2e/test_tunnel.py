@@ -213,7 +213,7 @@ def test_unreachable_server_is_one_line_error(tmp_path):
         (["http", "80", "--binding", "nope"], "--binding"),
         (["serve", "--tcp-ports", "9-1"], "port range"),
         (["serve", "--api-addr", "0.0.0.0:4041", "--data-dir", "/nonexistent/x"], "loopback"),
-        (["agent", "--config", "/nonexistent/burrow.yml", "--authtoken", "x"], "cannot read"),
+        (["agent", "--config", "/nonexistent/burrow.yml", "--authtoken", "x"], "no such file"),
     ],
 )
 def test_bad_flags_give_one_line_error(args, words, tmp_path):
