@@ -143,11 +143,13 @@ async def test_console_first_then_two_burrow_http(home):
                 for cmd in cmds:
                     name, url = await asyncio.to_thread(cmd.tunnel)
                     urls[name] = url
-                    await until(lambda n=name: n in shown_tunnels(app), 1.0, f"tunnel {name} in the console")
+                    took = await until(lambda n=name: n in shown_tunnels(app), 1.0, f"tunnel {name} in the console")
+                    print(f"tunnel {name} shown {took * 1000:.0f} ms after burrow http printed it")
                 assert len(urls) == 2
                 for name, url in urls.items():
                     assert await get(url, f"/from-{name}") == 200
-                await until(lambda: set(urls) <= shown_request_tunnels(app), 1.0, "both request streams")
+                took = await until(lambda: set(urls) <= shown_request_tunnels(app), 1.0, "both request streams")
+                print(f"both tunnels' requests shown {took * 1000:.0f} ms after the last answer")
                 # quitting a console that started the backend asks; y stops it
                 await pilot.press("q")
                 await pilot.pause()
