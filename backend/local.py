@@ -36,6 +36,8 @@ DEFAULT_PORTS = {"agent": 4040, "api": 4041, "ingress": 4042, "http": 4080, "htt
 # children started by this process, so that stop() can reap them (a zombie still answers
 # kill(pid, 0)) and pid_alive() can tell an exited child from a live one
 _children: dict[int, subprocess.Popen] = {}
+# backends read_record() stopped because nobody could use them any more (an orphaned demo)
+reaped: list[dict] = []
 
 
 class LocalError(Exception):
@@ -93,6 +95,12 @@ def read_record() -> dict | None:
     ):
         with contextlib.suppress(OSError):
             path.unlink()
+        return None
+    if rec.get("by") == "demo" and orphaned(rec):
+        # `burrow demo` died with its terminal: its demo app (in the console's process) is
+        # gone and its data was a throwaway, so its backend is nobody's work: stop it
+        stop(rec)
+        reaped.append(rec)
         return None
     return rec
 

@@ -193,6 +193,9 @@ def make_app(settings, demo: bool = False):
         # Only this user's own local backend: not whatever answers at 127.0.0.1:4040,
         # which may be another user's agent (or a real ngrok: --agent-url says so)
         rec = await asyncio.to_thread(local.read_record)
+        if local.reaped:
+            app.notify("Stopped the edge and agent that an earlier `burrow demo` left running "
+                       "when its terminal went away.", timeout=10)
         if rec is not None:
             what = local.describe(rec)
             if local.orphaned(rec):

@@ -302,3 +302,17 @@ def test_a_closed_terminal_leaves_the_backend_running_and_the_next_burrow_says_s
 
     asyncio.run(next_console())
     assert local.read_record() is None and not local.pid_alive(rec["agent_pid"])
+
+
+def test_a_demo_whose_console_died_is_stopped_not_adopted(home, tmp_path):
+    """`burrow demo`'s backend is a throwaway: once its console is gone (here: the
+    record names a process that has exited), the next reader stops it."""
+    rec = local.start("demo", state_dir=tmp_path / "demo", ephemeral=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    rec["owner_pid"] = gone.pid
+    local.write_record(rec)
+    assert local.pid_alive(rec["agent_pid"])
+    assert local.read_record() is None
+    assert not local.pid_alive(rec["agent_pid"]) and not local.pid_alive(rec["edge_pid"])
+    assert local.reaped and local.reaped[-1]["agent_pid"] == rec["agent_pid"]
