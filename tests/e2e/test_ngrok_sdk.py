@@ -1,0 +1,133 @@
+"""ngrok's own Python Agent SDK (``pip install ngrok``) against burrow's edge, unchanged.
+
+The SDK runs in a subprocess with only its target directory on ``PYTHONPATH`` (see
+``.ci/run``); these tests skip when that directory is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.procs import BurrowProc, host_of
+from tests.upstreams import HTTPUpstream, raw_exchange
+
+ROOT = Path(__file__).resolve().parents[2]
+SDK_DIR = Path(os.environ.get("BURROW_NGROK_SDK", ROOT / ".sdk"))
+DRIVER = Path(__file__).with_name("ngrok_sdk_driver.py")
+
+pytestmark = pytest.mark.skipif(
+    not (SDK_DIR / "ngrok" / "__init__.py").exists(),
+    reason=f"ngrok's Python SDK is not installed in {SDK_DIR} "
+    f"(pip install --target {SDK_DIR} ngrok; .ci/run does it)",
+)
+
+
+class SDK:
+    """One SDK process: ``await SDK.start(...)``, then ``url`` or ``error``."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, line: dict) -> None:
+        self.proc = proc
+        self.url: str = line.get("url", "")
+        self.error: list[str] = line.get("error", [])
+
+    @classmethod
+    async def start(
+        cls, edge: BurrowProc, upstream: str, authtoken: str = "test-authtoken", proto: str = "http"
+    ):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(DRIVER),
+            upstream,
+            authtoken,
+            edge.ready["ingress_addr"],
+            edge.ready["ca_file"],
+            proto,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={"PYTHONPATH": str(SDK_DIR), "PATH": os.environ.get("PATH", "")},
+        )
+        line = await asyncio.wait_for(proc.stdout.readline(), 15)
+        assert line, "the SDK process printed nothing"
+        return cls(proc, json.loads(line))
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.stdin.close()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+async def _endpoint_urls(edge: BurrowProc) -> list[str]:
+    async with httpx.AsyncClient(
+        base_url=edge.ready["api_url"],
+        headers={"Authorization": "Bearer test-api-key", "Ngrok-Version": "2"},
+    ) as c:
+        r = await c.get("/endpoints")
+        r.raise_for_status()
+        return [e["url"] for e in r.json()["endpoints"]]
+
+
+async def test_sdk_forward_http_serves_get_and_post_then_goes_offline(edge):
+    async with HTTPUpstream() as up:
+        sdk = await SDK.start(edge, f"127.0.0.1:{up.port}")
+        try:
+            assert not sdk.error, sdk.error
+            assert sdk.url.startswith("http://") and sdk.url.endswith(
+                f".burrow.localhost:{edge.http_addr[1]}"
+            )
+            assert sdk.url in await _endpoint_urls(edge)
+            host = host_of(sdk.url)
+
+            raw = await raw_exchange(
+                *edge.http_addr,
+                f"GET /bytes/70000 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode(),
+            )
+            assert raw == up.sent[0]
+            assert up.requests[0][0].startswith(b"GET /bytes/70000 HTTP/1.1\r\n")
+
+            body = os.urandom(1024 * 1024)
+            async with httpx.AsyncClient(
+                base_url=f"http://{edge.http_addr[0]}:{edge.http_addr[1]}", timeout=20
+            ) as c:
+                r = await c.post("/echo", content=body, headers={"Host": host})
+                assert r.status_code == 200
+                assert r.headers["x-body-sha256"] == hashlib.sha256(body).hexdigest()
+                assert r.content == body
+                # several requests on one public keep-alive connection
+                for i in range(3):
+                    r = await c.get(f"/n{i}", headers={"Host": host})
+                    assert r.status_code == 200 and f"/n{i}".encode() in r.content
+        finally:
+            await sdk.stop()
+        # the SDK's session ended: its endpoint is offline
+        for _ in range(50):
+            if sdk.url not in await _endpoint_urls(edge):
+                break
+            await asyncio.sleep(0.1)
+        assert sdk.url not in await _endpoint_urls(edge)
+        raw = await raw_exchange(
+            *edge.http_addr, f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert raw.startswith(b"HTTP/1.1 404") and b"ERR_NGROK_3200" in raw
+
+
+async def test_sdk_with_wrong_authtoken_gets_ngroks_error(edge):
+    sdk = await SDK.start(edge, "127.0.0.1:9", authtoken="not-a-burrow-token")
+    try:
+        assert not sdk.url
+        text = " ".join(sdk.error)
+        assert "The authtoken you specified is properly formed, but it is invalid." in text
+        assert "ERR_NGROK_107" in sdk.error
+    finally:
+        await sdk.stop()
