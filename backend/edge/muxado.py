@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import struct
 from collections.abc import Callable
 
 log = logging.getLogger("burrow.edge.muxado")
 
+QUICKACK = getattr(socket, "TCP_QUICKACK", 0)
 HEADER = struct.Struct(">II")
 U32 = struct.Struct(">I")
 
@@ -304,6 +306,7 @@ class MuxSession:
         self.goaway_received = False
         self._next_id = 2  # we open even ids
         self._last_remote = 1  # the peer opens odd ids, increasing
+        self._sock = writer.get_extra_info("socket") if QUICKACK else None
 
     # ------------------------------------------------------------------ writing
     def send_frame(self, ftype: int, flags: int, stream_id: int, body: bytes = b"") -> None:
@@ -358,6 +361,7 @@ class MuxSession:
                 if length > limit:
                     raise MuxError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 body = await self.reader.readexactly(length) if length else b""
+                self._quickack()
                 self._dispatch(ftype, flags, sid, body)
         except MuxError as exc:
             log.debug("muxado session broken: %s", exc)
@@ -366,6 +370,13 @@ class MuxSession:
             pass
         finally:
             self.close(NO_ERROR)
+
+    def _quickack(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
+            except OSError:
+                self._sock = None
 
     def _dispatch(self, ftype: int, flags: int, sid: int, body: bytes) -> None:
         if ftype == DATA:

@@ -16,7 +16,7 @@ import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from backend import protocol as p
 from backend.edge import muxado
@@ -68,6 +68,7 @@ class NgrokSession(Session):
     """A burrow session whose data connections are muxado Proxy streams."""
 
     mux: muxado.MuxSession | None = None
+    edge_forwarded_headers: ClassVar[bool] = True
     _streams: set = field(default_factory=set)
 
     def send(self, msg: p._Msg) -> None:
@@ -272,12 +273,15 @@ class AgentConnection:
         opts = _get(req, "Opts") or {}
         extra = _get(req, "Extra") or {}
         fail = {"Id": "", "URL": "", "Proto": proto, "Opts": opts, "Extra": {"Token": ""}}
-        if proto not in ("http", "https"):
+        if proto not in ("http", "https", "tcp"):
             return {
                 **fail,
                 "Error": f"burrow does not serve {proto or 'this'} endpoints for ngrok agents yet\nERR_NGROK_9000",
             }
         url = _str(_get(opts, "URL"))
+        addr = _str(_get(opts, "Addr"))
+        if proto == "tcp" and not url and addr:
+            url = f"tcp://{addr}"  # a reserved address: host:port
         host = _str(_get(opts, "Hostname")) or _str(_get(opts, "Domain"))
         sub = _str(_get(opts, "Subdomain"))
         if not url and host:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.procs import BurrowProc, host_of
-from tests.upstreams import HTTPUpstream, raw_exchange
+from tests.upstreams import HTTPUpstream, TCPEcho, raw_exchange
 
 ROOT = Path(__file__).resolve().parents[2]
 SDK_DIR = Path(os.environ.get("BURROW_NGROK_SDK", ROOT / ".sdk"))
@@ -94,7 +94,11 @@ async def test_sdk_forward_http_serves_get_and_post_then_goes_offline(edge):
                 f"GET /bytes/70000 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode(),
             )
             assert raw == up.sent[0]
-            assert up.requests[0][0].startswith(b"GET /bytes/70000 HTTP/1.1\r\n")
+            head = up.requests[0][0]
+            assert head.startswith(b"GET /bytes/70000 HTTP/1.1\r\n")
+            assert f"Host: {host}".encode() in head
+            assert b"X-Forwarded-For: 127.0.0.1" in head  # added by the edge, as ngrok's does
+            assert b"X-Forwarded-Proto: http" in head
 
             body = os.urandom(1024 * 1024)
             async with httpx.AsyncClient(
@@ -131,3 +135,21 @@ async def test_sdk_with_wrong_authtoken_gets_ngroks_error(edge):
         assert "ERR_NGROK_107" in sdk.error
     finally:
         await sdk.stop()
+
+
+async def test_sdk_forward_tcp_echoes_with_half_close(edge):
+    async with TCPEcho() as echo:
+        sdk = await SDK.start(edge, f"127.0.0.1:{echo.port}", proto="tcp")
+        try:
+            assert not sdk.error, sdk.error
+            assert sdk.url.startswith("tcp://")
+            port = int(sdk.url.rsplit(":", 1)[1])
+            data = os.urandom(300 * 1024)  # more than one muxado window
+            r, w = await asyncio.open_connection(edge.http_addr[0], port)
+            w.write(data)
+            w.write_eof()  # half-close travels as FIN; the echo answers everything first
+            got = await asyncio.wait_for(r.read(), 10)
+            w.close()
+            assert got == data
+        finally:
+            await sdk.stop()
