@@ -307,6 +307,7 @@ class MuxSession:
         self._next_id = 2  # we open even ids
         self._last_remote = 1  # the peer opens odd ids, increasing
         self._sock = writer.get_extra_info("socket") if QUICKACK else None
+        self.last_frame = 0.0  # loop time of the last frame received
 
     # ------------------------------------------------------------------ writing
     def send_frame(self, ftype: int, flags: int, stream_id: int, body: bytes = b"") -> None:
@@ -348,6 +349,8 @@ class MuxSession:
     async def run(self, first: bytes = b"") -> None:
         """Read and dispatch frames; ``first`` is a frame header already read."""
         pending = first
+        loop = asyncio.get_running_loop()
+        self.last_frame = loop.time()
         try:
             while not self.closed:
                 raw = (
@@ -362,6 +365,7 @@ class MuxSession:
                     raise MuxError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 body = await self.reader.readexactly(length) if length else b""
                 self._quickack()
+                self.last_frame = loop.time()
                 self._dispatch(ftype, flags, sid, body)
         except MuxError as exc:
             log.debug("muxado session broken: %s", exc)

@@ -35,6 +35,9 @@ HEARTBEAT = 0xFFFFFFFF
 MAX_REQUEST = 64 * 1024  # one JSON request
 REQUEST_TIMEOUT = 10.0  # seconds for a request's bytes to arrive
 AUTH_TIMEOUT = 10.0  # seconds from the first frame to a successful Auth
+HEARTBEAT_INTERVAL = 10.0  # ngrok's defaults, when the agent's Auth names none
+HEARTBEAT_TOLERANCE = 15.0
+MIN_HEARTBEAT_LIMIT = 2.0  # an agent cannot ask the edge to time it out faster than this
 U32 = struct.Struct(">I")
 I64LE = struct.Struct("<q")
 
@@ -135,21 +138,38 @@ class AgentConnection:
         self.auth_failed = False
         self._tasks: set[asyncio.Task] = set()
         self._auth_started = False
+        self.heartbeat_limit = HEARTBEAT_INTERVAL + HEARTBEAT_TOLERANCE
         self.on_auth: Callable[[], None] = lambda: None
 
     async def run(self, first: bytes) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.call_later(AUTH_TIMEOUT, self._auth_deadline)
-        reason = "agent disconnected"
+        watchdog = asyncio.ensure_future(self._watchdog())
+        self.reason = "agent disconnected"
         try:
             await self.mux.run(first)
         finally:
+            watchdog.cancel()
             deadline.cancel()
             for t in list(self._tasks):
                 t.cancel()
             if self.session is not None:
-                self.edge._end_session(self.session, reason)
+                self.edge._end_session(self.session, self.reason)
             self.mux.close()
+
+    async def _watchdog(self) -> None:
+        """End a session that sends nothing (its heartbeats included) for the agent's
+        heartbeat interval + tolerance (from its Auth; ngrok's defaults 10 s + 15 s)."""
+        loop = asyncio.get_running_loop()
+        while not self.mux.closed:
+            silent = loop.time() - self.mux.last_frame
+            if silent > self.heartbeat_limit:
+                self.reason = "heartbeat timeout"
+                self.mux.close(muxado.NO_ERROR, "heartbeat timeout")
+                return
+            await asyncio.sleep(
+                min(max(self.heartbeat_limit - silent, 0.05), 1.0)
+            )  # the limit may change at Auth
 
     def _auth_deadline(self) -> None:
         if self.session is None:
@@ -210,6 +230,14 @@ class AgentConnection:
             self.auth_failed = True
             edge.on_event({"event": "auth_failed", "ip": self.peer_ip})
             return {"Version": "3", "ClientId": "", "Error": BAD_AUTHTOKEN, "Extra": {}}
+        interval, tolerance = _get(extra, "HeartbeatInterval"), _get(extra, "HeartbeatTolerance")
+        if (
+            isinstance(interval, int)
+            and isinstance(tolerance, int)
+            and interval > 0
+            and tolerance > 0
+        ):
+            self.heartbeat_limit = max((interval + tolerance) / 1e9, MIN_HEARTBEAT_LIMIT)
         client_id = _str(_get(req, "ClientId")) or new_id("ngc")
         cap = edge.config.max_sessions_per_authtoken
         if cap:
