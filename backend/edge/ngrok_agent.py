@@ -266,7 +266,6 @@ class AgentConnection:
             hostname=_str(_get(extra, "Hostname")),
             metadata=_str(_get(extra, "Metadata")),
             ip=self.peer_ip,
-            transport="ngrok/muxado",
             region=edge.config.region,
             acl=tuple(cred.acl),
             max_data=edge.config.max_data_conns_per_session,

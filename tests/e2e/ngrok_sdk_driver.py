@@ -5,7 +5,7 @@ Started with ``PYTHONPATH`` set to the SDK's own target directory only, because 
 Prints one JSON line (``{"url": ...}`` or ``{"error": [...]}``), then serves until its
 stdin closes, and closes the session on the way out.
 
-    python ngrok_sdk_driver.py UPSTREAM AUTHTOKEN SERVER_ADDR CA_FILE [PROTO]
+    python ngrok_sdk_driver.py UPSTREAM AUTHTOKEN SERVER_ADDR CA_FILE [PROTO [DOMAIN]]
 """
 
 import json
@@ -17,9 +17,12 @@ import ngrok
 def main() -> int:
     upstream, authtoken, server_addr, ca_file = sys.argv[1:5]
     proto = sys.argv[5] if len(sys.argv) > 5 else "http"
+    domain = sys.argv[6] if len(sys.argv) > 6 else ""
     opts = {"proto": proto}
     if proto in ("http", "https"):  # the SDK's http listener binds https unless told
         opts = {"proto": "http", "schemes": [proto.upper()]}
+    if domain:
+        opts["domain"] = domain
     try:
         listener = ngrok.forward(
             upstream, authtoken=authtoken, server_addr=server_addr, root_cas=ca_file, **opts

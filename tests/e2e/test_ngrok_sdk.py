@@ -40,7 +40,12 @@ class SDK:
 
     @classmethod
     async def start(
-        cls, edge: BurrowProc, upstream: str, authtoken: str = "test-authtoken", proto: str = "http"
+        cls,
+        edge: BurrowProc,
+        upstream: str,
+        authtoken: str = "test-authtoken",
+        proto: str = "http",
+        domain: str = "",
     ):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -50,6 +55,7 @@ class SDK:
             edge.ready["ingress_addr"],
             edge.ready["ca_file"],
             proto,
+            domain,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env={"PYTHONPATH": str(SDK_DIR), "PATH": os.environ.get("PATH", "")},
@@ -68,14 +74,18 @@ class SDK:
                 await self.proc.wait()
 
 
-async def _endpoint_urls(edge: BurrowProc) -> list[str]:
+async def _api(edge: BurrowProc, path: str) -> dict:
     async with httpx.AsyncClient(
         base_url=edge.ready["api_url"],
         headers={"Authorization": "Bearer test-api-key", "Ngrok-Version": "2"},
     ) as c:
-        r = await c.get("/endpoints")
+        r = await c.get(path)
         r.raise_for_status()
-        return [e["url"] for e in r.json()["endpoints"]]
+        return r.json()
+
+
+async def _endpoint_urls(edge: BurrowProc) -> list[str]:
+    return [e["url"] for e in (await _api(edge, "/endpoints"))["endpoints"]]
 
 
 async def test_sdk_forward_http_serves_get_and_post_then_goes_offline(edge):
@@ -87,6 +97,9 @@ async def test_sdk_forward_http_serves_get_and_post_then_goes_offline(edge):
                 f".burrow.localhost:{edge.http_addr[1]}"
             )
             assert sdk.url in await _endpoint_urls(edge)
+            sessions = await _api(edge, "/tunnel_sessions")
+            [ts] = sessions["tunnel_sessions"]
+            assert ts["id"].startswith("ts_") and ts["os"] and ts["agent_version"]
             host = host_of(sdk.url)
 
             raw = await raw_exchange(
@@ -151,5 +164,26 @@ async def test_sdk_forward_tcp_echoes_with_half_close(edge):
             got = await asyncio.wait_for(r.read(), 10)
             w.close()
             assert got == data
+        finally:
+            await sdk.stop()
+
+
+async def test_sdk_forward_http_with_domain(edge):
+    async with HTTPUpstream() as up:
+        sdk = await SDK.start(edge, f"127.0.0.1:{up.port}", domain="sdk-app.burrow.localhost")
+        try:
+            assert not sdk.error, sdk.error
+            assert sdk.url == f"http://sdk-app.burrow.localhost:{edge.http_addr[1]}"
+            raw = await raw_exchange(
+                *edge.http_addr,
+                b"GET /hi HTTP/1.1\r\nHost: sdk-app.burrow.localhost\r\nConnection: close\r\n\r\n",
+            )
+            assert raw.startswith(b"HTTP/1.1 200") and b"/hi" in raw
+            # a second SDK session may not take the same name (no pooling asked for)
+            other = await SDK.start(edge, f"127.0.0.1:{up.port}", domain="sdk-app.burrow.localhost")
+            try:
+                assert not other.url and "ERR_NGROK_334" in other.error
+            finally:
+                await other.stop()
         finally:
             await sdk.stop()
