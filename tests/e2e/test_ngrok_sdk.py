@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import ssl
 import sys
 from pathlib import Path
 
@@ -185,5 +186,24 @@ async def test_sdk_forward_http_with_domain(edge):
                 assert not other.url and "ERR_NGROK_334" in other.error
             finally:
                 await other.stop()
+        finally:
+            await sdk.stop()
+
+
+async def test_sdk_forward_https_terminated_by_the_edge(edge):
+    async with HTTPUpstream() as up:
+        sdk = await SDK.start(edge, f"127.0.0.1:{up.port}", proto="https")
+        try:
+            assert not sdk.error, sdk.error
+            assert sdk.url.startswith("https://")
+            host = host_of(sdk.url)
+            port = int(sdk.url.rsplit(":", 1)[1])
+            ctx = ssl.create_default_context(cafile=edge.ready["ca_file"])
+            r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=host)
+            w.write(f"GET /secure HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            raw = await asyncio.wait_for(r.read(), 10)
+            w.close()
+            assert raw.startswith(b"HTTP/1.1 200") and b"/secure" in raw
+            assert b"X-Forwarded-Proto: https" in up.requests[0][0]
         finally:
             await sdk.stop()
