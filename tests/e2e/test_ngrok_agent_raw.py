@@ -140,3 +140,25 @@ async def test_fuzzed_frames_cost_only_their_session(edge):
     bound = await b.request(1, {"Id": "", "Proto": "http", "Opts": {}, "Extra": {"Token": ""}})
     assert bound["Error"] == ""
     b.w.close()
+
+
+async def test_burrow_control_message_whose_length_looks_like_a_muxado_header(edge):
+    """A burrow Auth whose length ends in 0x12 starts as a muxado DATA|SYN header does:
+    its fifth byte ("{") still marks it as burrow's, and it is answered at once."""
+    from backend import protocol as p
+
+    pad = 0
+    while True:
+        frame = p.encode(
+            p.Auth(authtoken="test-authtoken", client_id="lookalike", metadata="m" * pad)
+        )
+        if frame[3] == 0x12:
+            break
+        pad += 1
+    ctx = ssl.create_default_context(cafile=edge.ready["ca_file"])
+    host, port = edge.ready["ingress_addr"].rsplit(":", 1)
+    r, w = await asyncio.open_connection(host, int(port), ssl=ctx, server_hostname=host)
+    w.write(frame)
+    reply = await asyncio.wait_for(p.read_msg(r), 5)
+    assert isinstance(reply, p.AuthOk)
+    w.close()
