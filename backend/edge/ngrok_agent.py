@@ -104,6 +104,23 @@ class NgrokSession(Session):
         self._streams.add(st.writer)
         return st.reader, st.writer
 
+    async def command(self, kind: int, body: dict, timeout: float = 5.0) -> str:
+        """Send Stop / Restart / Update to the agent and return its error ("" = done)."""
+        if self.closed or self.mux is None:
+            return "the agent session has ended"
+        try:
+            st = self.mux.open_stream()
+        except muxado.MuxError as exc:
+            return str(exc)
+        st.writer.write(U32.pack(kind) + json.dumps(body).encode())
+        try:
+            reply = await asyncio.wait_for(_read_json(st.reader), timeout)
+        except (ValueError, TimeoutError, OSError) as exc:
+            return f"the agent did not answer: {exc or type(exc).__name__}"
+        finally:
+            st.writer.close()
+        return _str(_get(reply, "Error"))
+
     def release(self, writer: asyncio.StreamWriter) -> None:
         self._streams.discard(writer)
         writer.close()

@@ -207,3 +207,27 @@ async def test_sdk_forward_https_terminated_by_the_edge(edge):
             assert b"X-Forwarded-Proto: https" in up.requests[0][0]
         finally:
             await sdk.stop()
+
+
+async def test_tunnel_session_commands_reach_the_sdk_and_report_its_answer(edge):
+    async with HTTPUpstream() as up:
+        sdk = await SDK.start(edge, f"127.0.0.1:{up.port}")
+        try:
+            [ts] = (await _api(edge, "/tunnel_sessions"))["tunnel_sessions"]
+            async with httpx.AsyncClient(
+                base_url=edge.ready["api_url"],
+                headers={"Authorization": "Bearer test-api-key", "Ngrok-Version": "2"},
+            ) as c:
+                for cmd in ("stop", "restart", "update"):
+                    r = await c.post(f"/tunnel_sessions/{ts['id']}/{cmd}", json={})
+                    # the SDK has no handler for it: its answer comes back, the session stays
+                    assert r.status_code == 400, r.text
+                    assert "has not defined a callback" in r.json()["msg"], r.text
+            assert sdk.url in await _endpoint_urls(edge)
+            r = await raw_exchange(
+                *edge.http_addr,
+                f"GET /still HTTP/1.1\r\nHost: {host_of(sdk.url)}\r\nConnection: close\r\n\r\n".encode(),
+            )
+            assert r.startswith(b"HTTP/1.1 200")
+        finally:
+            await sdk.stop()
