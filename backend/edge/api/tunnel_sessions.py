@@ -4,7 +4,9 @@
 ``restart`` ends it and tells the agent to reconnect (it comes back with a new session
 id and re-binds the same URLs); ``update`` is accepted and does nothing, since burrow
 agents are updated with the package, not in place. All three answer 200 with ``{}``,
-with or without a body, because the official client expects JSON back.
+with or without a body, because the official client expects JSON back. Sessions of
+ngrok's own agents (:mod:`backend.edge.ngrok_agent`) get each command as ngrok's request
+and answer it; a refusal comes back as a 400 with the agent's text.
 """
 
 from __future__ import annotations
