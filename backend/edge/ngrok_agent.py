@@ -71,6 +71,8 @@ class NgrokSession(Session):
     """A burrow session whose data connections are muxado Proxy streams."""
 
     mux: muxado.MuxSession | None = None
+    #: endpoint id → the tunnel id the agent knows it by (its old one after a re-bind)
+    agent_ids: dict[str, str] = field(default_factory=dict)
     edge_forwarded_headers: ClassVar[bool] = True
     _streams: set = field(default_factory=set)
 
@@ -93,7 +95,7 @@ class NgrokSession(Session):
             raise SessionClosed(str(exc)) from None
         head = json.dumps(
             {
-                "Id": ep.id,
+                "Id": self.agent_ids.get(ep.id, ep.id),
                 "ClientAddr": f"{client_addr}:{client_port}",
                 "Proto": scheme or ep.proto,
                 "EdgeType": "",
@@ -358,26 +360,56 @@ class AgentConnection:
             )
         except ValueError as exc:
             return {**fail, "Error": f"invalid bind request: {exc}\nERR_NGROK_9000"}
-        res = await self.edge._bind(self.session, msg)
+        old_id = _str(_get(req, "Id"))
+        remembered = (
+            self.edge.ngrok_rebind_urls.get((self.session.account_id, old_id)) if old_id else None
+        )
+        res = None
+        if remembered and not url:
+            # a reconnecting agent re-binds with its old Id: same URL as before if still free
+            res = await self.edge._bind(self.session, msg.model_copy(update={"url": remembered}))
+            if isinstance(res, p.Error):
+                res = None
+        if res is None:
+            res = await self.edge._bind(self.session, msg)
         if isinstance(res, p.Error):
             return {**fail, "Error": f"{res.msg}\n{res.code}"}
         assert isinstance(res, p.BindOk)
+        # The agent routes Proxy streams by the Id it knows: a re-bind keeps its old one.
+        tid = old_id if old_id and old_id not in self.session.agent_ids.values() else res.endpoint_id
+        self.session.agent_ids[res.endpoint_id] = tid
+        _remember(self.edge, self.session.account_id, tid, res.url)
         return {
-            "Id": res.endpoint_id,
+            "Id": tid,
             "URL": res.url,
             "Proto": proto,
             "Opts": opts,
             "Error": "",
-            "Extra": {"Token": "", "TunnelID": res.endpoint_id},
+            "Extra": {"Token": "", "TunnelID": tid},
         }
 
     def _unbind(self, req: dict) -> dict:
         assert self.session is not None
-        ep = self.session.endpoints.get(_str(_get(req, "Id")))
+        tid = _str(_get(req, "Id"))
+        ep_id = next((e for e, t in self.session.agent_ids.items() if t == tid), tid)
+        self.session.agent_ids.pop(ep_id, None)
+        ep = self.session.endpoints.get(ep_id)
         if ep is not None:  # idempotent: the SDK may unbind one listener twice
             self.edge.registry.remove_endpoint(ep)
             self.edge.on_event({"event": "endpoint_offline", "url": ep.url})
         return {"Error": "", "Extra": None}
+
+
+MAX_REMEMBERED = 10_000  # endpoint ids whose URL the edge remembers for re-binds
+
+
+def _remember(edge: Edge, account_id: str, endpoint_id: str, url: str) -> None:
+    """Remember the URL an endpoint id got, so that an agent that reconnects and re-binds
+    with its old Id gets the same random URL (bounded: the oldest entries go first)."""
+    urls = edge.ngrok_rebind_urls
+    urls[(account_id, endpoint_id)] = url
+    while len(urls) > MAX_REMEMBERED:
+        urls.popitem(last=False)
 
 
 async def _read_json(reader: asyncio.StreamReader) -> dict:

@@ -13,6 +13,7 @@ import os
 import ssl
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -231,3 +232,51 @@ async def test_tunnel_session_commands_reach_the_sdk_and_report_its_answer(edge)
             assert r.startswith(b"HTTP/1.1 200")
         finally:
             await sdk.stop()
+
+
+async def test_sdk_reconnects_with_its_client_id_and_gets_the_same_random_url(tmp_path):
+    """The edge drops the SDK's connection: the SDK comes back with its ClientId, re-binds
+    with its old endpoint Id, and gets the same random URL (an in-process edge, so that
+    the test can cut the connection)."""
+    from backend.edge.server import Edge, EdgeConfig
+
+    edge = Edge(
+        EdgeConfig(
+            data_dir=tmp_path / "edge",
+            api_addr="",
+            ingress_addr="127.0.0.1:0",
+            http_addr="127.0.0.1:0",
+            https_addr=None,
+            authtokens=["test-authtoken"],
+            api_keys=["test-api-key"],
+        )
+    )
+    await edge.start()
+    try:
+        async with HTTPUpstream() as up:
+            host, port = edge.addrs["ingress"]
+            target = SimpleNamespace(ready={"ingress_addr": f"{host}:{port}", "ca_file": str(edge.ca.ca_file)})
+            sdk = await SDK.start(target, f"127.0.0.1:{up.port}")
+            try:
+                [s] = edge.registry.sessions.values()
+                assert [ep.url for ep in s.endpoints.values()] == [sdk.url]
+                s.mux.close()  # the connection breaks
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                while loop.time() - start < 5:
+                    await asyncio.sleep(0.05)
+                    back = [x for x in edge.registry.sessions.values() if x is not s and x.endpoints]
+                    if back:
+                        break
+                [s2] = back
+                assert s2.client_id == s.client_id
+                assert [ep.url for ep in s2.endpoints.values()] == [sdk.url]
+                raw = await raw_exchange(
+                    *edge.addrs["http"],
+                    f"GET /again HTTP/1.1\r\nHost: {host_of(sdk.url)}\r\nConnection: close\r\n\r\n".encode(),
+                )
+                assert raw.startswith(b"HTTP/1.1 200")
+            finally:
+                await sdk.stop()
+    finally:
+        await edge.stop()
