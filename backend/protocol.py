@@ -183,13 +183,17 @@ def decode(body: bytes) -> Message:
         raise ProtocolError(f"invalid message ({where}: {first.get('msg')})") from None
 
 
-async def read_msg(reader: asyncio.StreamReader) -> Message:
-    """Read one framed message.  Raises ProtocolError on a bad frame, EOF errors as-is."""
-    head = await reader.readexactly(4)
+async def read_msg(reader: asyncio.StreamReader, prefix: bytes = b"") -> Message:
+    """Read one framed message, of which ``prefix`` (the first bytes) may already have
+    been read.  Raises ProtocolError on a bad frame, EOF errors as-is."""
+    head = prefix[:4] + (await reader.readexactly(4 - len(prefix)) if len(prefix) < 4 else b"")
     (length,) = _LEN.unpack(head)
     if length > MAX_FRAME:
         raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
-    return decode(await reader.readexactly(length))
+    got = prefix[4:]
+    if len(got) > length:
+        raise ProtocolError("frame shorter than the bytes that started it")
+    return decode(got + await reader.readexactly(length - len(got)))
 
 
 def write_msg(writer: asyncio.StreamWriter, msg: _Msg) -> None:

@@ -9,6 +9,7 @@ A public connection takes one data connection and keeps it for its lifetime.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from backend import protocol as p
 from backend.connlimit import ConnLimit, ThrottledLog
-from backend.edge import traffic
+from backend.edge import muxado, ngrok_agent, traffic
 from backend.edge.sessions import AgentEndpoint, CloudRoute, Registry, Session
 from backend.fsperm import private_dir, tighten_file
 from backend.http1 import (
@@ -132,6 +133,8 @@ class Edge:
         self.tls_pending = ConnLimit(config.max_handshakes, config.max_handshakes_per_ip)
         self._throttled = ThrottledLog(log)
         self._lingering = 0
+        #: (account, endpoint id) → URL, for ngrok agents that re-bind after a reconnect
+        self.ngrok_rebind_urls: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -356,7 +359,24 @@ class Edge:
             deadline = loop.time() + cfg.handshake_timeout
             tls = first == b"\x16"  # a TLS handshake record; anything else is a plain data conn
             reader, writer = await self._streams(sock, ctx if tls else None, 2 * p.MAX_FRAME, cfg.handshake_timeout)
-            msg = await asyncio.wait_for(p.read_msg(reader), max(deadline - loop.time(), 0.1))
+            # The first bytes tell the three kinds apart without waiting for a byte that
+            # a client may not send: a burrow message is a 4-byte length (< 64 KiB) and
+            # JSON; an ngrok agent's first muxado frame header is DATA + SYN (low byte
+            # 0x12) on stream 3, whose fifth byte is 0, never JSON's "{".  A burrow length
+            # ending in 0x12 is at least 18, so its fifth byte is on its way.
+            def left() -> float:
+                return max(deadline - loop.time(), 0.1)
+
+            first = await asyncio.wait_for(reader.readexactly(4), left())
+            if tls and first[3] == 0x12:
+                first += await asyncio.wait_for(reader.readexactly(1), left())
+                if first[4:5] != b"{":
+                    first += await asyncio.wait_for(reader.readexactly(3), left())
+                    if not muxado.looks_like_muxado(first):
+                        raise p.ProtocolError("neither a burrow message nor a muxado frame")
+                    await ngrok_agent.serve(self, reader, writer, first, peer_ip, authenticated)
+                    return
+            msg = await asyncio.wait_for(p.read_msg(reader, first), left())
             authenticated()
             if isinstance(msg, p.Auth) and tls:
                 await self._control(reader, writer, msg, peer_ip)

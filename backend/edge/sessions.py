@@ -14,7 +14,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from backend import protocol as p
 from backend.ownership import name_of
@@ -140,6 +140,9 @@ class Session:
     _active: set = field(default_factory=set)
 
     POOL_MAX = 256
+    #: the edge adds X-Forwarded-For/-Host/-Proto to requests (ngrok's agents expect it;
+    #: burrow's agent adds them itself)
+    edge_forwarded_headers: ClassVar[bool] = False
     ASK_AGAIN = 2.0  # seconds a waiter trusts data connections already asked for
 
     def send(self, msg: p._Msg) -> None:

@@ -20,6 +20,7 @@ from backend.http1 import (
     Head,
     HTTPError,
     UpstreamError,
+    add_headers,
     drain,
     from_wire,
     normalize_target,
@@ -199,6 +200,15 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
                 break
 
             send = state.head() if state is not None and state.changed else req.raw
+            if ep.session.edge_forwarded_headers:  # ngrok's agents expect the edge's X-Forwarded-*
+                send = add_headers(
+                    send,
+                    [
+                        (b"X-Forwarded-For", str(conn["client_ip"]).encode()),
+                        (b"X-Forwarded-Host", req.host.encode("latin-1")),
+                        (b"X-Forwarded-Proto", scheme.encode()),
+                    ],
+                )
             if dc is not None and (dc[0] is not ep or dc[1].at_eof()):
                 dc[0].session.release(dc[2])
                 dc = None

@@ -4,7 +4,9 @@
 ``restart`` ends it and tells the agent to reconnect (it comes back with a new session
 id and re-binds the same URLs); ``update`` is accepted and does nothing, since burrow
 agents are updated with the package, not in place. All three answer 200 with ``{}``,
-with or without a body, because the official client expects JSON back.
+with or without a body, because the official client expects JSON back. Sessions of
+ngrok's own agents (:mod:`backend.edge.ngrok_agent`) get each command as ngrok's request
+and answer it; a refusal comes back as a 400 with the agent's text.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
+from backend.edge import ngrok_agent
 from backend.edge.api.core import (
+    APIError,
     caller,
     check_id,
     dump,
@@ -24,6 +28,7 @@ from backend.edge.api.core import (
     parse_body,
 )
 from backend.edge.api.filtering import wire_obj
+from backend.edge.ngrok_agent import NgrokSession
 from backend.edge.sessions import Session
 from backend.httpserver import Request, Response, Router, json_response
 from backend.schema import cloud as w
@@ -103,9 +108,19 @@ class TunnelSessionsAPI:
     async def get(self, req: Request) -> Response:
         return dump(wire(req.base_url, self._session(req)))
 
+    async def _ask_ngrok_agent(self, s: Session, kind: int, body: dict) -> None:
+        """ngrok's agents get the command as a request and answer it; an agent that
+        refuses (the SDK without a handler) keeps its session and the caller gets its text."""
+        err = await s.command(kind, body)
+        if err:
+            raise APIError(400, "ERR_NGROK_400", f"The agent refused the command: {err}")
+
     async def stop(self, req: Request) -> Response:
         s = self._session(req)
         parse_body(req, _NoParams)
+        if isinstance(s, NgrokSession):
+            await self._ask_ngrok_agent(s, ngrok_agent.STOP, {})
+            return json_response({})
         if not self.edge.stop_session(s.id):
             raise not_found("tunnel session", s.id)
         return json_response({})
@@ -113,13 +128,20 @@ class TunnelSessionsAPI:
     async def restart(self, req: Request) -> Response:
         s = self._session(req)
         parse_body(req, _NoParams)
+        if isinstance(s, NgrokSession):
+            await self._ask_ngrok_agent(s, ngrok_agent.RESTART, {})
+            return json_response({})
         if not self.edge.stop_session(s.id, restart=True):
             raise not_found("tunnel session", s.id)
         return json_response({})
 
     async def update(self, req: Request) -> Response:
-        self._session(req)
+        s = self._session(req)
         parse_body(req, _NoParams)
+        if isinstance(s, NgrokSession):
+            await self._ask_ngrok_agent(
+                s, ngrok_agent.UPDATE, {"Version": "", "PermitMajorVersion": False}
+            )
         return json_response({})
 
 

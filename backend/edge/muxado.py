@@ -1,0 +1,438 @@
+"""Muxado, ngrok's stream multiplexer, from the server's side.
+
+ngrok's agents and SDKs run every session over one TLS connection carrying muxado
+frames (``../shared/ngrok-agent-protocol.md``): an 8-byte header ``u32 (length << 8) |
+(type << 4) | flags`` + ``u32 stream id``, then ``length`` bytes.  Each stream looks
+like a connection to the code above: a :class:`asyncio.StreamReader` fed by the frames
+that arrive and an :class:`asyncio.StreamWriter` whose bytes leave as DATA frames.
+
+Flow control is per stream and direction (a 256 KiB window): a stream's writer holds
+bytes the peer has no window for (``drain()`` waits), and the edge credits the peer
+(WNDINC) as its reader is consumed, so a slow consumer stops its sender.  Limits cost
+only the stream or session that hits them: too many streams (RST StreamRefused), too
+many bytes buffered in a session (RST EnhanceYourCalm), a window overrun (RST
+FlowControl), a bad frame (GOAWAY and close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Callable
+
+log = logging.getLogger("burrow.edge.muxado")
+
+QUICKACK = getattr(socket, "TCP_QUICKACK", 0)
+HEADER = struct.Struct(">II")
+U32 = struct.Struct(">I")
+
+# frame types
+RST, DATA, WNDINC, GOAWAY = 0, 1, 2, 3
+# flags
+FIN, SYN = 1, 2
+
+# error codes
+NO_ERROR = 0
+PROTOCOL_ERROR = 1
+INTERNAL_ERROR = 2
+FLOW_CONTROL_ERROR = 3
+STREAM_CLOSED = 4
+STREAM_REFUSED = 5
+STREAM_CANCELLED = 6
+STREAM_RESET = 7
+FRAME_SIZE_ERROR = 8
+ACCEPT_QUEUE_FULL = 9
+ENHANCE_YOUR_CALM = 10
+REMOTE_GONE_AWAY = 11
+STREAMS_EXHAUSTED = 12
+WRITE_TIMEOUT = 13
+SESSION_CLOSED = 14
+PEER_EOF = 15
+
+WINDOW = 256 * 1024  # initial window per stream and direction
+MAX_CONTROL_BODY = 64 * 1024  # RST / WNDINC / GOAWAY bodies are tiny
+CREDIT_AFTER = 64 * 1024  # consumed bytes credited (WNDINC) in batches of this size
+MAX_DATA_FRAME = 64 * 1024  # our DATA frames carry at most this
+READ_LIMIT = 128 * 1024  # a stream's reader pauses (no more credit) past 2× this
+
+
+def header(ftype: int, flags: int, stream_id: int, length: int) -> bytes:
+    return HEADER.pack((length << 8) | (ftype << 4) | flags, stream_id & 0x7FFFFFFF)
+
+
+def parse_header(raw: bytes) -> tuple[int, int, int, int]:
+    """(type, flags, stream id, length) of an 8-byte frame header."""
+    word, sid = HEADER.unpack(raw)
+    return (word >> 4) & 0xF, word & 0xF, sid & 0x7FFFFFFF, word >> 8
+
+
+def looks_like_muxado(raw: bytes) -> bool:
+    """True if 8 bytes are the first frame an agent sends: DATA + SYN on an odd stream."""
+    if len(raw) < 8:
+        return False
+    ftype, flags, sid, _ = parse_header(raw[:8])
+    return ftype == DATA and bool(flags & SYN) and sid % 2 == 1
+
+
+class MuxError(Exception):
+    def __init__(self, code: int, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+class _StreamTransport(asyncio.Transport):
+    """One muxado stream as an asyncio transport (for StreamReader/StreamWriter)."""
+
+    def __init__(self, session: MuxSession, stream_id: int, syn: bool) -> None:
+        super().__init__()
+        self._session = session
+        self.id = stream_id
+        self._protocol: asyncio.StreamReaderProtocol | None = None
+        self._syn = syn  # our first DATA frame must carry SYN
+        self._send_window = WINDOW
+        self._recv_window = WINDOW  # what the peer may still send us
+        self._buf = bytearray()
+        self._eof_wanted = False
+        self.fin_sent = False
+        self.fin_received = False
+        self._closed = False  # close() or abort() called: no more writes
+        self._gone = False  # forgotten by the session
+        self._notified = False  # connection_lost delivered
+        self._reading_paused = False
+        self._writing_paused = False
+
+    # ------------------------------------------------------------ asyncio.Transport
+    def get_extra_info(self, name, default=None):
+        if name == "peername":
+            return self._session.peername
+        if name == "stream_id":
+            return self.id
+        return default
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def write(self, data) -> None:
+        if self._closed or self._eof_wanted:
+            return
+        self._buf += data
+        self._flush()
+
+    def writelines(self, list_of_data) -> None:
+        for d in list_of_data:
+            self.write(d)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._eof_wanted or self._gone:
+            return
+        self._eof_wanted = True
+        self._flush()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buf)
+
+    def close(self) -> None:
+        """Close as a TCP socket does: what is buffered still goes out, then FIN; what
+        the peer still sends is credited and dropped until its FIN (or RST) ends the
+        stream."""
+        if self._closed:
+            return
+        self._closed = True
+        self._eof_wanted = True
+        self._flush()
+        self._notify_lost(None)
+
+    def abort(self) -> None:
+        if self._gone:
+            return
+        self._session.send_frame(RST, 0, self.id, U32.pack(STREAM_CANCELLED))
+        self._lost(None)
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+
+    def is_reading(self) -> bool:
+        return not self._reading_paused
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    # ----------------------------------------------------------------- internals
+    def _flush(self) -> None:
+        s = self._session
+        while self._buf and self._send_window > 0 and not s.closed:
+            n = min(len(self._buf), self._send_window, MAX_DATA_FRAME)
+            chunk = bytes(self._buf[:n])
+            del self._buf[:n]
+            self._send_window -= n
+            last = self._eof_wanted and not self._buf
+            flags = (SYN if self._syn else 0) | (FIN if last else 0)
+            self._syn = False
+            s.send_frame(DATA, flags, self.id, chunk)
+            if last:
+                self.fin_sent = True
+        if self._eof_wanted and not self._buf and not self.fin_sent and not s.closed:
+            s.send_frame(DATA, (SYN if self._syn else 0) | FIN, self.id, b"")
+            self._syn = False
+            self.fin_sent = True
+        if self._protocol is not None:
+            if not self._writing_paused and len(self._buf) > WINDOW:
+                self._writing_paused = True
+                self._protocol.pause_writing()
+            elif self._writing_paused and len(self._buf) <= WINDOW // 2:
+                self._writing_paused = False
+                self._protocol.resume_writing()
+        if self.fin_sent and self.fin_received:
+            self._forget()
+
+    def _consumed(self, unread: int) -> None:
+        """The reader holds ``unread`` bytes: credit the peer for what it consumed, in
+        batches (a window update per small read would double the frames)."""
+        if self._gone or self.fin_received:
+            return
+        inc = (WINDOW - self._recv_window) - unread
+        if inc >= CREDIT_AFTER or (inc > 0 and unread == 0 and inc >= WINDOW // 4):
+            self._recv_window += inc
+            self._session.buffered -= inc
+            self._session.send_frame(WNDINC, 0, self.id, U32.pack(inc))
+
+    def _on_data(self, data: bytes, fin: bool) -> None:
+        if data:
+            if len(data) > self._recv_window:
+                raise MuxError(FLOW_CONTROL_ERROR, "window overrun")
+            self._recv_window -= len(data)
+            self._session.buffered += len(data)
+            if not self._closed and self._protocol is not None:
+                self._protocol.data_received(data)
+            else:  # nobody reads a closed stream: credit at once
+                self._consumed(0)
+        if fin and not self.fin_received:
+            self.fin_received = True
+            self._session.buffered -= WINDOW - self._recv_window  # nothing more to credit
+            self._recv_window = WINDOW
+            if not self._closed and self._protocol is not None:
+                self._protocol.eof_received()
+            if self.fin_sent:
+                self._forget()
+
+    def _on_window(self, inc: int) -> None:
+        self._send_window += inc
+        if self._send_window > 2**31:
+            raise MuxError(FLOW_CONTROL_ERROR, "window overflow")
+        self._flush()
+
+    def _notify_lost(self, exc: Exception | None) -> None:
+        if not self._notified:
+            self._notified = True
+            if self._protocol is not None:
+                self._protocol.connection_lost(exc)
+
+    def _lost(self, exc: Exception | None) -> None:
+        """The stream is over (reset, or the session ended): forget it at once."""
+        self._closed = True
+        self._buf.clear()
+        self._forget()
+        self._notify_lost(exc)
+
+    def _forget(self) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        if not self.fin_received:
+            self._session.buffered -= WINDOW - self._recv_window
+            self._recv_window = WINDOW
+        self._session.forget(self)
+
+
+class _Reader(asyncio.StreamReader):
+    """A StreamReader that tells its stream what the application consumed."""
+
+    _mux: _StreamTransport | None = None
+
+    def _maybe_resume_transport(self) -> None:  # called after every read from the buffer
+        super()._maybe_resume_transport()
+        if self._mux is not None:
+            self._mux._consumed(len(self._buffer))
+
+
+class Stream:
+    """A muxado stream: ``reader`` / ``writer`` as for a TCP connection."""
+
+    def __init__(self, session: MuxSession, stream_id: int, syn: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self.id = stream_id
+        self.transport = _StreamTransport(session, stream_id, syn)
+        self.reader = _Reader(limit=READ_LIMIT, loop=loop)
+        self.reader._mux = self.transport
+        proto = asyncio.StreamReaderProtocol(self.reader, loop=loop)
+        proto.connection_made(self.transport)
+        self.transport._protocol = proto
+        self.writer = asyncio.StreamWriter(self.transport, proto, self.reader, loop)
+
+
+class MuxSession:
+    """The server side of one muxado session over ``reader`` / ``writer``.
+
+    ``on_stream(stream)`` is called for every stream the peer opens (it should start a
+    task).  :meth:`run` reads frames until the connection ends or breaks.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_stream: Callable[[Stream], None],
+        max_streams: int = 1024,
+        max_buffered: int = 32 * 1024 * 1024,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.on_stream = on_stream
+        self.max_streams = max_streams
+        self.max_buffered = max_buffered
+        self.peername = writer.get_extra_info("peername")
+        self.streams: dict[int, _StreamTransport] = {}
+        self.buffered = 0  # bytes received on all streams and not yet credited back
+        self.closed = False
+        self.goaway_received = False
+        self._next_id = 2  # we open even ids
+        self._last_remote = 1  # the peer opens odd ids, increasing
+        self._sock = writer.get_extra_info("socket") if QUICKACK else None
+        self.last_frame = 0.0  # loop time of the last frame received
+
+    # ------------------------------------------------------------------ writing
+    def send_frame(self, ftype: int, flags: int, stream_id: int, body: bytes = b"") -> None:
+        if self.closed or self.writer.is_closing():
+            return
+        self.writer.write(header(ftype, flags, stream_id, len(body)) + body)
+
+    def open_stream(self) -> Stream:
+        """Open a stream towards the peer (its SYN goes out with the first bytes)."""
+        if self.closed or self.goaway_received:
+            raise MuxError(SESSION_CLOSED, "the session is closed")
+        if len(self.streams) >= self.max_streams:
+            raise MuxError(STREAMS_EXHAUSTED, "too many streams")
+        sid = self._next_id
+        self._next_id += 2
+        st = Stream(self, sid, syn=True)
+        self.streams[sid] = st.transport
+        return st
+
+    def forget(self, t: _StreamTransport) -> None:
+        if self.streams.get(t.id) is t:
+            del self.streams[t.id]
+
+    def go_away(self, code: int = NO_ERROR, msg: str = "") -> None:
+        self.send_frame(GOAWAY, 0, 0, U32.pack(self._last_remote) + U32.pack(code) + msg.encode())
+
+    def close(self, code: int = NO_ERROR, msg: str = "") -> None:
+        if self.closed:
+            return
+        self.go_away(code, msg)
+        self.closed = True
+        for t in list(self.streams.values()):
+            t._lost(ConnectionResetError("muxado session closed"))
+        self.streams.clear()
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+    # ------------------------------------------------------------------ reading
+    async def run(self, first: bytes = b"") -> None:
+        """Read and dispatch frames; ``first`` is a frame header already read."""
+        pending = first
+        loop = asyncio.get_running_loop()
+        self.last_frame = loop.time()
+        try:
+            while not self.closed:
+                raw = (
+                    pending + await self.reader.readexactly(8 - len(pending))
+                    if len(pending) < 8
+                    else pending
+                )
+                pending = b""
+                ftype, flags, sid, length = parse_header(raw)
+                limit = WINDOW if ftype == DATA else MAX_CONTROL_BODY
+                if length > limit:
+                    raise MuxError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                body = await self.reader.readexactly(length) if length else b""
+                self._quickack()
+                self.last_frame = loop.time()
+                self._dispatch(ftype, flags, sid, body)
+        except MuxError as exc:
+            log.debug("muxado session broken: %s", exc)
+            self.close(exc.code, str(exc))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.close(NO_ERROR)
+
+    def _quickack(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
+            except OSError:
+                self._sock = None
+
+    def _dispatch(self, ftype: int, flags: int, sid: int, body: bytes) -> None:
+        if ftype == DATA:
+            t = self.streams.get(sid)
+            if t is None and flags & SYN:
+                t = self._accept(sid)
+                if t is None:
+                    return
+            if t is None:
+                if not (flags & FIN and not body):
+                    self.send_frame(RST, 0, sid, U32.pack(STREAM_CLOSED))
+                return
+            if len(body) > t._recv_window:
+                self._reset(t, FLOW_CONTROL_ERROR)
+                return
+            if self.buffered + len(body) > self.max_buffered:
+                self._reset(t, ENHANCE_YOUR_CALM)
+                return
+            t._on_data(body, bool(flags & FIN))
+        elif ftype == WNDINC:
+            if len(body) != 4:
+                raise MuxError(PROTOCOL_ERROR, "bad WNDINC frame")
+            t = self.streams.get(sid)
+            if t is not None:
+                try:
+                    t._on_window(U32.unpack(body)[0])
+                except MuxError as exc:
+                    self._reset(t, exc.code)
+        elif ftype == RST:
+            t = self.streams.get(sid)
+            if t is not None:
+                t._lost(ConnectionResetError("stream reset by the agent"))
+        elif ftype == GOAWAY:
+            if sid != 0 or len(body) < 8:
+                raise MuxError(PROTOCOL_ERROR, "bad GOAWAY frame")
+            self.goaway_received = True
+            # the peer opens no more streams; ours still running may finish
+        else:
+            raise MuxError(PROTOCOL_ERROR, f"unknown frame type {ftype}")
+
+    def _accept(self, sid: int) -> _StreamTransport | None:
+        if sid % 2 == 0 or sid <= self._last_remote:
+            raise MuxError(PROTOCOL_ERROR, f"bad new stream id {sid}")
+        self._last_remote = sid
+        if self.goaway_received or len(self.streams) >= self.max_streams:
+            self.send_frame(RST, 0, sid, U32.pack(STREAM_REFUSED))
+            return None
+        st = Stream(self, sid, syn=False)
+        self.streams[sid] = st.transport
+        self.on_stream(st)
+        return st.transport
+
+    def _reset(self, t: _StreamTransport, code: int) -> None:
+        self.send_frame(RST, 0, t.id, U32.pack(code))
+        t._lost(ConnectionResetError(f"stream reset (code {code})"))

@@ -1,0 +1,178 @@
+"""Muxado framing on the edge (backend.edge.muxado) against raw frames over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from backend.edge import muxado as m
+
+U32 = struct.Struct(">I")
+
+
+class Peer:
+    """The agent's side, written by hand: raw frames over a real TCP connection."""
+
+    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.r, self.w = r, w
+
+    def send(self, ftype: int, flags: int, sid: int, body: bytes = b"") -> None:
+        self.w.write(m.header(ftype, flags, sid, len(body)) + body)
+
+    async def frame(self, timeout: float = 5.0) -> tuple[int, int, int, bytes]:
+        ftype, flags, sid, length = m.parse_header(
+            await asyncio.wait_for(self.r.readexactly(8), timeout)
+        )
+        body = await asyncio.wait_for(self.r.readexactly(length), timeout) if length else b""
+        return ftype, flags, sid, body
+
+    async def frame_of(
+        self, ftype: int, sid: int | None = None, timeout: float = 5.0
+    ) -> tuple[int, int, int, bytes]:
+        """The next frame of a type (and stream), skipping others (window updates...)."""
+        while True:
+            f = await self.frame(timeout)
+            if f[0] == ftype and (sid is None or f[2] == sid):
+                return f
+
+    async def read_stream(self, sid: int, n: int) -> bytes:
+        got = b""
+        while len(got) < n:
+            f = await self.frame_of(m.DATA, sid)
+            got += f[3]
+        return got
+
+
+@pytest.fixture
+async def mux():
+    """A MuxSession on a real socket whose streams echo (``echo``) or are kept (``held``)."""
+    state: dict = {"held": [], "sessions": []}
+
+    async def echo(st: m.Stream) -> None:
+        while data := await st.reader.read(65536):
+            st.writer.write(data)
+            await st.writer.drain()
+        st.writer.write_eof()
+
+    def on_stream(st: m.Stream) -> None:
+        if state.get("mode") == "hold":
+            state["held"].append(st)
+        else:
+            state.setdefault("tasks", []).append(asyncio.ensure_future(echo(st)))
+
+    async def conn(r, w):
+        s = m.MuxSession(
+            r, w, on_stream, max_streams=state.get("max_streams", 8), max_buffered=1 << 20
+        )
+        state["sessions"].append(s)
+        await s.run()
+
+    server = await asyncio.start_server(conn, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def connect(**opts) -> Peer:
+        state.update(opts)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        return Peer(r, w)
+
+    state["connect"] = connect
+    yield state
+    server.close()
+    for s in state["sessions"]:
+        s.close()
+
+
+async def test_stream_echo_half_close_and_window_credit(mux):
+    peer = await mux["connect"]()
+    payload = bytes(range(256)) * 1536  # 384 KiB: more than a window, so it needs credit
+    sent = m.WINDOW
+    peer.send(m.DATA, m.SYN, 3, payload[:1000])
+    for i in range(1000, sent, 60000):
+        peer.send(m.DATA, 0, 3, payload[i : min(i + 60000, sent)])
+    got, credited, fin = b"", 0, False
+    while not fin:
+        ftype, flags, sid, body = await peer.frame()
+        assert sid == 3
+        if ftype == m.WNDINC:
+            credited += U32.unpack(body)[0]
+            if sent < len(payload) and credited >= len(payload) - sent:
+                # the edge consumed enough to take the rest within its window
+                peer.send(m.DATA, m.FIN, 3, payload[sent:])
+                sent = len(payload)
+        elif ftype == m.DATA:
+            got += body
+            fin = bool(flags & m.FIN)
+            if body:  # credit the edge's sends so that it can write everything back
+                peer.send(m.WNDINC, 0, 3, U32.pack(len(body)))
+    assert got == payload
+
+
+async def test_window_overrun_resets_only_that_stream(mux):
+    peer = await mux["connect"](mode="hold")
+    peer.send(m.DATA, m.SYN, 3, b"x")
+    peer.send(m.DATA, m.SYN, 5, b"y")
+    await asyncio.sleep(0.05)
+    # nobody reads stream 3: overrun its window
+    for _ in range(5):
+        peer.send(m.DATA, 0, 3, b"z" * 65536)
+    assert await peer.frame_of(m.RST, 3) == (m.RST, 0, 3, U32.pack(m.FLOW_CONTROL_ERROR))
+    # the session and its other stream carry on
+    st5 = mux["held"][1]
+    peer.send(m.DATA, 0, 5, b"still here")
+    assert await asyncio.wait_for(st5.reader.readexactly(11), 5) == b"ystill here"
+    st5.writer.write(b"ok")
+    assert await peer.read_stream(5, 2) == b"ok"
+
+
+async def test_unknown_frame_type_gets_goaway_protocol_error(mux):
+    peer = await mux["connect"]()
+    peer.send(9, 0, 3, b"")
+    _, _, sid, body = await peer.frame_of(m.GOAWAY)
+    assert sid == 0 and U32.unpack(body[4:8])[0] == m.PROTOCOL_ERROR
+    assert await asyncio.wait_for(peer.r.read(), 5) == b""  # and the connection closes
+
+
+async def test_oversized_frame_gets_goaway_frame_size_error(mux):
+    peer = await mux["connect"]()
+    peer.w.write(m.header(m.DATA, m.SYN, 3, 0xFFFFFF))  # 16 MiB announced, never sent
+    _, _, _, body = await peer.frame_of(m.GOAWAY)
+    assert U32.unpack(body[4:8])[0] == m.FRAME_SIZE_ERROR
+
+
+async def test_streams_over_the_limit_are_refused(mux):
+    peer = await mux["connect"](mode="hold", max_streams=2)
+    for sid in (3, 5, 7):
+        peer.send(m.DATA, m.SYN, sid, b"a")
+    assert await peer.frame_of(m.RST, 7) == (m.RST, 0, 7, U32.pack(m.STREAM_REFUSED))
+    assert len(mux["held"]) == 2
+
+
+async def test_edge_opened_stream_waits_for_window(mux):
+    peer = await mux["connect"](mode="hold")
+    peer.send(m.DATA, m.SYN, 3, b"hello")  # any stream, so that the session exists
+    await asyncio.sleep(0.05)
+    s = mux["sessions"][-1]
+    st = s.open_stream()
+    assert st.id == 2
+    st.writer.write(b"a" * (m.WINDOW + 1000))
+    first = await peer.frame_of(m.DATA, 2)
+    assert first[1] & m.SYN
+    got = len(first[3]) + len(await peer.read_stream(2, m.WINDOW - len(first[3])))
+    assert got == m.WINDOW
+    with pytest.raises(TimeoutError):  # no window left: nothing more until a WNDINC
+        await peer.frame_of(m.DATA, 2, timeout=0.3)
+    peer.send(m.WNDINC, 0, 2, U32.pack(1000))
+    assert await peer.read_stream(2, 1000) == b"a" * 1000
+
+
+async def test_peer_reset_ends_the_stream_reader(mux):
+    peer = await mux["connect"](mode="hold")
+    peer.send(m.DATA, m.SYN, 3, b"abc")
+    await asyncio.sleep(0.05)
+    st = mux["held"][0]
+    assert await st.reader.readexactly(3) == b"abc"
+    peer.send(m.RST, 0, 3, U32.pack(m.STREAM_CANCELLED))
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(st.reader.read(10), 5)
