@@ -324,6 +324,16 @@ class AgentConnection:
                 **fail,
                 "Error": f"burrow does not serve {proto or 'this'} endpoints for ngrok agents yet\nERR_NGROK_9000",
             }
+        unsupported = [k for k in _UNSUPPORTED_OPTS if _is_set(_get(opts, k))]
+        if unsupported:
+            # never bind without what the agent asked for (a BasicAuth dropped silently
+            # would put a private app on the internet): refuse, naming the option
+            names = ", ".join(unsupported)
+            return {
+                **fail,
+                "Error": f"{names}: not supported by burrow's edge for ngrok agents yet; "
+                "use a traffic policy (basic-auth, restrict-ips, add-headers, remove-headers)\nERR_NGROK_9000",
+            }
         url = _str(_get(opts, "URL"))
         addr = _str(_get(opts, "Addr"))
         if proto == "tcp" and not url and addr:
@@ -445,3 +455,22 @@ async def serve(
     conn = AgentConnection(edge, reader, writer, peer_ip)
     conn.on_auth = authenticated
     await conn.run(first)
+
+
+# Bind options burrow's edge does not apply to ngrok agents yet (issue 15): refused when
+# set, never ignored.  TrafficPolicy/Policy are applied by burrow's policy engine.
+_UNSUPPORTED_OPTS = (
+    "BasicAuth", "OAuth", "OIDC", "HostHeaderRewrite", "ProxyProto", "Compression",
+    "CircuitBreaker", "IPRestriction", "WebhookVerification", "MutualTLSCA", "RequestHeaders",
+    "ResponseHeaders", "WebsocketTCPConverter", "UserAgentFilter", "MutualTLSAtAgent",
+    "MutualTLSAtEdge", "TLSTermination",
+)
+
+
+def _is_set(value) -> bool:
+    """An option the agent really asked for: not absent, empty, false or zero."""
+    if isinstance(value, dict):
+        return any(_is_set(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_is_set(v) for v in value)
+    return bool(value)

@@ -9,6 +9,7 @@ stdin closes, and closes the session on the way out.
 """
 
 import json
+import os
 import sys
 
 import ngrok
@@ -23,6 +24,7 @@ def main() -> int:
         opts = {"proto": "http", "schemes": [proto.upper()]}
     if domain:
         opts["domain"] = domain
+    opts.update(json.loads(os.environ.get("BURROW_SDK_OPTIONS") or "{}"))  # e.g. basic_auth
     try:
         listener = ngrok.forward(
             upstream, authtoken=authtoken, server_addr=server_addr, root_cas=ca_file, **opts

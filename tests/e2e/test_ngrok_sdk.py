@@ -48,6 +48,7 @@ class SDK:
         authtoken: str = "test-authtoken",
         proto: str = "http",
         domain: str = "",
+        options: dict | None = None,
     ):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -60,7 +61,11 @@ class SDK:
             domain,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env={"PYTHONPATH": str(SDK_DIR), "PATH": os.environ.get("PATH", "")},
+            env={
+                "PYTHONPATH": str(SDK_DIR),
+                "PATH": os.environ.get("PATH", ""),
+                "BURROW_SDK_OPTIONS": json.dumps(options or {}),
+            },
         )
         line = await asyncio.wait_for(proc.stdout.readline(), 15)
         assert line, "the SDK process printed nothing"
@@ -148,6 +153,17 @@ async def test_sdk_with_wrong_authtoken_gets_ngroks_error(edge):
         text = " ".join(sdk.error)
         assert "The authtoken you specified is properly formed, but it is invalid." in text
         assert "ERR_NGROK_107" in sdk.error
+    finally:
+        await sdk.stop()
+
+
+async def test_sdk_options_burrow_cannot_apply_are_refused_not_ignored(edge):
+    """A BasicAuth dropped on the floor would put a private app on the internet."""
+    sdk = await SDK.start(edge, "127.0.0.1:9", options={"basic_auth": ["user:password1234"]})
+    try:
+        assert not sdk.url
+        text = " ".join(sdk.error)
+        assert "BasicAuth: not supported by burrow's edge for ngrok agents yet" in text, text
     finally:
         await sdk.stop()
 
