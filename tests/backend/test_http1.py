@@ -941,8 +941,9 @@ async def test_add_headers_output_reads_back_as_exactly_one_head(connect) -> Non
         b"3\nabc\r\n0\r\n\r\n",  # bare LF after the size
         b"3;\r\nabc\r\n0\r\n\r\n",  # ';' without an extension name
         b"3;a=b c\r\nabc\r\n0\r\n\r\n",
+        b"3 \r\nabc\r\n0\r\n\r\n",  # BWS only around ';' (the fuzz found this one)
     ],
-    ids=["0x", "minus", "plus", "leading-space", "bare-lf", "empty-ext", "bad-ext"],
+    ids=["0x", "minus", "plus", "leading-space", "bare-lf", "empty-ext", "bad-ext", "trailing-space"],
 )
 async def test_relay_validates_a_chunk_line_before_forwarding_it(connect, data: bytes) -> None:
     src_w, src = await connect()
