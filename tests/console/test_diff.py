@@ -7,7 +7,6 @@ import base64
 import gzip
 import json
 import os
-import time
 from typing import Any
 
 import httpx
@@ -213,11 +212,9 @@ def test_large_bodies_are_capped_and_say_so():
     items = [{"id": i, "v": "x" * 40} for i in range(6000)]
     items[10]["v"] = "changed"
     big_b = json.dumps(items).encode()
-    started = time.perf_counter()
     d = diff_captures(*pair(GET, json_response(big_a), GET, json_response(big_b)))
     unified = text_of(render_unified(d))
     side = text_of(render_side_by_side(d, 120))
-    assert time.perf_counter() - started < 10
     body = d.response.body
     assert not body.same
     assert sum(len(line) + 1 for line in body.old_lines) <= DIFF_LIMIT + 1

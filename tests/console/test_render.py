@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import time
 import zlib
 
 import pytest
@@ -305,18 +304,16 @@ def test_truncated_gzip_capture_reports_wire_bytes_and_notes() -> None:
     assert any(line.startswith('[{"n": 0}') for line in lines)
 
 
-def test_big_json_is_capped_and_fast() -> None:
+def test_big_json_is_capped() -> None:
+    # (speed is measured in tests/benchmarks/bench_console.py, never asserted here)
     body = json.dumps(
         [{"id": i, "name": f"item {i}", "tags": ["a", "b"]} for i in range(20000)]
     ).encode()
     assert len(body) > 1024 * 1024 * 0.8
-    started = time.perf_counter()
     out = text_of(render_body(BodyInfo(body=body, content_type="application/json")))
-    elapsed = time.perf_counter() - started
     lines = out.splitlines()
     assert lines[0].startswith(f"⚠ pretty view shows only the first {PRETTY_LINES:,} lines")
     assert len(lines) == PRETTY_LINES + 1
-    assert elapsed < 2.0, elapsed
 
 
 def test_unknown_mode_is_an_error() -> None:
