@@ -207,6 +207,8 @@ def _credentials(basic: Any, legacy: Any) -> list[str]:
             user, pw = _field(c, "username", "BasicAuth"), _field(c, "cleartext_password", "BasicAuth")
             if not isinstance(user, str) or not isinstance(pw, str):
                 raise BindOptionError(f"BasicAuth.credentials[{i}] needs a username and a cleartext_password")
+            if ":" in user:
+                raise BindOptionError(f'BasicAuth.credentials[{i}]: a user name cannot contain ":"')
             creds.append(f"{user}:{pw}")
     for c in creds:
         user, sep, pw = c.partition(":")
