@@ -271,7 +271,8 @@ async def test_tls_endpoint_passes_the_upstreams_tls_through(edge, tmp_path):
     ):
         ws_port = wss.sockets[0].getsockname()[1]
         sdk, ws_sdk = await asyncio.gather(
-            _sdk(edge, f"127.0.0.1:{up.port}", proto="tls", domain=host),
+            # a tls:// upstream: the SDK would wrap it in TLS itself unless told PassthroughTLS
+            _sdk(edge, f"tls://127.0.0.1:{up.port}", proto="tls", domain=host),
             _sdk(edge, f"127.0.0.1:{ws_port}", proto="tls", domain=ws_host),
         )
         try:
