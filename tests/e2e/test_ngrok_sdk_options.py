@@ -147,6 +147,33 @@ async def test_ip_restriction_tcp_closes_denied_connections(edge):
 
 
 @needs_sdk
+async def test_ip_restriction_tls_closes_denied_connections_before_the_handshake(edge, tmp_path):
+    host = "sdk-tls-denied.burrow.localhost"
+    ca = LocalCA.load_or_create(tmp_path / "upstream-ca")
+    handshakes = 0
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal handshakes
+        handshakes += 1
+        w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ca.server_context([host]))
+    sdk = await _sdk(
+        edge, f"127.0.0.1:{server.sockets[0].getsockname()[1]}", proto="tls", domain=host,
+        options={"deny_cidr": ["127.0.0.1/32"]},
+    )
+    try:
+        port = int(sdk.url.rsplit(":", 1)[1])
+        ctx = ssl.create_default_context(cafile=str(ca.ca_file))
+        with pytest.raises(OSError):  # reset or EOF during the handshake
+            await _tls_exchange(port, host, ctx, b"GET / HTTP/1.1\r\n\r\n")
+        assert handshakes == 0
+    finally:
+        await sdk.stop()
+        server.close()
+
+
+@needs_sdk
 async def test_request_and_response_headers_are_added_and_removed(edge):
     async with HTTPUpstream() as up:
         sdk = await _sdk(
