@@ -387,6 +387,7 @@ class AgentConnection:
         # The agent routes Proxy streams by the Id it knows: a re-bind keeps its old one.
         tid = old_id if old_id and old_id not in self.session.agent_ids.values() else res.endpoint_id
         self.session.agent_ids[res.endpoint_id] = tid
+        # no await since the endpoint went online: no Proxy stream can start without its header
         self._stream_settings(res.endpoint_id, proto, applied)
         _remember(self.edge, self.session.account_id, tid, res.url)
         return {

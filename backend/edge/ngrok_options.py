@@ -242,6 +242,8 @@ def _proxy_proto(v: Any) -> int:
 
 def _own_policy(opts: dict, proto: str) -> dict:
     """The agent's own TrafficPolicy (or Policy) as a phase → rules mapping."""
+    if is_set(opts.get("TrafficPolicy")) and is_set(opts.get("Policy")):
+        raise BindOptionError("give TrafficPolicy or Policy, not both", ERR_POLICY)
     raw = opts.get("TrafficPolicy") or opts.get("Policy")
     if not is_set(raw):
         return {}

@@ -383,6 +383,8 @@ def test_translation_refuses_credentials_it_cannot_check():
             ngrok_options.translate("http", {"BasicAuth": {"credentials": bad}})
     with pytest.raises(ngrok_options.BindOptionError, match="ProxyProto must be 1 or 2"):
         ngrok_options.translate("tcp", {"ProxyProto": 3})
+    with pytest.raises(ngrok_options.BindOptionError, match="not both"):
+        ngrok_options.translate("http", {"TrafficPolicy": "on_http_request: []", "Policy": {"inbound": []}})
     # http-only options on a tcp endpoint are refused too
     with pytest.raises(ngrok_options.BindOptionError, match="BasicAuth"):
         ngrok_options.translate("tcp", {"BasicAuth": {"credentials": [{"username": "u", "cleartext_password": "p"}]}})
