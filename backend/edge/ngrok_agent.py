@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from backend import protocol as p
-from backend.edge import muxado
+from backend.agent.forward import proxy_header
+from backend.edge import muxado, ngrok_options
 from backend.edge.sessions import AgentEndpoint, Session, SessionClosed
 from backend.ids import new_id
 
@@ -73,6 +74,8 @@ class NgrokSession(Session):
     mux: muxado.MuxSession | None = None
     #: endpoint id → the tunnel id the agent knows it by (its old one after a re-bind)
     agent_ids: dict[str, str] = field(default_factory=dict)
+    #: endpoint id → (PROXY protocol version, edge listener host, port) for its streams
+    proxy_proto: dict[str, tuple[int, str, int]] = field(default_factory=dict)
     edge_forwarded_headers: ClassVar[bool] = True
     _streams: set = field(default_factory=set)
 
@@ -99,10 +102,13 @@ class NgrokSession(Session):
                 "ClientAddr": f"{client_addr}:{client_port}",
                 "Proto": scheme or ep.proto,
                 "EdgeType": "",
-                "PassthroughTLS": False,
+                "PassthroughTLS": ep.proto == "tls",  # the edge routed it by SNI, unterminated
             }
         ).encode()
         st.writer.write(U32.pack(PROXY) + I64LE.pack(len(head)) + head)
+        pp = self.proxy_proto.get(ep.id)
+        if pp is not None:
+            st.writer.write(proxy_header(pp[0], client_addr, client_port, pp[1], pp[2]))
         self._streams.add(st.writer)
         return st.reader, st.writer
 
@@ -319,21 +325,17 @@ class AgentConnection:
         opts = _get(req, "Opts") or {}
         extra = _get(req, "Extra") or {}
         fail = {"Id": "", "URL": "", "Proto": proto, "Opts": opts, "Extra": {"Token": ""}}
-        if proto not in ("http", "https", "tcp"):
+        if proto not in ("http", "https", "tcp", "tls"):
             return {
                 **fail,
-                "Error": f"burrow does not serve {proto or 'this'} endpoints for ngrok agents yet\nERR_NGROK_9000",
+                "Error": f"burrow does not serve {proto or 'this'} endpoints for ngrok agents\nERR_NGROK_9000",
             }
-        unsupported = [k for k in _UNSUPPORTED_OPTS if _is_set(_get(opts, k))]
-        if unsupported:
-            # never bind without what the agent asked for (a BasicAuth dropped silently
-            # would put a private app on the internet): refuse, naming the option
-            names = ", ".join(unsupported)
-            return {
-                **fail,
-                "Error": f"{names}: not supported by burrow's edge for ngrok agents yet; "
-                "use a traffic policy (basic-auth, restrict-ips, add-headers, remove-headers)\nERR_NGROK_9000",
-            }
+        try:
+            # options become policy rules or stream settings; what the edge cannot apply
+            # is refused naming the option, never ignored
+            applied = ngrok_options.translate(proto, opts)
+        except ngrok_options.BindOptionError as exc:
+            return {**fail, "Error": f"{exc}\n{exc.code}"}
         url = _str(_get(opts, "URL"))
         addr = _str(_get(opts, "Addr"))
         if proto == "tcp" and not url and addr:
@@ -344,9 +346,6 @@ class AgentConnection:
             url = f"{proto}://{host}"
         elif not url and sub:
             url = f"{proto}://{sub}"  # a bare label: the edge appends its domain
-        policy = _get(opts, "TrafficPolicy") or _get(opts, "Policy") or ""
-        if not isinstance(policy, str):
-            policy = json.dumps(policy)
         bindings = _get(extra, "Bindings") or []
         binding = (
             bindings[0]
@@ -366,7 +365,7 @@ class AgentConnection:
                 metadata=_str(_get(extra, "Metadata")),
                 description=_str(_get(extra, "Description")),
                 upstream_url=_str(_get(req, "ForwardsTo")),
-                traffic_policy=policy,
+                traffic_policy=applied.traffic_policy,
             )
         except ValueError as exc:
             return {**fail, "Error": f"invalid bind request: {exc}\nERR_NGROK_9000"}
@@ -388,6 +387,8 @@ class AgentConnection:
         # The agent routes Proxy streams by the Id it knows: a re-bind keeps its old one.
         tid = old_id if old_id and old_id not in self.session.agent_ids.values() else res.endpoint_id
         self.session.agent_ids[res.endpoint_id] = tid
+        # no await since the endpoint went online: no Proxy stream can start without its header
+        self._stream_settings(res.endpoint_id, proto, applied)
         _remember(self.edge, self.session.account_id, tid, res.url)
         return {
             "Id": tid,
@@ -398,11 +399,23 @@ class AgentConnection:
             "Extra": {"Token": "", "TunnelID": tid},
         }
 
+    def _stream_settings(self, endpoint_id: str, proto: str, applied: ngrok_options.BindOptions) -> None:
+        """Remember what the endpoint's Proxy streams start with (a PROXY header naming
+        the public client and the edge's listener address)."""
+        assert self.session is not None
+        ep = self.session.endpoints.get(endpoint_id)
+        if ep is None or not applied.proxy_proto:
+            return
+        listener = {"http": "http", "tcp": "http"}.get(proto, "https")  # tcp binds http's host
+        host = self.edge.addrs.get(listener, ("", 0))[0]
+        self.session.proxy_proto[endpoint_id] = (applied.proxy_proto, host, ep.port)
+
     def _unbind(self, req: dict) -> dict:
         assert self.session is not None
         tid = _str(_get(req, "Id"))
         ep_id = next((e for e, t in self.session.agent_ids.items() if t == tid), tid)
         self.session.agent_ids.pop(ep_id, None)
+        self.session.proxy_proto.pop(ep_id, None)
         ep = self.session.endpoints.get(ep_id)
         if ep is not None:  # idempotent: the SDK may unbind one listener twice
             self.edge.registry.remove_endpoint(ep)
@@ -455,22 +468,3 @@ async def serve(
     conn = AgentConnection(edge, reader, writer, peer_ip)
     conn.on_auth = authenticated
     await conn.run(first)
-
-
-# Bind options burrow's edge does not apply to ngrok agents yet (issue 15): refused when
-# set, never ignored.  TrafficPolicy/Policy are applied by burrow's policy engine.
-_UNSUPPORTED_OPTS = (
-    "BasicAuth", "OAuth", "OIDC", "HostHeaderRewrite", "ProxyProto", "Compression",
-    "CircuitBreaker", "IPRestriction", "WebhookVerification", "MutualTLSCA", "RequestHeaders",
-    "ResponseHeaders", "WebsocketTCPConverter", "UserAgentFilter", "MutualTLSAtAgent",
-    "MutualTLSAtEdge", "TLSTermination",
-)
-
-
-def _is_set(value) -> bool:
-    """An option the agent really asked for: not absent, empty, false or zero."""
-    if isinstance(value, dict):
-        return any(_is_set(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(_is_set(v) for v in value)
-    return bool(value)

@@ -3,7 +3,9 @@
 Started with ``PYTHONPATH`` set to the SDK's own target directory only, because the SDK
 (``pip install ngrok``) and the ``ngrok-api`` client share the import name ``ngrok``.
 Prints one JSON line (``{"url": ...}`` or ``{"error": [...]}``), then serves until its
-stdin closes, and closes the session on the way out.
+stdin closes, and closes the session on the way out.  ``BURROW_SDK_OPTIONS`` holds more
+``forward()`` keyword arguments as JSON; ``{"bytes_from_file": PATH}`` passes a file's
+bytes (for ``crt``, ``key``, ``mutual_tls_cas``).
 
     python ngrok_sdk_driver.py UPSTREAM AUTHTOKEN SERVER_ADDR CA_FILE [PROTO [DOMAIN]]
 """
@@ -24,7 +26,12 @@ def main() -> int:
         opts = {"proto": "http", "schemes": [proto.upper()]}
     if domain:
         opts["domain"] = domain
-    opts.update(json.loads(os.environ.get("BURROW_SDK_OPTIONS") or "{}"))  # e.g. basic_auth
+    for key, value in json.loads(os.environ.get("BURROW_SDK_OPTIONS") or "{}").items():
+        if isinstance(value, dict) and set(value) == {"bytes_from_file"}:
+            # options the SDK wants as bytearray (crt, key, mutual_tls_cas): {"bytes_from_file": path}
+            with open(value["bytes_from_file"], "rb") as f:
+                value = bytearray(f.read())
+        opts[key] = value  # e.g. basic_auth, traffic_policy, proxy_proto
     try:
         listener = ngrok.forward(
             upstream, authtoken=authtoken, server_addr=server_addr, root_cas=ca_file, **opts

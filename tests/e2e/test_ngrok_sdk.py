@@ -158,12 +158,14 @@ async def test_sdk_with_wrong_authtoken_gets_ngroks_error(edge):
 
 
 async def test_sdk_options_burrow_cannot_apply_are_refused_not_ignored(edge):
-    """A BasicAuth dropped on the floor would put a private app on the internet."""
-    sdk = await SDK.start(edge, "127.0.0.1:9", options={"basic_auth": ["user:password1234"]})
+    """An OAuth dropped on the floor would put a private app on the internet (the options
+    burrow does apply are tested in test_ngrok_sdk_options.py)."""
+    sdk = await SDK.start(edge, "127.0.0.1:9", options={"oauth_provider": "google"})
     try:
         assert not sdk.url
         text = " ".join(sdk.error)
-        assert "BasicAuth: not supported by burrow's edge for ngrok agents yet" in text, text
+        assert "OAuth: not supported by burrow's edge for ngrok agents" in text, text
+        assert "ERR_NGROK_9000" in sdk.error
     finally:
         await sdk.stop()
 
