@@ -388,3 +388,42 @@ async def test_burrow_agent_and_ngrok_agent_pooled_on_one_url(shared_edge, tmp_p
             await wire.close()
             burrow.stop()
 
+
+
+async def test_edge_stop_session_sends_an_ngrok_agent_its_stop_request(tmp_path):
+    """``Edge.stop_session`` (burrow's own Stop message) reaches an ngrok agent as a
+    Stop request stream (``NgrokSession.send``); an in-process edge, to call it."""
+    from types import SimpleNamespace
+
+    from backend.edge.server import Edge, EdgeConfig
+
+    edge = Edge(
+        EdgeConfig(
+            data_dir=tmp_path / "edge",
+            api_addr="",
+            ingress_addr="127.0.0.1:0",
+            http_addr="127.0.0.1:0",
+            https_addr=None,
+            authtokens=["test-authtoken"],
+            api_keys=["test-api-key"],
+        )
+    )
+    await edge.start()
+    try:
+        host, port = edge.addrs["ingress"]
+        target = SimpleNamespace(
+            ready={"ingress_addr": f"{host}:{port}", "ca_file": str(edge.ca.ca_file)}
+        )
+        sdk = await SessionSDK.start(target, "127.0.0.1:9")
+        try:
+            assert not sdk.error, sdk.error
+            [s] = edge.registry.sessions.values()
+            assert edge.stop_session(s.id)
+            await sdk.event("stop_command")
+            assert s.id not in edge.registry.sessions
+            assert await asyncio.wait_for(sdk.proc.wait(), 10) == 0
+            assert not edge.registry.sessions  # it did not come back
+        finally:
+            await sdk.stop()
+    finally:
+        await edge.stop()
