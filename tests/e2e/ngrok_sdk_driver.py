@@ -28,7 +28,11 @@ def main() -> int:
     proto = sys.argv[5] if len(sys.argv) > 5 else "http"
     domain = sys.argv[6] if len(sys.argv) > 6 else ""
     if os.environ.get("BURROW_SDK_SESSION") == "1":
-        return asyncio.run(run_session(upstream, authtoken, server_addr, ca_file, proto, domain))
+        rc = asyncio.run(run_session(upstream, authtoken, server_addr, ca_file, proto, domain))
+        sys.stdout.flush()
+        # the SDK's threads may call into Python while the interpreter finalizes (it
+        # aborts with "PyGILState_Release ... finalizing" now and then): skip that
+        os._exit(rc)
     opts = {"proto": proto}
     if proto in ("http", "https"):  # the SDK's http listener binds https unless told
         opts = {"proto": "http", "schemes": [proto.upper()]}
