@@ -436,13 +436,14 @@ class AgentConnection:
 
 
 MAX_REMEMBERED = 10_000  # tunnel ids whose URL the edge remembers for re-binds
+MAX_TUNNEL_ID = 128  # longer Ids (the agent chooses its re-bind Id) are not remembered
 
 
 def _remember(edge: Edge, account_id: str, tunnel_id: str, url: str) -> None:
     """Remember the URL a tunnel id got, in the edge's store, so that an agent that
     reconnects and re-binds with its old Id gets the same random URL, also after the
     edge restarts (bounded: the oldest entries go first)."""
-    if edge.store is None:
+    if edge.store is None or len(tunnel_id) > MAX_TUNNEL_ID:
         return
     try:
         edge.store.remember_rebind_url(account_id, tunnel_id, url, MAX_REMEMBERED)
@@ -451,7 +452,7 @@ def _remember(edge: Edge, account_id: str, tunnel_id: str, url: str) -> None:
 
 
 def _remembered(edge: Edge, account_id: str, tunnel_id: str) -> str | None:
-    if edge.store is None:
+    if edge.store is None or len(tunnel_id) > MAX_TUNNEL_ID:
         return None
     try:
         return edge.store.rebind_url(account_id, tunnel_id)

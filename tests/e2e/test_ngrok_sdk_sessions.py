@@ -31,7 +31,9 @@ API_HEADERS = {"Authorization": "Bearer test-api-key", "Ngrok-Version": "2"}
 @pytest.fixture(scope="module")
 def shared_edge(tmp_path_factory) -> BurrowProc:
     """One edge for the tests of this module that leave it as they found it."""
-    proc = start_edge(tmp_path_factory.mktemp("edge"))
+    data = tmp_path_factory.mktemp("edge")
+    proc = start_edge(data)
+    proc.data_dir = data
     yield proc
     proc.stop()
 
@@ -248,6 +250,29 @@ async def test_tunnel_session_stop_reaches_the_sdks_stop_handler(shared_edge):
             assert await asyncio.wait_for(sdk.proc.wait(), 10) == 0  # and the process exits
         finally:
             await sdk.stop()
+
+
+async def test_rebind_memory_is_kept_in_the_store_and_skips_oversized_ids(shared_edge):
+    """A re-bind Id is the agent's choice: a short one is remembered with its URL in the
+    edge's database (what a restarted edge reads), an oversized one is not stored."""
+    import sqlite3
+
+    a = await RawAgent.connect(shared_edge)
+    try:
+        assert (await a.auth())["Error"] == ""
+        ok = await a.request(1, {"Id": "ep_agents_own", "Proto": "http", "Opts": {}, "Extra": {}})
+        big = await a.request(1, {"Id": "x" * 5000, "Proto": "http", "Opts": {}, "Extra": {}})
+        assert ok["Error"] == "" and big["Error"] == "", (ok, big)
+        assert ok["Id"] == "ep_agents_own" and big["Id"] == "x" * 5000  # the agent's Ids
+        db = sqlite3.connect(f"file:{shared_edge.data_dir / 'burrow.db'}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT tunnel_id, url FROM ngrok_rebind_urls").fetchall()
+        finally:
+            db.close()
+        assert ("ep_agents_own", ok["URL"]) in rows
+        assert all(len(tid) <= 128 for tid, _ in rows)
+    finally:
+        a.w.close()
 
 
 # ------------------------------------------------------------------------ pooling
