@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from backend.agent.forward import proxy_header
 from backend.edge import muxado, ngrok_options
 from backend.edge.sessions import AgentEndpoint, Session, SessionClosed
 from backend.ids import new_id
+from backend.store import StoreError
 
 if TYPE_CHECKING:
     from backend.edge.server import Edge
@@ -80,7 +82,32 @@ class NgrokSession(Session):
     _streams: set = field(default_factory=set)
 
     def send(self, msg: p._Msg) -> None:
-        pass  # commands (Stop / Restart / Update) are not sent to ngrok agents yet
+        """Burrow's session messages, as the ngrok agent's requests: Stop and Restart go
+        out as their own request streams (the edge ends the session right after, so the
+        agent's answer is not awaited).  The rest have no muxado equivalent: heartbeats
+        are muxado's own, and data connections are Proxy streams the edge opens."""
+        if isinstance(msg, p.Stop):
+            self._request(STOP, {})
+        elif isinstance(msg, p.Restart):
+            self._request(RESTART, {})
+
+    def stop_tunnel(self, endpoint_id: str, message: str, error_code: str = "") -> bool:
+        """Tell the agent that the edge stopped one of its tunnels (StopTunnel, no
+        reply): the SDK closes that listener and keeps the session."""
+        tid = self.agent_ids.pop(endpoint_id, endpoint_id)
+        return self._request(STOP_TUNNEL, {"Id": tid, "Message": message, "ErrorCode": error_code})
+
+    def _request(self, kind: int, body: dict) -> bool:
+        """Open a stream of type ``kind``, write ``body`` and FIN; nothing is read back."""
+        if self.closed or self.mux is None:
+            return False
+        try:
+            st = self.mux.open_stream()
+        except muxado.MuxError:
+            return False
+        st.writer.write(U32.pack(kind) + json.dumps(body).encode())
+        st.writer.write_eof()
+        return True
 
     async def open_data(
         self,
@@ -370,9 +397,7 @@ class AgentConnection:
         except ValueError as exc:
             return {**fail, "Error": f"invalid bind request: {exc}\nERR_NGROK_9000"}
         old_id = _str(_get(req, "Id"))
-        remembered = (
-            self.edge.ngrok_rebind_urls.get((self.session.account_id, old_id)) if old_id else None
-        )
+        remembered = _remembered(self.edge, self.session.account_id, old_id) if old_id else None
         res = None
         if remembered and not url:
             # a reconnecting agent re-binds with its old Id: same URL as before if still free
@@ -423,16 +448,48 @@ class AgentConnection:
         return {"Error": "", "Extra": None}
 
 
-MAX_REMEMBERED = 10_000  # endpoint ids whose URL the edge remembers for re-binds
+MAX_REMEMBERED = 10_000  # tunnel ids whose URL the edge remembers for re-binds
+MAX_TUNNEL_ID = 128  # longer Ids (the agent chooses its re-bind Id) are not remembered
 
 
-def _remember(edge: Edge, account_id: str, endpoint_id: str, url: str) -> None:
-    """Remember the URL an endpoint id got, so that an agent that reconnects and re-binds
-    with its old Id gets the same random URL (bounded: the oldest entries go first)."""
-    urls = edge.ngrok_rebind_urls
-    urls[(account_id, endpoint_id)] = url
-    while len(urls) > MAX_REMEMBERED:
-        urls.popitem(last=False)
+def _remember(edge: Edge, account_id: str, tunnel_id: str, url: str) -> None:
+    """Remember the URL a tunnel id got, in the edge's store, so that an agent that
+    reconnects and re-binds with its old Id gets the same random URL, also after the
+    edge restarts (bounded: the oldest entries go first)."""
+    if edge.store is None or len(tunnel_id) > MAX_TUNNEL_ID:
+        return
+    try:
+        edge.store.remember_rebind_url(account_id, tunnel_id, url, MAX_REMEMBERED)
+    except (StoreError, sqlite3.Error) as exc:  # a URL not remembered is not a failed bind
+        log.warning("could not remember the URL of tunnel %s: %s", tunnel_id, exc)
+
+
+def _remembered(edge: Edge, account_id: str, tunnel_id: str) -> str | None:
+    if edge.store is None or len(tunnel_id) > MAX_TUNNEL_ID:
+        return None
+    try:
+        return edge.store.rebind_url(account_id, tunnel_id)
+    except (StoreError, sqlite3.Error) as exc:
+        log.warning("could not look up the URL of tunnel %s: %s", tunnel_id, exc)
+        return None
+
+
+def stop_endpoint(edge: Edge, ep: AgentEndpoint, message: str, error_code: str = "") -> bool:
+    """Take an ngrok agent's endpoint offline and send its agent StopTunnel; False if
+    ``ep`` is not an ngrok agent's (burrow's own protocol has no per-endpoint stop)."""
+    s = ep.session
+    if not isinstance(s, NgrokSession) or s.closed:
+        return False
+    tid = s.agent_ids.get(ep.id, ep.id)
+    s.stop_tunnel(ep.id, message, error_code)
+    edge.registry.remove_endpoint(ep)
+    if edge.store is not None:
+        try:  # a deleted endpoint is not re-bound to its URL by a later reconnect
+            edge.store.forget_rebind_url(s.account_id, tid)
+        except (StoreError, sqlite3.Error) as exc:
+            log.warning("could not forget the URL of tunnel %s: %s", tid, exc)
+    edge.on_event({"event": "endpoint_offline", "url": ep.url, "reason": message})
+    return True
 
 
 async def _read_json(reader: asyncio.StreamReader) -> dict:

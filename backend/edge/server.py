@@ -9,7 +9,6 @@ A public connection takes one data connection and keeps it for its lifetime.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import logging
@@ -133,8 +132,6 @@ class Edge:
         self.tls_pending = ConnLimit(config.max_handshakes, config.max_handshakes_per_ip)
         self._throttled = ThrottledLog(log)
         self._lingering = 0
-        #: (account, endpoint id) → URL, for ngrok agents that re-bind after a reconnect
-        self.ngrok_rebind_urls: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

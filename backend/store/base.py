@@ -402,6 +402,22 @@ class Store(abc.ABC):
     def delete_agent_ingress(self, account_id: str, ingress_id: str) -> bool:
         """Delete the account's agent ingress; False if there was none."""
 
+    # -- ngrok agents' re-bind URLs -----------------------------------------------------
+    # An ngrok agent that reconnects re-binds each listener with the tunnel id the edge
+    # gave it; the edge gives it back the same URL if it is free, also after a restart.
+
+    @abc.abstractmethod
+    def remember_rebind_url(self, account_id: str, tunnel_id: str, url: str, limit: int) -> None:
+        """Remember ``url`` for the account's tunnel id; keep the newest ``limit`` entries."""
+
+    @abc.abstractmethod
+    def rebind_url(self, account_id: str, tunnel_id: str) -> str | None:
+        """The URL remembered for the account's tunnel id, or None."""
+
+    @abc.abstractmethod
+    def forget_rebind_url(self, account_id: str, tunnel_id: str) -> None:
+        """Forget the URL of the account's tunnel id (idempotent)."""
+
     # -- lifecycle --------------------------------------------------------------------
 
     @abc.abstractmethod

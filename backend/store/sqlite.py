@@ -129,6 +129,16 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX agent_ingresses_domain ON agent_ingresses (domain);
     CREATE INDEX agent_ingresses_account ON agent_ingresses (account_id, id);
     """,
+    # 2: the URL each ngrok agent tunnel id got, so that it re-binds to it after a restart
+    """
+    CREATE TABLE ngrok_rebind_urls (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        account_id  TEXT NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+        tunnel_id   TEXT NOT NULL,
+        url         TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX ngrok_rebind_urls_key ON ngrok_rebind_urls (account_id, tunnel_id);
+    """,
 ]
 
 
@@ -796,6 +806,43 @@ class SQLiteStore(Store):
                 (ingress_id, account_id),
             )
             return cur.rowcount > 0
+
+    # -- ngrok agents' re-bind URLs -----------------------------------------------------
+
+    def remember_rebind_url(self, account_id: str, tunnel_id: str, url: str, limit: int) -> None:
+        """Remember ``url`` for the account's tunnel id, newest last; keep ``limit`` rows."""
+        with self._tx() as conn:
+            conn.execute(
+                "DELETE FROM ngrok_rebind_urls WHERE account_id = ? AND tunnel_id = ?",
+                (account_id, tunnel_id),
+            )
+            conn.execute(
+                "INSERT INTO ngrok_rebind_urls (account_id, tunnel_id, url) VALUES (?, ?, ?)",
+                (account_id, tunnel_id, url),
+            )
+            (n,) = conn.execute("SELECT COUNT(*) FROM ngrok_rebind_urls").fetchone()
+            if n > limit:
+                conn.execute(
+                    "DELETE FROM ngrok_rebind_urls WHERE seq IN"
+                    " (SELECT seq FROM ngrok_rebind_urls ORDER BY seq LIMIT ?)",
+                    (n - limit,),
+                )
+
+    def rebind_url(self, account_id: str, tunnel_id: str) -> str | None:
+        """The URL remembered for the account's tunnel id, or None."""
+        rows = self._query(
+            "SELECT url FROM ngrok_rebind_urls WHERE account_id = ? AND tunnel_id = ?",
+            (account_id, tunnel_id),
+        )
+        return rows[0]["url"] if rows else None
+
+    def forget_rebind_url(self, account_id: str, tunnel_id: str) -> None:
+        """Forget the URL of the account's tunnel id (idempotent)."""
+        with self._tx() as conn:
+            conn.execute(
+                "DELETE FROM ngrok_rebind_urls WHERE account_id = ? AND tunnel_id = ?",
+                (account_id, tunnel_id),
+            )
 
     # -- lifecycle --------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import logging
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from backend.edge import ngrok_agent
 from backend.edge.api.core import (
     MAX_DESCRIPTION,
     MAX_METADATA,
@@ -522,6 +523,11 @@ class EndpointsAPI:
             self.edge.unserve_cloud_endpoint(id_)
             self.edge.on_event({"event": "cloud_endpoint_deleted", "id": id_})
             return empty(204)
-        if self._agent_endpoint(who.account_id, id_) is not None:
+        agent_ep = self._agent_endpoint(who.account_id, id_)
+        if agent_ep is not None:
+            # an ngrok agent is told (StopTunnel) and keeps its session; burrow's own
+            # agents have no per-endpoint stop: their endpoints are refused as before
+            if ngrok_agent.stop_endpoint(self.edge, agent_ep, "the endpoint was deleted through the API"):
+                return empty(204)
             raise self._agent_refusal(id_)
         raise not_found("endpoint", id_)
