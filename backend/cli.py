@@ -201,6 +201,9 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
                       help="PEM roots to trust for the directory's HTTPS (default: the system's)")
     acme.add_argument("--acme-rate-limit", type=_count, default=20, metavar="N",
                       help="new on-demand certificates per account per hour (0 = no limit)")
+    acme.add_argument("--acme-challenges", default="tls-alpn-01,http-01", metavar="LIST",
+                      help="challenge types to answer, in order of preference (tls-alpn-01 on the "
+                      "https port, http-01 on the http port)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
 
@@ -577,7 +580,12 @@ def _acme_options(args) -> dict:
         import josepy  # noqa: F401
     except ImportError:
         raise CLIError("--acme-directory needs the ACME libraries: pip install 'burrow[acme]'") from None
+    kinds = tuple(k.strip().lower() for k in args.acme_challenges.split(",") if k.strip())
+    bad = [k for k in kinds if k not in ("tls-alpn-01", "http-01")]
+    if bad or not kinds:
+        raise CLIError(f"--acme-challenges {args.acme_challenges!r}: expected tls-alpn-01 and/or http-01")
     return {
+        "acme_challenges": kinds,
         "acme_directory": args.acme_directory.strip(),
         "acme_email": email,
         "acme_ca_root": str(root.expanduser()) if root is not None else None,

@@ -122,7 +122,9 @@ class EdgeAcme:
         assert cfg.acme_directory
         self.edge = edge
         self.answers = ChallengeAnswers()
-        kinds = ("tls-alpn-01", "http-01") if cfg.https_addr else ("http-01",)
+        kinds = tuple(k for k in cfg.acme_challenges if cfg.https_addr or k != "tls-alpn-01")
+        if not kinds:
+            raise ValueError("ACME needs a listener for its challenges: tls-alpn-01 needs --https-addr")
         self.dir = cfg.data_dir / "acme"
         self.client = AcmeClient(
             cfg.acme_directory,

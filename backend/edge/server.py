@@ -127,6 +127,8 @@ class EdgeConfig:
     acme_rate_limit: int = 20
     #: seconds a first handshake waits for its certificate before it gets the local CA's
     acme_wait: float = 5.0
+    #: challenge types answered, in order of preference (tls-alpn-01 needs the https listener)
+    acme_challenges: tuple[str, ...] = ("tls-alpn-01", "http-01")
 
 
 class Edge:

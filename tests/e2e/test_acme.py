@@ -1,0 +1,387 @@
+"""Certificates from a real ACME server: Debian's pebble, validating against burrow's listeners.
+
+The module starts ``pebble-challtestsrv`` as pebble's DNS (every name answers 127.0.0.1,
+no AAAA) and pebble with ``httpPort``/``tlsPort`` set to the edge's own http and https
+listeners, so each challenge really reaches burrow: PEBBLE_VA_ALWAYS_VALID is off.
+Pebble's certificates live ``VALIDITY`` seconds, so renewal (at two thirds) happens while
+the module runs.  A second edge with its own pebble answers http-01 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+
+from backend.tls import LocalCA
+from tests.api.conftest import add_account
+from tests.procs import READY_TIMEOUT, BurrowProc, edge_args, host_of
+from tests.upstreams import HTTPUpstream
+
+PEBBLE = "/usr/bin/pebble"
+CHALLTESTSRV = "/usr/bin/pebble-challtestsrv"
+VALIDITY = 15  # seconds: pebble's certificateValidityPeriod, renewal due after 10 s
+RATE = 2  # the edge's --acme-rate-limit (new on-demand certificates per account per hour)
+
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(PEBBLE) and os.path.exists(CHALLTESTSRV)),
+    reason="Debian's pebble is not installed (apt-get install -y pebble); .ci/run installs it",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Env:
+    edge: BurrowProc
+    root: Path  # pebble's root CA (PEM), from its management API
+    procs: list[subprocess.Popen]
+    api: httpx.Client
+
+    @property
+    def https_port(self) -> int:
+        return int(self.edge.ready["https_url"].rsplit(":", 1)[1])
+
+    @property
+    def ingress_port(self) -> int:
+        return int(self.edge.ready["ingress_addr"].rsplit(":", 1)[1])
+
+    def close(self) -> None:
+        self.api.close()
+        self.edge.stop()
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+
+
+def _start_env(d: Path, *edge_flags: str) -> Env:
+    d.mkdir(parents=True, exist_ok=True)
+    # pebble's own HTTPS (the directory) needs a certificate: one from a throwaway CA
+    wfe_ca = LocalCA.load_or_create(d / "wfe-ca")
+    chain, key = wfe_ca.issue(["127.0.0.1", "localhost"])
+    (d / "wfe.pem").write_bytes(chain)
+    (d / "wfe-key.pem").write_bytes(key)
+    acme_port, mgmt_port, dns_port, cts_port = (_free_port() for _ in range(4))
+    # the edge first (it reaches the directory only when it needs a certificate) ...
+    edge = BurrowProc(
+        [
+            *edge_args(d / "edge"),
+            "--acme-directory", f"https://127.0.0.1:{acme_port}/dir",
+            "--acme-email", "ops@example.com",
+            "--acme-ca-root", str(wfe_ca.ca_file),
+            "--acme-rate-limit", str(RATE),
+            *edge_flags,
+        ]
+    )
+    procs: list[subprocess.Popen] = []
+    try:
+        edge.ready = edge.wait_event("ready", READY_TIMEOUT)
+        http_port = int(edge.ready["http_url"].rsplit(":", 1)[1])
+        https_port = int(edge.ready["https_url"].rsplit(":", 1)[1])
+        # ... then pebble, validating against the edge's http and https listeners
+        config = {
+            "pebble": {
+                "listenAddress": f"127.0.0.1:{acme_port}",
+                "managementListenAddress": f"127.0.0.1:{mgmt_port}",
+                "certificate": str(d / "wfe.pem"),
+                "privateKey": str(d / "wfe-key.pem"),
+                "httpPort": http_port,
+                "tlsPort": https_port,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": False,
+                "certificateValidityPeriod": VALIDITY,
+            }
+        }
+        (d / "pebble.json").write_text(json.dumps(config))
+        out = open(d / "challtestsrv.log", "wb")  # noqa: SIM115 - lives as long as the process
+        procs.append(
+            subprocess.Popen(
+                [
+                    CHALLTESTSRV, "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
+                    "-dns01", f"127.0.0.1:{dns_port}", "-http01", "", "-https01", "",
+                    "-tlsalpn01", "", "-management", f"127.0.0.1:{cts_port}",
+                ],
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PEBBLE_")}
+        env.update(PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0")
+        out = open(d / "pebble.log", "wb")  # noqa: SIM115
+        procs.append(
+            subprocess.Popen(
+                [PEBBLE, "-config", str(d / "pebble.json"), "-dnsserver", f"127.0.0.1:{dns_port}"],
+                stdout=out, stderr=subprocess.STDOUT, env=env,
+            )
+        )
+
+        trust = ssl.create_default_context(cafile=str(wfe_ca.ca_file))
+
+        def root() -> bytes | None:
+            try:
+                r = httpx.get(f"https://127.0.0.1:{mgmt_port}/roots/0", verify=trust, timeout=2)
+            except httpx.TransportError:
+                return None
+            return r.content if r.status_code == 200 else None
+
+        (d / "pebble-root.pem").write_bytes(_wait(root, 15, "pebble's management API"))
+    except BaseException:
+        edge.stop()
+        for p in procs:
+            p.kill()
+            p.wait(10)
+        raise
+    api = httpx.Client(
+        base_url=edge.ready["api_url"],
+        headers={"Authorization": "Bearer test-api-key", "Ngrok-Version": "2"},
+        timeout=20,
+    )
+    return Env(edge, d / "pebble-root.pem", procs, api)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = _start_env(tmp_path_factory.mktemp("acme"))
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def http01_env(tmp_path_factory):
+    e = _start_env(tmp_path_factory.mktemp("acme-http01"), "--acme-challenges", "http-01")
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def agents(env, tmp_path):
+    started: list[BurrowProc] = []
+
+    def make(*args: str, authtoken: str = "test-authtoken", server: str | None = None,
+             root_cas: str | None = None) -> BurrowProc:
+        home = tmp_path / f"home{len(started)}"
+        home.mkdir()
+        proc = BurrowProc(
+            [
+                *args,
+                "--server-addr", server or env.edge.ready["ingress_addr"],
+                "--root-cas", root_cas or env.edge.ready["ca_file"],
+                "--authtoken", authtoken,
+                "--web-addr", "127.0.0.1:0",
+                "--json",
+            ],
+            env={"XDG_DATA_HOME": str(home), "BURROW_DATA_DIR": str(home / "burrow")},
+        )
+        started.append(proc)
+        proc.ready = proc.wait_event("ready", READY_TIMEOUT)
+        return proc
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+async def _tls_get(port: int, sni: str, ctx: ssl.SSLContext, path: str = "/") -> tuple[bytes, x509.Certificate]:
+    r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=sni), 15)
+    leaf = x509.load_der_x509_certificate(w.get_extra_info("ssl_object").getpeercert(binary_form=True))
+    w.write(f"GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
+    data = await asyncio.wait_for(r.read(), 10)
+    w.close()
+    return data, leaf
+
+
+async def _peer_cert(port: int, sni: str) -> x509.Certificate:
+    """The certificate presented for ``sni`` (not verified)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    _, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=sni), 15)
+    der = w.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    w.close()
+    return x509.load_der_x509_certificate(der)
+
+
+def _pebble_ctx(env: Env) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(env.root))
+
+
+def _issuer(cert: x509.Certificate) -> str:
+    return cert.issuer.rfc4514_string()
+
+
+async def test_agent_endpoint_gets_a_certificate_on_first_handshake_and_renews(env, agents):
+    async with HTTPUpstream() as up:
+        a = agents("http", str(up.port), "--url", "https://shop.burrow.localhost")
+        assert host_of(a.public_url) == "shop.burrow.localhost"
+        # the first handshake waits for the order; the certificate verifies with pebble's root only
+        data, leaf = await _tls_get(env.https_port, "shop.burrow.localhost", _pebble_ctx(env), "/acme")
+        assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"GET /acme\n")
+        assert "Pebble" in _issuer(leaf)
+        ev = env.edge.wait_event("certificate_obtained", 5)
+        assert ev["name"] == "shop.burrow.localhost" and ev["renewal"] is False
+        stored = Path(env.edge.ready["data_dir"]) / "acme" / "certs" / "shop.burrow.localhost.json"
+        assert stored.stat().st_mode & 0o777 == 0o600
+        assert (stored.parent.stat().st_mode & 0o777) == 0o700
+        accounts = list((Path(env.edge.ready["data_dir"]) / "acme").glob("account-*.json"))
+        assert len(accounts) == 1 and accounts[0].stat().st_mode & 0o777 == 0o600
+        # the edge's own CA does not verify it: it really is pebble's
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await _tls_get(env.https_port, "shop.burrow.localhost", ssl.create_default_context(cafile=env.edge.ready["ca_file"]))
+
+        # renewal: at two thirds of the lifetime, in the background; handshakes get the new one
+        def renewed():
+            for e in env.edge.seen:
+                if e.get("event") == "certificate_obtained" and e.get("name") == "shop.burrow.localhost" and e["renewal"]:
+                    return e
+            try:
+                e = env.edge.events.get(timeout=0.2)
+            except Exception:
+                return None
+            env.edge.seen.append(e)
+            return None
+
+        _wait(renewed, 3 * VALIDITY, "the renewal of shop.burrow.localhost")
+        data, new = await _tls_get(env.https_port, "shop.burrow.localhost", _pebble_ctx(env), "/again")
+        assert data.endswith(b"GET /again\n")
+        assert new.serial_number != leaf.serial_number
+        lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+        # not renewed before two thirds of the old certificate's lifetime (1 s of clock slack)
+        assert new.not_valid_before_utc >= leaf.not_valid_before_utc + lifetime * 2 / 3 - dt.timedelta(seconds=1)
+
+
+async def test_name_nobody_holds_gets_no_acme_certificate(env):
+    leaf = await _peer_cert(env.https_port, "nobody.burrow.localhost")
+    # the local CA's certificate, and no order was placed for the name
+    assert "burrow local CA" in _issuer(leaf)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await _tls_get(env.https_port, "nobody.burrow.localhost", _pebble_ctx(env))
+    certs = Path(env.edge.ready["data_dir"]) / "acme" / "certs"
+    assert not (certs / "nobody.burrow.localhost.json").exists()
+    assert all(e.get("name") != "nobody.burrow.localhost" for e in env.edge.seen)
+
+
+async def test_on_demand_issuance_is_rate_limited_per_account(env, agents):
+    other = add_account(env.edge, "ratelimited")
+    other.raw.http.close()
+    names = [f"r{i}.burrow.localhost" for i in range(RATE + 1)]
+    async with HTTPUpstream() as up:
+        for name in names:
+            agents("http", str(up.port), "--url", f"https://{name}", authtoken=other.authtoken)
+        issuers = [_issuer(await _peer_cert(env.https_port, name)) for name in names]
+    assert ["Pebble" in i for i in issuers] == [True] * RATE + [False]
+    assert "burrow local CA" in issuers[-1]
+    assert f"over its rate of {RATE} new certificates per hour" in env.edge.stderr
+
+
+async def test_agent_ingress_certificate_status_and_agent_with_pebble_root_only(env, agents):
+    domain = "connect.example.localhost"
+    r = env.api.post(
+        "/agent_ingresses",
+        json={"domain": domain, "certificate_management_policy": {"authority": "letsencrypt", "private_key_type": "rsa"}},
+    )
+    assert r.status_code == 201, r.text
+    ing = r.json()
+    status = ing["certificate_management_status"]
+    assert status["renews_at"] is None
+    assert status["provisioning_job"]["msg"] == "Managed certificate provisioning in progress."
+    assert status["provisioning_job"]["error_code"] is None
+
+    def ready():
+        body = env.api.get(f"/agent_ingresses/{ing['id']}").json()
+        return body if body["certificate_management_status"]["renews_at"] else None
+
+    body = _wait(ready, 30, "the agent ingress certificate")
+    assert body["certificate_management_status"]["provisioning_job"] is None
+    # the ingress port presents it for the ingress's names; renews_at is at two thirds
+    region_name = f"tunnel.local.{domain}"
+    assert body["region_domains"] == [region_name]
+    leaf = await _peer_cert(env.ingress_port, region_name)
+    assert "Pebble" in _issuer(leaf)
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert set(sans) == {region_name, domain}
+    assert leaf.public_key().key_size == 2048  # the policy's rsa key
+    renews_at = dt.datetime.fromisoformat(body["certificate_management_status"]["renews_at"].replace("Z", "+00:00"))
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    expected = leaf.not_valid_before_utc + lifetime * 2 / 3
+    if renews_at != expected.replace(microsecond=0):  # renewed in between: a newer certificate
+        assert renews_at > expected
+    # an agent that trusts pebble's root only connects through the ingress name
+    async with HTTPUpstream() as up:
+        a = agents(
+            "http", str(up.port), "--url", "http://via-ingress.burrow.localhost",
+            server=f"{region_name}:{env.ingress_port}", root_cas=str(env.root),
+        )
+        http = env.edge.ready["http_url"]
+        async with httpx.AsyncClient() as c:
+            resp = await c.get(f"{http}/hello", headers={"Host": host_of(a.public_url)})
+        assert resp.status_code == 200 and resp.text == "GET /hello\n"
+    # and without pebble's root (the edge's CA only) the agent cannot verify the ingress port
+    strict = ssl.create_default_context(cafile=env.edge.ready["ca_file"])
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await _tls_get(env.ingress_port, region_name, strict)
+    # turning the policy off forgets the certificate
+    r = env.api.patch(f"/agent_ingresses/{ing['id']}", json={"certificate_management_policy": None})
+    assert r.status_code == 200 and r.json()["certificate_management_status"] is None
+    assert "burrow local CA" in _issuer(await _peer_cert(env.ingress_port, region_name))
+
+
+async def test_cloud_endpoint_certificate_over_http01(http01_env):
+    env = http01_env
+    policy = {"on_http_request": [{"actions": [{"type": "custom-response", "config": {"status_code": 200, "body": "from the cloud"}}]}]}
+    r = env.api.post(
+        "/endpoints",
+        json={"url": "https://cloud.example.localhost", "type": "cloud", "traffic_policy": json.dumps(policy)},
+    )
+    assert r.status_code == 201, r.text
+    data, leaf = await _tls_get(env.https_port, "cloud.example.localhost", _pebble_ctx(env))
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"from the cloud")
+    assert "Pebble" in _issuer(leaf)
+    # this edge answers http-01 only: pebble fetched the token from its http listener
+
+
+def test_acme_flags_are_checked(tmp_path):
+    def serve(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "backend", "serve", "--data-dir", str(tmp_path), *flags],
+            capture_output=True, text=True, timeout=30,
+        )
+
+    p = serve("--acme-email", "ops@example.com")
+    assert p.returncode != 0 and "--acme-email needs --acme-directory" in p.stderr
+    p = serve("--acme-directory", "ftp://ca.example/dir")
+    assert p.returncode != 0 and "expected an https:// URL" in p.stderr
+    p = serve("--acme-directory", "https://ca.example/dir", "--acme-challenges", "dns-01")
+    assert p.returncode != 0 and "expected tls-alpn-01 and/or http-01" in p.stderr
+    p = serve("--acme-directory", "https://ca.example/dir", "--acme-ca-root", str(tmp_path / "none.pem"))
+    assert p.returncode != 0 and "no such file" in p.stderr
