@@ -83,6 +83,8 @@ class Issued:
     key_pem: bytes
     not_before: dt.datetime
     not_after: dt.datetime
+    #: the challenge types answered for this order (empty when the CA reused authorizations)
+    challenges: tuple[str, ...] = ()
 
     @property
     def renew_at(self) -> dt.datetime:
@@ -304,6 +306,7 @@ class AcmeClient:
         csr = crypto_util.make_csr(key_pem, names)
         order = acme.new_order(csr)
         cleanup: list[dict] = []
+        answered: list[str] = []
         try:
             for authz in order.authorizations:
                 if authz.body.status == messages.STATUS_VALID:
@@ -320,6 +323,7 @@ class AcmeClient:
                     self.answers.add_tls_alpn(name, keyauth)
                     cleanup.append({"name": name})
                 log.debug("answering %s for %s", kind, name)
+                answered.append(kind)
                 acme.answer_challenge(challb, challb.chall.response(self._key))
             deadline = dt.datetime.now() + ORDER_DEADLINE
             order = acme.poll_and_finalize(order, deadline)
@@ -328,7 +332,7 @@ class AcmeClient:
                 self.answers.remove(**item)
         chain = order.fullchain_pem.encode()
         not_before, not_after = validity(chain)
-        return Issued(chain, key_pem, not_before, not_after)
+        return Issued(chain, key_pem, not_before, not_after, tuple(answered))
 
     def _pick(self, authz: messages.AuthorizationResource) -> messages.ChallengeBody:
         offered = {c.chall.typ: c for c in authz.body.challenges if hasattr(c.chall, "typ")}

@@ -272,6 +272,7 @@ class EdgeAcme:
                 "event": "certificate_obtained",
                 "name": name,
                 "renewal": renewal,
+                "challenges": list(issued.challenges),
                 "not_after": issued.not_after.isoformat(),
                 "renews_at": m.renew_at.isoformat(),
             }
@@ -356,7 +357,8 @@ class EdgeAcme:
             log.info("acme: certificate for agent ingress %s obtained, renews at %s", new.domain, cert.renews_at)
             self.edge.on_event(
                 {"event": "certificate_obtained", "name": new.domain, "ingress_id": ingress_id,
-                 "not_after": cert.not_after.isoformat(), "renews_at": cert.renews_at.isoformat()}
+                 "challenges": list(issued.challenges), "not_after": cert.not_after.isoformat(),
+                 "renews_at": cert.renews_at.isoformat()}
             )
         else:
             assert job is not None and job.retries_at is not None

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import http.server
 import json
 import os
+import queue
 import socket
 import ssl
 import subprocess
-import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ import httpx
 import pytest
 from cryptography import x509
 
+from backend.cli import CLIError, _acme_options, build_parser
 from backend.tls import LocalCA
 from tests.api.conftest import add_account
 from tests.procs import READY_TIMEOUT, BurrowProc, edge_args, host_of
@@ -184,32 +187,79 @@ def http01_env(tmp_path_factory):
     e.close()
 
 
+def _agent(env: Env, home: Path, *args: str, authtoken: str = "test-authtoken",
+           server: str | None = None, root_cas: str | None = None) -> BurrowProc:
+    """Start ``burrow <args>`` against the env's edge (not waiting for it to be ready)."""
+    home.mkdir(parents=True)
+    return BurrowProc(
+        [
+            *args,
+            "--server-addr", server or env.edge.ready["ingress_addr"],
+            "--root-cas", root_cas or env.edge.ready["ca_file"],
+            "--authtoken", authtoken,
+            "--web-addr", "127.0.0.1:0",
+            "--json",
+        ],
+        env={"XDG_DATA_HOME": str(home), "BURROW_DATA_DIR": str(home / "burrow")},
+    )
+
+
 @pytest.fixture
 def agents(env, tmp_path):
+    """Factory: start agents; ``wait=False`` leaves waiting for ``ready`` to the caller."""
     started: list[BurrowProc] = []
 
-    def make(*args: str, authtoken: str = "test-authtoken", server: str | None = None,
-             root_cas: str | None = None) -> BurrowProc:
-        home = tmp_path / f"home{len(started)}"
-        home.mkdir()
-        proc = BurrowProc(
-            [
-                *args,
-                "--server-addr", server or env.edge.ready["ingress_addr"],
-                "--root-cas", root_cas or env.edge.ready["ca_file"],
-                "--authtoken", authtoken,
-                "--web-addr", "127.0.0.1:0",
-                "--json",
-            ],
-            env={"XDG_DATA_HOME": str(home), "BURROW_DATA_DIR": str(home / "burrow")},
-        )
+    def make(*args: str, wait: bool = True, **kw) -> BurrowProc:
+        proc = _agent(env, tmp_path / f"home{len(started)}", *args, **kw)
         started.append(proc)
-        proc.ready = proc.wait_event("ready", READY_TIMEOUT)
+        if wait:
+            proc.ready = proc.wait_event("ready", READY_TIMEOUT)
         return proc
 
     yield make
     for p in started:
         p.stop()
+
+
+class _Echo(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = f"GET {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def shop(env, tmp_path_factory):
+    """https://shop.burrow.localhost, online for the whole module (its certificate renews)."""
+    up = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=up.serve_forever, daemon=True).start()
+    a = _agent(env, tmp_path_factory.mktemp("shop") / "home", "http", str(up.server_address[1]),
+               "--url", "https://shop.burrow.localhost")
+    try:
+        a.ready = a.wait_event("ready", READY_TIMEOUT)
+        assert host_of(a.public_url) == "shop.burrow.localhost"
+        yield "shop.burrow.localhost"
+    finally:
+        a.stop()
+        up.shutdown()
+        up.server_close()
+
+
+def _events(edge: BurrowProc, event: str, name: str) -> list[dict]:
+    """Every ``event`` for ``name`` the edge printed so far (without waiting)."""
+    while True:
+        try:
+            edge.seen.append(edge.events.get_nowait())
+        except queue.Empty:
+            break
+    return [e for e in edge.seen if e.get("event") == event and e.get("name") == name]
 
 
 async def _tls_get(port: int, sni: str, ctx: ssl.SSLContext, path: str = "/") -> tuple[bytes, x509.Certificate]:
@@ -240,44 +290,22 @@ def _issuer(cert: x509.Certificate) -> str:
     return cert.issuer.rfc4514_string()
 
 
-async def test_agent_endpoint_gets_a_certificate_on_first_handshake_and_renews(env, agents):
-    async with HTTPUpstream() as up:
-        a = agents("http", str(up.port), "--url", "https://shop.burrow.localhost")
-        assert host_of(a.public_url) == "shop.burrow.localhost"
-        # the first handshake waits for the order; the certificate verifies with pebble's root only
-        data, leaf = await _tls_get(env.https_port, "shop.burrow.localhost", _pebble_ctx(env), "/acme")
-        assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"GET /acme\n")
-        assert "Pebble" in _issuer(leaf)
-        ev = env.edge.wait_event("certificate_obtained", 5)
-        assert ev["name"] == "shop.burrow.localhost" and ev["renewal"] is False
-        stored = Path(env.edge.ready["data_dir"]) / "acme" / "certs" / "shop.burrow.localhost.json"
-        assert stored.stat().st_mode & 0o777 == 0o600
-        assert (stored.parent.stat().st_mode & 0o777) == 0o700
-        accounts = list((Path(env.edge.ready["data_dir"]) / "acme").glob("account-*.json"))
-        assert len(accounts) == 1 and accounts[0].stat().st_mode & 0o777 == 0o600
-        # the edge's own CA does not verify it: it really is pebble's
-        with pytest.raises(ssl.SSLCertVerificationError):
-            await _tls_get(env.https_port, "shop.burrow.localhost", ssl.create_default_context(cafile=env.edge.ready["ca_file"]))
-
-        # renewal: at two thirds of the lifetime, in the background; handshakes get the new one
-        def renewed():
-            for e in env.edge.seen:
-                if e.get("event") == "certificate_obtained" and e.get("name") == "shop.burrow.localhost" and e["renewal"]:
-                    return e
-            try:
-                e = env.edge.events.get(timeout=0.2)
-            except Exception:
-                return None
-            env.edge.seen.append(e)
-            return None
-
-        _wait(renewed, 3 * VALIDITY, "the renewal of shop.burrow.localhost")
-        data, new = await _tls_get(env.https_port, "shop.burrow.localhost", _pebble_ctx(env), "/again")
-        assert data.endswith(b"GET /again\n")
-        assert new.serial_number != leaf.serial_number
-        lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
-        # not renewed before two thirds of the old certificate's lifetime (1 s of clock slack)
-        assert new.not_valid_before_utc >= leaf.not_valid_before_utc + lifetime * 2 / 3 - dt.timedelta(seconds=1)
+async def test_agent_endpoint_gets_a_certificate_on_first_handshake(env, shop):
+    # the first handshake waits for the order; the certificate verifies with pebble's root only
+    data, leaf = await _tls_get(env.https_port, shop, _pebble_ctx(env), "/acme")
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"GET /acme\n")
+    assert "Pebble" in _issuer(leaf)
+    ev = _wait(lambda: _events(env.edge, "certificate_obtained", shop), 5, "the event")[0]
+    assert ev["renewal"] is False
+    assert ev["challenges"] == ["tls-alpn-01"]  # pebble reached the https listener (RFC 8737)
+    stored = Path(env.edge.ready["data_dir"]) / "acme" / "certs" / f"{shop}.json"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert (stored.parent.stat().st_mode & 0o777) == 0o700
+    accounts = list((Path(env.edge.ready["data_dir"]) / "acme").glob("account-*.json"))
+    assert len(accounts) == 1 and accounts[0].stat().st_mode & 0o777 == 0o600
+    # the edge's own CA does not verify it: it really is pebble's
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await _tls_get(env.https_port, shop, ssl.create_default_context(cafile=env.edge.ready["ca_file"]))
 
 
 async def test_name_nobody_holds_gets_no_acme_certificate(env):
@@ -296,8 +324,9 @@ async def test_on_demand_issuance_is_rate_limited_per_account(env, agents):
     other.raw.http.close()
     names = [f"r{i}.burrow.localhost" for i in range(RATE + 1)]
     async with HTTPUpstream() as up:
-        for name in names:
-            agents("http", str(up.port), "--url", f"https://{name}", authtoken=other.authtoken)
+        procs = [agents("http", str(up.port), "--url", f"https://{n}", authtoken=other.authtoken, wait=False) for n in names]
+        for proc in procs:
+            proc.ready = proc.wait_event("ready", READY_TIMEOUT)
         issuers = [_issuer(await _peer_cert(env.https_port, name)) for name in names]
     assert ["Pebble" in i for i in issuers] == [True] * RATE + [False]
     assert "burrow local CA" in issuers[-1]
@@ -371,17 +400,36 @@ async def test_cloud_endpoint_certificate_over_http01(http01_env):
 
 
 def test_acme_flags_are_checked(tmp_path):
-    def serve(*flags: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "backend", "serve", "--data-dir", str(tmp_path), *flags],
-            capture_output=True, text=True, timeout=30,
-        )
+    def check(*flags: str) -> str:
+        args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path), *flags])
+        with pytest.raises(CLIError) as exc:
+            _acme_options(args)
+        return str(exc.value)
 
-    p = serve("--acme-email", "ops@example.com")
-    assert p.returncode != 0 and "--acme-email needs --acme-directory" in p.stderr
-    p = serve("--acme-directory", "ftp://ca.example/dir")
-    assert p.returncode != 0 and "expected an https:// URL" in p.stderr
-    p = serve("--acme-directory", "https://ca.example/dir", "--acme-challenges", "dns-01")
-    assert p.returncode != 0 and "expected tls-alpn-01 and/or http-01" in p.stderr
-    p = serve("--acme-directory", "https://ca.example/dir", "--acme-ca-root", str(tmp_path / "none.pem"))
-    assert p.returncode != 0 and "no such file" in p.stderr
+    assert "--acme-email needs --acme-directory" in check("--acme-email", "ops@example.com")
+    assert "expected an https:// URL" in check("--acme-directory", "ftp://ca.example/dir")
+    assert "expected tls-alpn-01 and/or http-01" in check(
+        "--acme-directory", "https://ca.example/dir", "--acme-challenges", "dns-01"
+    )
+    assert "no such file" in check("--acme-directory", "https://ca.example/dir", "--acme-ca-root", str(tmp_path / "x.pem"))
+    assert "expected an address" in check("--acme-directory", "https://ca.example/dir", "--acme-email", "nobody")
+    ok = _acme_options(build_parser().parse_args(["serve", "--acme-directory", "https://ca.example/dir"]))
+    assert ok["acme_directory"] == "https://ca.example/dir" and ok["acme_challenges"] == ("tls-alpn-01", "http-01")
+
+
+async def test_certificate_renews_at_two_thirds_of_its_lifetime(env, shop):
+    """Last in the module, so that most of the wait has passed during the other tests."""
+    await _peer_cert(env.https_port, shop)  # obtained (if this test runs alone)
+    first = _wait(lambda: _events(env.edge, "certificate_obtained", shop), 10, "the first certificate")[0]
+    renewal = _wait(
+        lambda: [e for e in _events(env.edge, "certificate_obtained", shop) if e["renewal"]],
+        3 * VALIDITY, f"the renewal of {shop}",
+    )[0]
+    renews_at = dt.datetime.fromisoformat(first["renews_at"])
+    assert dt.datetime.fromisoformat(renewal["renews_at"]) > renews_at
+    data, new = await _tls_get(env.https_port, shop, _pebble_ctx(env), "/again")
+    assert data.endswith(b"GET /again\n")
+    # the renewed certificate (or a later one) is served; it was ordered only after two
+    # thirds of the first one's lifetime (1 s of clock slack)
+    assert new.not_valid_before_utc >= renews_at - dt.timedelta(seconds=1)
+    assert "Pebble" in _issuer(new)
