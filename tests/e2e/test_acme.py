@@ -70,6 +70,7 @@ class Env:
     api: httpx.Client
     data_dir: Path
     acme_flags: list[str]
+    dns_api: str  # pebble-challtestsrv's management API
 
     def restart_edge(self) -> None:
         """Stop the edge and start it again on the same data dir and ports (pebble
@@ -185,7 +186,7 @@ def _start_env(d: Path, *edge_flags: str) -> Env:
         headers={"Authorization": "Bearer test-api-key", "Ngrok-Version": "2"},
         timeout=20,
     )
-    return Env(edge, d / "pebble-root.pem", procs, api, d / "edge", acme_flags)
+    return Env(edge, d / "pebble-root.pem", procs, api, d / "edge", acme_flags, f"http://127.0.0.1:{cts_port}")
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +333,23 @@ async def test_name_nobody_holds_gets_no_acme_certificate(env):
     certs = Path(env.edge.ready["data_dir"]) / "acme" / "certs"
     assert not (certs / "nobody.burrow.localhost.json").exists()
     assert all(e.get("name") != "nobody.burrow.localhost" for e in env.edge.seen)
+
+
+async def test_failed_order_falls_back_to_the_local_ca_and_backs_off(env, agents):
+    name = "unreachable.burrow.localhost"
+    # pebble's DNS sends the name to an address where nothing listens: validation fails
+    r = httpx.post(f"{env.dns_api}/add-a", json={"host": name, "addresses": ["127.0.0.2"]})
+    assert r.status_code == 200
+    async with HTTPUpstream() as up:
+        agents("http", str(up.port), "--url", f"https://{name}")
+        leaf = await _peer_cert(env.https_port, name)
+        assert "burrow local CA" in _issuer(leaf)  # the handshake still completes
+        ev = _wait(lambda: _events(env.edge, "certificate_failed", name), 10, "the failure event")[0]
+        assert "validation failed" in ev["error"] and name in ev["error"]
+        _wait(lambda: f"acme: no certificate for {name}: validation failed" in env.edge.stderr, 5, "the log line")
+        # within the backoff the next handshake gets the local CA's certificate without a new order
+        assert "burrow local CA" in _issuer(await _peer_cert(env.https_port, name))
+        assert len(_events(env.edge, "certificate_failed", name)) == 1
 
 
 async def test_on_demand_issuance_is_rate_limited_per_account(env, agents):
