@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cryptography import x509
+
 from backend.acme import AcmeClient, AcmeError, ChallengeAnswers, Issued, server_context, validity
 from backend.fsperm import private_dir
 from backend.store import CertJob, IngressCertificate, NotFoundError
@@ -157,6 +159,8 @@ class EdgeAcme:
             if ing.certificate is not None:
                 self._serve_ingress(ing.id, ing.domain, ing.certificate)
                 due = ing.certificate.renews_at
+                if self._from_local_ca(ing.certificate):  # made before ACME was turned on
+                    due = now
             else:
                 due = (ing.cert_job.retries_at if ing.cert_job else None) or now
             self._ingress_due[ing.id] = (ing.account_id, due)
@@ -295,6 +299,14 @@ class EdgeAcme:
         if ing.certificate is None:
             self._ingress_due[ing.id] = (ing.account_id, utcnow())
             self._wake.set()
+
+    def _from_local_ca(self, cert: IngressCertificate) -> bool:
+        ca = self.edge.ca
+        try:
+            leaf = x509.load_pem_x509_certificate(cert.chain_pem.encode())
+        except ValueError:
+            return True
+        return ca is not None and leaf.issuer == ca.cert.subject
 
     def _serve_ingress(self, ingress_id: str, domain: str, cert: IngressCertificate) -> None:
         try:
