@@ -146,10 +146,6 @@ class ChallengeAnswers:
         with self._lock:
             return self._alpn.get(name)
 
-    @property
-    def pending(self) -> bool:
-        return bool(self._http or self._alpn)
-
     def add_http01(self, token: str, key_authorization: str) -> None:
         with self._lock:
             self._http[token] = key_authorization.encode()

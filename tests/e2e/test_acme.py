@@ -39,10 +39,7 @@ CHALLTESTSRV = "/usr/bin/pebble-challtestsrv"
 VALIDITY = 15  # seconds: pebble's certificateValidityPeriod, renewal due after 10 s
 RATE = 2  # the edge's --acme-rate-limit (new on-demand certificates per account per hour)
 
-pytestmark = pytest.mark.skipif(
-    not (os.path.exists(PEBBLE) and os.path.exists(CHALLTESTSRV)),
-    reason="Debian's pebble is not installed (apt-get install -y pebble); .ci/run installs it",
-)
+NO_PEBBLE = "Debian's pebble is not installed (apt-get install -y pebble); .ci/run installs it"
 
 
 def _free_port() -> int:
@@ -108,6 +105,8 @@ class Env:
 
 
 def _start_env(d: Path, *edge_flags: str) -> Env:
+    if not (os.path.exists(PEBBLE) and os.path.exists(CHALLTESTSRV)):
+        pytest.skip(NO_PEBBLE)
     d.mkdir(parents=True, exist_ok=True)
     # pebble's own HTTPS (the directory) needs a certificate: one from a throwaway CA
     wfe_ca = LocalCA.load_or_create(d / "wfe-ca")
