@@ -418,6 +418,32 @@ async def test_agent_ingress_certificate_status_and_agent_with_pebble_root_only(
     assert "burrow local CA" in _issuer(await _peer_cert(env.ingress_port, region_name))
 
 
+def test_agent_ingress_order_failure_is_reported_with_its_retry(env):
+    domain = "broken.example.localhost"
+    for name in (domain, f"tunnel.local.{domain}"):
+        r = httpx.post(f"{env.dns_api}/add-a", json={"host": name, "addresses": ["127.0.0.2"]})
+        assert r.status_code == 200
+    r = env.api.post(
+        "/agent_ingresses",
+        json={"domain": domain, "certificate_management_policy": {"private_key_type": "ecdsa"}},
+    )
+    assert r.status_code == 201, r.text
+    ing_id = r.json()["id"]
+
+    def failed():
+        status = env.api.get(f"/agent_ingresses/{ing_id}").json()["certificate_management_status"]
+        return status if status["provisioning_job"]["error_code"] else None
+
+    status = _wait(failed, 20, "the failed provisioning job")
+    job = status["provisioning_job"]
+    assert status["renews_at"] is None
+    assert job["error_code"] == "ERR_ACME_ORDER_FAILED" and "validation failed" in job["msg"]
+    started = dt.datetime.fromisoformat(job["started_at"].replace("Z", "+00:00"))
+    retries = dt.datetime.fromisoformat(job["retries_at"].replace("Z", "+00:00"))
+    assert retries - started == dt.timedelta(seconds=10)  # the first backoff step
+    assert env.api.delete(f"/agent_ingresses/{ing_id}").status_code == 204
+
+
 async def test_cloud_endpoint_certificate_over_http01(http01_env):
     env = http01_env
     r = env.api.post(
