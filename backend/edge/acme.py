@@ -247,7 +247,7 @@ class EdgeAcme:
         return bucket.take()
 
     def _start(self, name: str, account: str) -> asyncio.Future:
-        fut = asyncio.ensure_future(self._order(name, account))
+        fut = self.edge._spawn(self._order(name, account))  # cancelled when the edge stops
         self._inflight[name] = fut
         fut.add_done_callback(lambda f: self._finished(name, f))
         return fut
@@ -408,7 +408,7 @@ class EdgeAcme:
                 if now < due:
                     next_at = min(next_at, due)
                     continue
-                fut = asyncio.ensure_future(self._provision_ingress(ingress_id, account))
+                fut = self.edge._spawn(self._provision_ingress(ingress_id, account))
                 self._inflight[key] = fut
                 fut.add_done_callback(lambda f, k=key: self._finished(k, f))
             left = (next_at - utcnow()).total_seconds()
