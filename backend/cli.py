@@ -193,6 +193,17 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
                      help="close an ingress connection that sends nothing for this long")
     lim.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="SECS",
                      help="TLS handshake plus first message on the ingress and https ports")
+    acme = s.add_argument_group("certificates from an ACME CA (RFC 8555; needs burrow[acme])")
+    acme.add_argument("--acme-directory", default=None, metavar="URL",
+                      help="the CA's directory, e.g. https://acme-v02.api.letsencrypt.org/directory")
+    acme.add_argument("--acme-email", default=None, metavar="ADDR", help="contact address for the ACME account")
+    acme.add_argument("--acme-ca-root", type=Path, default=None, metavar="FILE",
+                      help="PEM roots to trust for the directory's HTTPS (default: the system's)")
+    acme.add_argument("--acme-rate-limit", type=_count, default=20, metavar="N",
+                      help="new on-demand certificates per account per hour (0 = no limit)")
+    acme.add_argument("--acme-challenges", default="tls-alpn-01,http-01", metavar="LIST",
+                      help="challenge types to answer, in order of preference (tls-alpn-01 on the "
+                      "https port, http-01 on the http port)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
 
@@ -505,6 +516,7 @@ async def _serve(args) -> int:
         max_handshakes_per_ip=args.max_handshakes_per_ip,
         first_byte_timeout=args.first_byte_timeout or 5.0,
         handshake_timeout=args.handshake_timeout or 10.0,
+        **_acme_options(args),
     )
     edge = Edge(cfg, on_event=_emit if args.json else None)
     stop = await _until_signal()
@@ -545,6 +557,40 @@ async def _serve(args) -> int:
     if args.json:
         _emit({"event": "stopped"})
     return 0
+
+
+def _acme_options(args) -> dict:
+    """Check the --acme-* flags; the ACME libraries must be installed to use them."""
+    if not args.acme_directory:
+        for flag in ("acme_email", "acme_ca_root"):
+            if getattr(args, flag):
+                raise CLIError(f"--{flag.replace('_', '-')} needs --acme-directory")
+        return {}
+    url = urlsplit(args.acme_directory.strip())
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise CLIError(f"--acme-directory {args.acme_directory!r}: expected an https:// URL")
+    email = args.acme_email.strip() if args.acme_email else None
+    if email is not None and ("@" not in email or any(c.isspace() for c in email)):
+        raise CLIError(f"--acme-email {args.acme_email!r}: expected an address like ops@example.com")
+    root = args.acme_ca_root
+    if root is not None and not root.expanduser().is_file():
+        raise CLIError(f"--acme-ca-root {str(root)!r}: no such file")
+    try:
+        import acme  # noqa: F401
+        import josepy  # noqa: F401
+    except ImportError:
+        raise CLIError("--acme-directory needs the ACME libraries: pip install 'burrow[acme]'") from None
+    kinds = tuple(k.strip().lower() for k in args.acme_challenges.split(",") if k.strip())
+    bad = [k for k in kinds if k not in ("tls-alpn-01", "http-01")]
+    if bad or not kinds:
+        raise CLIError(f"--acme-challenges {args.acme_challenges!r}: expected tls-alpn-01 and/or http-01")
+    return {
+        "acme_challenges": kinds,
+        "acme_directory": args.acme_directory.strip(),
+        "acme_email": email,
+        "acme_ca_root": str(root.expanduser()) if root is not None else None,
+        "acme_rate_limit": args.acme_rate_limit,
+    }
 
 
 def _public_url(text: str | None) -> str | None:

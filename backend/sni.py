@@ -33,6 +33,15 @@ def parse_sni(data: bytes) -> str | None:
     Raises Incomplete if ``data`` ends before the ClientHello does, NotTLS if it is not
     a TLS handshake.
     """
+    return parse_hello(data)[0]
+
+
+def parse_hello(data: bytes) -> tuple[str | None, tuple[str, ...]]:
+    """Return a ClientHello's SNI host name (lower case, or None) and its ALPN protocols.
+
+    The ALPN list tells an ACME TLS-ALPN-01 validation (``acme-tls/1``) from a client.
+    Raises like :func:`parse_sni`.
+    """
     if len(data) < 5:
         raise Incomplete
     if data[0] != 0x16 or data[1] != 0x03:
@@ -47,13 +56,15 @@ def parse_sni(data: bytes) -> str | None:
     body = hs[4 : 4 + hs_len]
     if len(body) < hs_len:
         raise Incomplete  # a ClientHello spanning several records: rare; ask for more
+    sni: str | None = None
+    alpn: list[str] = []
     try:
         pos = 2 + 32  # client_version, random
         pos += 1 + body[pos]  # session_id
         pos += 2 + int.from_bytes(body[pos : pos + 2], "big")  # cipher_suites
         pos += 1 + body[pos]  # compression_methods
         if pos + 2 > len(body):
-            return None  # no extensions
+            return None, ()  # no extensions
         end = pos + 2 + int.from_bytes(body[pos : pos + 2], "big")
         pos += 2
         while pos + 4 <= end:
@@ -61,21 +72,27 @@ def parse_sni(data: bytes) -> str | None:
             elen = int.from_bytes(body[pos + 2 : pos + 4], "big")
             ext = body[pos + 4 : pos + 4 + elen]
             pos += 4 + elen
-            if etype != 0:
-                continue
-            # server_name_list: u16 length, then (u8 type, u16 len, name)*
-            p = 2
-            while p + 3 <= len(ext):
-                ntype = ext[p]
-                nlen = int.from_bytes(ext[p + 1 : p + 3], "big")
-                name = ext[p + 3 : p + 3 + nlen]
-                p += 3 + nlen
-                if ntype == 0:
-                    return name.decode("ascii", "replace").lower().rstrip(".")
-            return None
+            if etype == 0 and sni is None:
+                # server_name_list: u16 length, then (u8 type, u16 len, name)*
+                p = 2
+                while p + 3 <= len(ext):
+                    ntype = ext[p]
+                    nlen = int.from_bytes(ext[p + 1 : p + 3], "big")
+                    name = ext[p + 3 : p + 3 + nlen]
+                    p += 3 + nlen
+                    if ntype == 0:
+                        sni = name.decode("ascii", "replace").lower().rstrip(".")
+                        break
+            elif etype == 16:
+                # protocol_name_list: u16 length, then (u8 len, name)*
+                p = 2
+                while p < len(ext):
+                    plen = ext[p]
+                    alpn.append(ext[p + 1 : p + 1 + plen].decode("ascii", "replace"))
+                    p += 1 + plen
     except IndexError:
         raise NotTLS("malformed ClientHello") from None
-    return None
+    return sni, tuple(alpn)
 
 
 class _EdgeTriggered:
@@ -129,7 +146,12 @@ def _watcher(loop: asyncio.AbstractEventLoop) -> _EdgeTriggered | None:
 
 
 async def peek_sni(sock: socket.socket, timeout: float = 10.0) -> str | None:
-    """Wait for a ClientHello on a non-blocking socket and return its SNI (not consumed).
+    """Wait for a ClientHello on a non-blocking socket and return its SNI (not consumed)."""
+    return (await peek_hello(sock, timeout))[0]
+
+
+async def peek_hello(sock: socket.socket, timeout: float = 10.0) -> tuple[str | None, tuple[str, ...]]:
+    """Wait for a ClientHello on a non-blocking socket; return its SNI and ALPN protocols.
 
     Event-driven: after each look at the bytes so far it sleeps until more arrive
     (see :class:`_EdgeTriggered`), and gives up with TimeoutError after ``timeout``.
@@ -152,7 +174,7 @@ async def peek_sni(sock: socket.socket, timeout: float = 10.0) -> str | None:
             if data is not None and len(data) != size:
                 size = len(data)
                 try:
-                    return parse_sni(data)
+                    return parse_hello(data)
                 except Incomplete:
                     if size >= MAX_HELLO:
                         raise NotTLS("ClientHello too large") from None

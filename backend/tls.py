@@ -20,7 +20,7 @@ import ssl
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cryptography import x509
@@ -346,8 +346,15 @@ class LocalCA:
                 self._sni_cache.popitem(last=False)
         return ctx
 
-    def sni_context(self, default_hostnames: list[str]) -> ssl.SSLContext:
+    def sni_context(
+        self,
+        default_hostnames: list[str],
+        pick: Callable[[str], ssl.SSLContext | None] | None = None,
+    ) -> ssl.SSLContext:
         """Return a server context that presents a cert for whatever name the client sends.
+
+        With ``pick``, a name for which it returns a context (a certificate from an
+        ACME CA, say) gets that one instead; such a context is built anew, not cached.
 
         Clients without SNI (or with a name that cannot go in a certificate) get the
         cert for ``default_hostnames``. Per-name contexts are issued on first use and kept
@@ -358,7 +365,7 @@ class LocalCA:
         cache_key = tuple(sorted(names))
         with self._lock:
             cached = self._sni_roots.get(cache_key)
-        if cached is not None:
+        if cached is not None and pick is None:
             return cached
         ctx = self._build_context(names)
         default_set = set(names)
@@ -369,6 +376,11 @@ class LocalCA:
             if not server_name:
                 return None
             name = server_name.rstrip(".").lower()
+            if pick is not None:
+                chosen = pick(name)
+                if chosen is not None:
+                    sslobj.context = chosen
+                    return None
             if name in default_set or not _valid_sni_name(name):
                 return None
             try:
@@ -378,6 +390,8 @@ class LocalCA:
             return None
 
         ctx.sni_callback = pick_certificate
+        if pick is not None:
+            return ctx
         with self._lock:
             return self._sni_roots.setdefault(cache_key, ctx)
 

@@ -106,6 +106,9 @@ class Agent:
         self._stopped = asyncio.Event()
         self._connected = asyncio.Event()
         self._host, self._port = parse_hostport(config.server_addr)
+        # *.localhost names are loopback (RFC 6761 §6.3) as in curl and browsers, though
+        # the system resolver often does not know them; TLS still checks the name itself.
+        self._dial_host = "127.0.0.1" if self._host.endswith(".localhost") else self._host
         self._ctx = client_context(config.root_cas)
         self.data_tls = config.data_tls if config.data_tls is not None else not is_loopback(self._host)
         self._ping_ids = 0
@@ -206,7 +209,7 @@ class Agent:
     async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         r, w = await asyncio.wait_for(
             asyncio.open_connection(
-                self._host,
+                self._dial_host,
                 self._port,
                 ssl=self._ctx,
                 server_hostname=self._host,
@@ -409,7 +412,7 @@ class Agent:
                 r, w = await self._dial()
             else:
                 r, w = await asyncio.wait_for(
-                    asyncio.open_connection(self._host, self._port, limit=2 * p.MAX_FRAME), 10
+                    asyncio.open_connection(self._dial_host, self._port, limit=2 * p.MAX_FRAME), 10
                 )
                 tune(w)
         except (OSError, TimeoutError, ssl.SSLError):

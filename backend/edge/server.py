@@ -19,6 +19,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backend import protocol as p
 from backend.connlimit import ConnLimit, ThrottledLog
@@ -47,10 +48,16 @@ from backend.ownership import (
 from backend.policy.document import PolicyError
 from backend.policy.engine import compile_policy
 from backend.relay import close
-from backend.sni import NotTLS, peek_sni
+from backend.sni import NotTLS, peek_hello
 from backend.store import Store, open_store
 from backend.store.base import new_token
 from backend.tls import LocalCA
+
+if TYPE_CHECKING:
+    from backend.edge.acme import EdgeAcme
+
+#: The ALPN protocol of an ACME TLS-ALPN-01 validation (RFC 8737; backend/acme.py).
+ACME_TLS_ALPN = "acme-tls/1"
 
 log = logging.getLogger("burrow.edge")
 
@@ -109,6 +116,18 @@ class EdgeConfig:
     first_byte_timeout: float = 5.0
     #: seconds for a TLS handshake (with the ClientHello / first message) to complete
     handshake_timeout: float = 10.0
+    # ACME (backend/edge/acme.py): certificates from a real CA, on demand and for ingresses.
+    #: the CA's directory URL; None = every certificate comes from the local CA
+    acme_directory: str | None = None
+    acme_email: str | None = None
+    #: PEM file of the roots to trust for the directory's HTTPS (None = the system's)
+    acme_ca_root: str | None = None
+    #: new on-demand certificates per account per hour (renewals do not count); 0 = no limit
+    acme_rate_limit: int = 20
+    #: seconds a first handshake waits for its certificate before it gets the local CA's
+    acme_wait: float = 5.0
+    #: challenge types answered, in order of preference (tls-alpn-01 needs the https listener)
+    acme_challenges: tuple[str, ...] = ("tls-alpn-01", "http-01")
 
 
 class Edge:
@@ -119,6 +138,7 @@ class Edge:
         self.on_event = on_event or (lambda ev: None)
         self.store: Store | None = None
         self.ca: LocalCA | None = None
+        self.acme: EdgeAcme | None = None
         self.bootstrap: dict[str, str] = {}
         self.created_credentials = False
         self._servers: list[asyncio.AbstractServer] = []
@@ -145,7 +165,14 @@ class Edge:
         self.names.store = self.store
         self._bootstrap_credentials()
         names = ["localhost", "127.0.0.1", "::1", cfg.domain]
-        ingress_ctx = self.ca.sni_context(names)
+        if cfg.acme_directory:
+            from backend.edge.acme import EdgeAcme
+
+            self.acme = EdgeAcme(self)
+            self.acme.start()
+            ingress_ctx = self.ca.sni_context(names, pick=self.acme.ingress_context)
+        else:
+            ingress_ctx = self.ca.sni_context(names)
 
         host, port = parse_hostport(cfg.ingress_addr)
         sock = self._listen(host, port)
@@ -307,10 +334,19 @@ class Edge:
             try:
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + self.config.handshake_timeout
-                sni = await peek_sni(sock, self.config.handshake_timeout)
+                sni, alpn = await peek_hello(sock, self.config.handshake_timeout)
+                if self.acme is not None and sni and ACME_TLS_ALPN in alpn:
+                    challenge = self.acme.answers.tls_alpn_context(sni)
+                    if challenge is not None:  # an ACME CA validating (RFC 8737): answer, close
+                        _, w = await self._streams(sock, challenge, MAX_HEAD, max(deadline - loop.time(), 0.1))
+                        close(w)
+                        return
                 ep = self.registry.route("public", "tls", sni) if sni else None
                 if ep is None:
-                    r, w = await self._streams(sock, ctx, MAX_HEAD, max(deadline - loop.time(), 0.1))
+                    use = ctx
+                    if self.acme is not None and sni:
+                        use = await self.acme.context_for(sni) or ctx
+                    r, w = await self._streams(sock, use, MAX_HEAD, max(deadline - loop.time(), 0.1))
             except (OSError, TimeoutError, NotTLS, ssl.SSLError, EOFError) as exc:
                 log.debug("https connection dropped: %s", exc)
                 sock.close()

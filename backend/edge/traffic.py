@@ -43,6 +43,7 @@ IDLE_TIMEOUT = 75.0  # keep-alive connections idle longer than this are closed
 # edge one descriptor instead of two; its next request takes a fresh pooled one.
 RELEASE_AFTER = 1.0
 MAX_HOPS = 8  # forward-internal chain length
+ACME_CHALLENGE = b"/.well-known/acme-challenge/"
 
 # Answer to a connection over the overall or per-address cap (then closed).
 TOO_MANY_CONNECTIONS = simple_response(
@@ -138,6 +139,12 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
             # Policy sees, and the agent gets, the target in one normal form (origin form,
             # unreserved escapes decoded, no dot segments): /%61dmin is /admin for both.
             req = normalize_target(parse_request_head(raw))
+            if edge.acme is not None and req.target.startswith(ACME_CHALLENGE) and scheme == "http":
+                # an ACME CA validating an http-01 challenge: answered before routing
+                answer = edge.acme.answers.http01(req.target[len(ACME_CHALLENGE) :].decode("latin-1"))
+                if answer is not None:
+                    writer.write(simple_response(200, answer, "application/octet-stream"))
+                    break
             host = normalize_host(req.host)
             ep = edge.registry.route("public", scheme, host) if host else None
             if ep is None:

@@ -395,6 +395,10 @@ class Store(abc.ABC):
         """Return the agent ingress (any account) registered for ``domain``, or None."""
 
     @abc.abstractmethod
+    def all_agent_ingresses(self) -> list[AgentIngress]:
+        """Return every account's agent ingresses (for the edge's certificate manager)."""
+
+    @abc.abstractmethod
     def update_agent_ingress(self, ingress: AgentIngress) -> AgentIngress:
         """Replace the mutable fields of a stored agent ingress; NotFoundError if it is gone."""
 

@@ -785,6 +785,10 @@ class SQLiteStore(Store):
         )
         return self._agent_ingress(rows[0]) if rows else None
 
+    def all_agent_ingresses(self) -> list[AgentIngress]:
+        """Return every account's agent ingresses, oldest first."""
+        return [self._agent_ingress(r) for r in self._query("SELECT * FROM agent_ingresses ORDER BY id")]
+
     def update_agent_ingress(self, ingress: AgentIngress) -> AgentIngress:
         """Replace the mutable fields of a stored agent ingress; NotFoundError if it is gone."""
         with self._tx() as conn:

@@ -4,10 +4,12 @@
 are the name servers configured on the edge (``EdgeConfig.ns_targets``).
 
 Certificate management: with a ``certificate_management_policy`` the edge provisions a
-certificate for the ingress's names at once, issued by **the edge's own local CA** (not
-Let's Encrypt: a real ACME flow is later work), with the requested key type.
-``certificate_management_status`` then shows when it renews, or the failed
-provisioning job. The certificate and its key are kept in the store.
+certificate for the ingress's names with the requested key type.  With an ACME CA
+configured (``burrow serve --acme-directory``) the order runs in the background
+(:mod:`backend.edge.acme`): ``certificate_management_status`` shows the job in progress,
+then the renewal date (two thirds of the lifetime), or the CA's error and the retry
+time.  Without one, the edge's own local CA issues it at once.  The certificate and its
+key are kept in the store.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ AUTHORITIES = ("letsencrypt",)
 KEY_TYPES = ("rsa", "ecdsa")
 #: Renew this long before the certificate expires.
 RENEW_BEFORE = dt.timedelta(days=30)
+#: The job an ACME order shows while it runs in the background.
+ACME_IN_PROGRESS = "Managed certificate provisioning in progress."
 #: A failed provisioning job says it will be retried after this long.
 RETRY_AFTER = dt.timedelta(minutes=5)
 
@@ -106,8 +110,13 @@ def check_policy(body: w.AgentIngressCertPolicyBody) -> CertPolicy:
 async def provision(
     edge: Edge, names: list[str], policy: CertPolicy
 ) -> tuple[IngressCertificate | None, CertJob | None]:
-    """Issue a certificate for ``names`` from the edge's CA; a failure becomes a job."""
+    """Issue a certificate for ``names`` from the edge's CA; a failure becomes a job.
+
+    With an ACME CA the answer is a job in progress: the edge orders in the background.
+    """
     started = utcnow()
+    if edge.acme is not None:
+        return None, CertJob(msg=ACME_IN_PROGRESS, started_at=started)
     try:
         if edge.ca is None:
             raise RuntimeError("the edge has no certificate authority loaded")
@@ -233,6 +242,8 @@ class AgentIngressesAPI:
             self.store.create_agent_ingress(ing)
         except ConflictError as exc:
             raise APIError(409, "ERR_NGROK_6706", str(exc)) from None
+        if self.edge.acme is not None:
+            self.edge.acme.ingress_changed(ing, ing.id)
         return dump(wire(self.edge, req.base_url, ing), 201)
 
     async def update(self, req: Request) -> Response:
@@ -262,6 +273,8 @@ class AgentIngressesAPI:
             self.store.update_agent_ingress(new)
         except NotFoundError:
             raise not_found("agent ingress", id_) from None
+        if self.edge.acme is not None and "cert_policy" in changes:
+            self.edge.acme.ingress_changed(new, new.id)
         return dump(wire(self.edge, req.base_url, new))
 
     async def delete(self, req: Request) -> Response:
@@ -269,4 +282,6 @@ class AgentIngressesAPI:
         id_ = check_id(req.params["id"], AGENT_INGRESS_PREFIX, "agent ingress")
         if not self.store.delete_agent_ingress(who.account_id, id_):
             raise not_found("agent ingress", id_)
+        if self.edge.acme is not None:
+            self.edge.acme.ingress_changed(None, id_)
         return empty(204)
