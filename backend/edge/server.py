@@ -110,6 +110,10 @@ class EdgeConfig:
     first_byte_timeout: float = 5.0
     #: seconds for a TLS handshake (with the ClientHello / first message) to complete
     handshake_timeout: float = 10.0
+    #: sha256 of the admin API's key (``/admin/...``); None = no admin API
+    admin_key_hash: str | None = None
+    #: serve ``/metrics`` without the admin key
+    metrics_public: bool = False
 
 
 class Edge:
