@@ -126,6 +126,9 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"burrow version {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_ngrok_commands(sub)
+    from backend import admincli
+
+    admincli.add_parser(sub, _Parser)
 
     s = sub.add_parser("serve", help="run the edge: ingress, public listeners and cloud API")
     s.add_argument("--data-dir", type=Path, default=None)
@@ -303,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         if args.command in ("version", "config"):
             return _ngrok_command(args)
+        if args.command == "admin":
+            from backend import admincli
+
+            return admincli.run(args)
         runner = {"serve": _serve, "agent": _agent, "start": _agent, "http": _agent, "tcp": _agent, "tls": _agent}
         return _run(runner[args.command](args))
     except CLIError as exc:

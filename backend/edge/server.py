@@ -21,9 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backend import metrics
 from backend import protocol as p
 from backend.connlimit import ConnLimit, ThrottledLog
-from backend.edge import muxado, ngrok_agent, traffic
+from backend.edge import accounts, muxado, ngrok_agent, traffic
 from backend.edge.sessions import AgentEndpoint, CloudRoute, Registry, Session
 from backend.fsperm import private_dir, tighten_file
 from backend.http1 import (
@@ -174,6 +175,7 @@ class Edge:
             self._spawn(self._accept_loop(sock, lambda s, ip: self._on_https(s, ip, https_ctx), "https"))
 
         await self._load_cloud_endpoints()
+        self._spawn(accounts.watch(self))
 
         if cfg.api_addr:
             from backend.edge.api import start_api
@@ -320,6 +322,7 @@ class Edge:
                     r, w = await self._streams(sock, ctx, MAX_HEAD, max(deadline - loop.time(), 0.1))
             except (OSError, TimeoutError, NotTLS, ssl.SSLError, EOFError) as exc:
                 log.debug("https connection dropped: %s", exc)
+                metrics.HANDSHAKE_FAILURES.labels(listener="https").inc()
                 sock.close()
                 return
             finally:
@@ -393,6 +396,8 @@ class Edge:
                 close(writer)
         except (OSError, EOFError, TimeoutError, ssl.SSLError, p.ProtocolError) as exc:
             log.debug("ingress connection dropped: %s", exc)
+            if pending:  # before an Auth or a DataHello: a failed handshake
+                metrics.HANDSHAKE_FAILURES.labels(listener="ingress").inc()
             close(writer)
             if writer is None:
                 sock.close()
@@ -405,9 +410,12 @@ class Edge:
         assert self.store is not None
         cred = self.store.find_authtoken(auth.authtoken)
         if cred is None:
+            disabled = accounts.refusal(self.store, auth.authtoken)
             p.write_msg(
                 w,
-                p.Error(
+                p.Error(code=accounts.AGENT_CODE, msg=disabled)
+                if disabled
+                else p.Error(
                     code="ERR_NGROK_107",
                     msg="authentication failed: the authtoken is invalid or has been revoked",
                 ),

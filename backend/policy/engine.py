@@ -22,6 +22,7 @@ from typing import Any
 
 import cel
 
+from backend import metrics
 from backend.http1 import head_bytes, valid_field_name
 from backend.policy.document import PolicyError, TrafficPolicy, parse_policy
 
@@ -479,8 +480,10 @@ class CompiledPolicy:
             )
             return limit_reply(exc)
         finally:
-            ctx.spent += time.perf_counter() - start
+            took = time.perf_counter() - start
+            ctx.spent += took
             ctx.deadline = float("inf")
+            metrics.POLICY_SECONDS.observe(took)
 
     def terminates(self) -> bool:
         from backend.policy.actions import TERMINATING
