@@ -90,6 +90,15 @@ POLICY_SECONDS = Histogram(
 )
 
 
+def _hook_policy_engine() -> None:
+    from backend.policy import engine
+
+    engine.observe_eval = POLICY_SECONDS.observe
+
+
+_hook_policy_engine()
+
+
 def http_request(status: int, bytes_in: int = 0, bytes_out: int = 0) -> None:
     """Count one answered public HTTP request and the bytes of its exchange."""
     counter = _BY_CLASS.get(status // 100)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import cel
 
-from backend import metrics
 from backend.http1 import head_bytes, valid_field_name
 from backend.policy.document import PolicyError, TrafficPolicy, parse_policy
 
@@ -58,6 +58,11 @@ class Limits:
 
 
 LIMITS = Limits()
+
+
+#: called with the seconds each phase evaluation took (the edge's metrics set it; the
+#: engine itself does not import prometheus_client, so agents do not load it)
+observe_eval: Callable[[float], None] | None = None
 
 
 def configure(**kw: Any) -> None:
@@ -483,7 +488,8 @@ class CompiledPolicy:
             took = time.perf_counter() - start
             ctx.spent += took
             ctx.deadline = float("inf")
-            metrics.POLICY_SECONDS.observe(took)
+            if observe_eval is not None:
+                observe_eval(took)
 
     def terminates(self) -> bool:
         from backend.policy.actions import TERMINATING
