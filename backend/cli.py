@@ -499,6 +499,9 @@ async def _serve(args) -> int:
         conf = serveconfig.load(vars(args), args.config)
     except serveconfig.ServeConfigError as exc:
         raise SettingsError(str(exc)) from None
+    warning = serveconfig.exposed_secrets(args.config)
+    if warning:
+        print(f"burrow serve: warning: {warning}", file=sys.stderr, flush=True)
     if not conf.allow_remote and not is_loopback(parse_hostport(conf.api_addr)[0]):
         raise SettingsError(
             f"api_addr {conf.api_addr} is not a loopback address; "

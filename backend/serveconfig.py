@@ -31,7 +31,16 @@ from pydantic_settings import BaseSettings, InitSettingsSource, NoDecode, Settin
 
 from backend.netutil import AddressError, parse_hostport
 
-__all__ = ["ENV_PREFIX", "PROCESS_FLAGS", "ServeConfigError", "ServeSettings", "env_name", "load"]
+__all__ = [
+    "ENV_PREFIX",
+    "PROCESS_FLAGS",
+    "SECRET_KEYS",
+    "ServeConfigError",
+    "ServeSettings",
+    "env_name",
+    "exposed_secrets",
+    "load",
+]
 
 ENV_PREFIX = "BURROW_"
 #: serve flags that are not settings (see the module docstring)
@@ -208,6 +217,27 @@ def read_file(path: Path) -> dict:
     return data
 
 
+SECRET_KEYS = ("admin_key", "api_key", "authtoken")
+
+
+def exposed_secrets(path: Path | None) -> str | None:
+    """A warning when ``path`` holds secrets and others may read it (else None)."""
+    if path is None:
+        return None
+    try:
+        data = read_file(path)
+        mode = path.stat().st_mode
+    except (ServeConfigError, OSError):
+        return None
+    held = [k for k in SECRET_KEYS if data.get(k)]
+    if held and mode & 0o077:
+        return (
+            f"{path} holds {', '.join(held)} and is readable by others (mode {mode & 0o777:o}); "
+            f"chmod 600 it, or set them in the environment (BURROW_ADMIN_KEY, ...)"
+        )
+    return None
+
+
 def load(flags: dict[str, Any], path: Path | None = None) -> ServeSettings:
     """Merge ``flags`` (only those given on the command line), the environment and the
     file at ``path``; raise :class:`ServeConfigError` naming the first bad setting."""
@@ -240,6 +270,6 @@ def load(flags: dict[str, Any], path: Path | None = None) -> ServeSettings:
         else:
             where = key or "settings"
         got = err.get("input")
-        secret = key in ("admin_key", "api_key", "authtoken")
+        secret = key in SECRET_KEYS
         shown = "" if secret or isinstance(got, dict | list) or str(got) in msg else f" (got {got!r})"
         raise ServeConfigError(f"{where}: {msg}{shown}") from None

@@ -186,3 +186,15 @@ def test_a_missing_file_is_one_line(tmp_path):
     assert p.wait_exit() == 2
     err = p.stderr.strip()
     assert len(err.splitlines()) == 1 and "nope.yml: No such file or directory" in err, err
+
+
+def test_a_readable_file_with_secrets_gets_a_warning(tmp_path):
+    path = tmp_path / "serve.yml"
+    path.write_text("admin_key: a-long-enough-admin-key-123\n")
+    path.chmod(0o644)
+    assert "admin_key" in serveconfig.exposed_secrets(path) and "chmod 600" in serveconfig.exposed_secrets(path)
+    path.chmod(0o600)
+    assert serveconfig.exposed_secrets(path) is None
+    path.write_text("domain: a.example\n")
+    path.chmod(0o644)
+    assert serveconfig.exposed_secrets(path) is None
