@@ -21,13 +21,20 @@ file, and a comma-separated string in the environment.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from backend.netutil import AddressError, parse_hostport
 
@@ -69,7 +76,7 @@ class ServeSettings(BaseSettings):
     http_addr: str = "127.0.0.1:4080"
     #: ``off`` (or ``none``, empty) disables the https listener
     https_addr: str | None = "127.0.0.1:4443"
-    tcp_ports: tuple[int, int] = (20000, 29999)
+    tcp_ports: Annotated[tuple[int, int], NoDecode] = (20000, 29999)
     tcp_host: str | None = None
     domain: str = "burrow.localhost"
     api_key: Tokens = Field(default_factory=list)
@@ -121,6 +128,11 @@ class ServeSettings(BaseSettings):
     def _ports(cls, v: Any) -> Any:
         if isinstance(v, int) and not isinstance(v, bool):
             v = (v, v)
+        elif isinstance(v, str) and v.strip().startswith("["):  # JSON from the environment
+            try:
+                v = json.loads(v)
+            except ValueError:
+                raise ValueError(f"invalid port range {v!r} (expected LOW-HIGH)") from None
         elif isinstance(v, str):
             lo, sep, hi = v.partition("-")
             try:
@@ -257,6 +269,8 @@ def load(flags: dict[str, Any], path: Path | None = None) -> ServeSettings:
 
     try:
         return _Settings(**given)
+    except SettingsError as exc:  # a value the environment source could not even decode
+        raise ServeConfigError(str(exc).replace('"', "'")) from None
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         key = str(err["loc"][0]) if err["loc"] else ""

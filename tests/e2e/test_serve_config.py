@@ -103,8 +103,12 @@ def test_precedence_flag_env_file_default(tmp_path, clean_env):
     assert serveconfig.load({}, path).domain == "file.example"
     clean_env.setenv("BURROW_DOMAIN", "env.example")
     clean_env.setenv("BURROW_AUTHTOKEN", "env-a,env-b")
+    clean_env.setenv("BURROW_TCP_PORTS", "31000-31010")
     conf = serveconfig.load({}, path)
     assert (conf.domain, conf.max_conns, conf.authtoken) == ("env.example", 7, ["env-a", "env-b"])
+    assert conf.tcp_ports == (31000, 31010)
+    clean_env.setenv("BURROW_TCP_PORTS", "[31000, 31020]")
+    assert serveconfig.load({}, path).tcp_ports == (31000, 31020)
     args = _serve_parser().parse_args(["--domain", "flag.example", "--max-handshakes", "9"])
     conf = serveconfig.load(vars(args), path)
     assert (conf.domain, conf.max_conns, conf.max_handshakes) == ("flag.example", 7, 9)
