@@ -16,7 +16,7 @@ from backend.httpserver import Request
 from backend.store import hash_token
 from tests.api.conftest import POLICY_YAML
 from tests.procs import READY_TIMEOUT, BurrowProc, edge_args, host_of, start_agent
-from tests.upstreams import HTTPUpstream, raw_exchange
+from tests.upstreams import HTTPUpstream, TCPEcho, raw_exchange
 
 ADMIN_KEY = "metrics-admin-key-0123456789abcdef"
 
@@ -184,3 +184,36 @@ async def test_readyz_names_a_closed_listener_and_a_broken_store(tmp_path):
     finally:
         await edge.stop()
 
+
+
+async def test_tcp_bytes_are_counted_both_ways(ops_edge, tmp_path):
+    async with TCPEcho() as up:
+        agent = start_agent(ops_edge, "tcp", str(up.port), home=tmp_path / "home")
+        try:
+            port = int(agent.public_url.rsplit(":", 1)[1])
+            before = scrape(ops_edge)
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            payload = bytes(range(256)) * 12  # 3072 bytes
+            w.write(payload)
+            await w.drain()
+            assert await asyncio.wait_for(r.readexactly(len(payload)), 10) == payload
+            w.write_eof()  # both directions end: the relay ends and counts
+            assert await asyncio.wait_for(r.read(), 10) == b""
+            w.close()
+            for _ in range(100):
+                after = scrape(ops_edge)
+                if val(after, "burrow_public_bytes_total", direction="out") > val(
+                    before, "burrow_public_bytes_total", direction="out"
+                ):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            agent.stop()
+
+    def delta(direction: str) -> float:
+        return val(after, "burrow_public_bytes_total", direction=direction) - val(
+            before, "burrow_public_bytes_total", direction=direction
+        )
+
+    assert delta("in") == len(payload) and delta("out") == len(payload)
+    assert val(after, "burrow_http_requests_total", code="2xx") == val(before, "burrow_http_requests_total", code="2xx")
