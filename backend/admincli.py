@@ -39,7 +39,7 @@ def add_parser(sub, parser_class) -> None:
         p.add_argument("--data-dir", type=Path, default=None, help="the edge's data dir")
         p.add_argument("--config", type=Path, default=None, help="the edge's serve.yml (for its data_dir)")
         p.add_argument("--api-url", default=None, help="use a running edge's admin API at this URL instead")
-        p.add_argument("--admin-key", default=None, help="the admin key for --api-url (or BURROW_ADMIN_KEY)")
+        p.add_argument("--admin-key", default=None, help="the admin key for --api-url (better: BURROW_ADMIN_KEY; a flag shows in ps)")
         p.add_argument("--json", action="store_true", help="print JSON")
 
     p = csub.add_parser("create", help="create an account; prints its authtoken and API key once")

@@ -203,7 +203,8 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
     lim.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="SECS",
                      help="TLS handshake plus first message on the ingress and https ports")
     s.add_argument("--admin-key", default=None, metavar="KEY",
-                   help="enables the admin API (/admin/accounts ...) with this key (16+ characters)")
+                   help="enables the admin API (/admin/accounts ...) and /metrics with this key "
+                   "(16+ characters; prefer BURROW_ADMIN_KEY, a flag shows in ps)")
     s.add_argument("--metrics-public", action="store_true",
                    help="serve /metrics without the admin key (for a Prometheus on a private network)")
     s.add_argument("--log-format", choices=["text", "json", "logfmt"], default="text")
