@@ -16,7 +16,6 @@ import signal
 import sqlite3
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import ValidationError
@@ -32,9 +31,16 @@ class CLIError(Exception):
     ``(msg, obj, err)`` for a ``lvl=eror`` logfmt line written before the exit.
     """
 
+    #: the exit status (2: a setting that cannot be used, as argparse exits for a bad flag)
+    status = 1
+
     def __init__(self, text: str, log: tuple[str, str, str] | None = None) -> None:
         super().__init__(text)
         self.log = log
+
+
+class SettingsError(CLIError):
+    status = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,6 +126,9 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"burrow version {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_ngrok_commands(sub)
+    from backend import admincli
+
+    admincli.add_parser(sub, _Parser)
 
     s = sub.add_parser("serve", help="run the edge: ingress, public listeners and cloud API")
     s.add_argument("--data-dir", type=Path, default=None)
@@ -204,6 +213,22 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
     acme.add_argument("--acme-challenges", default="tls-alpn-01,http-01", metavar="LIST",
                       help="challenge types to answer, in order of preference (tls-alpn-01 on the "
                       "https port, http-01 on the http port)")
+    s.add_argument("--admin-key", default=None, metavar="KEY",
+                   help="enables the admin API (/admin/accounts ...) and /metrics with this key "
+                   "(16+ characters; prefer BURROW_ADMIN_KEY, a flag shows in ps)")
+    s.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without the admin key (for a Prometheus on a private network)")
+    s.add_argument("--log-format", choices=["text", "json", "logfmt"], default="text")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    # a setting not given on the command line comes from the environment, then the file
+    for action in s._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    s.add_argument(
+        "--config", type=Path, default=None, metavar="FILE",
+        help="a YAML file of these settings (keys as the flags, with '_': api_addr); "
+        "precedence: flag > environment (BURROW_API_ADDR) > file > default",
+    )
     s.add_argument("--json", action="store_true")
     s.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
 
@@ -293,11 +318,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         if args.command in ("version", "config"):
             return _ngrok_command(args)
+        if args.command == "admin":
+            from backend import admincli
+
+            return admincli.run(args)
         runner = {"serve": _serve, "agent": _agent, "start": _agent, "http": _agent, "tcp": _agent, "tls": _agent}
         return _run(runner[args.command](args))
     except CLIError as exc:
         print(f"burrow {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.status
 
 
 def _local_command(command: str) -> int:
@@ -474,49 +503,57 @@ async def _until_signal(*stoppers) -> asyncio.Event:
 
 
 async def _serve(args) -> int:
+    from backend import serveconfig
     from backend.edge.server import Edge, EdgeConfig
+    from backend.store import hash_token
 
-    _check_addr("--api-addr", args.api_addr, args.allow_remote)
-    for flag in ("ingress_addr", "http_addr"):
-        _check_addr("--" + flag.replace("_", "-"), getattr(args, flag), True)
-    https = None if args.https_addr.lower() in ("", "off", "none") else args.https_addr
-    if https:
-        _check_addr("--https-addr", https, True)
-    if not args.policy_eval_budget > 0:
-        raise CLIError("--policy-eval-budget must be a positive number of seconds")
+    try:
+        conf = serveconfig.load(vars(args), args.config)
+    except serveconfig.ServeConfigError as exc:
+        raise SettingsError(str(exc)) from None
+    warning = serveconfig.exposed_secrets(args.config)
+    if warning:
+        print(f"burrow serve: warning: {warning}", file=sys.stderr, flush=True)
+    if not conf.allow_remote and not is_loopback(parse_hostport(conf.api_addr)[0]):
+        raise SettingsError(
+            f"api_addr {conf.api_addr} is not a loopback address; "
+            "pass --allow-remote (allow_remote: true) to bind it anyway"
+        )
+    from backend import logsetup
     from backend.policy import engine as policy_engine
 
-    policy_engine.configure(eval_budget=args.policy_eval_budget)
-    authtokens = args.authtoken or ([os.environ["BURROW_AUTHTOKEN"]] if os.environ.get("BURROW_AUTHTOKEN") else [])
-    api_keys = args.api_key or ([os.environ["BURROW_API_KEY"]] if os.environ.get("BURROW_API_KEY") else [])
+    logsetup.configure(conf.log_format, conf.log_level)
+    policy_engine.configure(eval_budget=conf.policy_eval_budget)
     cfg = EdgeConfig(
-        data_dir=(args.data_dir or default_data_dir()).expanduser(),
-        api_addr=args.api_addr,
-        ingress_addr=args.ingress_addr,
-        http_addr=args.http_addr,
-        https_addr=https,
-        tcp_ports=args.tcp_ports,
-        tcp_host=args.tcp_host,
-        domain=args.domain.lower().strip("."),
-        api_keys=api_keys,
-        authtokens=authtokens,
-        api_rate_limit=max(0, args.api_rate_limit),
-        max_sessions_per_authtoken=args.max_sessions_per_authtoken,
-        max_endpoints_per_account=args.max_endpoints_per_account,
-        max_tcp_ports_per_account=args.max_tcp_ports_per_account,
-        max_data_conns_per_session=args.max_data_conns_per_session,
-        api_auth_fail_limit=max(0, args.api_auth_fail_limit),
-        api_public_url=_public_url(args.api_public_url),
-        api_read_timeout=_timeout("--api-read-timeout", args.api_read_timeout),
-        body_timeout=args.body_timeout,
-        send_timeout=args.send_timeout,
-        max_conns=args.max_conns,
-        max_conns_per_ip=args.max_conns_per_ip,
-        max_handshakes=args.max_handshakes,
-        max_handshakes_per_ip=args.max_handshakes_per_ip,
-        first_byte_timeout=args.first_byte_timeout or 5.0,
-        handshake_timeout=args.handshake_timeout or 10.0,
-        **_acme_options(args),
+        data_dir=(conf.data_dir or default_data_dir()).expanduser(),
+        api_addr=conf.api_addr,
+        ingress_addr=conf.ingress_addr,
+        http_addr=conf.http_addr,
+        https_addr=conf.https_addr,
+        tcp_ports=conf.tcp_ports,
+        tcp_host=conf.tcp_host,
+        domain=conf.domain,
+        api_keys=conf.api_key,
+        authtokens=conf.authtoken,
+        api_rate_limit=conf.api_rate_limit,
+        max_sessions_per_authtoken=conf.max_sessions_per_authtoken,
+        max_endpoints_per_account=conf.max_endpoints_per_account,
+        max_tcp_ports_per_account=conf.max_tcp_ports_per_account,
+        max_data_conns_per_session=conf.max_data_conns_per_session,
+        api_auth_fail_limit=conf.api_auth_fail_limit,
+        api_public_url=conf.api_public_url,
+        api_read_timeout=conf.api_read_timeout,
+        body_timeout=conf.body_timeout,
+        send_timeout=conf.send_timeout,
+        max_conns=conf.max_conns,
+        max_conns_per_ip=conf.max_conns_per_ip,
+        max_handshakes=conf.max_handshakes,
+        max_handshakes_per_ip=conf.max_handshakes_per_ip,
+        first_byte_timeout=conf.first_byte_timeout or 5.0,
+        handshake_timeout=conf.handshake_timeout or 10.0,
+        admin_key_hash=hash_token(conf.admin_key) if conf.admin_key else None,
+        metrics_public=conf.metrics_public,
+        **_acme_options(conf),
     )
     edge = Edge(cfg, on_event=_emit if args.json else None)
     stop = await _until_signal()
@@ -560,7 +597,9 @@ async def _serve(args) -> int:
 
 
 def _acme_options(args) -> dict:
-    """Check the --acme-* flags; the ACME libraries must be installed to use them."""
+    """Check the --acme-* settings; the ACME libraries must be installed to use them."""
+    from urllib.parse import urlsplit
+
     if not args.acme_directory:
         for flag in ("acme_email", "acme_ca_root"):
             if getattr(args, flag):
@@ -591,15 +630,6 @@ def _acme_options(args) -> dict:
         "acme_ca_root": str(root.expanduser()) if root is not None else None,
         "acme_rate_limit": args.acme_rate_limit,
     }
-
-
-def _public_url(text: str | None) -> str | None:
-    if not text:
-        return None
-    parts = urlsplit(text.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-        raise CLIError(f"--api-public-url {text!r}: expected http(s)://HOST[:PORT][/PATH]")
-    return text.strip().rstrip("/")
 
 
 def _timeout(flag: str, value) -> float:

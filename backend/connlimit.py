@@ -16,7 +16,7 @@ from collections.abc import Callable
 class ConnLimit:
     """At most ``total`` connections at once, and ``per_ip`` from one address (0 = no cap)."""
 
-    __slots__ = ("by_ip", "count", "per_ip", "refused", "total")
+    __slots__ = ("accepted", "by_ip", "count", "per_ip", "refused", "total")
 
     def __init__(self, total: int, per_ip: int) -> None:
         self.total = total
@@ -24,6 +24,7 @@ class ConnLimit:
         self.count = 0
         self.by_ip: dict[str, int] = {}
         self.refused = 0
+        self.accepted = 0  # since start (the metrics' counter)
 
     def acquire(self, ip: str, exempt: Callable[[str], bool] | None = None) -> bool:
         """Take a slot for ``ip``; ``exempt(ip)`` (asked only when the per-address cap is
@@ -35,6 +36,7 @@ class ConnLimit:
             self.refused += 1
             return False
         self.count += 1
+        self.accepted += 1
         self.by_ip[ip] = n + 1
         return True
 

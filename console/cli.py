@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ENGINE_COMMANDS = {"serve", "agent", "start", "http", "tcp", "tls", "status", "stop", "version", "config"}
+ENGINE_COMMANDS = {"serve", "agent", "start", "http", "tcp", "tls", "status", "stop", "version", "config", "admin"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from backend import protocol as p
 from backend.agent.forward import proxy_header
-from backend.edge import muxado, ngrok_options
+from backend.edge import accounts, muxado, ngrok_options
 from backend.edge.sessions import AgentEndpoint, Session, SessionClosed
 from backend.ids import new_id
 from backend.store import StoreError
@@ -277,11 +277,14 @@ class AgentConnection:
         if self.session is not None or self._auth_started:
             return {"Version": "3", "ClientId": "", "Error": "already authenticated\nERR_NGROK_105"}
         self._auth_started = True
-        cred = edge.store.find_authtoken(_str(_get(extra, "AuthToken")))
+        token = _str(_get(extra, "AuthToken"))
+        cred = edge.store.find_authtoken(token)
         if cred is None:
             self.auth_failed = True
             edge.on_event({"event": "auth_failed", "ip": self.peer_ip})
-            return {"Version": "3", "ClientId": "", "Error": BAD_AUTHTOKEN, "Extra": {}}
+            disabled = accounts.refusal(edge.store, token)
+            error = f"{disabled}\n\n{accounts.AGENT_CODE}" if disabled else BAD_AUTHTOKEN
+            return {"Version": "3", "ClientId": "", "Error": error, "Extra": {}}
         interval, tolerance = _get(extra, "HeartbeatInterval"), _get(extra, "HeartbeatTolerance")
         if (
             isinstance(interval, int)

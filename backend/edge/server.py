@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backend import metrics
 from backend import protocol as p
 from backend.connlimit import ConnLimit, ThrottledLog
-from backend.edge import muxado, ngrok_agent, traffic
+from backend.edge import accounts, muxado, ngrok_agent, traffic
 from backend.edge.sessions import AgentEndpoint, CloudRoute, Registry, Session
 from backend.fsperm import private_dir, tighten_file
 from backend.http1 import (
@@ -128,6 +129,10 @@ class EdgeConfig:
     acme_wait: float = 5.0
     #: challenge types answered, in order of preference (tls-alpn-01 needs the https listener)
     acme_challenges: tuple[str, ...] = ("tls-alpn-01", "http-01")
+    #: sha256 of the admin API's key (``/admin/...``); None = no admin API
+    admin_key_hash: str | None = None
+    #: serve ``/metrics`` without the admin key
+    metrics_public: bool = False
 
 
 class Edge:
@@ -194,6 +199,7 @@ class Edge:
             self._spawn(self._accept_loop(sock, lambda s, ip: self._on_https(s, ip, https_ctx), "https"))
 
         await self._load_cloud_endpoints()
+        self._spawn(accounts.watch(self))
 
         if cfg.api_addr:
             from backend.edge.api import start_api
@@ -349,6 +355,7 @@ class Edge:
                     r, w = await self._streams(sock, use, MAX_HEAD, max(deadline - loop.time(), 0.1))
             except (OSError, TimeoutError, NotTLS, ssl.SSLError, EOFError) as exc:
                 log.debug("https connection dropped: %s", exc)
+                metrics.HANDSHAKE_FAILURES.labels(listener="https").inc()
                 sock.close()
                 return
             finally:
@@ -422,6 +429,8 @@ class Edge:
                 close(writer)
         except (OSError, EOFError, TimeoutError, ssl.SSLError, p.ProtocolError) as exc:
             log.debug("ingress connection dropped: %s", exc)
+            if pending:  # before an Auth or a DataHello: a failed handshake
+                metrics.HANDSHAKE_FAILURES.labels(listener="ingress").inc()
             close(writer)
             if writer is None:
                 sock.close()
@@ -434,9 +443,12 @@ class Edge:
         assert self.store is not None
         cred = self.store.find_authtoken(auth.authtoken)
         if cred is None:
+            disabled = accounts.refusal(self.store, auth.authtoken)
             p.write_msg(
                 w,
-                p.Error(
+                p.Error(code=accounts.AGENT_CODE, msg=disabled)
+                if disabled
+                else p.Error(
                     code="ERR_NGROK_107",
                     msg="authentication failed: the authtoken is invalid or has been revoked",
                 ),

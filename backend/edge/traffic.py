@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
-from backend import pages
+from backend import metrics, pages
 from backend.edge.sessions import Endpoint, SessionClosed
 from backend.http1 import (
     NO_BODY,
@@ -149,6 +149,7 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
             ep = edge.registry.route("public", scheme, host) if host else None
             if ep is None:
                 writer.write(pages.endpoint_offline(host or "(no Host header)"))
+                metrics.http_request(404)
                 break
 
             # ---- traffic policy: on_tcp_connect (once per endpoint), on_http_request
@@ -194,16 +195,20 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
                 break
             if isinstance(outcome, Reply):
                 keep = req.keep_alive and req.framing == NO_BODY
-                writer.write(reply_bytes(outcome, keep))
+                answer = reply_bytes(outcome, keep)
+                writer.write(answer)
+                metrics.http_request(outcome.status, 0, len(answer))
                 await drain(writer, send_timeout)
                 if not keep:
                     break
                 continue
-            if isinstance(outcome, bytes):
+            if isinstance(outcome, bytes):  # the page of an offline forward-internal target
                 writer.write(outcome)
+                metrics.http_request(404, 0, len(outcome))
                 break
             if ep.session is None:  # a cloud endpoint whose policy did not answer
                 writer.write(pages.no_termination(host))
+                metrics.http_request(502)
                 break
 
             send = state.head() if state is not None and state.changed else req.raw
@@ -224,6 +229,7 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
                     dr, dw = await ep.session.open_data(ep, conn["client_ip"], conn["client_port"], scheme)
                 except SessionClosed:
                     writer.write(pages.endpoint_offline(host))
+                    metrics.http_request(404)
                     break
                 dc = (ep, dr, dw)
             edit = _response_editor(responders, ctx) if responders else None
@@ -245,14 +251,18 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
             except UpstreamError as exc:
                 if not exc.response_started:
                     writer.write(pages.no_agent(host))
+                    metrics.http_request(502)
                 break
+            status = res.response.status if res.response is not None else 502
+            metrics.http_request(status, res.request_bytes, res.response_bytes)
             if res.upgraded:
-                await relay(reader, writer, dc[1], dc[2], send_timeout)
+                metrics.relayed(*await relay(reader, writer, dc[1], dc[2], send_timeout))
                 break
             if not res.keep_alive:
                 break
     except HTTPError as exc:
         writer.write(pages.bad_request(exc.status, exc.msg))
+        metrics.http_request(exc.status)
     except (OSError, asyncio.IncompleteReadError):
         pass
     finally:
@@ -317,6 +327,6 @@ async def forward_raw(
         close(writer)
         return
     try:
-        await relay(reader, writer, dr, dw, edge.config.send_timeout or None)
+        metrics.relayed(*await relay(reader, writer, dr, dw, edge.config.send_timeout or None))
     finally:
         ep.session.release(dw)

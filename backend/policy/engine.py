@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -57,6 +58,11 @@ class Limits:
 
 
 LIMITS = Limits()
+
+
+#: called with the seconds each phase evaluation took (the edge's metrics set it; the
+#: engine itself does not import prometheus_client, so agents do not load it)
+observe_eval: Callable[[float], None] | None = None
 
 
 def configure(**kw: Any) -> None:
@@ -479,8 +485,11 @@ class CompiledPolicy:
             )
             return limit_reply(exc)
         finally:
-            ctx.spent += time.perf_counter() - start
+            took = time.perf_counter() - start
+            ctx.spent += took
             ctx.deadline = float("inf")
+            if observe_eval is not None:
+                observe_eval(took)
 
     def terminates(self) -> bool:
         from backend.policy.actions import TERMINATING

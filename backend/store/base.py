@@ -117,6 +117,9 @@ class Account(_Model):
     id: str
     name: str
     created_at: dt.datetime
+    #: when an administrator disabled it: its API keys and authtokens stop working, its
+    #: sessions end and its cloud endpoints stop serving (None = enabled)
+    disabled_at: dt.datetime | None = None
 
 
 class Credential(_Model):
@@ -241,6 +244,29 @@ class Store(abc.ABC):
     def get_account(self, account_id: str) -> Account | None:
         """Return the account with this id, or None."""
 
+    @abc.abstractmethod
+    def list_accounts(self) -> list[Account]:
+        """Return every account, oldest first."""
+
+    @abc.abstractmethod
+    def set_account_disabled(self, account_id: str, disabled: bool) -> Account | None:
+        """Disable (or enable again) an account; return it, or None if there is none.
+
+        Disabling keeps its first ``disabled_at``; the account keeps its names.
+        """
+
+    @abc.abstractmethod
+    def disabled_account_ids(self) -> set[str]:
+        """The ids of the disabled accounts (a small set; the edge polls it)."""
+
+    @abc.abstractmethod
+    def disabled_owner(self, token: str) -> Account | None:
+        """The disabled account an authtoken or API key ``token`` belongs to, or None.
+
+        :meth:`find_authtoken` and :meth:`find_api_key` never return a disabled
+        account's secrets; this tells a refusal why, on the failure path only.
+        """
+
     # -- authtokens (credentials) -----------------------------------------------------
 
     @abc.abstractmethod
@@ -260,7 +286,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def find_authtoken(self, token: str) -> Credential | None:
-        """Return the credential whose secret is ``token``, or None."""
+        """Return the credential whose secret is ``token``, or None (also when its
+        account is disabled)."""
 
     @abc.abstractmethod
     def get_authtoken(self, credential_id: str) -> Credential | None:
@@ -287,7 +314,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def find_api_key(self, token: str) -> APIKey | None:
-        """Return the API key whose secret is ``token``, or None."""
+        """Return the API key whose secret is ``token``, or None (also when its account
+        is disabled)."""
 
     @abc.abstractmethod
     def get_api_key(self, api_key_id: str) -> APIKey | None:
@@ -341,7 +369,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def all_cloud_endpoints(self) -> list[CloudEndpoint]:
-        """Return every account's cloud endpoints (for the edge's routing table)."""
+        """Return every enabled account's cloud endpoints (for the edge's routing table)."""
 
     @abc.abstractmethod
     def update_cloud_endpoint(self, endpoint: CloudEndpoint) -> CloudEndpoint:

@@ -129,7 +129,7 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX agent_ingresses_domain ON agent_ingresses (domain);
     CREATE INDEX agent_ingresses_account ON agent_ingresses (account_id, id);
     """,
-    # 2: the URL each ngrok agent tunnel id got, so that it re-binds to it after a restart
+    # 3: the URL each ngrok agent tunnel id got, so that it re-binds to it after a restart
     """
     CREATE TABLE ngrok_rebind_urls (
         seq         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -138,6 +138,10 @@ MIGRATIONS: list[str] = [
         url         TEXT NOT NULL
     );
     CREATE UNIQUE INDEX ngrok_rebind_urls_key ON ngrok_rebind_urls (account_id, tunnel_id);
+    """,
+    # 4: accounts an administrator disabled
+    """
+    ALTER TABLE accounts ADD COLUMN disabled_at TEXT;
     """,
 ]
 
@@ -243,8 +247,12 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _account(row: sqlite3.Row) -> Account:
+        disabled = row["disabled_at"]
         return Account(
-            id=row["id"], name=row["name"], created_at=parse_timestamp(row["created_at"])
+            id=row["id"],
+            name=row["name"],
+            created_at=parse_timestamp(row["created_at"]),
+            disabled_at=parse_timestamp(disabled) if disabled else None,
         )
 
     @staticmethod
@@ -367,6 +375,36 @@ class SQLiteStore(Store):
         rows = self._query("SELECT * FROM accounts WHERE id = ?", (account_id,))
         return self._account(rows[0]) if rows else None
 
+    def list_accounts(self) -> list[Account]:
+        """Return every account, oldest first."""
+        return [self._account(r) for r in self._query("SELECT * FROM accounts ORDER BY id")]
+
+    def set_account_disabled(self, account_id: str, disabled: bool) -> Account | None:
+        """Set or clear ``disabled_at`` (a second disable keeps the first time)."""
+        with self._tx() as conn:
+            if disabled:
+                conn.execute(
+                    "UPDATE accounts SET disabled_at = COALESCE(disabled_at, ?) WHERE id = ?",
+                    (format_timestamp(utcnow()), account_id),
+                )
+            else:
+                conn.execute("UPDATE accounts SET disabled_at = NULL WHERE id = ?", (account_id,))
+            row = conn.execute("SELECT * FROM accounts WHERE id = ?", (account_id,)).fetchone()
+        return self._account(row) if row else None
+
+    def disabled_account_ids(self) -> set[str]:
+        rows = self._query("SELECT id FROM accounts WHERE disabled_at IS NOT NULL")
+        return {r["id"] for r in rows}
+
+    def disabled_owner(self, token: str) -> Account | None:
+        rows = self._query(
+            "SELECT a.* FROM accounts a WHERE a.disabled_at IS NOT NULL AND a.id IN ("
+            " SELECT account_id FROM credentials WHERE token_hash = ?"
+            " UNION SELECT account_id FROM api_keys WHERE token_hash = ?)",
+            (hash_token(token), hash_token(token)),
+        )
+        return self._account(rows[0]) if rows else None
+
     # -- authtokens -------------------------------------------------------------------
 
     def add_authtoken(
@@ -418,7 +456,11 @@ class SQLiteStore(Store):
 
     def find_authtoken(self, token: str) -> Credential | None:
         """Look up a credential by the hash of the presented token."""
-        rows = self._query("SELECT * FROM credentials WHERE token_hash = ?", (hash_token(token),))
+        rows = self._query(
+            "SELECT c.* FROM credentials c JOIN accounts a ON a.id = c.account_id"
+            " WHERE c.token_hash = ? AND a.disabled_at IS NULL",
+            (hash_token(token),),
+        )
         return self._credential(rows[0]) if rows else None
 
     def get_authtoken(self, credential_id: str) -> Credential | None:
@@ -482,7 +524,11 @@ class SQLiteStore(Store):
 
     def find_api_key(self, token: str) -> APIKey | None:
         """Look up an API key by the hash of the presented bearer token."""
-        rows = self._query("SELECT * FROM api_keys WHERE token_hash = ?", (hash_token(token),))
+        rows = self._query(
+            "SELECT k.* FROM api_keys k JOIN accounts a ON a.id = k.account_id"
+            " WHERE k.token_hash = ? AND a.disabled_at IS NULL",
+            (hash_token(token),),
+        )
         return self._api_key(rows[0]) if rows else None
 
     def get_api_key(self, api_key_id: str) -> APIKey | None:
@@ -652,7 +698,11 @@ class SQLiteStore(Store):
 
     def all_cloud_endpoints(self) -> list[CloudEndpoint]:
         """Return every account's cloud endpoints, oldest first."""
-        return [self._cloud_endpoint(r) for r in self._query("SELECT * FROM cloud_endpoints ORDER BY id")]
+        rows = self._query(
+            "SELECT e.* FROM cloud_endpoints e JOIN accounts a ON a.id = e.account_id"
+            " WHERE a.disabled_at IS NULL ORDER BY e.id"
+        )
+        return [self._cloud_endpoint(r) for r in rows]
 
     def update_cloud_endpoint(self, endpoint: CloudEndpoint) -> CloudEndpoint:
         """Replace a stored cloud endpoint (see :meth:`Store.update_cloud_endpoint`)."""

@@ -10,12 +10,15 @@ registers its routes:
 - :mod:`.tunnels` — ``/tunnels`` (read-only: one per agent endpoint)
 - :mod:`.keys` — ``/credentials`` (authtokens) and ``/api_keys``
 - :mod:`.reserved_domains` — ``/reserved_domains`` (read-only; claimed by cloud endpoints)
+- :mod:`.admin` — ``/healthz``, ``/readyz``, ``/metrics`` and the admin API
+  ``/admin/accounts`` (their own auth, not the cloud API's)
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from backend.edge.api.admin import AdminAPI, own_auth
 from backend.edge.api.agent_ingresses import AgentIngressesAPI
 from backend.edge.api.core import APIError, RateLimiter, api_error, make_before
 from backend.edge.api.endpoints import EndpointsAPI
@@ -46,6 +49,7 @@ def build_router(edge: Edge) -> Router:
         CredentialsAPI(edge),
         APIKeysAPI(edge),
         ReservedDomainsAPI(edge),
+        AdminAPI(edge),
     ):
         resource.register(router)
     return router
@@ -54,7 +58,11 @@ def build_router(edge: Edge) -> Router:
 async def start_api(edge: Edge, addr: str) -> tuple[APIServer, tuple[str, int]]:
     """Serve the cloud API on ``addr``; return the server and the bound address."""
     cfg = edge.config
-    before = make_before(edge, RateLimiter(cfg.api_rate_limit), RateLimiter(cfg.api_auth_fail_limit))
+    cloud = make_before(edge, RateLimiter(cfg.api_rate_limit), RateLimiter(cfg.api_auth_fail_limit))
+
+    def before(req: Request) -> Response | None:
+        return None if own_auth(req.path) else cloud(req)
+
     server = APIServer(
         build_router(edge),
         api_error,

@@ -41,6 +41,7 @@ from urllib.parse import urlencode
 
 from pydantic import BaseModel, ValidationError
 
+from backend.edge import accounts
 from backend.httpserver import Request, Response, json_response
 from backend.ids import new_id
 from backend.store import StoreError
@@ -257,6 +258,9 @@ def make_before(
         if key is None:
             if edge.store.find_authtoken(token) is not None:
                 return failed(req, "You used an authtoken where an API key is required.", "ERR_NGROK_206")
+            disabled = accounts.refusal(edge.store, token)
+            if disabled is not None:
+                return failed(req, disabled, accounts.API_CODE)
             return failed(req, "The API key is invalid.", "ERR_NGROK_202")
         version = req.headers.get("ngrok-version")
         if version is None:
