@@ -40,6 +40,8 @@ PANES = ("endpoints", "ingresses", "tunnels", "requests")
 # 1,000 requests a second, re-rendering them for each of the 2,000 events took half of
 # the event loop.  An event after a quiet spell is drawn at once.
 REDRAW_EVERY = 1 / 30
+#: seconds a key of a burst waits for the one before it (and a dialog it opened) at most
+KEY_WAIT = 5.0
 
 
 def _while_mounted(handler):
@@ -187,7 +189,8 @@ class BurrowApp(App):
             if self._key_backlog:
                 screen = self.screen
                 if not screen._mounted_event.is_set():  # a dialog the key opened
-                    await asyncio.wait_for(screen._mounted_event.wait(), 1.0)
+                    # (bounded, never forever; generous, for a loaded machine or slow SSH)
+                    await asyncio.wait_for(screen._mounted_event.wait(), KEY_WAIT)
                     await self._round_trip(self)  # the focus its on_mount asked for
         if not self._key_backlog:
             self._key_in_flight = False
@@ -202,7 +205,7 @@ class BurrowApp(App):
         done = asyncio.Event()
         if node.call_later(done.set):
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(done.wait(), 1.0)
+                await asyncio.wait_for(done.wait(), KEY_WAIT)
 
     # ------------------------------------------------------------ set-up
     def get_theme_variable_defaults(self) -> dict[str, str]:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 
+from backend import metrics
 from backend.acme import AcmeClient, AcmeError, ChallengeAnswers, Issued, server_context, validity
 from backend.fsperm import private_dir
 from backend.store import CertJob, IngressCertificate, NotFoundError
@@ -259,6 +260,7 @@ class EdgeAcme:
             ctx = server_context(issued.chain_pem, issued.key_pem)
             await asyncio.to_thread(self._save, name, account, issued)
         except Exception as exc:  # AcmeError, or the file or the chain would not do
+            metrics.ACME_FAILURES.inc()
             delay = self._backoff.failed(name)
             log.warning("acme: no certificate for %s: %s (next try in %.0fs)", name, exc, delay)
             self.edge.on_event({"event": "certificate_failed", "name": name, "error": str(exc)})
@@ -342,6 +344,7 @@ class EdgeAcme:
             job = None
             self._backoff.ok(ingress_id)
         except AcmeError as exc:
+            metrics.ACME_FAILURES.inc()
             delay = self._backoff.failed(ingress_id)
             log.warning("acme: no certificate for agent ingress %s (%s): %s", ing.domain, ingress_id, exc)
             cert = None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 import backend.store.sqlite as sqlite_store
 from backend.store import SQLiteStore
+from backend.store.base import format_timestamp, utcnow
 
 
 @pytest.fixture
@@ -63,13 +65,20 @@ def test_remembered_urls_are_bounded_oldest_first(db_path: Path) -> None:
 def test_a_database_of_the_previous_schema_gains_the_table(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An edge's existing database (schema 1) is migrated when the new edge opens it."""
+    """An edge's existing database (the schema before this table) is migrated when the
+    new edge opens it."""
+    before = next(i for i, m in enumerate(sqlite_store.MIGRATIONS) if "ngrok_rebind_urls" in m)
     with monkeypatch.context() as mp:
-        mp.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:1])
-        old = SQLiteStore(db_path)
-        account = old.default_account().id
-        assert old.schema_version() == 1
+        mp.setattr(sqlite_store, "MIGRATIONS", sqlite_store.MIGRATIONS[:before])
+        old = SQLiteStore(db_path)  # today's code on yesterday's schema: only open and close
+        assert old.schema_version() == before
         old.close()
+    account = "acc_from_before"
+    with sqlite3.connect(db_path) as raw:  # the old edge's default account
+        raw.execute(
+            "INSERT INTO accounts (id, name, is_default, created_at) VALUES (?, 'default', 1, ?)",
+            (account, format_timestamp(utcnow())),
+        )
     s = SQLiteStore(db_path)
     try:
         assert s.schema_version() == len(sqlite_store.MIGRATIONS) >= 2

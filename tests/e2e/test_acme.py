@@ -26,7 +26,9 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
+from backend import serveconfig
 from backend.cli import CLIError, _acme_options, build_parser
 from backend.tls import LocalCA
 from tests.api.conftest import add_account
@@ -120,6 +122,7 @@ def _start_env(d: Path, *edge_flags: str) -> Env:
         "--acme-email", "ops@example.com",
         "--acme-ca-root", str(wfe_ca.ca_file),
         "--acme-rate-limit", str(RATE),
+        "--metrics-public",
         *edge_flags,
     ]
     edge = BurrowProc([*edge_args(d / "edge"), *acme_flags])
@@ -267,6 +270,17 @@ def shop(env, tmp_path_factory):
         up.server_close()
 
 
+def _acme_failures(edge: BurrowProc) -> float:
+    r = httpx.get(edge.ready["api_url"] + "/metrics", timeout=10)
+    assert r.status_code == 200, r.text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+        if s.name == "burrow_acme_failures_total"
+    )
+
+
 def _events(edge: BurrowProc, event: str, name: str) -> list[dict]:
     """Every ``event`` for ``name`` the edge printed so far (without waiting)."""
     while True:
@@ -349,6 +363,7 @@ async def test_failed_order_falls_back_to_the_local_ca_and_backs_off(env, agents
         # within the backoff the next handshake gets the local CA's certificate without a new order
         assert "burrow local CA" in _issuer(await _peer_cert(env.https_port, name))
         assert len(_events(env.edge, "certificate_failed", name)) == 1
+        assert _acme_failures(env.edge) >= 1  # and Prometheus sees it
 
 
 async def test_on_demand_issuance_is_rate_limited_per_account(env, agents):
@@ -458,10 +473,13 @@ async def test_cloud_endpoint_certificate_over_http01(http01_env):
 
 
 def test_acme_flags_are_checked(tmp_path):
-    def check(*flags: str) -> str:
+    def conf(*flags: str):
         args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path), *flags])
+        return serveconfig.load(vars(args), None)
+
+    def check(*flags: str) -> str:
         with pytest.raises(CLIError) as exc:
-            _acme_options(args)
+            _acme_options(conf(*flags))
         return str(exc.value)
 
     assert "--acme-email needs --acme-directory" in check("--acme-email", "ops@example.com")
@@ -471,7 +489,7 @@ def test_acme_flags_are_checked(tmp_path):
     )
     assert "no such file" in check("--acme-directory", "https://ca.example/dir", "--acme-ca-root", str(tmp_path / "x.pem"))
     assert "expected an address" in check("--acme-directory", "https://ca.example/dir", "--acme-email", "nobody")
-    ok = _acme_options(build_parser().parse_args(["serve", "--acme-directory", "https://ca.example/dir"]))
+    ok = _acme_options(conf("--acme-directory", "https://ca.example/dir"))
     assert ok["acme_directory"] == "https://ca.example/dir" and ok["acme_challenges"] == ("tls-alpn-01", "http-01")
 
 

@@ -59,10 +59,16 @@ EVERY_KEY = {
     "metrics_public": True,
     "log_format": "logfmt",
     "log_level": "debug",
+    "acme_directory": "https://acme.example.com/directory",
+    "acme_email": "ops@example.com",
+    "acme_ca_root": "/srv/burrow/acme-root.pem",
+    "acme_rate_limit": 5,
+    "acme_challenges": "http-01",
 }
 EXPECTED = {
     **EVERY_KEY,
     "data_dir": Path("/srv/burrow"),
+    "acme_ca_root": Path("/srv/burrow/acme-root.pem"),
     "tcp_ports": (31000, 31099),
     "api_key": ["key-one", "key-two"],
     "authtoken": ["token-one"],
