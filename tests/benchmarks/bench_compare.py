@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import getpass
+import json
 import os
 import shlex
 import statistics
@@ -356,6 +357,9 @@ def setup_burrow(
         "burrow-base": (f"burrow at {base.name if base else '?'} (capture on)", (), True),
     }
     for key in which:
+        if key == "ngrok-sdk":
+            routes.append(setup_ngrok_sdk(reg, nginx, iperf, edge_of("burrow")))
+            continue
         label, flags, with_tcp = variants[key]
         url = agent(key, "http", nginx, f"{key}-http", *flags)
         tcp_port = None
@@ -364,6 +368,63 @@ def setup_burrow(
             tcp_port = int(tcp_url.rsplit(":", 1)[1])
         routes.append(Route(key, label, edge_of(key).http_addr[1], host_of(url), tcp_port))
     return routes
+
+
+def setup_ngrok_sdk(reg: Registry, nginx: int, iperf: int, edge) -> Route:
+    """ngrok's Python Agent SDK (``pip install ngrok``, from ``$BURROW_NGROK_SDK`` or
+    ``.sdk``) connected to the same edge as the ``burrow`` path: ``ngrok.forward`` to
+    nginx (http) and to iperf3 (tcp), each public connection a muxado stream of the
+    SDK's one TLS session (tests/e2e/ngrok_sdk_driver.py)."""
+    import select
+
+    from tests.procs import host_of
+
+    sdk_dir = Path(os.environ.get("BURROW_NGROK_SDK", bl.ROOT / ".sdk"))
+    if not (sdk_dir / "ngrok" / "__init__.py").exists():
+        raise SystemExit(
+            f"the ngrok-sdk path needs ngrok's Python SDK in {sdk_dir} "
+            f"(pip install --target {sdk_dir} ngrok, or set BURROW_NGROK_SDK)"
+        )
+    driver = bl.ROOT / "tests" / "e2e" / "ngrok_sdk_driver.py"
+
+    def forward(proto: str, port: int) -> str:
+        name = f"ngrok-sdk-{proto}"
+        proc = reg.popen(
+            [
+                sys.executable,
+                str(driver),
+                f"{LOCAL}:{port}",
+                "test-authtoken",
+                edge.ready["ingress_addr"],
+                edge.ready["ca_file"],
+                proto,
+            ],
+            name,
+            stdin=subprocess.PIPE,  # the driver serves until its stdin closes
+            stdout=subprocess.PIPE,
+            env={"PYTHONPATH": str(sdk_dir), "PATH": os.environ.get("PATH", "")},
+        )
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        line = proc.stdout.readline() if ready else b""
+        info = json.loads(line) if line.strip() else {}
+        if not info.get("url"):
+            raise RuntimeError(f"the SDK did not forward {proto}: {line!r} {reg.log_tail(name)}")
+        return info["url"]
+
+    url = forward("http", nginx)
+    tcp_url = forward("tcp", iperf)
+    return Route(
+        "ngrok-sdk",
+        "ngrok's Python SDK (muxado session) to the burrow edge",
+        edge.http_addr[1],
+        host_of(url),
+        int(tcp_url.rsplit(":", 1)[1]),
+    )
+
+
+def _sdk_dir_ok() -> bool:
+    sdk_dir = Path(os.environ.get("BURROW_NGROK_SDK", bl.ROOT / ".sdk"))
+    return (sdk_dir / "ngrok" / "__init__.py").exists()
 
 
 ALL_PATHS = [
@@ -377,6 +438,7 @@ ALL_PATHS = [
     "burrow-nocap",
     "burrow-tls",
     "burrow-base",  # needs --base DIR
+    "ngrok-sdk",  # ngrok's Python SDK against burrow's edge (muxado)
 ]
 
 
@@ -540,6 +602,24 @@ def goals(stats: dict[str, Stats]) -> str:
     tls = stats.get("burrow-tls")
     if tls is not None and tls.tcp_mbps:
         out.append(f"- (TCP tunnel with --data-tls: {med(tls.tcp_mbps):,.0f} MB/s, its own figure)")
+    sdk = stats.get("ngrok-sdk")
+    if sdk is not None:
+        out += ["", "ngrok's SDK (one muxado session) vs a burrow agent, same edge and upstream "
+                "(issue 15 goal: ≥ 0.7×):", ""]
+        for text, attr, unit in (
+            ("small req/s", "small_rps", "req/s"),
+            ("1 MiB GET", "big_mbps", "MB/s"),
+            ("TCP", "tcp_mbps", "MB/s"),
+        ):
+            v, ref = med(getattr(sdk, attr)), med(getattr(b, attr))
+            if v is None or not ref:
+                out.append(f"- {text}: not measured")
+                continue
+            ok = v / ref >= 0.7
+            out.append(
+                f"- {text}: {v:,.0f} vs {ref:,.0f} {unit} = **{v / ref:.2f}×** "
+                f"({'met' if ok else 'NOT met'})"
+            )
     return "\n".join(out)
 
 
@@ -638,7 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-big", type=int, default=50_000, help="count cap of a 1 MiB run")
     ap.add_argument(
         "--paths",
-        default=",".join(p for p in ALL_PATHS if p != "burrow-base"),
+        default=",".join(
+            p for p in ALL_PATHS if p != "burrow-base" and (p != "ngrok-sdk" or _sdk_dir_ok())
+        ),
         help=f"comma list of {ALL_PATHS}",
     )
     ap.add_argument(
@@ -700,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in paths:
             if p in setups:
                 routes += setups[p]()
-        burrows = [p for p in paths if p.startswith("burrow")]
+        burrows = [p for p in paths if p.startswith("burrow") or p == "ngrok-sdk"]
         if burrows:
             routes += setup_burrow(reg, nginx, iperf, burrows, args.base)
         for r in routes:
