@@ -63,7 +63,7 @@ PEER_EOF = 15
 
 WINDOW = 256 * 1024  # initial window per stream and direction
 MAX_CONTROL_BODY = 64 * 1024  # RST / WNDINC / GOAWAY bodies are tiny
-CREDIT_AFTER = 64 * 1024  # consumed bytes credited (WNDINC) in batches of this size
+CREDIT_AFTER = WINDOW // 2  # consumed bytes credited (WNDINC) in batches of this size
 MAX_DATA_FRAME = 64 * 1024  # our DATA frames carry at most this
 READ_LIMIT = 128 * 1024  # a stream's reader pauses (no more credit) past 2× this
 SEND_BUFFER = 1024 * 1024  # default max_send_buffer: bytes queued towards the peer
@@ -338,6 +338,8 @@ class MuxSession:
         self._to_flush: dict[_StreamTransport, None] = {}  # credited since the last tick
         self._waiting: dict[_StreamTransport, None] = {}  # held back by a full connection
         self._drainer: asyncio.Task | None = None
+        self._pending = bytearray()  # the start of a frame whose end has not arrived
+        self._ended: asyncio.Future | None = None  # set when the connection ends
         self.peername = writer.get_extra_info("peername")
         self.streams: dict[int, _StreamTransport] = {}
         self.buffered = 0  # bytes received on all streams and not yet credited back
@@ -452,6 +454,8 @@ class MuxSession:
             self._drainer.cancel()
         self._waiting.clear()
         self._to_flush.clear()
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
         for t in list(self.streams.values()):
             t._lost(ConnectionResetError("muxado session closed"))
         self.streams.clear()
@@ -460,31 +464,34 @@ class MuxSession:
 
     # ------------------------------------------------------------------ reading
     async def run(self, first: bytes = b"") -> None:
-        """Read and dispatch frames; ``first`` is a frame header already read.
+        """Read and dispatch frames until the connection ends or breaks; ``first`` is a
+        frame header already read.
 
-        Each read takes what the connection has (up to READ_CHUNK) and dispatches every
-        complete frame in it; a partial frame waits for the next read."""
-        pending = bytearray(first)
+        The bytes are parsed as the connection delivers them: the reader's
+        ``feed_data`` is this session's parser (no copy into the reader's buffer, no
+        wake-up of a reading task per chunk), and every complete frame in a chunk is
+        dispatched at once; a partial frame waits for the next chunk.  The connection is
+        never paused for reading: streams are bounded by their windows and the session
+        by ``max_buffered``."""
         loop = asyncio.get_running_loop()
         self.last_frame = loop.time()
+        self._pending = bytearray(first)
+        self._ended = loop.create_future()
+        reader = self.reader
+        held = bytes(reader._buffer)  # what the reader had already (after ``first``)
+        reader._buffer.clear()
+        reader.feed_data = self._feed  # type: ignore[method-assign]
+        reader.feed_eof = self._feed_eof  # type: ignore[method-assign]
+        reader.set_exception = self._feed_error  # type: ignore[method-assign]
+        reader._maybe_resume_transport()  # the reader may have paused the connection
         try:
-            while not self.closed:
-                chunk = await self.reader.read(READ_CHUNK)
-                if not chunk:
-                    break
-                if pending:
-                    pending += chunk
-                    data: bytes | bytearray = pending
-                else:
-                    data = chunk
-                used = self._frames(data)
-                if data is pending:
-                    del pending[:used]
-                elif used < len(data):
-                    pending = bytearray(memoryview(data)[used:])
-                if used:
-                    self._quickack()
-                    self.last_frame = loop.time()
+            if held:
+                self._feed(held)
+            if reader._exception is not None:
+                self._feed_error(reader._exception)
+            if reader._eof:
+                self._feed_eof()
+            await self._ended
         except MuxError as exc:
             log.debug("muxado session broken: %s", exc)
             self.close(exc.code, str(exc))
@@ -492,6 +499,35 @@ class MuxSession:
             pass
         finally:
             self.close(NO_ERROR)
+
+    def _feed(self, chunk: bytes) -> None:
+        if self._ended is None or self._ended.done() or self.closed:
+            return
+        try:
+            pending = self._pending
+            if pending:
+                pending += chunk
+                data: bytes | bytearray = pending
+            else:
+                data = chunk
+            used = self._frames(data)
+            if data is pending:
+                del pending[:used]
+            elif used < len(data):
+                self._pending = bytearray(memoryview(data)[used:])
+            if used:
+                self._quickack()
+                self.last_frame = asyncio.get_running_loop().time()
+        except Exception as exc:  # a bad frame (MuxError) or a bug: the session ends
+            self._feed_error(exc)
+
+    def _feed_eof(self) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
+
+    def _feed_error(self, exc: BaseException) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_exception(exc)
 
     def _frames(self, data: bytes | bytearray) -> int:
         """Dispatch the complete frames at the start of ``data``; return the bytes used."""

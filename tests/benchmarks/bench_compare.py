@@ -357,8 +357,9 @@ def setup_burrow(
         "burrow-base": (f"burrow at {base.name if base else '?'} (capture on)", (), True),
     }
     for key in which:
-        if key == "ngrok-sdk":
-            routes.append(setup_ngrok_sdk(reg, nginx, iperf, edge_of("burrow")))
+        if key in ("ngrok-sdk", "ngrok-sdk-base"):
+            base_key = "burrow-base" if key == "ngrok-sdk-base" else "burrow"
+            routes.append(setup_ngrok_sdk(reg, nginx, iperf, edge_of(base_key), key))
             continue
         label, flags, with_tcp = variants[key]
         url = agent(key, "http", nginx, f"{key}-http", *flags)
@@ -370,11 +371,12 @@ def setup_burrow(
     return routes
 
 
-def setup_ngrok_sdk(reg: Registry, nginx: int, iperf: int, edge) -> Route:
+def setup_ngrok_sdk(reg: Registry, nginx: int, iperf: int, edge, key: str = "ngrok-sdk") -> Route:
     """ngrok's Python Agent SDK (``pip install ngrok``, from ``$BURROW_NGROK_SDK`` or
-    ``.sdk``) connected to the same edge as the ``burrow`` path: ``ngrok.forward`` to
-    nginx (http) and to iperf3 (tcp), each public connection a muxado stream of the
-    SDK's one TLS session (tests/e2e/ngrok_sdk_driver.py)."""
+    ``.sdk``) connected to the same edge as the ``burrow`` path (``ngrok-sdk-base``: as
+    ``burrow-base``, the edge of ``--base``): ``ngrok.forward`` to nginx (http) and to
+    iperf3 (tcp), each public connection a muxado stream of the SDK's one TLS session
+    (tests/e2e/ngrok_sdk_driver.py)."""
     import select
 
     from tests.procs import host_of
@@ -388,7 +390,7 @@ def setup_ngrok_sdk(reg: Registry, nginx: int, iperf: int, edge) -> Route:
     driver = bl.ROOT / "tests" / "e2e" / "ngrok_sdk_driver.py"
 
     def forward(proto: str, port: int) -> str:
-        name = f"ngrok-sdk-{proto}"
+        name = f"{key}-{proto}"
         proc = reg.popen(
             [
                 sys.executable,
@@ -413,9 +415,12 @@ def setup_ngrok_sdk(reg: Registry, nginx: int, iperf: int, edge) -> Route:
 
     url = forward("http", nginx)
     tcp_url = forward("tcp", iperf)
+    label = "ngrok's Python SDK (one muxado session over TLS)"
+    if key == "ngrok-sdk-base":
+        label += ", to the edge of --base"
     return Route(
-        "ngrok-sdk",
-        "ngrok's Python SDK (muxado session) to the burrow edge",
+        key,
+        label,
         edge.http_addr[1],
         host_of(url),
         int(tcp_url.rsplit(":", 1)[1]),
@@ -439,6 +444,7 @@ ALL_PATHS = [
     "burrow-tls",
     "burrow-base",  # needs --base DIR
     "ngrok-sdk",  # ngrok's Python SDK against burrow's edge (muxado)
+    "ngrok-sdk-base",  # the same against the edge of --base
 ]
 
 
@@ -583,11 +589,9 @@ GOALS = [
 
 def goals(stats: dict[str, Stats]) -> str:
     b = stats.get("burrow")
-    if b is None:
-        return ""
     d = stats.get("direct")
-    out = ["Goals of issue 8 (burrow, capture ON):", ""]
-    for text, attr, op, bound, unit in GOALS:
+    out = ["Goals of issue 8 (burrow, capture ON):", ""] if b is not None else []
+    for text, attr, op, bound, unit in GOALS if b is not None else ():
         if attr == "added_us":
             bp, dp = med(b.c1_p50_us), med(d.c1_p50_us) if d else None
             v = None if bp is None or dp is None else bp - dp
@@ -602,8 +606,18 @@ def goals(stats: dict[str, Stats]) -> str:
     tls = stats.get("burrow-tls")
     if tls is not None and tls.tcp_mbps:
         out.append(f"- (TCP tunnel with --data-tls: {med(tls.tcp_mbps):,.0f} MB/s, its own figure)")
-    sdk = stats.get("ngrok-sdk")
-    if sdk is not None:
+    sdk, sdk_base = stats.get("ngrok-sdk"), stats.get("ngrok-sdk-base")
+    if sdk is not None and sdk_base is not None:
+        out += ["", "ngrok's SDK: this edge vs the edge of --base (same run):", ""]
+        for text, attr, unit in (
+            ("small req/s", "small_rps", "req/s"),
+            ("1 MiB GET", "big_mbps", "MB/s"),
+            ("TCP", "tcp_mbps", "MB/s"),
+        ):
+            v, ref = med(getattr(sdk, attr)), med(getattr(sdk_base, attr))
+            if v is not None and ref:
+                out.append(f"- {text}: {v:,.0f} vs {ref:,.0f} {unit} = {v / ref:.2f}×")
+    if sdk is not None and b is not None:
         out += ["", "ngrok's SDK (one muxado session) vs a burrow agent, same edge and upstream "
                 "(issue 15 goal: ≥ 0.7×):", ""]
         for text, attr, unit in (
@@ -719,7 +733,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--paths",
         default=",".join(
-            p for p in ALL_PATHS if p != "burrow-base" and (p != "ngrok-sdk" or _sdk_dir_ok())
+            p
+            for p in ALL_PATHS
+            if not p.endswith("-base") and (p != "ngrok-sdk" or _sdk_dir_ok())
         ),
         help=f"comma list of {ALL_PATHS}",
     )
@@ -746,8 +762,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown paths {sorted(unknown)}")
     if "direct" not in paths:
         paths.insert(0, "direct")
-    if "burrow-base" in paths and (args.base is None or not (args.base / "backend").is_dir()):
-        ap.error("the burrow-base path needs --base DIR, a checkout of the commit to compare with")
+    if {"burrow-base", "ngrok-sdk-base"} & set(paths) and (args.base is None or not (args.base / "backend").is_dir()):
+        ap.error("the *-base paths need --base DIR, a checkout of the commit to compare with")
 
     bl.install_signal_handlers()
     nofile = bl.raise_nofile(65536)
@@ -782,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in paths:
             if p in setups:
                 routes += setups[p]()
-        burrows = [p for p in paths if p.startswith("burrow") or p == "ngrok-sdk"]
+        burrows = [p for p in paths if p.startswith(("burrow", "ngrok-sdk"))]
         if burrows:
             routes += setup_burrow(reg, nginx, iperf, burrows, args.base)
         for r in routes:
