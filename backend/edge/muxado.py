@@ -63,7 +63,8 @@ PEER_EOF = 15
 
 WINDOW = 256 * 1024  # initial window per stream and direction
 MAX_CONTROL_BODY = 64 * 1024  # RST / WNDINC / GOAWAY bodies are tiny
-CREDIT_AFTER = WINDOW // 2  # consumed bytes credited (WNDINC) in batches of this size
+CREDIT_AFTER = 64 * 1024  # consumed bytes credited (WNDINC) in batches of this size
+# (half the window was measured: fewer frames, but the SDK idles waiting for credit)
 MAX_DATA_FRAME = 64 * 1024  # our DATA frames carry at most this
 READ_LIMIT = 128 * 1024  # a stream's reader pauses (no more credit) past 2× this
 SEND_BUFFER = 1024 * 1024  # default max_send_buffer: bytes queued towards the peer
