@@ -14,7 +14,9 @@ mitmproxy from PyPI into its own venv under ~/.cache/burrow-bench), then starts 
     to a throwaway sshd, mitmdump as a reverse proxy, a 40-line asyncio relay, two
     chained splice(2) relays (two hops of bytes only, blocking threads: the bulk
     throughput any client -> edge -> agent -> upstream path can hope for here), and
-    burrow (edge + agent: capture on, capture off, and TLS data connections).
+    burrow (edge + agent: capture on, capture off, and TLS data connections), and
+    ngrok's own Python SDK connected to burrow's edge (``ngrok-sdk``: one muxado
+    session over TLS, compared with the burrow agent's figures, issue 15).
 
 Then, in interleaved rounds (every metric on every path, then the next round), it
 measures with wrk and iperf3 - each load bounded in time and in count:
