@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 
 import pytest
@@ -63,8 +64,17 @@ async def mux():
             state.setdefault("tasks", []).append(asyncio.ensure_future(echo(st)))
 
     async def conn(r, w):
+        if state.get("sndbuf"):  # a small kernel send buffer on the edge's side
+            w.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, state["sndbuf"]
+            )
         s = m.MuxSession(
-            r, w, on_stream, max_streams=state.get("max_streams", 8), max_buffered=1 << 20
+            r,
+            w,
+            on_stream,
+            max_streams=state.get("max_streams", 8),
+            max_buffered=1 << 20,
+            max_send_buffer=state.get("max_send_buffer", m.SEND_BUFFER),
         )
         state["sessions"].append(s)
         await s.run()
@@ -72,9 +82,17 @@ async def mux():
     server = await asyncio.start_server(conn, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
 
-    async def connect(**opts) -> Peer:
+    async def connect(rcvbuf: int = 0, **opts) -> Peer:
         state.update(opts)
-        r, w = await asyncio.open_connection("127.0.0.1", port)
+        sock = None
+        if rcvbuf:  # a small receive buffer: the kernel holds little of what is not read
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            r, w = await asyncio.open_connection(sock=sock)
+        else:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
         return Peer(r, w)
 
     state["connect"] = connect
@@ -176,3 +194,91 @@ async def test_peer_reset_ends_the_stream_reader(mux):
     peer.send(m.RST, 0, 3, U32.pack(m.STREAM_CANCELLED))
     with pytest.raises(ConnectionResetError):
         await asyncio.wait_for(st.reader.read(10), 5)
+
+
+async def test_a_peer_that_stops_reading_costs_the_session_a_bounded_send_buffer(mux):
+    """Eight streams with plenty of window write 1 MiB each to a peer that reads nothing:
+    what the edge queues for the connection stays near max_send_buffer (not streams x
+    window), every writer's drain() waits, and all bytes arrive once the peer reads."""
+    limit = 128 * 1024
+    peer = await mux["connect"](
+        rcvbuf=64 * 1024, sndbuf=64 * 1024, mode="hold", max_send_buffer=limit
+    )
+    peer.send(m.DATA, m.SYN, 3, b"hi")  # any stream, so that the session exists
+    for _ in range(100):
+        if mux["sessions"]:
+            break
+        await asyncio.sleep(0.01)
+    s = mux["sessions"][-1]
+    streams = [s.open_stream() for _ in range(8)]
+    for st in streams:  # window is no limit here: only the connection is
+        peer.send(m.WNDINC, 0, st.id, U32.pack(4 * 1024 * 1024))
+    size = 1024 * 1024
+    payloads = {st.id: bytes([st.id]) * size for st in streams}
+
+    async def write_all(st: m.Stream) -> None:
+        data = payloads[st.id]
+        for i in range(0, size, 65536):
+            st.writer.write(data[i : i + 65536])
+            await st.writer.drain()
+
+    writers = [asyncio.ensure_future(write_all(st)) for st in streams]
+    try:
+        queued_max, held_max = 0, 0
+        for _ in range(100):  # 1 s of a peer that reads nothing
+            await asyncio.sleep(0.01)
+            queued = s._out_size + s.writer.transport.get_write_buffer_size()
+            queued_max = max(queued_max, queued)
+            held_max = max(held_max, sum(len(st.transport._buf) for st in streams))
+        # the kernel holds a few hundred KiB at most: no stream got its 1 MiB out
+        assert not any(w.done() for w in writers)
+        assert s.streams  # the session is alive, only waiting
+        # the connection's buffer: the limit plus at most one frame past it
+        assert queued_max <= limit + m.MAX_DATA_FRAME + 64, queued_max
+        # and each stream holds at most what one write put in before drain() waited
+        assert held_max <= 8 * 65536, held_max
+
+        # the peer reads again: every stream completes, bytes intact and in order
+        got: dict[int, bytearray] = {st.id: bytearray() for st in streams}
+        while sum(map(len, got.values())) < 8 * size:
+            ftype, _, sid, body = await peer.frame(timeout=10)
+            if ftype == m.DATA and sid in got:
+                got[sid] += body
+        await asyncio.wait_for(asyncio.gather(*writers), 10)
+        assert all(bytes(got[i]) == payloads[i] for i in got)
+    finally:
+        for w in writers:
+            w.cancel()
+
+
+async def test_frames_split_at_any_byte_and_runs_of_frames_arrive_intact(mux):
+    """Frames cut anywhere by the network (a header split, a body split) and runs of
+    DATA frames of one stream in one read reach each stream whole and in order."""
+    peer = await mux["connect"](mode="hold")
+    a = [bytes([65 + i]) * (100 + 37 * i) for i in range(6)]
+    b = [bytes([97 + i]) * (50 + 11 * i) for i in range(6)]
+    blob = m.header(m.DATA, m.SYN, 3, len(a[0])) + a[0]
+    blob += m.header(m.DATA, m.SYN, 5, len(b[0])) + b[0]
+    for i in range(1, 6):  # a run on 3, then one on 5, with window updates between
+        blob += m.header(m.DATA, 0, 3, len(a[i])) + a[i]
+        if i % 2:
+            blob += m.header(m.WNDINC, 0, 3, 4) + U32.pack(1000)
+        blob += m.header(m.DATA, 0, 5, len(b[i])) + b[i]
+    blob += m.header(m.DATA, m.FIN, 3, 0) + m.header(m.DATA, m.FIN, 5, 3) + b"end"
+    sizes = [1, 2, 3, 5, 8, 13, 7]
+    pos = i = 0
+    while pos < len(blob):
+        n = sizes[i % len(sizes)]
+        peer.w.write(blob[pos : pos + n])
+        await peer.w.drain()
+        await asyncio.sleep(0)  # the edge reads this piece on its own
+        pos, i = pos + n, i + 1
+    for _ in range(100):
+        if len(mux["held"]) == 2:
+            break
+        await asyncio.sleep(0.01)
+    st3, st5 = mux["held"]
+    assert st3.id == 3 and st5.id == 5
+    assert await asyncio.wait_for(st3.reader.read(), 5) == b"".join(a)
+    assert await asyncio.wait_for(st5.reader.read(), 5) == b"".join(b) + b"end"
+    assert mux["sessions"][-1].streams  # nothing was reset

@@ -14,7 +14,9 @@ mitmproxy from PyPI into its own venv under ~/.cache/burrow-bench), then starts 
     to a throwaway sshd, mitmdump as a reverse proxy, a 40-line asyncio relay, two
     chained splice(2) relays (two hops of bytes only, blocking threads: the bulk
     throughput any client -> edge -> agent -> upstream path can hope for here), and
-    burrow (edge + agent: capture on, capture off, and TLS data connections).
+    burrow (edge + agent: capture on, capture off, and TLS data connections), and
+    ngrok's own Python SDK connected to burrow's edge (``ngrok-sdk``: one muxado
+    session over TLS, compared with the burrow agent's figures, issue 15).
 
 Then, in interleaved rounds (every metric on every path, then the next round), it
 measures with wrk and iperf3 - each load bounded in time and in count:
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import getpass
+import json
 import os
 import shlex
 import statistics
@@ -356,6 +359,10 @@ def setup_burrow(
         "burrow-base": (f"burrow at {base.name if base else '?'} (capture on)", (), True),
     }
     for key in which:
+        if key in ("ngrok-sdk", "ngrok-sdk-base"):
+            base_key = "burrow-base" if key == "ngrok-sdk-base" else "burrow"
+            routes.append(setup_ngrok_sdk(reg, nginx, iperf, edge_of(base_key), key))
+            continue
         label, flags, with_tcp = variants[key]
         url = agent(key, "http", nginx, f"{key}-http", *flags)
         tcp_port = None
@@ -364,6 +371,67 @@ def setup_burrow(
             tcp_port = int(tcp_url.rsplit(":", 1)[1])
         routes.append(Route(key, label, edge_of(key).http_addr[1], host_of(url), tcp_port))
     return routes
+
+
+def setup_ngrok_sdk(reg: Registry, nginx: int, iperf: int, edge, key: str = "ngrok-sdk") -> Route:
+    """ngrok's Python Agent SDK (``pip install ngrok``, from ``$BURROW_NGROK_SDK`` or
+    ``.sdk``) connected to the same edge as the ``burrow`` path (``ngrok-sdk-base``: as
+    ``burrow-base``, the edge of ``--base``): ``ngrok.forward`` to nginx (http) and to
+    iperf3 (tcp), each public connection a muxado stream of the SDK's one TLS session
+    (tests/e2e/ngrok_sdk_driver.py)."""
+    import select
+
+    from tests.procs import host_of
+
+    sdk_dir = Path(os.environ.get("BURROW_NGROK_SDK", bl.ROOT / ".sdk"))
+    if not (sdk_dir / "ngrok" / "__init__.py").exists():
+        raise SystemExit(
+            f"the ngrok-sdk path needs ngrok's Python SDK in {sdk_dir} "
+            f"(pip install --target {sdk_dir} ngrok, or set BURROW_NGROK_SDK)"
+        )
+    driver = bl.ROOT / "tests" / "e2e" / "ngrok_sdk_driver.py"
+
+    def forward(proto: str, port: int) -> str:
+        name = f"{key}-{proto}"
+        proc = reg.popen(
+            [
+                sys.executable,
+                str(driver),
+                f"{LOCAL}:{port}",
+                "test-authtoken",
+                edge.ready["ingress_addr"],
+                edge.ready["ca_file"],
+                proto,
+            ],
+            name,
+            stdin=subprocess.PIPE,  # the driver serves until its stdin closes
+            stdout=subprocess.PIPE,
+            env={"PYTHONPATH": str(sdk_dir), "PATH": os.environ.get("PATH", "")},
+        )
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        line = proc.stdout.readline() if ready else b""
+        info = json.loads(line) if line.strip() else {}
+        if not info.get("url"):
+            raise RuntimeError(f"the SDK did not forward {proto}: {line!r} {reg.log_tail(name)}")
+        return info["url"]
+
+    url = forward("http", nginx)
+    tcp_url = forward("tcp", iperf)
+    label = "ngrok's Python SDK (one muxado session over TLS)"
+    if key == "ngrok-sdk-base":
+        label += ", to the edge of --base"
+    return Route(
+        key,
+        label,
+        edge.http_addr[1],
+        host_of(url),
+        int(tcp_url.rsplit(":", 1)[1]),
+    )
+
+
+def _sdk_dir_ok() -> bool:
+    sdk_dir = Path(os.environ.get("BURROW_NGROK_SDK", bl.ROOT / ".sdk"))
+    return (sdk_dir / "ngrok" / "__init__.py").exists()
 
 
 ALL_PATHS = [
@@ -377,6 +445,8 @@ ALL_PATHS = [
     "burrow-nocap",
     "burrow-tls",
     "burrow-base",  # needs --base DIR
+    "ngrok-sdk",  # ngrok's Python SDK against burrow's edge (muxado)
+    "ngrok-sdk-base",  # the same against the edge of --base
 ]
 
 
@@ -521,11 +591,9 @@ GOALS = [
 
 def goals(stats: dict[str, Stats]) -> str:
     b = stats.get("burrow")
-    if b is None:
-        return ""
     d = stats.get("direct")
-    out = ["Goals of issue 8 (burrow, capture ON):", ""]
-    for text, attr, op, bound, unit in GOALS:
+    out = ["Goals of issue 8 (burrow, capture ON):", ""] if b is not None else []
+    for text, attr, op, bound, unit in GOALS if b is not None else ():
         if attr == "added_us":
             bp, dp = med(b.c1_p50_us), med(d.c1_p50_us) if d else None
             v = None if bp is None or dp is None else bp - dp
@@ -540,6 +608,34 @@ def goals(stats: dict[str, Stats]) -> str:
     tls = stats.get("burrow-tls")
     if tls is not None and tls.tcp_mbps:
         out.append(f"- (TCP tunnel with --data-tls: {med(tls.tcp_mbps):,.0f} MB/s, its own figure)")
+    sdk, sdk_base = stats.get("ngrok-sdk"), stats.get("ngrok-sdk-base")
+    if sdk is not None and sdk_base is not None:
+        out += ["", "ngrok's SDK: this edge vs the edge of --base (same run):", ""]
+        for text, attr, unit in (
+            ("small req/s", "small_rps", "req/s"),
+            ("1 MiB GET", "big_mbps", "MB/s"),
+            ("TCP", "tcp_mbps", "MB/s"),
+        ):
+            v, ref = med(getattr(sdk, attr)), med(getattr(sdk_base, attr))
+            if v is not None and ref:
+                out.append(f"- {text}: {v:,.0f} vs {ref:,.0f} {unit} = {v / ref:.2f}×")
+    if sdk is not None and b is not None:
+        out += ["", "ngrok's SDK (one muxado session) vs a burrow agent, same edge and upstream "
+                "(issue 15 goal: ≥ 0.7×):", ""]
+        for text, attr, unit in (
+            ("small req/s", "small_rps", "req/s"),
+            ("1 MiB GET", "big_mbps", "MB/s"),
+            ("TCP", "tcp_mbps", "MB/s"),
+        ):
+            v, ref = med(getattr(sdk, attr)), med(getattr(b, attr))
+            if v is None or not ref:
+                out.append(f"- {text}: not measured")
+                continue
+            ok = v / ref >= 0.7
+            out.append(
+                f"- {text}: {v:,.0f} vs {ref:,.0f} {unit} = **{v / ref:.2f}×** "
+                f"({'met' if ok else 'NOT met'})"
+            )
     return "\n".join(out)
 
 
@@ -638,7 +734,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-big", type=int, default=50_000, help="count cap of a 1 MiB run")
     ap.add_argument(
         "--paths",
-        default=",".join(p for p in ALL_PATHS if p != "burrow-base"),
+        default=",".join(
+            p
+            for p in ALL_PATHS
+            if not p.endswith("-base") and (p != "ngrok-sdk" or _sdk_dir_ok())
+        ),
         help=f"comma list of {ALL_PATHS}",
     )
     ap.add_argument(
@@ -664,8 +764,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown paths {sorted(unknown)}")
     if "direct" not in paths:
         paths.insert(0, "direct")
-    if "burrow-base" in paths and (args.base is None or not (args.base / "backend").is_dir()):
-        ap.error("the burrow-base path needs --base DIR, a checkout of the commit to compare with")
+    if {"burrow-base", "ngrok-sdk-base"} & set(paths) and (args.base is None or not (args.base / "backend").is_dir()):
+        ap.error("the *-base paths need --base DIR, a checkout of the commit to compare with")
 
     bl.install_signal_handlers()
     nofile = bl.raise_nofile(65536)
@@ -700,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in paths:
             if p in setups:
                 routes += setups[p]()
-        burrows = [p for p in paths if p.startswith("burrow")]
+        burrows = [p for p in paths if p.startswith(("burrow", "ngrok-sdk"))]
         if burrows:
             routes += setup_burrow(reg, nginx, iperf, burrows, args.base)
         for r in routes:
