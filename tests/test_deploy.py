@@ -100,7 +100,9 @@ def test_the_containerfile_copies_what_exists_and_what_the_build_needs():
     assert "pyproject.toml" in copied and project["project"]["readme"] in copied
     for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
         assert pattern.rstrip("*") in copied, f"package {pattern} is not copied"
-    assert any(w == "RUN" and "pip install" in a and " ." in a for w, a in steps)
+    # the project itself, with the ACME extra the example config's acme_directory needs
+    assert any(w == "RUN" and "pip install" in a and " '.[acme]'" in a for w, a in steps)
+    assert "acme" in project["project"]["optional-dependencies"]
     # the entrypoint is the project's command, reading the config that was copied in
     entry = next(a for w, a in steps if w == "ENTRYPOINT")
     argv = json.loads(entry)
@@ -124,3 +126,4 @@ def test_the_example_config_is_valid_and_public(monkeypatch):
     assert conf.ingress_addr.endswith(":4042")
     assert conf.api_addr.startswith("127.0.0.1:")  # the plain-HTTP API stays on loopback
     assert conf.admin_key is None  # secrets come from the environment, not this file
+    assert conf.acme_directory and conf.acme_email  # public certificates on a public host
