@@ -522,6 +522,10 @@ async def _serve(args) -> int:
     from backend import logsetup
     from backend.policy import engine as policy_engine
 
+    try:
+        acme_options = _acme_options(conf)
+    except CLIError as exc:  # a setting like any other: exit status 2
+        raise SettingsError(str(exc)) from None
     logsetup.configure(conf.log_format, conf.log_level)
     policy_engine.configure(eval_budget=conf.policy_eval_budget)
     cfg = EdgeConfig(
@@ -553,7 +557,7 @@ async def _serve(args) -> int:
         handshake_timeout=conf.handshake_timeout or 10.0,
         admin_key_hash=hash_token(conf.admin_key) if conf.admin_key else None,
         metrics_public=conf.metrics_public,
-        **_acme_options(conf),
+        **acme_options,
     )
     edge = Edge(cfg, on_event=_emit if args.json else None)
     stop = await _until_signal()

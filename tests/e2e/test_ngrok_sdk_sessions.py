@@ -464,3 +464,46 @@ async def test_edge_stop_session_sends_an_ngrok_agent_its_stop_request(tmp_path)
             await sdk.stop()
     finally:
         await edge.stop()
+
+
+async def test_another_accounts_agent_cannot_take_a_name_a_session_or_a_url(shared_edge):
+    """Account B's SDK cannot bind account A's name; B's agent presenting A's ClientId
+    and A's tunnel Id gets a session and a URL of its own, and A's stay online."""
+    from pathlib import Path
+
+    from backend.store import SQLiteStore
+
+    with SQLiteStore(Path(shared_edge.ready["data_dir"]) / "burrow.db") as store:
+        b = store.create_account("intruder")
+        store.add_authtoken(b.id, "intruder-authtoken", description="test")
+    name = "owned-by-a.burrow.localhost"
+    a = await RawAgent.connect(shared_edge)
+    intruder = await RawAgent.connect(shared_edge)
+    try:
+        auth_a = await a.auth()
+        bind_a = await a.request(1, {"Id": "", "Proto": "http", "Opts": {"Hostname": name}, "Extra": {}})
+        assert not bind_a["Error"], bind_a
+        async with HTTPUpstream() as up:
+            other = await SDK.start(
+                shared_edge, f"127.0.0.1:{up.port}", authtoken="intruder-authtoken", domain=name
+            )
+            try:
+                assert not other.url and "ERR_NGROK_320" in other.error, other.error
+            finally:
+                await other.stop()
+        reply = await intruder.request(0, {
+            "Version": ["3"], "ClientId": auth_a["ClientId"],
+            "Extra": {"AuthToken": "intruder-authtoken"},
+        })
+        assert not reply["Error"], reply
+        bind_b = await intruder.request(1, {"Id": bind_a["Id"], "Proto": "http", "Opts": {}, "Extra": {}})
+        assert not bind_b["Error"] and bind_b["URL"] != bind_a["URL"], bind_b
+        # A's session and endpoint are untouched: A's API key sees its one session, and
+        # A's connection still takes requests (a replaced session would have been closed)
+        assert len(await _sessions(shared_edge)) == 1
+        again = await a.request(1, {"Id": "", "Proto": "http", "Opts": {}, "Extra": {}})
+        assert not again["Error"], again
+        assert bind_a["URL"] in await _endpoint_urls(shared_edge)
+    finally:
+        a.w.close()
+        intruder.w.close()
