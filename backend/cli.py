@@ -355,6 +355,8 @@ def _local_command(command: str) -> int:
     print(f"local backend: running, {local.describe(rec)}" + (f", edge pid {rec['edge_pid']}" if rec.get("edge_pid") else ""))
     print(f"  agent API   {rec['agent_url']}   {counts}")
     print(f"  cloud API   {rec.get('api_url')}")
+    if rec.get("ingress_addr"):  # what ngrok's SDKs and other agents need to connect
+        print(f"  ingress     {rec['ingress_addr']}   CA {rec.get('ca_file')}, authtoken in bootstrap.json")
     print(f"  data        {rec.get('data_dir')}  (logs in {local.run_dir()})")
     for t in tunnels:
         print(f"  {t['name']:<20} {t.get('public_url')} -> {t.get('config', {}).get('addr')}")

@@ -625,7 +625,13 @@ class BurrowApp(App):
         if self.agent is not None:
             with contextlib.suppress(Exception):
                 captures = (await self.agent.requests(limit=0)).total
-        if not tunnels and not captures:
+        # other agents on the local edge (ngrok's SDKs, `burrow agent`s): the local
+        # agent holds one session itself
+        others = 0
+        if self.cloud is not None:
+            with contextlib.suppress(Exception):
+                others = max(0, len(await self.cloud.tunnel_sessions()) - (self.agent is not None))
+        if not tunnels and not captures and not others:
             self.backend_choice = "stop"
             self.exit()
             return
@@ -635,7 +641,7 @@ class BurrowApp(App):
                 self.backend_choice = choice
                 self.exit()
 
-        self.push_screen(QuitScreen(tunnels, captures), answered)
+        self.push_screen(QuitScreen(tunnels, captures, others), answered)
 
     def action_pane(self, name: str) -> None:
         if self.screen is not self.screen_stack[0]:

@@ -133,6 +133,8 @@ class TablePane(Pane):
 
     def on_resize(self) -> None:
         self._render_rows()
+        # and again once the table has its new size (it may still have an in-between one)
+        self.call_after_refresh(self._render_rows)
 
     def _render_rows(self) -> None:
         table = self.query_one(DataTable)
@@ -223,7 +225,7 @@ def _ref(v) -> str:
 
 class EndpointsPane(TablePane):
     context = "endpoints"
-    FLEX = ("URL",)
+    FLEX = ("UPSTREAM", "SESSION", "URL")  # the URL is cut last
     EMPTY = (
         "[b]No endpoints.[/b] An endpoint is a public URL the edge serves.\n"
         "Every tunnel adds one: run [b]burrow http 8000[/b], or [b]3[/b] then [b]n[/b].\n"

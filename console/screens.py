@@ -144,16 +144,18 @@ class QuitScreen(ModalScreen[str | None]):
         ("n,escape,q", "choose(None)", "stay"),
     ]
 
-    def __init__(self, tunnels: int, captures: int) -> None:
+    def __init__(self, tunnels: int, captures: int, others: int = 0) -> None:
         super().__init__()
         self.tunnels = tunnels
         self.captures = captures
+        self.others = others  # sessions of other agents (ngrok SDKs...) on the local edge
 
     def compose(self) -> ComposeResult:
         t = f"{self.tunnels} tunnel{'s' * (self.tunnels != 1)}"
         c = f"{self.captures:,} capture{'s' * (self.captures != 1)}"
+        o = f", {self.others} other agent{'s' * (self.others != 1)}" if self.others else ""
         with Vertical(id="confirm-box", classes="dialog"):
-            yield Label(f"Stop the local edge and agent: {t}, {c}?", id="confirm-question")
+            yield Label(f"Stop the local edge and agent: {t}, {c}{o}?", id="confirm-question")
             yield Label("Captures stay on disk either way.", id="confirm-detail", classes="dim")
             yield Label("`burrow` attaches again; `burrow stop` stops it.", classes="dim")
             yield Label("[b]y[/b]: stop    [b]n[/b]/esc: stay    [b]d[/b]: leave it running", classes="dim")

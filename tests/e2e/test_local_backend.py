@@ -316,3 +316,31 @@ def test_a_demo_whose_console_died_is_stopped_not_adopted(home, tmp_path):
     assert local.read_record() is None
     assert not local.pid_alive(rec["agent_pid"]) and not local.pid_alive(rec["edge_pid"])
     assert local.reaped and local.reaped[-1]["agent_pid"] == rec["agent_pid"]
+
+
+async def test_quitting_asks_while_an_ngrok_agent_is_on_the_local_edge(home):
+    """An ngrok SDK (here its protocol, driven by hand) on the local edge is other work:
+    q asks before stopping the edge under it, and names it."""
+    import json
+    from types import SimpleNamespace
+
+    from tests.e2e.test_ngrok_agent_raw import RawAgent
+
+    app = make_app(settings())
+    raw = None
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            await connected(app)
+            rec = app.owned_backend
+            token = json.loads((Path(rec["data_dir"]) / "bootstrap.json").read_text())["authtoken"]
+            raw = await RawAgent.connect(SimpleNamespace(ready=rec))
+            assert not (await raw.auth(AuthToken=token))["Error"]
+            await pilot.press("q")
+            await until(lambda: isinstance(app.screen, QuitScreen), 5, "the quit question")
+            assert "1 other agent?" in str(app.screen.query_one("#confirm-question").render())
+            await pilot.press("y")
+            await pilot.pause()
+        assert app.backend_choice == "stop"
+    finally:
+        if raw is not None:
+            raw.w.close()
