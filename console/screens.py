@@ -153,9 +153,11 @@ class QuitScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         t = f"{self.tunnels} tunnel{'s' * (self.tunnels != 1)}"
         c = f"{self.captures:,} capture{'s' * (self.captures != 1)}"
-        o = f", {self.others} other agent{'s' * (self.others != 1)}" if self.others else ""
         with Vertical(id="confirm-box", classes="dialog"):
-            yield Label(f"Stop the local edge and agent: {t}, {c}{o}?", id="confirm-question")
+            yield Label(f"Stop the local edge and agent: {t}, {c}?", id="confirm-question")
+            if self.others:  # an ngrok SDK or another agent, cut off with the edge
+                n = f"{self.others} other agent{'s' * (self.others != 1)}"
+                yield Label(f"{n} on the edge would be cut off too.", id="confirm-others")
             yield Label("Captures stay on disk either way.", id="confirm-detail", classes="dim")
             yield Label("`burrow` attaches again; `burrow stop` stops it.", classes="dim")
             yield Label("[b]y[/b]: stop    [b]n[/b]/esc: stay    [b]d[/b]: leave it running", classes="dim")

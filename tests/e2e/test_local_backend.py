@@ -337,7 +337,7 @@ async def test_quitting_asks_while_an_ngrok_agent_is_on_the_local_edge(home):
             assert not (await raw.auth(AuthToken=token))["Error"]
             await pilot.press("q")
             await until(lambda: isinstance(app.screen, QuitScreen), 5, "the quit question")
-            assert "1 other agent?" in str(app.screen.query_one("#confirm-question").render())
+            assert "1 other agent on the edge" in str(app.screen.query_one("#confirm-others").render())
             await pilot.press("y")
             await pilot.pause()
         assert app.backend_choice == "stop"
