@@ -12,8 +12,8 @@ half-close then crosses the tunnel as it does over plain data connections.
 The agent offers the ALPN protocol :data:`ALPN` on its data connections; the edge peeks
 at the ClientHello and runs those through here (everything else, and data connections
 of agents that do not offer it, through the event loop's TLS as before).  Below TLS 1.3
-nothing half-closes: ``can_write_eof()`` is False and a close_notify ends the reading
-side only after which the connection is closed as before.
+nothing half-closes: ``can_write_eof()`` is False and a close_notify closes the
+connection, as before.  Once both directions are done the connection closes itself.
 
 ``SSLObject.unwrap()`` sends close_notify and, on a non-blocking memory BIO, ends with
 ``SSLWantReadError`` (it then tries to read the peer's close_notify).  That read fails
@@ -127,7 +127,8 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
         if eof:
             self._read_eof = True
             app.eof_received()
-            if not self.can_write_eof():  # TLS 1.2: no half-close, close as asyncio does
+            # TLS 1.2 has no half-close (close as asyncio does); both directions done
+            if self._eof_sent or not self.can_write_eof():
                 self.close()
 
     def eof_received(self) -> bool:
@@ -139,6 +140,9 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
         if not self._read_eof:
             self._read_eof = True
             self._app.eof_received()
+        if self._eof_sent:  # both directions done
+            self.close()
+            return False
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -200,7 +204,9 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
         if self._eof_sent or self._closing:
             return
         self._send_close_notify()
-        if self._raw is not None and not self._raw.is_closing():
+        if self._read_eof:  # both directions done
+            self.close()
+        elif self._raw is not None and not self._raw.is_closing():
             self._raw.write_eof()
 
     def _send_close_notify(self) -> None:

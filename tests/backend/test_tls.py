@@ -353,13 +353,13 @@ async def test_half_close_each_direction_on_its_own(ca: LocalCA) -> None:
         sw.write(reply)
         await sw.drain()
         assert await asyncio.wait_for(cr.readexactly(len(reply)), 5) == reply
-        sw.write_eof()
-        assert await asyncio.wait_for(cr.read(), 5) == b""
         with pytest.raises(RuntimeError):
             cw.write(b"more")  # after write_eof, as on a plain transport
-    # both directions closed and both writers closed: the connections end
-    await asyncio.wait_for(cw.wait_closed(), 5)
-    await asyncio.wait_for(sw.wait_closed(), 5)
+        sw.write_eof()
+        assert await asyncio.wait_for(cr.read(), 5) == b""
+        # both directions closed: both ends close by themselves (nobody calls close())
+        await asyncio.wait_for(cw.wait_closed(), 5)
+        await asyncio.wait_for(sw.wait_closed(), 5)
 
 
 async def test_half_close_large_both_ways_at_once(ca: LocalCA) -> None:
