@@ -21,6 +21,12 @@ with APPLICATION_DATA_AFTER_CLOSE_NOTIFY if a whole application-data record wait
 the incoming BIO, so every record is decrypted as soon as it arrives and once more right
 before ``unwrap()``: the BIO then holds at most part of a record, and OpenSSL goes on
 decrypting later records for ``read()`` after our close_notify.
+
+Not done instead: taking a connection over from the loop's TLS transport after the
+handshake (uvloop's is Cython, its SSLObject and BIOs out of reach; asyncio's acts on a
+close_notify that arrives before the takeover by closing), an in-band end-of-stream
+marker (TLS already has one), or blocking ``ssl.SSLSocket`` relays in threads (the
+handshake and the HTTP exchanges on a data connection stay on the event loop).
 """
 
 from __future__ import annotations
