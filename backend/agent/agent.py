@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend import __version__
+from backend import __version__, tlshalf
 from backend import protocol as p
 from backend.agent import forward
 from backend.agent.events import EventHub
@@ -110,6 +110,7 @@ class Agent:
         # the system resolver often does not know them; TLS still checks the name itself.
         self._dial_host = "127.0.0.1" if self._host.endswith(".localhost") else self._host
         self._ctx = client_context(config.root_cas)
+        self._data_ctx: ssl.SSLContext | None = None  # made on first use (tlshalf.ALPN)
         self.data_tls = config.data_tls if config.data_tls is not None else not is_loopback(self._host)
         self._ping_ids = 0
         for tc in config.tunnels:
@@ -409,7 +410,14 @@ class Agent:
             return
         try:
             if self.data_tls:
-                r, w = await self._dial()
+                # TLS that can half-close (backend/tlshalf.py), offered to the edge by ALPN
+                if self._data_ctx is None:
+                    self._data_ctx = tlshalf.data_context(client_context(self.config.root_cas))
+                r, w = await asyncio.wait_for(
+                    tlshalf.open_connection(self._dial_host, self._port, self._data_ctx, self._host, 2 * p.MAX_FRAME),
+                    10,
+                )
+                tune(w)
             else:
                 r, w = await asyncio.wait_for(
                     asyncio.open_connection(self._dial_host, self._port, limit=2 * p.MAX_FRAME), 10

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backend import metrics
+from backend import metrics, tlshalf
 from backend import protocol as p
 from backend.connlimit import ConnLimit, ThrottledLog
 from backend.edge import accounts, muxado, ngrok_agent, traffic
@@ -398,7 +398,12 @@ class Edge:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + cfg.handshake_timeout
             tls = first == b"\x16"  # a TLS handshake record; anything else is a plain data conn
-            reader, writer = await self._streams(sock, ctx if tls else None, 2 * p.MAX_FRAME, cfg.handshake_timeout)
+            # an agent's TLS data connection (it offers tlshalf.ALPN) gets TLS that can
+            # half-close; the rest the event loop's TLS
+            if tls and await self._offers_half_close(sock, deadline - loop.time()):
+                reader, writer = await tlshalf.accept(sock, ctx, 2 * p.MAX_FRAME, max(deadline - loop.time(), 0.1))
+            else:
+                reader, writer = await self._streams(sock, ctx if tls else None, 2 * p.MAX_FRAME, cfg.handshake_timeout)
             # The first bytes tell the three kinds apart without waiting for a byte that
             # a client may not send: a burrow message is a 4-byte length (< 64 KiB) and
             # JSON; an ngrok agent's first muxado frame header is DATA + SYN (low byte
@@ -436,6 +441,15 @@ class Edge:
                 sock.close()
         finally:
             authenticated()
+
+    @staticmethod
+    async def _offers_half_close(sock: socket.socket, timeout: float) -> bool:
+        """Whether the ClientHello waiting in ``sock`` offers tlshalf.ALPN (not consumed)."""
+        try:
+            _, alpn = await peek_hello(sock, max(timeout, 0.1))
+        except NotTLS:
+            return False  # the handshake fails as it would have
+        return tlshalf.ALPN in alpn
 
     async def _control(
         self, r: asyncio.StreamReader, w: asyncio.StreamWriter, auth: p.Auth, peer_ip: str

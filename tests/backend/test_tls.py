@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import ipaddress
+import os
+import socket
 import ssl
 import stat
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from backend import tlshalf
 from backend.tls import LocalCA, client_context
 
 HOST = "abc.burrow.localhost"
@@ -290,3 +294,143 @@ async def test_handshake_sni_bad_name_gets_default(ca: LocalCA) -> None:
         cert = await talk(port, client, "-bad-.burrow.localhost")
     assert _dns_names(cert) == ["burrow.localhost"]
     assert "-bad-.burrow.localhost" not in ca._sni_cache
+
+
+# --------------------------------------------------------- tlshalf: TLS that half-closes
+@asynccontextmanager
+async def half_close_pair(
+    ca: LocalCA, client_ctx: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter], ...]]:
+    """A tlshalf client and server connected over 127.0.0.1: ((cr, cw), (sr, sw))."""
+    loop = asyncio.get_running_loop()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    lsock.setblocking(False)
+    port = lsock.getsockname()[1]
+    ctx = client_ctx or tlshalf.data_context(client_context(ca.ca_file))
+    try:
+        accepted = asyncio.ensure_future(loop.sock_accept(lsock))
+        client = asyncio.ensure_future(tlshalf.open_connection("127.0.0.1", port, ctx, HOST, 2**16))
+        sock, _ = await asyncio.wait_for(accepted, 5)
+        server = await tlshalf.accept(sock, ca.server_context([HOST]), 2**16, 5)
+        client_pair = await asyncio.wait_for(client, 5)
+        try:
+            yield client_pair, server
+        finally:
+            client_pair[1].close()
+            server[1].close()
+    finally:
+        lsock.close()
+
+
+async def _send(w: asyncio.StreamWriter, data: bytes) -> None:
+    view = memoryview(data)
+    for i in range(0, len(view), 1 << 20):
+        w.write(view[i : i + (1 << 20)])
+        await w.drain()
+    w.write_eof()
+
+
+async def _digest(r: asyncio.StreamReader) -> tuple[int, str]:
+    h, n = hashlib.sha256(), 0
+    while chunk := await r.read(1 << 20):
+        h.update(chunk)
+        n += len(chunk)
+    return n, h.hexdigest()
+
+
+async def test_half_close_each_direction_on_its_own(ca: LocalCA) -> None:
+    async with half_close_pair(ca) as ((cr, cw), (sr, sw)):
+        assert cw.get_extra_info("ssl_object").version() == "TLSv1.3"
+        assert cw.get_extra_info("ssl_object").selected_alpn_protocol() is None  # server offers none
+        assert cw.can_write_eof() and sw.can_write_eof()
+        cw.write(b"request")
+        cw.write_eof()  # close_notify + FIN; the client keeps reading
+        assert await asyncio.wait_for(sr.read(), 5) == b"request"
+        assert sr.at_eof()
+        reply = b"reply after the client's close_notify"
+        sw.write(reply)
+        await sw.drain()
+        assert await asyncio.wait_for(cr.readexactly(len(reply)), 5) == reply
+        with pytest.raises(RuntimeError):
+            cw.write(b"more")  # after write_eof, as on a plain transport
+        sw.write_eof()
+        assert await asyncio.wait_for(cr.read(), 5) == b""
+        # both directions closed: both ends close by themselves (nobody calls close())
+        await asyncio.wait_for(cw.wait_closed(), 5)
+        await asyncio.wait_for(sw.wait_closed(), 5)
+
+
+async def test_half_close_large_both_ways_at_once(ca: LocalCA) -> None:
+    """8 MiB each way while each side half-closes with the other direction still
+    flowing (records arriving around our close_notify are not lost)."""
+    up, down = os.urandom(8 << 20), os.urandom(8 << 20)
+    async with half_close_pair(ca) as ((cr, cw), (sr, sw)):
+        results = await asyncio.wait_for(
+            asyncio.gather(_send(cw, up), _send(sw, down), _digest(sr), _digest(cr)), 30
+        )
+    assert results[2] == (len(up), hashlib.sha256(up).hexdigest())
+    assert results[3] == (len(down), hashlib.sha256(down).hexdigest())
+
+
+async def test_tls12_does_not_half_close(ca: LocalCA) -> None:
+    ctx = tlshalf.data_context(client_context(ca.ca_file))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    async with half_close_pair(ca, ctx) as ((_, cw), (sr, sw)):
+        assert cw.get_extra_info("ssl_object").version() == "TLSv1.2"
+        assert not cw.can_write_eof() and not sw.can_write_eof()
+        cw.write(b"last words")
+        cw.close()  # close_notify: under TLS 1.2 the server closes its side too
+        assert await asyncio.wait_for(sr.read(), 5) == b"last words"
+        await asyncio.wait_for(sw.wait_closed(), 5)
+
+
+async def test_half_close_handshake_fails_against_another_ca(ca: LocalCA, tmp_path: Path) -> None:
+    other = LocalCA.load_or_create(tmp_path / "other")
+    loop = asyncio.get_running_loop()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    lsock.setblocking(False)
+    ctx = tlshalf.data_context(client_context(other.ca_file))
+    try:
+        client = asyncio.ensure_future(tlshalf.open_connection("127.0.0.1", lsock.getsockname()[1], ctx, HOST, 2**16))
+        sock, _ = await asyncio.wait_for(loop.sock_accept(lsock), 5)
+        server = asyncio.ensure_future(tlshalf.accept(sock, ca.server_context([HOST]), 2**16, 5))
+        c_exc, s_exc = await asyncio.wait_for(asyncio.gather(client, server, return_exceptions=True), 10)
+    finally:
+        lsock.close()
+    assert isinstance(c_exc, ssl.SSLCertVerificationError)
+    assert isinstance(s_exc, ssl.SSLError)  # the client's unknown-CA alert
+    assert sock.fileno() == -1  # closed
+
+
+async def test_half_close_handshake_timeout(ca: LocalCA) -> None:
+    """A client that connects and says nothing: accept() gives up and closes the socket."""
+    loop = asyncio.get_running_loop()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    lsock.setblocking(False)
+    r, w = await asyncio.open_connection("127.0.0.1", lsock.getsockname()[1])
+    try:
+        sock, _ = await asyncio.wait_for(loop.sock_accept(lsock), 5)
+        with pytest.raises(TimeoutError):
+            await tlshalf.accept(sock, ca.server_context([HOST]), 2**16, 0.2)
+        assert await asyncio.wait_for(r.read(), 5) == b""  # the server side is gone
+    finally:
+        w.close()
+        lsock.close()
+
+
+async def test_half_close_fin_without_close_notify_ends_reading(ca: LocalCA) -> None:
+    """A FIN with no close_notify before it ends the reader (as asyncio's TLS does); the
+    other direction still works."""
+    async with half_close_pair(ca) as ((cr, cw), (sr, sw)):
+        cw.write(b"abc")
+        await cw.drain()
+        cw.transport.get_extra_info("socket").shutdown(socket.SHUT_WR)
+        assert await asyncio.wait_for(sr.read(), 5) == b"abc"
+        sw.write(b"still here")
+        assert await asyncio.wait_for(cr.readexactly(10), 5) == b"still here"

@@ -7,6 +7,7 @@ their writing side (``nc -N``, ``shutdown(SHUT_WR)``) and then read the answer.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 
 import pytest
@@ -17,16 +18,9 @@ from tests.upstreams import TCPEcho
 @pytest.mark.parametrize(
     "flags",
     [
-        pytest.param(
-            ("--data-tls",),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known limitation: asyncio's SSL transports cannot half-close, so with "
-                "TLS data connections (forced here; the default for a remote edge) a client's "
-                "half-close ends the whole connection and the upstream's reply is lost",
-            ),
-            id="tls-data",
-        ),
+        # TLS data connections (forced here; the default for a remote edge) half-close
+        # with close_notify (TLS 1.3, see backend/tlshalf.py)
+        pytest.param(("--data-tls",), id="tls-data"),
         pytest.param((), id="default-loopback-plain"),
         pytest.param(("--no-data-tls",), id="plain-data"),
     ],
@@ -45,3 +39,106 @@ async def test_reply_after_client_half_close_comes_back(edge, agents, flags) -> 
             w.close()
         assert len(got) == len(payload)
         assert got == payload
+
+
+class HalfCloseUpstream:
+    """An upstream that sends ``greeting`` and half-closes at once, while it reads what
+    the client sends until EOF; ``received`` resolves to (byte count, sha256)."""
+
+    def __init__(self, greeting: bytes) -> None:
+        self.greeting = greeting
+        self.port = 0
+        self.received: asyncio.Future[tuple[int, str]] | None = None
+        self._server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> HalfCloseUpstream:
+        self.received = asyncio.get_running_loop().create_future()
+
+        async def conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            async def send() -> None:
+                view = memoryview(self.greeting)
+                for i in range(0, len(view), 1 << 20):
+                    w.write(view[i : i + (1 << 20)])
+                    await w.drain()
+                w.write_eof()
+
+            sender = asyncio.ensure_future(send())
+            h, n = hashlib.sha256(), 0
+            try:
+                while chunk := await r.read(1 << 20):
+                    h.update(chunk)
+                    n += len(chunk)
+                await sender
+                if not self.received.done():
+                    self.received.set_result((n, h.hexdigest()))
+            except (ConnectionError, OSError) as exc:
+                if not self.received.done():
+                    self.received.set_exception(exc)
+            finally:
+                sender.cancel()
+                w.close()
+
+        self._server = await asyncio.start_server(conn, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self._server is not None
+        self._server.close()
+
+
+@pytest.mark.parametrize("flags", [("--data-tls",), ("--no-data-tls",)], ids=["tls-data", "plain-data"])
+async def test_client_sends_after_upstream_half_close(edge, agents, flags) -> None:
+    """The reverse direction: the upstream says its piece and half-closes first; the
+    client reads it to EOF and only then sends its own, which must reach the upstream."""
+    greeting = os.urandom(256 * 1024)
+    async with HalfCloseUpstream(greeting) as up:
+        a = agents("tcp", up.port, *flags)
+        port = int(a.public_url.rsplit(":", 1)[1])
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            got = await asyncio.wait_for(r.read(), 10)  # EOF: the upstream half-closed
+            assert got == greeting
+            payload = os.urandom(256 * 1024)
+            w.write(payload)
+            await w.drain()
+            w.write_eof()
+            n, digest = await asyncio.wait_for(up.received, 10)
+        finally:
+            w.close()
+        assert (n, digest) == (len(payload), hashlib.sha256(payload).hexdigest())
+
+
+async def test_large_transfer_both_ways_with_half_close_over_tls_data(edge, agents) -> None:
+    """64 MiB each way at once through a --data-tls tunnel, each side half-closing when
+    it has sent its part while the other direction is still flowing; both arrive whole
+    and in order (hashed)."""
+    size = 64 << 20
+    down = os.urandom(size)
+    async with HalfCloseUpstream(down) as up:
+        a = agents("tcp", up.port, "--data-tls")
+        port = int(a.public_url.rsplit(":", 1)[1])
+        payload = os.urandom(size)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+
+        async def send() -> None:
+            view = memoryview(payload)
+            for i in range(0, size, 1 << 20):
+                w.write(view[i : i + (1 << 20)])
+                await w.drain()
+            w.write_eof()
+
+        async def receive() -> tuple[int, str]:
+            h, n = hashlib.sha256(), 0
+            while chunk := await r.read(1 << 20):
+                h.update(chunk)
+                n += len(chunk)
+            return n, h.hexdigest()
+
+        try:
+            _, got = await asyncio.wait_for(asyncio.gather(send(), receive()), 60)
+            sent = await asyncio.wait_for(up.received, 10)
+        finally:
+            w.close()
+    assert got == (size, hashlib.sha256(down).hexdigest())
+    assert sent == (size, hashlib.sha256(payload).hexdigest())
