@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import ssl
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from cryptography.x509.oid import NameOID
 
 from backend import __version__
 from backend.fsperm import private_dir
+from backend.tls import load_chain
 
 __all__ = ["ACME_TLS_ALPN", "AcmeClient", "AcmeError", "ChallengeAnswers", "Issued"]
 
@@ -97,14 +97,7 @@ def server_context(chain_pem: bytes, key_pem: bytes, alpn: list[str] | None = No
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    fd, tmp = tempfile.mkstemp(prefix="burrow-acme-", suffix=".pem")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(key_pem)
-            fh.write(chain_pem)
-        ctx.load_cert_chain(tmp)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    load_chain(ctx, chain_pem, key_pem)
     if alpn:
         ctx.set_alpn_protocols(alpn)
     return ctx

@@ -110,7 +110,7 @@ def _new_server_context() -> ssl.SSLContext:
     return ctx
 
 
-def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
+def load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
     """Load a PEM chain and key into ``ctx`` through a 0600 temp file removed at once.
 
     The ssl module only reads certificates from files; mkstemp creates the file 0600.
@@ -328,7 +328,7 @@ class LocalCA:
     def _build_context(self, names: Iterable[str]) -> ssl.SSLContext:
         chain, key = self.issue(list(names))
         ctx = _new_server_context()
-        _load_chain(ctx, chain, key)
+        load_chain(ctx, chain, key)
         return ctx
 
     def _context_for_name(self, name: str) -> ssl.SSLContext:
