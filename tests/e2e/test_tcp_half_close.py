@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -41,11 +42,41 @@ async def test_reply_after_client_half_close_comes_back(edge, agents, flags) -> 
         assert got == payload
 
 
+def _chunks(data: bytes | Callable[[], Iterator[bytes]]) -> Iterator[bytes]:
+    if callable(data):
+        yield from data()
+        return
+    view = memoryview(data)
+    for i in range(0, len(view), 1 << 20):
+        yield view[i : i + (1 << 20)]
+
+
+def generated(mib: int) -> Callable[[], Iterator[bytes]]:
+    """``mib`` MiB of incompressible bytes, made as they are sent: one random MiB with
+    each block's number written over its start (no two blocks alike)."""
+    base = os.urandom(1 << 20)
+
+    def blocks() -> Iterator[bytes]:
+        for i in range(mib):
+            yield i.to_bytes(8, "big") + base[8:]
+
+    return blocks
+
+
+def digest_of(blocks: Callable[[], Iterator[bytes]]) -> tuple[int, str]:
+    h, n = hashlib.sha256(), 0
+    for b in blocks():
+        h.update(b)
+        n += len(b)
+    return n, h.hexdigest()
+
+
 class HalfCloseUpstream:
     """An upstream that sends ``greeting`` and half-closes at once, while it reads what
     the client sends until EOF; ``received`` resolves to (byte count, sha256)."""
 
-    def __init__(self, greeting: bytes) -> None:
+    def __init__(self, greeting: bytes | Callable[[], Iterator[bytes]]) -> None:
+        # bytes, or a factory of the chunks to send (a GiB need not sit in memory)
         self.greeting = greeting
         self.port = 0
         self.received: asyncio.Future[tuple[int, str]] | None = None
@@ -56,9 +87,8 @@ class HalfCloseUpstream:
 
         async def conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             async def send() -> None:
-                view = memoryview(self.greeting)
-                for i in range(0, len(view), 1 << 20):
-                    w.write(view[i : i + (1 << 20)])
+                for chunk in _chunks(self.greeting):
+                    w.write(chunk)
                     await w.drain()
                 w.write_eof()
 
@@ -110,21 +140,19 @@ async def test_client_sends_after_upstream_half_close(edge, agents, flags) -> No
 
 
 async def test_large_transfer_both_ways_with_half_close_over_tls_data(edge, agents) -> None:
-    """64 MiB each way at once through a --data-tls tunnel, each side half-closing when
+    """1 GiB each way at once through a --data-tls tunnel, each side half-closing when
     it has sent its part while the other direction is still flowing; both arrive whole
     and in order (hashed)."""
-    size = 64 << 20
-    down = os.urandom(size)
+    mib = 1024
+    down, up_blocks = generated(mib), generated(mib)
     async with HalfCloseUpstream(down) as up:
         a = agents("tcp", up.port, "--data-tls")
         port = int(a.public_url.rsplit(":", 1)[1])
-        payload = os.urandom(size)
         r, w = await asyncio.open_connection("127.0.0.1", port)
 
         async def send() -> None:
-            view = memoryview(payload)
-            for i in range(0, size, 1 << 20):
-                w.write(view[i : i + (1 << 20)])
+            for chunk in up_blocks():
+                w.write(chunk)
                 await w.drain()
             w.write_eof()
 
@@ -136,9 +164,40 @@ async def test_large_transfer_both_ways_with_half_close_over_tls_data(edge, agen
             return n, h.hexdigest()
 
         try:
-            _, got = await asyncio.wait_for(asyncio.gather(send(), receive()), 60)
+            _, got = await asyncio.wait_for(asyncio.gather(send(), receive()), 100)
             sent = await asyncio.wait_for(up.received, 10)
         finally:
             w.close()
-    assert got == (size, hashlib.sha256(down).hexdigest())
-    assert sent == (size, hashlib.sha256(payload).hexdigest())
+    assert got == digest_of(down) and got[0] == mib << 20
+    assert sent == digest_of(up_blocks)
+
+
+async def test_100_mb_http_bodies_both_ways_over_tls_data(edge, agents) -> None:
+    """A 100 MB request body to an upstream that answers it back (a 100 MB response)
+    through a --data-tls http tunnel: both directions whole (hashed)."""
+    import httpx
+
+    from tests.procs import host_of
+    from tests.upstreams import HTTPUpstream
+
+    blocks = generated(100)
+    async with HTTPUpstream() as up:
+        a = agents("http", up.port, "--data-tls")
+
+        async def body():
+            for b in blocks():
+                yield b
+
+        h, n = hashlib.sha256(), 0
+        async with httpx.AsyncClient(timeout=60) as c, c.stream(
+            "POST", f"http://127.0.0.1:{edge.http_addr[1]}/echo", content=body(),
+            headers={"Host": host_of(a.public_url), "Content-Length": str(100 << 20)},
+        ) as resp:
+            assert resp.status_code == 200
+            async for chunk in resp.aiter_raw():
+                h.update(chunk)
+                n += len(chunk)
+        expected = digest_of(blocks)
+        assert resp.headers["x-body-sha256"] == expected[1]  # what the upstream received
+        assert (n, h.hexdigest()) == expected  # what came back
+        up.requests.clear()
