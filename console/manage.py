@@ -402,7 +402,7 @@ class SessionsScreen(Screen):
                 return
             self._show(sessions, "No tunnel sessions: no agent is online.")
 
-        self.run_worker(go(), group="sessions-load", exclusive=True)
+        self.run_worker(go, group="sessions-load", exclusive=True)  # (a function: a cancelled worker leaves no coroutine behind)
 
     def _show(self, sessions: list[dict], empty: str) -> None:
         self.sessions = sessions

@@ -42,7 +42,7 @@ def submit_inline(screen, call: Callable[[], Awaitable], on_done: Callable[[obje
         screen.busy = False
         on_done(result)
 
-    screen.run_worker(go(), group=group, exclusive=True)
+    screen.run_worker(go, group=group, exclusive=True)
 
 
 def form_values(screen) -> tuple:
