@@ -34,9 +34,7 @@ __all__ = [
     "ACME_FAILURES",
     "CONTENT_TYPE",
     "HANDSHAKE_FAILURES",
-    "HTTP_REQUESTS",
     "POLICY_SECONDS",
-    "PUBLIC_BYTES",
     "REGISTRY",
     "EdgeCollector",
     "http_request",
@@ -49,22 +47,35 @@ disable_created_metrics()  # no *_created series: they double a scrape and say l
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, open fds, memory
 
-HTTP_REQUESTS = Counter(
-    "burrow_http_requests_total",
-    "HTTP requests on the public listeners, by the status class of the answer "
-    "(the upstream's, a traffic policy's or the edge's own error page)",
-    ["code"],
-    registry=REGISTRY,
-)
-_BY_CLASS = {c: HTTP_REQUESTS.labels(code=f"{c}xx") for c in range(1, 6)}
+# Requests and bytes are counted on every public request, so they are plain ints of the
+# event loop's thread (no lock, no label lookup: prometheus_client's Counter.inc cost
+# ~8% of small-request throughput in an A/B run) and become counters at scrape time.
+_requests = [0] * 6  # by status class: index 1..5
+_bytes = [0, 0]  # in (from public clients), out (to them)
 
-PUBLIC_BYTES = Counter(
-    "burrow_public_bytes_total",
-    "Bytes relayed for public clients: in = from the client, out = to the client",
-    ["direction"],
-    registry=REGISTRY,
-)
-_IN, _OUT = PUBLIC_BYTES.labels(direction="in"), PUBLIC_BYTES.labels(direction="out")
+
+class _DataPathCollector:
+    def collect(self):
+        req = CounterMetricFamily(
+            "burrow_http_requests",
+            "HTTP requests on the public listeners, by the status class of the answer "
+            "(the upstream's, a traffic policy's or the edge's own error page)",
+            labels=["code"],
+        )
+        for c in range(1, 6):
+            req.add_metric([f"{c}xx"], _requests[c])
+        yield req
+        b = CounterMetricFamily(
+            "burrow_public_bytes",
+            "Bytes relayed for public clients: in = from the client, out = to the client",
+            labels=["direction"],
+        )
+        b.add_metric(["in"], _bytes[0])
+        b.add_metric(["out"], _bytes[1])
+        yield b
+
+
+REGISTRY.register(_DataPathCollector())
 
 HANDSHAKE_FAILURES = Counter(
     "burrow_handshake_failures_total",
@@ -101,17 +112,16 @@ _hook_policy_engine()
 
 def http_request(status: int, bytes_in: int = 0, bytes_out: int = 0) -> None:
     """Count one answered public HTTP request and the bytes of its exchange."""
-    counter = _BY_CLASS.get(status // 100)
-    if counter is not None:
-        counter.inc()
-    relayed(bytes_in, bytes_out)
+    c = status // 100
+    if 1 <= c <= 5:
+        _requests[c] += 1
+    _bytes[0] += bytes_in
+    _bytes[1] += bytes_out
 
 
 def relayed(bytes_in: int, bytes_out: int) -> None:
-    if bytes_in > 0:
-        _IN.inc(bytes_in)
-    if bytes_out > 0:
-        _OUT.inc(bytes_out)
+    _bytes[0] += bytes_in
+    _bytes[1] += bytes_out
 
 
 class EdgeCollector:
