@@ -17,6 +17,7 @@ import ngrok
 import pytest
 
 from tests.api.conftest import POLICY_YAML
+from tests.e2e.test_ngrok_sdk import SDK, needs_sdk
 from tests.procs import READY_TIMEOUT, BurrowProc, edge_args, host_of, start_agent
 from tests.upstreams import raw_request
 
@@ -245,11 +246,8 @@ def test_cli_errors_are_one_line(tmp_path, admin_edge):
 
 
 # ---------------------------------------------------------------- ngrok's own agents
+@needs_sdk
 async def test_disable_ends_an_ngrok_sdk_session_and_refuses_its_auth(admin_edge, admin):
-    from tests.e2e.test_ngrok_sdk import SDK, SDK_DIR
-
-    if not (SDK_DIR / "ngrok" / "__init__.py").exists():
-        pytest.skip(f"ngrok's Python SDK is not installed in {SDK_DIR}")
     made = admin.post("/admin/accounts", json={"name": "erin"}).json()
     sdk = await SDK.start(admin_edge, "127.0.0.1:9", authtoken=made["authtoken"])
     try:

@@ -25,11 +25,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SDK_DIR = Path(os.environ.get("BURROW_NGROK_SDK", ROOT / ".sdk"))
 DRIVER = Path(__file__).with_name("ngrok_sdk_driver.py")
 
-pytestmark = pytest.mark.skipif(
+#: every test that runs the SDK carries this (the one place the skip is decided)
+needs_sdk = pytest.mark.skipif(
     not (SDK_DIR / "ngrok" / "__init__.py").exists(),
     reason=f"ngrok's Python SDK is not installed in {SDK_DIR} "
     f"(pip install --target {SDK_DIR} ngrok; .ci/run does it)",
 )
+pytestmark = needs_sdk
 
 
 class SDK:
@@ -49,6 +51,7 @@ class SDK:
         proto: str = "http",
         domain: str = "",
         options: dict | None = None,
+        env: dict[str, str] | None = None,
     ):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -65,6 +68,7 @@ class SDK:
                 "PYTHONPATH": str(SDK_DIR),
                 "PATH": os.environ.get("PATH", ""),
                 "BURROW_SDK_OPTIONS": json.dumps(options or {}),
+                **(env or {}),
             },
         )
         line = await asyncio.wait_for(proc.stdout.readline(), 15)

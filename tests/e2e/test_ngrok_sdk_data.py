@@ -18,15 +18,12 @@ import pytest
 import pytest_asyncio
 import websockets
 
-from tests.e2e.test_ngrok_sdk import SDK, SDK_DIR
+from tests.e2e.test_ngrok_sdk import SDK, needs_sdk
 from tests.procs import host_of, start_edge
 from tests.upstreams import HTTPUpstream, TCPEcho
 
 pytestmark = [
-    pytest.mark.skipif(
-        not (SDK_DIR / "ngrok" / "__init__.py").exists(),
-        reason=f"ngrok's Python SDK is not installed in {SDK_DIR}",
-    ),
+    needs_sdk,
     pytest.mark.asyncio(loop_scope="module"),
 ]
 

@@ -22,14 +22,9 @@ import websockets
 
 from backend.edge import ngrok_options
 from backend.tls import LocalCA
-from tests.e2e.test_ngrok_sdk import SDK, SDK_DIR
+from tests.e2e.test_ngrok_sdk import SDK, needs_sdk
 from tests.procs import host_of, start_edge
 from tests.upstreams import HTTPUpstream, TCPEcho, raw_exchange
-
-needs_sdk = pytest.mark.skipif(
-    not (SDK_DIR / "ngrok" / "__init__.py").exists(),
-    reason=f"ngrok's Python SDK is not installed in {SDK_DIR}",
-)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import struct
-import sys
 from types import SimpleNamespace
 
 import httpx
@@ -21,7 +19,7 @@ import pytest
 
 from backend.edge import muxado as m
 from tests.e2e.test_ngrok_agent_raw import RawAgent
-from tests.e2e.test_ngrok_sdk import DRIVER, SDK, SDK_DIR, _endpoint_urls, pytestmark  # noqa: F401
+from tests.e2e.test_ngrok_sdk import SDK, _endpoint_urls, needs_sdk
 from tests.procs import BurrowProc, host_of, start_agent, start_edge
 from tests.upstreams import HTTPUpstream, raw_exchange
 
@@ -48,26 +46,9 @@ class SessionSDK(SDK):
 
     @classmethod
     async def start(cls, edge: BurrowProc, upstream: str, proto: str = "http", domain: str = ""):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(DRIVER),
-            upstream,
-            "test-authtoken",
-            edge.ready["ingress_addr"],
-            edge.ready["ca_file"],
-            proto,
-            domain,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env={
-                "PYTHONPATH": str(SDK_DIR),
-                "PATH": os.environ.get("PATH", ""),
-                "BURROW_SDK_SESSION": "1",
-            },
+        return await super().start(
+            edge, upstream, proto=proto, domain=domain, env={"BURROW_SDK_SESSION": "1"}
         )
-        line = await asyncio.wait_for(proc.stdout.readline(), 15)
-        assert line, "the SDK process printed nothing"
-        return cls(proc, json.loads(line))
 
     async def event(self, name: str, timeout: float = 10.0) -> dict:
         """The next event line called ``name`` the driver prints (bounded in time)."""
@@ -138,6 +119,7 @@ def _target(edge) -> SimpleNamespace:
     return SimpleNamespace(ready={"ingress_addr": f"{host}:{port}", "ca_file": str(edge.ca.ca_file)})
 
 
+@needs_sdk
 async def test_sdk_gets_its_random_url_back_after_the_edge_restarts(tmp_path):
     """The edge stops and a new one starts on the same ports with the same data dir (a
     new Edge object: nothing is shared but the data dir); the SDK, still running,
@@ -192,6 +174,7 @@ async def test_sdk_gets_its_random_url_back_after_the_edge_restarts(tmp_path):
 
 
 # --------------------------------------------------------------- StopTunnel
+@needs_sdk
 async def test_deleting_an_sdk_endpoint_sends_stop_tunnel_and_keeps_the_session(shared_edge):
     edge = shared_edge
     async with HTTPUpstream() as up:
@@ -228,6 +211,7 @@ async def test_deleting_an_sdk_endpoint_sends_stop_tunnel_and_keeps_the_session(
 
 
 # ------------------------------------------------------------- tunnel_sessions stop
+@needs_sdk
 async def test_tunnel_session_stop_reaches_the_sdks_stop_handler(shared_edge):
     edge = shared_edge
     async with HTTPUpstream() as up:
@@ -402,6 +386,7 @@ async def test_two_ngrok_agents_with_pooling_share_one_domain(shared_edge):
             await b.close()
 
 
+@needs_sdk
 async def test_burrow_agent_and_ngrok_agent_pooled_on_one_url(shared_edge, tmp_path):
     edge = shared_edge
     host = "pool-mixed.burrow.localhost"
@@ -443,6 +428,7 @@ async def test_burrow_agent_and_ngrok_agent_pooled_on_one_url(shared_edge, tmp_p
 
 
 
+@needs_sdk
 async def test_edge_stop_session_sends_an_ngrok_agent_its_stop_request(tmp_path):
     """``Edge.stop_session`` (burrow's own Stop message) reaches an ngrok agent as a
     Stop request stream (``NgrokSession.send``); an in-process edge, to call it."""
@@ -466,6 +452,7 @@ async def test_edge_stop_session_sends_an_ngrok_agent_its_stop_request(tmp_path)
         await edge.stop()
 
 
+@needs_sdk
 async def test_another_accounts_agent_cannot_take_a_name_a_session_or_a_url(shared_edge):
     """Account B's SDK cannot bind account A's name; B's agent presenting A's ClientId
     and A's tunnel Id gets a session and a URL of its own, and A's stay online."""
