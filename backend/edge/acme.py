@@ -40,6 +40,7 @@ from cryptography import x509
 
 from backend import metrics
 from backend.acme import AcmeClient, AcmeError, ChallengeAnswers, Issued, server_context, validity
+from backend.connlimit import ThrottledLog
 from backend.fsperm import private_dir
 from backend.store import CertJob, IngressCertificate, NotFoundError
 from backend.store.base import utcnow
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from backend.store import AgentIngress
 
 log = logging.getLogger("burrow.acme")
+# said per handshake, which a client can repeat at will: at most once per 10 s per name
+_per_handshake = ThrottledLog(log, 10.0)
 
 #: First retry after a failed order, doubling per failure up to RETRY_MAX.
 RETRY_BASE = 10.0
@@ -217,10 +220,14 @@ class EdgeAcme:
         if fut is None:
             wait = self._backoff.waiting(name)
             if wait:
-                log.info("acme: %s failed recently (next try in %.0fs); using the local CA's certificate", name, wait)
+                _per_handshake.warning(
+                    f"backoff {name}",
+                    "acme: %s failed recently (next try in %.0fs); using the local CA's certificate", name, wait,
+                )
                 return None
             if m is None and not self._take(account):
-                log.warning(
+                _per_handshake.warning(
+                    f"rate {name}",
                     "acme: account %s is over its rate of %d new certificates per hour; %s gets "
                     "the local CA's certificate",
                     account, self.edge.config.acme_rate_limit, name,
