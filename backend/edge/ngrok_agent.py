@@ -97,15 +97,22 @@ class NgrokSession(Session):
         tid = self.agent_ids.pop(endpoint_id, endpoint_id)
         return self._request(STOP_TUNNEL, {"Id": tid, "Message": message, "ErrorCode": error_code})
 
-    def _request(self, kind: int, body: dict) -> bool:
-        """Open a stream of type ``kind``, write ``body`` and FIN; nothing is read back."""
+    def _open(self, kind: int, body: dict) -> muxado.Stream | str:
+        """Open a stream of type ``kind`` carrying ``body``; or why it cannot be opened."""
         if self.closed or self.mux is None:
-            return False
+            return "the agent session has ended"
         try:
             st = self.mux.open_stream()
-        except muxado.MuxError:
-            return False
+        except muxado.MuxError as exc:
+            return str(exc)
         st.writer.write(U32.pack(kind) + json.dumps(body).encode())
+        return st
+
+    def _request(self, kind: int, body: dict) -> bool:
+        """A request the agent does not answer: ``body``, then FIN."""
+        st = self._open(kind, body)
+        if isinstance(st, str):
+            return False
         st.writer.write_eof()
         return True
 
@@ -141,13 +148,9 @@ class NgrokSession(Session):
 
     async def command(self, kind: int, body: dict, timeout: float = 5.0) -> str:
         """Send Stop / Restart / Update to the agent and return its error ("" = done)."""
-        if self.closed or self.mux is None:
-            return "the agent session has ended"
-        try:
-            st = self.mux.open_stream()
-        except muxado.MuxError as exc:
-            return str(exc)
-        st.writer.write(U32.pack(kind) + json.dumps(body).encode())
+        st = self._open(kind, body)
+        if isinstance(st, str):
+            return st
         try:
             reply = await asyncio.wait_for(_read_json(st.reader), timeout)
         except (ValueError, TimeoutError, OSError) as exc:
