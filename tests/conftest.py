@@ -38,3 +38,19 @@ def agents(edge, tmp_path):
     yield make
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server per test process (see tests/pg.py)."""
+    from tests.pg import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server) -> str:
+    """A fresh empty database on the test process's PostgreSQL server."""
+    return postgres_server.new_database()
