@@ -236,6 +236,9 @@ def read_file(path: Path) -> dict:
 
 
 SECRET_KEYS = ("admin_key", "api_key", "authtoken")
+#: settings that are file paths: relative ones in a config file are taken relative to
+#: that file's directory (as systemd and Compose do), not to the working directory
+PATH_KEYS = ("data_dir", "acme_ca_root")
 
 
 def exposed_secrets(path: Path | None) -> str | None:
@@ -267,6 +270,11 @@ def load(flags: dict[str, Any], path: Path | None = None) -> ServeSettings:
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ServeConfigError(f"{path}: unknown key {key!r}{hint}")
     given = {k: v for k, v in flags.items() if k not in PROCESS_FLAGS}
+    if path is not None:  # a relative path in the file means relative to the file
+        for key in PATH_KEYS:
+            value = file_data.get(key)
+            if isinstance(value, str) and value:
+                file_data[key] = str(path.absolute().parent / Path(value).expanduser())
 
     class _Settings(ServeSettings):
         @classmethod

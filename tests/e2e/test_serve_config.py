@@ -121,6 +121,21 @@ def test_precedence_flag_env_file_default(tmp_path, clean_env):
     assert conf.http_addr == "127.0.0.1:4080"  # nobody set it: the default
 
 
+def test_relative_paths_in_a_file_are_relative_to_the_file(tmp_path, clean_env, monkeypatch):
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    path = conf_dir / "serve.yml"
+    path.write_text("data_dir: state\nacme_ca_root: certs/root.pem\n")
+    monkeypatch.chdir(tmp_path)  # the working directory is somewhere else
+    conf = serveconfig.load({}, Path("etc/serve.yml"))
+    assert conf.data_dir == conf_dir / "state"
+    assert conf.acme_ca_root == conf_dir / "certs" / "root.pem"
+    path.write_text(f"data_dir: {tmp_path / 'abs'}\n")  # absolute paths stay as written
+    assert serveconfig.load({}, path).data_dir == tmp_path / "abs"
+    # a relative flag is still relative to the working directory
+    assert serveconfig.load({"data_dir": Path("here")}, path).data_dir == Path("here")
+
+
 def test_serve_starts_from_a_file_and_answers_on_its_ports(tmp_path, clean_env):
     api, ingress, http = free_port(), free_port(), free_port()
     conf = {
