@@ -56,7 +56,7 @@ KEYMAP: tuple[Key, ...] = (
     # ---------------------------------------------------------------- endpoints & ingresses
     Key("endpoints.new", "n", "endpoints", "new_endpoint", "new", "create a cloud endpoint (URL, bindings, policy)", dangerous=True),
     Key("endpoints.edit", "e", "endpoints", "edit_endpoint", "edit", "edit the selected cloud endpoint", dangerous=True),
-    Key("endpoints.delete", "ctrl+d", "endpoints", "delete_endpoint", "delete", "delete the selected cloud endpoint", dangerous=True),
+    Key("endpoints.delete", "ctrl+d", "endpoints", "delete_endpoint", "delete", "delete the selected endpoint (an ngrok SDK agent's: stop its tunnel)", dangerous=True),
     Key("endpoints.sessions", "S", "endpoints", "sessions", "sessions", "show the tunnel sessions (stop, restart)"),
     Key("ingresses.new", "n", "ingresses", "new_ingress", "new", "register an agent ingress domain", dangerous=True),
     Key("ingresses.edit", "e", "ingresses", "edit_ingress", "edit", "edit the selected agent ingress", dangerous=True),

@@ -277,9 +277,18 @@ class EndpointsPane(TablePane):
 
         if self.app.refuse_read_only("deleting endpoints"):
             return
-        if not self._cloud_ok() or (row := self._selected_cloud("delete")) is None:
+        if not self._cloud_ok():
+            return
+        if (row := self.selected) is None:
+            self.app.notify("No endpoint selected to delete.", severity="warning")
             return
         url = row.get("url") or row.get("public_url") or row["id"]
+        if row.get("type") == "agent":
+            # the API tells an ngrok SDK agent to stop this tunnel (StopTunnel); burrow's
+            # own agents refuse, and the API's answer says what to do instead
+            detail = "An ngrok SDK agent is told to stop this tunnel; burrow agents refuse (stop their session: S)."
+            confirm_delete(self, f"/endpoints/{row['id']}", f"agent endpoint {url}", detail)
+            return
         confirm_delete(self, f"/endpoints/{row['id']}", f"cloud endpoint {url}", "Its traffic policy is deleted with it.")
 
     def action_sessions(self) -> None:

@@ -225,6 +225,17 @@ async def test_agent_endpoints_are_read_only_and_sessions_stop(edge, agents):
         assert not isinstance(app.screen, EndpointForm)
         assert any(AGENT_READ_ONLY in str(n.message) for n in app._notifications)
 
+        # delete asks, then shows the API's refusal for a burrow agent's endpoint
+        await pilot.press("ctrl+d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirm")
+        await pilot.press("y")
+        await until(
+            pilot,
+            lambda: any("the agent that started it owns it" in str(n.message) for n in app._notifications),
+            what="the API's refusal",
+        )
+        assert len((await a.get("/endpoints")).json()["endpoints"]) == 1
+
         await pilot.press("S")
         await until(pilot, lambda: isinstance(app.screen, SessionsScreen) and app.screen.loaded, what="sessions")
         screen = app.screen
