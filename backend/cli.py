@@ -348,6 +348,9 @@ def _local_command(command: str) -> int:
     counts = f"{len(tunnels)} tunnel{'s' * (len(tunnels) != 1)}"
     if captures is not None:
         counts += f", {captures} capture{'s' * (captures != 1)}"
+    others = _other_sessions(rec)
+    if others:  # ngrok SDKs or other `burrow agent`s on the local edge: cut off by a stop
+        counts += f", {others} other agent session{'s' * (others != 1)} on the edge"
     if command == "stop":
         local.stop(rec)
         print(f"burrow: stopped the local {'edge and agent' if rec.get('edge_pid') else 'agent'} ({counts})")
@@ -362,6 +365,23 @@ def _local_command(command: str) -> int:
         print(f"  {t['name']:<20} {t.get('public_url')} -> {t.get('config', {}).get('addr')}")
     print("stop it with: burrow stop")
     return 0
+
+
+def _other_sessions(rec: dict) -> int:
+    """Agent sessions on the local edge besides the local agent's own (0 when unknown):
+    counted through the cloud API with the key in the edge's 0600 bootstrap.json."""
+    import httpx
+
+    if not rec.get("edge_pid") or not rec.get("api_url") or not rec.get("data_dir"):
+        return 0
+    try:
+        key = json.loads((Path(rec["data_dir"]) / "bootstrap.json").read_text())["api_key"]
+        with httpx.Client(base_url=rec["api_url"], timeout=2) as c:
+            r = c.get("/tunnel_sessions", headers={"Authorization": f"Bearer {key}", "Ngrok-Version": "2"})
+            sessions = r.json()["tunnel_sessions"]
+    except (OSError, ValueError, KeyError, TypeError, httpx.HTTPError):
+        return 0
+    return max(0, len(sessions) - 1)
 
 
 # ------------------------------------------------ ngrok's own commands: version, config

@@ -335,6 +335,12 @@ async def test_quitting_asks_while_an_ngrok_agent_is_on_the_local_edge(home):
             token = json.loads((Path(rec["data_dir"]) / "bootstrap.json").read_text())["authtoken"]
             raw = await RawAgent.connect(SimpleNamespace(ready=rec))
             assert not (await raw.auth(AuthToken=token))["Error"]
+            # `burrow status` (and `burrow stop`) count it too
+            out = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "console.cli", "status"],
+                capture_output=True, text=True, cwd=ROOT, timeout=30,
+            )
+            assert out.returncode == 0 and "1 other agent session on the edge" in out.stdout, out.stdout
             await pilot.press("q")
             await until(lambda: isinstance(app.screen, QuitScreen), 5, "the quit question")
             assert "1 other agent on the edge" in str(app.screen.query_one("#confirm-others").render())
