@@ -134,3 +134,39 @@ async def test_js_sdk_with_wrong_authtoken_gets_ngroks_error(edge):
         assert "The authtoken you specified is properly formed, but it is invalid." in sdk.error
     finally:
         await sdk.stop()
+
+
+async def test_two_js_sdk_sessions_and_a_burrow_agent_pool_on_one_url(edge, tmp_path):
+    """Pooling with real SDKs (the Python SDK 1.4 has no pooling option; this one has)."""
+    from tests.procs import start_agent
+
+    host = "js-pool.burrow.localhost"
+    async with HTTPUpstream() as up1, HTTPUpstream() as up2, HTTPUpstream() as up3:
+        a = await JsSDK.start(edge, f"127.0.0.1:{up1.port}", pooling_enabled=True, domain=host)
+        b = await JsSDK.start(edge, f"127.0.0.1:{up2.port}", pooling_enabled=True, domain=host)
+        burrow = start_agent(
+            edge, "http", str(up3.port), "--url", f"http://{host}", "--pooling-enabled", home=tmp_path / "home"
+        )
+        try:
+            assert not a.error and not b.error, (a.error, b.error)
+            assert a.url == b.url == burrow.public_url == f"http://{host}:{edge.http_addr[1]}"
+            pooled = [e for e in (await _api(edge, "/endpoints"))["endpoints"] if e["url"] == a.url]
+            assert len(pooled) == 3 and all(e["pooling_enabled"] for e in pooled)
+            for i in range(18):
+                raw = await raw_exchange(
+                    *edge.http_addr, f"GET /p{i} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+                )
+                assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+            counts = [len(up.requests) for up in (up1, up2, up3)]
+            assert sum(counts) == 18 and min(counts) >= 3, counts  # every member takes a share
+
+            # an SDK that asks for no pooling is refused on the pooled URL, in ngrok's words
+            c = await JsSDK.start(edge, f"127.0.0.1:{up1.port}", domain=host, schemes=["HTTP"])
+            try:
+                assert not c.url and "ERR_NGROK_334" in (c.code or c.error), c.error
+            finally:
+                await c.stop()
+        finally:
+            await a.stop()
+            await b.stop()
+            burrow.stop()
