@@ -108,7 +108,15 @@ class AgentClient:
                 params["q"] = query
         if tunnel_name:
             params["tunnel_name"] = tunnel_name
-        body = (await _call(self.http, "GET", "/api/requests/http", params=params)).json()
+        try:
+            body = (await _call(self.http, "GET", "/api/requests/http", params=params)).json()
+        except APIError as exc:
+            # a real ngrok agent refuses parameters it does not know (400 "failed to
+            # deserialize request parameter"): ask again the way ngrok documents it
+            if exc.status != 400 or self.extended is not None or "deserialize" not in exc.msg:
+                raise
+            self.extended = False
+            return await self.requests(offset, limit, query, tunnel_name)
         if "total" in body:
             self.extended = True
             return Page(body.get("requests", []), body["total"], body.get("newest"), body.get("stored"))
@@ -176,10 +184,36 @@ def summarise(r: dict) -> dict:
         "path": req.get("uri", ""),
         "host": host,
         "status_code": resp.get("status_code"),
-        "request_size": req.get("body_size", 0),
-        "response_size": resp.get("body_size", 0),
+        "request_size": _body_size(req),
+        "response_size": _body_size(resp),
         "replay_of": r.get("replay_of"),
     }
+
+
+def _body_size(part: dict) -> int:
+    """A capture's body size: burrow's ``body_size``, else from ngrok's ``raw`` (the whole
+    message, base64) or its Content-Length header."""
+    if isinstance(part.get("body_size"), int):
+        return part["body_size"]
+    raw = part.get("raw")
+    if isinstance(raw, str) and raw:
+        import base64
+        import binascii
+
+        try:
+            data = base64.b64decode(raw, validate=False)
+        except (binascii.Error, ValueError):
+            data = b""
+        _, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            return len(body)
+    for name, values in (part.get("headers") or {}).items():
+        if name.lower() == "content-length" and values:
+            try:
+                return max(0, int(values[0]))
+            except (TypeError, ValueError):
+                return 0
+    return 0
 
 
 class CloudClient:

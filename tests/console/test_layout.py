@@ -233,6 +233,26 @@ async def test_tunnels_columns_follow_the_content(fixture_url):
         assert [c.get_render_width(table) for c in table.columns.values()] == base
 
 
+async def test_rows_that_arrive_while_a_pane_is_hidden_fit_when_it_shows(fixture_url):
+    """Rows set while another pane is on screen are cut to the width the pane has when
+    it shows, not to the width it had hidden (a real ngrok agent sends no events that
+    would redraw it soon after)."""
+    app = fixture_app(fixture_url)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        await pilot.press("4")
+        await pilot.pause(0.1)
+        pane = app.query_one(TunnelsPane)
+        url = "https://18176ae2.burrow.localhost:33389"
+        pane.set_rows([dict(TUNNELS[0], name="command_line", public_url=url)])
+        await pilot.press("3")
+        await pilot.pause(0.3)
+        table = app.query_one("#tunnels-pane-table", DataTable)
+        row = [str(c) for c in table.get_row_at(0)]
+        assert row[0] == "command_line" and row[1] == url, row
+    assert app._exception is None
+
+
 DIALOGS = {
     "new tunnel": ("3", "n"),
     "edit and replay": ("j", "e"),

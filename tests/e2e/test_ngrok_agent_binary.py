@@ -239,3 +239,65 @@ def test_pyngrok_drives_the_ngrok_binary_against_burrow(edge, tmp_path):
             assert ngrok.get_tunnels(pyngrok_config=pc) == []
     finally:
         ngrok.kill(pyngrok_config=pc)
+
+
+async def test_the_console_drives_the_ngrok_agent(edge, tmp_path, monkeypatch):
+    """burrow's console on a real ngrok agent's API (no /api/events, none of burrow's
+    list extensions): its requests with sizes, their detail, a replay, its tunnels."""
+    from textual.widgets import DataTable
+
+    from console.cli import make_app
+    from console.config import Settings
+    from console.widgets.request_list import RequestList
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    async with HTTPUpstream() as up:
+        agent = Ngrok(edge, tmp_path, "http", str(up.port))
+        try:
+            tunnels = {t["proto"]: t for t in await agent.tunnels(2)}
+            host = host_of(tunnels["http"]["public_url"])
+            for i in range(3):
+                raw = await raw_exchange(
+                    *edge.http_addr, f"GET /bytes/{100 + i} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+                )
+                assert raw.startswith(b"HTTP/1.1 200")
+            app = make_app(
+                Settings(
+                    agent_url=f"http://{agent.web}", api_url=edge.ready["api_url"], api_key="test-api-key",
+                    theme="burrow-dark",
+                )
+            )
+            async with app.run_test(size=(100, 30)) as pilot:
+
+                async def until(pred, what: str, timeout: float = 15) -> None:
+                    deadline = time.monotonic() + timeout
+                    while not pred():
+                        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                        await pilot.pause(0.05)
+
+                rl = app.query_one(RequestList)
+                await until(lambda: rl.total == 3, "three requests")
+                rows = [rl.rows[i] for i in range(3)]
+                assert sorted(r["path"] for r in rows) == ["/bytes/100", "/bytes/101", "/bytes/102"], rows
+                # sizes from ngrok's raw messages (it has no body_size field)
+                assert sorted(r["response_size"] for r in rows) == [100, 101, 102], rows
+
+                await pilot.press("enter")
+                await pilot.pause(0.5)
+                await pilot.press("r")  # replay through ngrok's own replay API
+                async with httpx.AsyncClient(base_url=f"http://{agent.web}") as c:
+                    for _ in range(100):
+                        if len((await c.get("/api/requests/http")).json()["requests"]) == 4:
+                            break
+                        await asyncio.sleep(0.1)
+                    assert len((await c.get("/api/requests/http")).json()["requests"]) == 4
+                assert len(up.requests) == 4
+                await pilot.press("escape")
+                await pilot.press("3")
+                await pilot.pause(0.3)
+                ttable = app.query_one("#tunnels-pane-table", DataTable)
+                shown = {str(ttable.get_row_at(i)[1]) for i in range(ttable.row_count)}
+                assert shown == {t["public_url"] for t in tunnels.values()}, shown
+            assert app._exception is None
+        finally:
+            agent.stop()
