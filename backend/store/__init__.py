@@ -26,6 +26,7 @@ from backend.store.base import (
 from backend.store.sqlite import SQLiteStore
 
 __all__ = [
+    "POSTGRES_SCHEMES",
     "APIKey",
     "Account",
     "AgentIngress",
