@@ -165,14 +165,6 @@ class LocalCA:
                 f"certificate or remove {key_path} to make a new CA (clients must then trust the new one)"
             )
         private_dir(data_dir)
-        cert_pem, key_pem = cls.new_pems()
-        cls.install(data_dir, cert_pem, key_pem)
-        log.info("created local CA in %s", data_dir)
-        return cls._load(data_dir, cert_path, key_path)
-
-    @classmethod
-    def new_pems(cls) -> tuple[bytes, bytes]:
-        """A new CA: (certificate PEM, PKCS#8 key PEM)."""
         key = ec.generate_private_key(ec.SECP256R1())
         cert = cls._make_ca_cert(key)
         key_pem = key.private_bytes(
@@ -180,16 +172,12 @@ class LocalCA:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-    @staticmethod
-    def install(data_dir: Path, cert_pem: bytes, key_pem: bytes) -> None:
-        """Write a CA's files into ``data_dir`` (key 0600), never replacing existing ones."""
         # Key first: the certificate file is the marker that the CA is complete. Neither
         # write replaces a file that appeared meanwhile (another edge on the same dir).
-        private_dir(data_dir)
-        _write_private(Path(data_dir) / CA_KEY_FILE, key_pem, exclusive=True)
-        _write_public(Path(data_dir) / CA_CERT_FILE, cert_pem, exclusive=True)
+        _write_private(key_path, key_pem, exclusive=True)
+        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM), exclusive=True)
+        log.info("created local CA in %s", data_dir)
+        return cls(data_dir, cert, key)
 
     @classmethod
     def _load(cls, data_dir: Path, cert_path: Path, key_path: Path) -> LocalCA:

@@ -50,9 +50,9 @@ from backend.policy.document import PolicyError
 from backend.policy.engine import compile_policy
 from backend.relay import close
 from backend.sni import NotTLS, peek_hello
-from backend.store import POSTGRES_SCHEMES, AsyncStore, open_edge_store
+from backend.store import AsyncStore, open_edge_store
 from backend.store.base import new_token
-from backend.tls import CA_CERT_FILE, CA_KEY_FILE, LocalCA
+from backend.tls import LocalCA
 
 if TYPE_CHECKING:
     from backend.edge.acme import EdgeAcme
@@ -168,16 +168,10 @@ class Edge:
         cfg = self.config
         _raise_nofile_limit()
         private_dir(cfg.data_dir)  # 0700: the database and keys in it are secrets
-        if cfg.store and cfg.store.startswith(POSTGRES_SCHEMES):
-            # cluster mode: every edge serves certificates of the CA kept in PostgreSQL
-            self.store = await open_edge_store(cfg.store)
-            await self._cluster_ca()
-            self.ca = LocalCA.load_or_create(cfg.data_dir)
-        else:
-            # The CA first: a data dir it refuses (a key without its certificate) is left
-            # exactly as it was, database included.
-            self.ca = LocalCA.load_or_create(cfg.data_dir)
-            self.store = await open_edge_store(cfg.store or cfg.data_dir / "burrow.db")
+        # The CA first: a data dir it refuses (a key without its certificate) is left
+        # exactly as it was, database included.
+        self.ca = LocalCA.load_or_create(cfg.data_dir)
+        self.store = await open_edge_store(cfg.store or cfg.data_dir / "burrow.db")
         self.names.store = self.store
         await self._bootstrap_credentials()
         names = ["localhost", "127.0.0.1", "::1", cfg.domain]
@@ -248,27 +242,6 @@ class Edge:
             "domain": self.config.domain,
             "data_dir": str(self.config.data_dir),
         }
-
-    async def _cluster_ca(self) -> None:
-        """Take the cluster's CA from the store into the data dir (the first edge stores
-        its own, or a new one); a data dir holding another CA is refused, unchanged."""
-        data_dir = self.config.data_dir
-        cert_path, key_path = data_dir / CA_CERT_FILE, data_dir / CA_KEY_FILE
-
-        def make() -> tuple[bytes, bytes]:
-            if cert_path.exists() and key_path.exists():  # an edge that ran alone before
-                return cert_path.read_bytes(), key_path.read_bytes()
-            return LocalCA.new_pems()
-
-        cert_pem, key_pem = await self.store.cluster_ca(make)
-        if cert_path.exists() or key_path.exists():
-            if not (cert_path.exists() and cert_path.read_bytes() == cert_pem):
-                raise ValueError(
-                    f"{cert_path} is not the cluster's CA (kept in PostgreSQL); move "
-                    f"{CA_CERT_FILE} and {CA_KEY_FILE} out of {data_dir} to use the cluster's"
-                )
-            return
-        LocalCA.install(data_dir, cert_pem, key_pem)
 
     async def _bootstrap_credentials(self) -> None:
         """Create the credentials given on the command line, or a first pair on first run.

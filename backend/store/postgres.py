@@ -20,8 +20,7 @@ several edges need to agree on:
   ``burrow_changes`` with ``<kind>:<key>`` inside its transaction (sent at commit).
 - **The API rate limit**: one upsert per request on an ``UNLOGGED`` table
   (:meth:`rate_take`): the same token bucket as the in-memory one, global.
-- **The cluster CA** (:meth:`cluster_ca`): created once under an advisory lock, so
-  every edge serves certificates from the same CA.
+- The cluster CA is the cluster runtime's (``backend.cluster.ca``, table ``cluster_ca``).
 
 Secrets are stored hashed exactly as in SQLite.  A server that cannot be reached makes
 every method raise :class:`~backend.store.base.StoreUnavailable` (nothing is written);
@@ -68,7 +67,6 @@ __all__ = ["CHANNEL", "MIGRATIONS", "PostgresStore"]
 CHANNEL = "burrow_changes"
 #: advisory lock keys (session locks; pg_advisory_xact_lock(hashtext(name)) for names)
 MIGRATION_LOCK = 0x62757272_6F770001  # "burrow" + 1
-CA_LOCK = 0x62757272_6F770002
 #: seconds a query may take before the store is considered unreachable
 COMMAND_TIMEOUT = 5.0
 #: seconds to wait for a free pooled connection (or a new one)
@@ -76,7 +74,7 @@ ACQUIRE_TIMEOUT = 5.0
 
 #: Version N is ``MIGRATIONS[N - 1]``. Append only, never edit.
 MIGRATIONS: list[str] = [
-    # 1: cloud state (as SQLite's 1-4), live claims, the API rate limit, the cluster CA
+    # 1: cloud state (as SQLite's 1-4), live claims, the API rate limit
     """
     CREATE TABLE accounts (
         id          text PRIMARY KEY,
@@ -180,13 +178,6 @@ MIGRATIONS: list[str] = [
         tokens  double precision NOT NULL,
         at      timestamptz NOT NULL,
         ok      boolean NOT NULL
-    );
-
-    CREATE TABLE cluster_ca (
-        id          integer PRIMARY KEY CHECK (id = 1),
-        cert_pem    text NOT NULL,
-        key_pem     text NOT NULL,
-        created_at  timestamptz NOT NULL DEFAULT now()
     );
     """,
 ]
@@ -767,7 +758,7 @@ class PostgresStore(AsyncStore):
         return self._cloud_endpoint(row) if row else None
 
     @_guard
-    async def get_cloud_endpoint_by_id(self, endpoint_id: str) -> CloudEndpoint | None:
+    async def find_cloud_endpoint(self, endpoint_id: str) -> CloudEndpoint | None:
         """Any account's cloud endpoint with this id (the change feed re-reads by id)."""
         row = await self.pool.fetchrow(
             "SELECT e.* FROM cloud_endpoints e JOIN accounts a ON a.id = e.account_id"
@@ -1101,22 +1092,3 @@ class PostgresStore(AsyncStore):
         if row["ok"]:
             return 0.0
         return max(0.0, (1.0 - row["tokens"]) / rate)
-
-    # -- the cluster CA -------------------------------------------------------------------
-
-    @_guard
-    async def cluster_ca(self, make: Callable[[], tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
-        """The cluster's CA (certificate PEM, key PEM); the first edge stores ``make()``'s
-        (under an advisory lock, so edges starting together agree on one)."""
-        async with self._tx() as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", CA_LOCK)
-            row = await conn.fetchrow("SELECT cert_pem, key_pem FROM cluster_ca WHERE id = 1")
-            if row is None:
-                cert_pem, key_pem = make()
-                await conn.execute(
-                    "INSERT INTO cluster_ca (id, cert_pem, key_pem) VALUES (1, $1, $2)",
-                    cert_pem.decode(),
-                    key_pem.decode(),
-                )
-                return cert_pem, key_pem
-            return row["cert_pem"].encode(), row["key_pem"].encode()
