@@ -666,14 +666,21 @@ class Edge:
             if not lo <= port <= hi:
                 raise BindError("ERR_NGROK_9039", f"tcp port {port} is outside the edge's range {lo}-{hi}")
             candidates = [port]
+        elif self.names.shared:  # ports free on every edge, by one query (claims race below)
+            candidates = await self.store.free_tcp_ports(lo, hi, 16)
         else:
             start = secrets.randbelow(hi - lo + 1)
             candidates = [lo + (start + i) % (hi - lo + 1) for i in range(min(64, hi - lo + 1))]
         bind_host = parse_hostport(cfg.http_addr)[0]
         for cand in candidates:
-            if not port and await self.names.owner_of(f"tcp:{cand}") is not None:
+            if not port and not self.names.shared and await self.names.owner_of(f"tcp:{cand}") is not None:
                 continue
-            ep = await self._claim(AgentEndpoint(url=f"tcp://{tcp_host}:{cand}", host="", port=cand, **common))
+            try:
+                ep = await self._claim(AgentEndpoint(url=f"tcp://{tcp_host}:{cand}", host="", port=cand, **common))
+            except BindError as exc:
+                if port or exc.code not in ("ERR_NGROK_309", "ERR_NGROK_334"):
+                    raise
+                continue  # another edge took this free port first: the next one
             if self.registry.route("public", "tcp", cand) is not None:
                 return ep  # pooled: shares the listener of the endpoint already online
             try:
