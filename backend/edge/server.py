@@ -50,7 +50,7 @@ from backend.policy.document import PolicyError
 from backend.policy.engine import compile_policy
 from backend.relay import close
 from backend.sni import NotTLS, peek_hello
-from backend.store import AsyncStore, open_edge_store
+from backend.store import AsyncStore, StoreError, open_edge_store
 from backend.store.base import new_token
 from backend.tls import LocalCA
 
@@ -461,9 +461,14 @@ class Edge:
         self, r: asyncio.StreamReader, w: asyncio.StreamWriter, auth: p.Auth, peer_ip: str
     ) -> None:
         assert self.store is not None
-        cred = await self.store.find_authtoken(auth.authtoken)
+        try:
+            cred = await self.store.find_authtoken(auth.authtoken)
+            disabled = await accounts.arefusal(self.store, auth.authtoken) if cred is None else None
+        except StoreError as exc:  # PostgreSQL away: no answer, the agent retries (backoff)
+            self._throttled.warning("auth-store", "agent auth from %s: %s", peer_ip, exc)
+            close(w)
+            return
         if cred is None:
-            disabled = await accounts.arefusal(self.store, auth.authtoken)
             p.write_msg(
                 w,
                 p.Error(code=accounts.AGENT_CODE, msg=disabled)
@@ -595,6 +600,9 @@ class Edge:
             ep = await self._make_endpoint(s, msg)
         except BindError as exc:
             return p.Error(req_id=msg.req_id, code=exc.code, msg=str(exc))
+        except StoreError as exc:  # PostgreSQL away: the bind is refused; the agent may retry
+            self._throttled.warning("bind-store", "bind of %s: %s", msg.url or msg.proto, exc)
+            return p.Error(req_id=msg.req_id, code="ERR_NGROK_503", msg="The edge's database is unavailable; retry shortly.")
         if s.closed:  # the session ended while its tcp listener was starting
             self.names.release(ep.id)
             if ep.server is not None:

@@ -255,10 +255,17 @@ async def test_an_api_limit_of_60_a_minute_over_three_edges_allows_exactly_60(po
 # ------------------------------------------------------------------ PostgreSQL down
 async def test_the_api_answers_503_while_postgresql_is_down(cluster, postgres_server):
     h = _headers("test-api-key")
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30) as http, Session(cluster[2], "test-authtoken", "down-agent") as s:
         assert (await http.get(_api(cluster[0]) + "/credentials", headers=h)).status_code == 200
         postgres_server.stop()
         try:
+            # an agent's bind is refused cleanly (its session lives on) ...
+            (got,) = await s.bind_many([{"proto": "http", "url": "http://down-agent.burrow.localhost"}])
+            assert isinstance(got, p.Error) and got.code == "ERR_NGROK_503", got
+            # ... and a new session is not answered (the agent retries with backoff)
+            with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+                async with Session(cluster[1], "test-authtoken", "late-agent"):
+                    pass
             r = await http.get(_api(cluster[0]) + "/credentials", headers=h)
             assert r.status_code == 503, r.text
             assert r.headers["retry-after"] == "1"
