@@ -17,8 +17,11 @@ database per module:
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import ssl
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -288,3 +291,20 @@ async def test_the_api_answers_503_while_postgresql_is_down(cluster, postgres_se
         # nothing half-written: the refused create left no endpoint behind
         r = await http.get(_api(cluster[2]) + "/endpoints", headers=h)
         assert all(e["host"] != "down.burrow.localhost" for e in r.json()["endpoints"])
+
+
+def test_burrow_admin_creates_an_account_in_the_clusters_store(cluster):
+    dsn = cluster[0].args[cluster[0].args.index("--store") + 1]
+    made = subprocess.run(
+        [sys.executable, "-m", "backend", "admin", "account", "create", "from-the-cli", "--store", dsn, "--json"],
+        capture_output=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert made.returncode == 0, made.stderr
+    acct = json.loads(made.stdout)
+    assert acct["name"] == "from-the-cli" and acct["api_key"]
+    # every edge knows the new key at once (no restart, no copy of a database)
+    for e in cluster:
+        r = httpx.get(_api(e) + "/credentials", headers=_headers(acct["api_key"]))
+        assert r.status_code == 200, r.text
