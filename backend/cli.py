@@ -220,6 +220,9 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
                    help="serve /metrics without the admin key (for a Prometheus on a private network)")
     s.add_argument("--log-format", choices=["text", "json", "logfmt"], default="text")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    s.add_argument("--store", default=None, metavar="URL",
+                   help="cloud state: postgresql://... shares it between several edges (cluster "
+                   "mode, pip install 'burrow[cluster]'); default SQLite in the data dir")
     # a setting not given on the command line comes from the environment, then the file
     for action in s._actions:
         if action.dest != "help":
@@ -552,6 +555,7 @@ async def _serve(args) -> int:
     policy_engine.configure(eval_budget=conf.policy_eval_budget)
     cfg = EdgeConfig(
         data_dir=(conf.data_dir or default_data_dir()).expanduser(),
+        store=conf.store,
         api_addr=conf.api_addr,
         ingress_addr=conf.ingress_addr,
         http_addr=conf.http_addr,

@@ -50,7 +50,7 @@ from backend.policy.document import PolicyError
 from backend.policy.engine import compile_policy
 from backend.relay import close
 from backend.sni import NotTLS, peek_hello
-from backend.store import Store, open_store
+from backend.store import AsyncStore, StoreError, open_edge_store
 from backend.store.base import new_token
 from backend.tls import LocalCA
 
@@ -70,6 +70,9 @@ MAX_LINGERING = 64  # refused connections lingering at once; past it they close 
 @dataclass
 class EdgeConfig:
     data_dir: Path
+    #: where cloud state lives: None = SQLite in ``data_dir``; ``postgresql://...`` =
+    #: a PostgreSQL shared by several edges (cluster mode)
+    store: str | None = None
     api_addr: str = "127.0.0.1:4041"
     ingress_addr: str = "127.0.0.1:4042"
     http_addr: str = "127.0.0.1:4080"
@@ -141,7 +144,9 @@ class Edge:
         self.names = Ownership()
         self.registry = Registry(self.names)
         self.on_event = on_event or (lambda ev: None)
-        self.store: Store | None = None
+        self.store: AsyncStore | None = None
+        #: the cluster runtime (membership, change feed, peers); None in SQLite mode
+        self.cluster = None
         self.ca: LocalCA | None = None
         self.acme: EdgeAcme | None = None
         self.bootstrap: dict[str, str] = {}
@@ -166,15 +171,15 @@ class Edge:
         # The CA first: a data dir it refuses (a key without its certificate) is left
         # exactly as it was, database included.
         self.ca = LocalCA.load_or_create(cfg.data_dir)
-        self.store = open_store(cfg.data_dir / "burrow.db")
+        self.store = await open_edge_store(cfg.store or cfg.data_dir / "burrow.db")
         self.names.store = self.store
-        self._bootstrap_credentials()
+        await self._bootstrap_credentials()
         names = ["localhost", "127.0.0.1", "::1", cfg.domain]
         if cfg.acme_directory:
             from backend.edge.acme import EdgeAcme
 
             self.acme = EdgeAcme(self)
-            self.acme.start()
+            await self.acme.start()
             ingress_ctx = self.ca.sni_context(names, pick=self.acme.ingress_context)
         else:
             ingress_ctx = self.ca.sni_context(names)
@@ -218,8 +223,9 @@ class Edge:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.names.settle()
         if self.store is not None:
-            self.store.close()
+            await self.store.aclose()
 
     def ready_info(self) -> dict:
         def url(scheme: str, key: str) -> str | None:
@@ -237,7 +243,7 @@ class Edge:
             "data_dir": str(self.config.data_dir),
         }
 
-    def _bootstrap_credentials(self) -> None:
+    async def _bootstrap_credentials(self) -> None:
         """Create the credentials given on the command line, or a first pair on first run.
 
         A generated pair is written once to ``bootstrap.json`` (mode 0600) in the data
@@ -245,11 +251,11 @@ class Edge:
         holds an authtoken; the database keeps only hashes.
         """
         assert self.store is not None
-        acct = self.store.default_account()
+        acct = await self.store.default_account()
         for tok in self.config.authtokens:
-            self.store.add_authtoken(acct.id, tok, description="from the command line")
+            await self.store.add_authtoken(acct.id, tok, description="from the command line")
         for key in self.config.api_keys:
-            self.store.add_api_key(acct.id, key, description="from the command line")
+            await self.store.add_api_key(acct.id, key, description="from the command line")
         path = self.config.data_dir / "bootstrap.json"
         if tighten_file(path):
             with contextlib.suppress(OSError, ValueError):
@@ -258,8 +264,8 @@ class Edge:
         if self.config.authtokens and self.config.api_keys:
             return
         boot = {"authtoken": new_token("bat"), "api_key": new_token("bak")}
-        self.store.add_authtoken(acct.id, boot["authtoken"], description="bootstrap")
-        self.store.add_api_key(acct.id, boot["api_key"], description="bootstrap")
+        await self.store.add_authtoken(acct.id, boot["authtoken"], description="bootstrap")
+        await self.store.add_api_key(acct.id, boot["api_key"], description="bootstrap")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(boot, f)
@@ -455,9 +461,14 @@ class Edge:
         self, r: asyncio.StreamReader, w: asyncio.StreamWriter, auth: p.Auth, peer_ip: str
     ) -> None:
         assert self.store is not None
-        cred = self.store.find_authtoken(auth.authtoken)
+        try:
+            cred = await self.store.find_authtoken(auth.authtoken)
+            disabled = await accounts.arefusal(self.store, auth.authtoken) if cred is None else None
+        except StoreError as exc:  # PostgreSQL away: no answer, the agent retries (backoff)
+            self._throttled.warning("auth-store", "agent auth from %s: %s", peer_ip, exc)
+            close(w)
+            return
         if cred is None:
-            disabled = accounts.refusal(self.store, auth.authtoken)
             p.write_msg(
                 w,
                 p.Error(code=accounts.AGENT_CODE, msg=disabled)
@@ -589,6 +600,9 @@ class Edge:
             ep = await self._make_endpoint(s, msg)
         except BindError as exc:
             return p.Error(req_id=msg.req_id, code=exc.code, msg=str(exc))
+        except StoreError as exc:  # PostgreSQL away: the bind is refused; the agent may retry
+            self._throttled.warning("bind-store", "bind of %s: %s", msg.url or msg.proto, exc)
+            return p.Error(req_id=msg.req_id, code="ERR_NGROK_503", msg="The edge's database is unavailable; retry shortly.")
         if s.closed:  # the session ended while its tcp listener was starting
             self.names.release(ep.id)
             if ep.server is not None:
@@ -639,7 +653,7 @@ class Edge:
         )
         if msg.proto in ("http", "https", "tls"):
             if internal:
-                return self._claim(AgentEndpoint(url=f"{scheme}://{host}", host=host, port=0, **common))
+                return await self._claim(AgentEndpoint(url=f"{scheme}://{host}", host=host, port=0, **common))
             listener = "http" if msg.proto == "http" else "https"
             if listener not in self.addrs:
                 raise BindError("ERR_NGROK_9037", "this edge has no https listener")
@@ -648,26 +662,33 @@ class Edge:
             lport = self.addrs[listener][1]
             default = 80 if msg.proto == "http" else 443
             url = f"{scheme}://{host}" + ("" if lport == default else f":{lport}")
-            return self._claim(AgentEndpoint(url=url, host=host, port=lport, **common))
+            return await self._claim(AgentEndpoint(url=url, host=host, port=lport, **common))
         # tcp
         if internal:
             if not port:
                 raise BindError("ERR_NGROK_9038", "internal tcp endpoints need a port")
-            return self._claim(AgentEndpoint(url=f"tcp://{host}:{port}", host=host, port=port, **common))
+            return await self._claim(AgentEndpoint(url=f"tcp://{host}:{port}", host=host, port=port, **common))
         tcp_host = self._tcp_host()
         lo, hi = cfg.tcp_ports
         if port:
             if not lo <= port <= hi:
                 raise BindError("ERR_NGROK_9039", f"tcp port {port} is outside the edge's range {lo}-{hi}")
             candidates = [port]
+        elif self.names.shared:  # ports free on every edge, by one query (claims race below)
+            candidates = await self.store.free_tcp_ports(lo, hi, 16)
         else:
             start = secrets.randbelow(hi - lo + 1)
             candidates = [lo + (start + i) % (hi - lo + 1) for i in range(min(64, hi - lo + 1))]
         bind_host = parse_hostport(cfg.http_addr)[0]
         for cand in candidates:
-            if not port and self.names.owner_of(f"tcp:{cand}") is not None:
+            if not port and not self.names.shared and await self.names.owner_of(f"tcp:{cand}") is not None:
                 continue
-            ep = self._claim(AgentEndpoint(url=f"tcp://{tcp_host}:{cand}", host="", port=cand, **common))
+            try:
+                ep = await self._claim(AgentEndpoint(url=f"tcp://{tcp_host}:{cand}", host="", port=cand, **common))
+            except BindError as exc:
+                if port or exc.code not in ("ERR_NGROK_309", "ERR_NGROK_334"):
+                    raise
+                continue  # another edge took this free port first: the next one
             if self.registry.route("public", "tcp", cand) is not None:
                 return ep  # pooled: shares the listener of the endpoint already online
             try:
@@ -680,7 +701,7 @@ class Edge:
             return ep
         raise BindError("ERR_NGROK_9040", f"no free tcp port in {lo}-{hi}")
 
-    def _claim(self, ep: AgentEndpoint) -> AgentEndpoint:
+    async def _claim(self, ep: AgentEndpoint) -> AgentEndpoint:
         """Check that the session may bind ``ep`` and claim its name (raises BindError).
 
         In order: the names an agent may bind at all, the credential's ACL, the
@@ -690,11 +711,11 @@ class Edge:
         s, cfg = ep.session, self.config
         public = ep.binding == "public"
         name = ep.owned_name
-        owner = self.names.owner_of(name)
+        owner = await self.names.owner_of(name)
         if owner is not None and owner != s.account_id:
             raise self._taken(ep, NameConflict("other_account", name, ""))
         if public and ep.proto != "tcp":
-            why = agent_host_allowed(self.names, cfg.domain, s.account_id, ep.host)
+            why = await agent_host_allowed(self.names, cfg.domain, s.account_id, ep.host)
             if why is not None:
                 raise BindError(
                     "ERR_NGROK_319",
@@ -708,7 +729,7 @@ class Edge:
                 f"Credential ID: {s.credential_id} Address: {ep.url}",
             )
         if cfg.max_endpoints_per_account:
-            n = self.endpoint_count(s.account_id)
+            n = await self.endpoint_count(s.account_id)
             if n >= cfg.max_endpoints_per_account:
                 raise BindError(
                     "ERR_NGROK_18021",
@@ -724,7 +745,9 @@ class Edge:
                     f"edge and holds {n}. Stop a tcp endpoint before starting another.",
                 )
         try:
-            self.names.claim(name, Holder(ep.id, s.account_id, ep.proto, ep.pooling_enabled, "agent"))
+            await self.names.claim(
+                name, Holder(ep.id, s.account_id, ep.proto, ep.pooling_enabled, "agent", s.client_id)
+            )
         except NameConflict as exc:
             raise self._taken(ep, exc) from None
         return ep
@@ -750,11 +773,11 @@ class Edge:
             "enable pooling on both to share its traffic.",
         )
 
-    def endpoint_count(self, account_id: str) -> int:
+    async def endpoint_count(self, account_id: str) -> int:
         """Endpoints the account has: agent endpoints online and stored cloud endpoints."""
         assert self.store is not None
         agent = sum(len(s.endpoints) for s in self.registry.sessions.values() if s.account_id == account_id)
-        return agent + len(self.store.list_cloud_endpoints(account_id))
+        return agent + len(await self.store.list_cloud_endpoints(account_id))
 
     # ------------------------------------------------------------- public traffic
     @connection_handler
@@ -814,16 +837,16 @@ class Edge:
         """Compile a cloud endpoint's policy (raises PolicyError with the reason)."""
         return compile_policy(text, require_termination=True)
 
-    def claim_cloud_name(self, rec) -> None:
+    async def claim_cloud_name(self, rec) -> None:
         """Claim a cloud endpoint's name for its account (raises NameConflict)."""
         name = name_of(rec.binding, rec.account_id, rec.proto, rec.host, rec.port)
-        self.names.claim(name, Holder(rec.id, rec.account_id, rec.proto, rec.pooling_enabled, "cloud"))
+        await self.names.claim(name, Holder(rec.id, rec.account_id, rec.proto, rec.pooling_enabled, "cloud"))
 
     async def serve_cloud_endpoint(self, rec) -> None:
         """Route traffic for a stored cloud endpoint (new or updated)."""
         policy = self.compile_cloud_policy(rec.traffic_policy) if rec.traffic_policy else None
         self.unserve_cloud_endpoint(rec.id)
-        self.claim_cloud_name(rec)
+        await self.claim_cloud_name(rec)
         route = CloudRoute(
             id=rec.id,
             account_id=rec.account_id,
@@ -854,7 +877,7 @@ class Edge:
 
     async def _load_cloud_endpoints(self) -> None:
         assert self.store is not None
-        for rec in self.store.all_cloud_endpoints():
+        for rec in await self.store.all_cloud_endpoints():
             try:
                 await self.serve_cloud_endpoint(rec)
             except (PolicyError, OSError, NameConflict) as exc:
