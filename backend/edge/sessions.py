@@ -46,6 +46,8 @@ class AgentEndpoint:
     created_at: str = field(default_factory=now_rfc3339)
     server: asyncio.AbstractServer | None = None  # tcp listener
     policy: CompiledPolicy | None = None
+    #: the traffic policy as the agent sent it (a cluster's other edges compile it too)
+    policy_text: str = ""
     type: str = "agent"
 
     @property
@@ -91,6 +93,8 @@ class CloudRoute:
     server: asyncio.AbstractServer | None = None
     session: None = None
     type: str = "cloud"
+    #: the stored record it was made from (a cluster's change feed compares it)
+    record: object = None
 
     @property
     def route_key(self) -> tuple:
@@ -244,12 +248,17 @@ class Registry:
         self._by_client: dict[tuple[str, str], Session] = {}
         self._routes: dict[tuple, list[AgentEndpoint]] = {}
         self._rr = itertools.count()
+        #: the cluster runtime (backend.cluster.node.ClusterNode) told of every local
+        #: session and agent endpoint coming and going; None on a single edge
+        self.cluster = None
 
     def add_session(self, s: Session) -> Session | None:
         """Register ``s``; return the stale session of the same agent it replaces."""
         old = self._by_client.get((s.account_id, s.client_id))
         self.sessions[s.id] = s
         self._by_client[(s.account_id, s.client_id)] = s
+        if self.cluster is not None:
+            self.cluster.session_changed(s)
         return old
 
     def remove_session(self, s: Session) -> list[AgentEndpoint]:
@@ -261,6 +270,8 @@ class Registry:
         for ep in gone:
             self.remove_endpoint(ep)
         s.shutdown()
+        if self.cluster is not None:
+            self.cluster.session_changed(s)
         return gone
 
     # ---------------------------------------------------------------- endpoints
@@ -268,6 +279,8 @@ class Registry:
         self._routes.setdefault(ep.route_key, []).append(ep)
         if ep.session is not None:
             ep.session.endpoints[ep.id] = ep
+            if self.cluster is not None:
+                self.cluster.endpoint_changed(ep, True)
 
     def remove_endpoint(self, ep: Endpoint) -> None:
         if self.names is not None:
@@ -280,6 +293,8 @@ class Registry:
                 del self._routes[ep.route_key]
         if ep.session is not None:
             ep.session.endpoints.pop(ep.id, None)
+            if self.cluster is not None:
+                self.cluster.endpoint_changed(ep, False)
         if ep.server is not None:
             if eps:  # a pooled tcp endpoint remains: it inherits the listener
                 eps[0].server = ep.server
