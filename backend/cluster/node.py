@@ -76,6 +76,9 @@ RENEW_INTERVAL = 1.0
 LEASE_TTL = 3.0
 #: seconds one membership query may take before it counts as a failure
 QUERY_TIMEOUT = 2.0
+#: seconds between janitor runs (each edge; one at a time runs, under an advisory lock):
+#: an expired lease is reaped at most this long after it expired
+JANITOR_INTERVAL = 0.25
 CHANNEL = "burrow_changes"
 
 
@@ -144,6 +147,7 @@ class ClusterNode:
         self.edge.registry.cluster = self
         await self.feed.start()
         self._spawn(self._lease_loop())
+        self._spawn(self._janitor_loop())
         self._spawn(self._writer())
 
     async def stop(self) -> None:
@@ -247,8 +251,6 @@ class ClusterNode:
                     await asyncio.wait_for(self._register(), QUERY_TIMEOUT)
                 elif await asyncio.wait_for(self._renew(), QUERY_TIMEOUT):
                     self._renewed()
-                    if time.monotonic() - (self._healthy_since or time.monotonic()) >= LEASE_TTL:
-                        await asyncio.wait_for(self._janitor(), QUERY_TIMEOUT)
                 else:
                     await self._fence("its lease was reaped or superseded")
             except asyncio.CancelledError:
@@ -283,6 +285,25 @@ class ClusterNode:
         self.edge.on_event({"event": "cluster_fenced", "node_id": self.node_id, "epoch": old})
         await asyncio.wait_for(self._register(), QUERY_TIMEOUT)
         self.feed.reload_soon()
+
+    def may_reap(self) -> bool:
+        """Rule 3: only an edge that has renewed without a gap for one TTL reaps."""
+        if not self.registered or not self.pg_ok or self._healthy_since is None:
+            return False
+        now = time.monotonic()
+        return now - self._last_ok <= RENEW_INTERVAL * 2 and now - self._healthy_since >= LEASE_TTL
+
+    async def _janitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(JANITOR_INTERVAL)
+            if not self.may_reap():
+                continue
+            try:
+                await asyncio.wait_for(self._janitor(), QUERY_TIMEOUT)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("cluster: janitor failed: %s", exc)
 
     async def _janitor(self) -> None:
         """Reap expired edges and every row of an edge or epoch that is not live."""

@@ -6,122 +6,33 @@ agents, real upstreams, a real PostgreSQL (tests/pg.py).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import json
 import os
-import signal
 import socket
-import threading
-import time
-from pathlib import Path
+import struct
 
-import asyncpg
 import httpx
 import pytest
 
-from tests.procs import READY_TIMEOUT, BurrowProc, host_of, start_agent
-from tests.upstreams import HTTPUpstream, TCPEcho
-
-IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
-
-
-def cluster_edge(data_dir: Path, ip: str, dsn: str, node_id: str, *extra: str) -> BurrowProc:
-    args = [
-        "serve",
-        "--data-dir", str(data_dir),
-        "--api-addr", f"{ip}:0",
-        "--ingress-addr", f"{ip}:0",
-        "--http-addr", f"{ip}:0",
-        "--https-addr", f"{ip}:0",
-        "--tcp-ports", "31000-31999",
-        "--authtoken", "test-authtoken",
-        "--api-key", "test-api-key",
-        "--store", dsn,
-        "--node-id", node_id,
-        "--peer-addr", f"{ip}:0",
-        "--json",
-        *extra,
-    ]  # fmt: skip
-    proc = BurrowProc(args)
-    proc.ready = proc.wait_event("ready", READY_TIMEOUT)
-    return proc
-
-
-class Upstreams:
-    """An HTTP upstream and a TCP echo in a background event loop (the test is sync)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.http = HTTPUpstream()
-        self.echo = TCPEcho()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        asyncio.run_coroutine_threadsafe(self.http.__aenter__(), self.loop).result(10)
-        asyncio.run_coroutine_threadsafe(self.echo.__aenter__(), self.loop).result(10)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.http.__aexit__(), self.loop).result(10)
-        asyncio.run_coroutine_threadsafe(self.echo.__aexit__(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
-def sql(dsn: str, query: str, *args):
-    async def run():
-        conn = await asyncpg.connect(dsn, timeout=5)
-        try:
-            return await conn.fetch(query, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
-
-
-def http_get(ip: str, port: int, host: str, path: str = "/", timeout: float = 5.0) -> httpx.Response:
-    return httpx.get(f"http://{ip}:{port}{path}", headers={"Host": host}, timeout=timeout)
-
-
-def tcp_echo(ip: str, port: int, payload: bytes, timeout: float = 5.0) -> bytes:
-    with socket.create_connection((ip, port), timeout=timeout) as s:
-        s.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
-
-
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
-
-
-def wait_until(pred, timeout: float, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            return got
-        time.sleep(step)
+from tests.cluster.edges import (
+    IPS,
+    http_get,
+    port_of,
+    sql,
+    start_cluster,
+    stop_cluster,
+    tcp_echo,
+    try_echo,
+    wait_until,
+)
+from tests.procs import host_of, start_agent
 
 
 @pytest.fixture(scope="module")
 def cluster(postgres_server, tmp_path_factory):
-    dsn = postgres_server.new_database()
-    root = tmp_path_factory.mktemp("cluster")
-    edges: list[BurrowProc] = []
-    ups = Upstreams()
-    try:
-        for i, ip in enumerate(IPS, start=1):
-            edges.append(cluster_edge(root / f"edge{i}", ip, dsn, f"edge{i}"))
-        yield {"dsn": dsn, "edges": edges, "root": root, "ups": ups, "pg": postgres_server}
-    finally:
-        for e in edges:
-            with contextlib.suppress(Exception):
-                os.kill(e.pid, signal.SIGCONT)
-            e.stop()
-        ups.close()
+    c = start_cluster(postgres_server, tmp_path_factory.mktemp("cluster"))
+    yield c
+    stop_cluster(c)
 
 
 @pytest.fixture(scope="module")
@@ -168,17 +79,10 @@ def test_client_on_edge1_agent_on_edge2_http_and_tcp(cluster, agent_on_edge2):
     # tcp: every edge listens on the agent's port
     tport = port_of(agent_on_edge2["tcp"].public_url)
     for eip in IPS:
-        assert wait_until(lambda eip=eip: _try_echo(eip, tport), 5.0), f"no tcp listener on {eip}:{tport}"
+        assert wait_until(lambda eip=eip: try_echo(eip, tport), 5.0), f"no tcp listener on {eip}:{tport}"
     for i in range(30):
         payload = b"ping %d " % i + os.urandom(1000)
         assert tcp_echo(IPS[0], tport, payload) == payload
-
-
-def _try_echo(ip: str, port: int) -> bool:
-    try:
-        return tcp_echo(ip, port, b"x", timeout=1.0) == b"x"
-    except OSError:
-        return False
 
 
 def test_unknown_host_on_peer_edge_is_a_clean_404(cluster):
@@ -193,9 +97,6 @@ def test_a_stranger_cannot_use_the_peer_port(cluster, agent_on_edge2):
     e2 = cluster["edges"][1]
     host, port = e2.ready["peer_addr"].rsplit(":", 1)
     eid, sid = sql(cluster["dsn"], "SELECT id, session_id FROM agent_endpoints WHERE node_id = 'edge2' LIMIT 1")[0]
-    import json
-    import struct
-
     def pack(obj):
         data = json.dumps(obj).encode()
         return struct.pack(">H", len(data)) + data
