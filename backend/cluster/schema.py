@@ -65,6 +65,14 @@ MIGRATIONS: list[str] = [
         secret bytea NOT NULL
     );
     """,
+    # 2: the cluster's CA (every edge presents certificates of one CA; agents trust one file)
+    """
+    CREATE TABLE IF NOT EXISTS cluster_ca (
+        id       integer PRIMARY KEY CHECK (id = 1),
+        cert_pem bytea NOT NULL,
+        key_pem  bytea NOT NULL
+    );
+    """,
 ]
 
 

@@ -112,3 +112,16 @@ def test_a_stranger_cannot_use_the_peer_port(cluster, agent_on_edge2):
         answer = json.loads(f.read(n))
         assert answer["ok"] is False and "authentication" in answer["error"]
         assert f.read() == b""  # closed
+
+
+def test_every_edge_presents_the_clusters_ca(cluster):
+    """One CA file verifies every edge (agents fail over between edges with one --root-cas)."""
+    from pathlib import Path
+
+    pems = {Path(e.ready["ca_file"]).read_bytes() for e in cluster["edges"]}
+    assert len(pems) == 1
+    row = sql(cluster["dsn"], "SELECT cert_pem FROM cluster_ca")[0]
+    assert bytes(row["cert_pem"]) in pems
+    for e in cluster["edges"]:
+        key = Path(e.ready["data_dir"]) / "ca-key.pem"
+        assert key.stat().st_mode & 0o777 == 0o600
