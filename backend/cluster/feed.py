@@ -66,6 +66,7 @@ class RemoteSession:
     node_id: str
     epoch: int
     peer_addr: str
+    peer_tls: bool = False
     edge_forwarded_headers: bool = False
     endpoints: dict = field(default_factory=dict)
     closed: bool = False
@@ -110,7 +111,7 @@ class RemoteEndpoint(AgentEndpoint):
 _EP_SQL = """
 SELECT a.id, a.session_id, a.node_id, a.epoch, a.account_id, a.client_id, a.name, a.binding,
        a.proto, a.host, a.port, a.url, a.pooling, a.policy, a.edge_headers, a.metadata,
-       a.description, a.upstream_url, a.created_at, e.peer_addr
+       a.description, a.upstream_url, a.created_at, e.peer_addr, e.peer_tls
 FROM agent_endpoints a JOIN edges e ON e.node_id = a.node_id AND e.epoch = a.epoch
 WHERE a.node_id <> $1
 """
@@ -298,7 +299,7 @@ class Feed:
                 log.error("cluster feed: endpoint %s has a policy this edge cannot compile: %s", r["id"], exc)
                 return
         s = self.sessions.get(r["session_id"])
-        if s is None or s.epoch != r["epoch"] or s.peer_addr != r["peer_addr"]:
+        if s is None or s.epoch != r["epoch"] or s.peer_addr != r["peer_addr"] or s.peer_tls != r["peer_tls"]:
             s = RemoteSession(
                 node=self.node,
                 id=r["session_id"],
@@ -307,6 +308,7 @@ class Feed:
                 node_id=r["node_id"],
                 epoch=r["epoch"],
                 peer_addr=r["peer_addr"],
+                peer_tls=r["peer_tls"],
                 edge_forwarded_headers=r["edge_headers"],
             )
             self.sessions[s.id] = s

@@ -23,6 +23,7 @@ MIGRATIONS: list[str] = [
         ingress_addr   text NOT NULL,
         advertise_addr text NOT NULL,
         peer_addr      text NOT NULL,
+        peer_tls       boolean NOT NULL DEFAULT false,
         started_at     timestamptz NOT NULL DEFAULT now(),
         lease_expires  timestamptz NOT NULL
     );

@@ -144,6 +144,8 @@ class EdgeConfig:
     peer_addr: str = "127.0.0.1:0"
     #: the ingress address agents should dial for data connections (None = the bound one)
     advertise_addr: str | None = None
+    #: mutual TLS on the peer link: auto (unless the peer listener is on loopback), on, off
+    peer_tls: str = "auto"
 
 
 class Edge:
@@ -251,6 +253,7 @@ class Edge:
             node_id=cfg.node_id,
             peer_addr=cfg.peer_addr,
             advertise_addr=cfg.advertise_addr,
+            peer_tls=cfg.peer_tls,
         )
         await self.cluster.start()
 
