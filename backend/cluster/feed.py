@@ -25,7 +25,7 @@ import contextlib
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from backend.edge.sessions import AgentEndpoint, SessionClosed
 from backend.netutil import parse_hostport
@@ -72,14 +72,31 @@ class RemoteSession:
     closed: bool = False
     region: str = ""
     remote: bool = True
+    #: data connections taken from another endpoint of the route (see open_data)
+    _owners: dict = field(default_factory=dict)
 
     async def open_data(self, ep, client_addr: str, client_port: int, scheme: str | None = None, timeout: float = 10.0):
-        if self.closed:
-            raise SessionClosed("the session has ended")
-        return await self.node.peer.open(ep, client_addr, client_port, scheme, timeout)
+        """A connection through the peer link; if the owning edge cannot give one (it
+        died, froze, or no longer holds the endpoint) and the route has another endpoint
+        on a working edge — an HA agent's other session, a pool member — that one."""
+        try:
+            if self.closed:
+                raise SessionClosed("the session has ended")
+            return await self.node.peer.open(ep, client_addr, client_port, scheme, timeout)
+        except SessionClosed:
+            alt = self.node.feed.alternative(ep)
+            if alt is None:
+                raise
+        r, w = await alt.session.open_data(alt, client_addr, client_port, scheme, timeout)
+        self._owners[w] = alt.session
+        return r, w
 
     def release(self, writer: asyncio.StreamWriter) -> None:
-        close(writer)
+        owner = self._owners.pop(writer, None)
+        if owner is not None:
+            owner.release(writer)
+        else:
+            close(writer)
 
     def shutdown(self) -> None:
         self.closed = True
@@ -92,7 +109,7 @@ class RemoteSession:
 class RemoteEndpoint(AgentEndpoint):
     """An agent endpoint held by another edge (``session`` is a RemoteSession)."""
 
-    remote: bool = True
+    remote: ClassVar[bool] = True
     signature: tuple = ()
 
     @property
@@ -345,6 +362,20 @@ class Feed:
                 ep.server = None
         self.remote[ep.id] = ep
         reg.add_endpoint(ep)
+
+    def alternative(self, ep) -> AgentEndpoint | None:
+        """Another endpoint of ``ep``'s route not held by ``ep``'s edge (local ones first)."""
+        eps = self.edge.registry._routes.get(ep.route_key) or ()
+        node = ep.session.node_id
+        best = None
+        for other in eps:
+            if other is ep or other.session is None or other.session.closed:
+                continue
+            if not other.remote:
+                return other
+            if other.session.node_id != node and not self.node.peer.is_down(other.session):
+                best = best or other
+        return best
 
     def _remove(self, ep: RemoteEndpoint) -> None:
         self.remote.pop(ep.id, None)

@@ -60,6 +60,12 @@ HANDSHAKE_TIMEOUT = 5.0
 #: an idle pooled connection on B waits this long for its request, then closes
 IDLE_TIMEOUT = 300.0
 MAX_MSG = 4096
+#: seconds a peer that failed to answer is skipped for routes that have an alternative
+#: (until then, or until the janitor reaps it: at most a lease's TTL)
+DOWN_FOR = 1.0
+#: seconds to wait for the owning edge's answer when the route has an alternative
+#: (a frozen edge accepts connections but never answers)
+ANSWER_TIMEOUT_WITH_ALTERNATIVE = 1.0
 
 
 class PeerRefused(SessionClosed):
@@ -102,6 +108,9 @@ class PeerLink:
         self.refused = 0  # peer connections refused authentication (B's side)
         self.tls = False
         self._client_ctx: ssl.SSLContext | None = None
+        #: peers that just failed to answer: (node_id, epoch) -> loop time until which
+        #: connections for them go straight to an alternative
+        self._down: dict[tuple[str, int], float] = {}
 
     async def start(self, bind: str, mode: str = "auto") -> None:
         host, port = parse_hostport(bind)
@@ -190,21 +199,23 @@ class PeerLink:
             close(writer)
 
     # ------------------------------------------------------------------ A's side
-    async def _dial(self, key: tuple[str, int, str, bool]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _dial(
+        self, key: tuple[str, int, str, bool], timeout: float = HANDSHAKE_TIMEOUT
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         node_id, _epoch, addr, tls = key
         host, port = parse_hostport(addr)
         ctx = self.client_context() if tls else None
         r, w = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ctx, server_hostname=host if tls else None), HANDSHAKE_TIMEOUT
+            asyncio.open_connection(host, port, ssl=ctx, server_hostname=host if tls else None), timeout
         )
         try:
             tune(w)
-            hello = await asyncio.wait_for(_read(r), HANDSHAKE_TIMEOUT)
+            hello = await asyncio.wait_for(_read(r), timeout)
             if hello.get("node_id") != node_id:
                 raise SessionClosed(f"peer {addr} is {hello.get('node_id')!r}, not {node_id!r}")
             mac = _mac(self.node.secret, str(hello.get("nonce", "")), self.node.node_id, node_id)
             w.write(_pack({"node_id": self.node.node_id, "epoch": self.node.epoch, "mac": mac}))
-            ok = await asyncio.wait_for(_read(r), HANDSHAKE_TIMEOUT)
+            ok = await asyncio.wait_for(_read(r), timeout)
             if not ok.get("ok"):
                 raise SessionClosed(f"peer {addr} refused us: {ok.get('error')}")
         except BaseException:
@@ -241,6 +252,11 @@ class PeerLink:
         """A spliced connection to ``ep``'s agent through its owning edge."""
         s = ep.session
         key = (s.node_id, s.epoch, s.peer_addr, s.peer_tls)
+        has_alt = self.node.feed.alternative(ep) is not None
+        if has_alt and self.is_down(s):
+            raise SessionClosed(f"peer edge {s.peer_addr} failed a moment ago")
+        if has_alt:
+            timeout = min(timeout, ANSWER_TIMEOUT_WITH_ALTERNATIVE)
         req = _pack(
             {
                 "endpoint_id": ep.id,
@@ -257,7 +273,7 @@ class PeerLink:
                 self._spawn(self._fill(key))
             try:
                 if conn is None:
-                    conn = await self._dial(key)
+                    conn = await self._dial(key, min(timeout, HANDSHAKE_TIMEOUT))
                 r, w = conn
                 w.write(req)
                 answer = await asyncio.wait_for(_read(r), timeout)
@@ -266,16 +282,30 @@ class PeerLink:
                     close(conn[1])
                 if attempt == 0 and conn is not None:
                     continue  # a warm connection that died idle: once more with a fresh one
+                self._mark_down(s)
                 raise SessionClosed(f"peer edge {s.peer_addr} unreachable: {exc}") from None
             except TimeoutError:
                 if conn is not None:
                     close(conn[1])
+                self._mark_down(s)
                 raise SessionClosed(f"peer edge {s.peer_addr} did not answer") from None
             if not answer.get("ok"):
                 close(w)
                 raise PeerRefused(int(answer.get("code", 502) or 502), str(answer.get("error", "refused")))
             return r, w
         raise SessionClosed("unreachable")
+
+    def is_down(self, s) -> bool:
+        until = self._down.get((s.node_id, s.epoch))
+        if until is None:
+            return False
+        if asyncio.get_running_loop().time() < until:
+            return True
+        del self._down[(s.node_id, s.epoch)]
+        return False
+
+    def _mark_down(self, s) -> None:
+        self._down[(s.node_id, s.epoch)] = asyncio.get_running_loop().time() + DOWN_FOR
 
     def prune(self, live: dict[str, int]) -> None:
         """Close the warm connections to edges (or epochs) that are no longer live."""
