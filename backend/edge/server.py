@@ -882,11 +882,16 @@ class Edge:
         name = name_of(rec.binding, rec.account_id, rec.proto, rec.host, rec.port)
         await self.names.claim(name, Holder(rec.id, rec.account_id, rec.proto, rec.pooling_enabled, "cloud"))
 
-    async def serve_cloud_endpoint(self, rec) -> None:
-        """Route traffic for a stored cloud endpoint (new or updated)."""
+    async def serve_cloud_endpoint(self, rec, checked: bool = False) -> None:
+        """Route traffic for a stored cloud endpoint (new or updated).  ``checked``: the
+        store granted its name already (a cluster's change feed): no store queries."""
         policy = self.compile_cloud_policy(rec.traffic_policy) if rec.traffic_policy else None
         self.unserve_cloud_endpoint(rec.id)
-        await self.claim_cloud_name(rec)
+        if checked:
+            name = name_of(rec.binding, rec.account_id, rec.proto, rec.host, rec.port)
+            self.names.hold(name, Holder(rec.id, rec.account_id, rec.proto, rec.pooling_enabled, "cloud"))
+        else:
+            await self.claim_cloud_name(rec)
         route = CloudRoute(
             id=rec.id,
             account_id=rec.account_id,

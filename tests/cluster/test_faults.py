@@ -129,8 +129,17 @@ def test_postgres_down_for_10s(cluster):
         time.sleep(0.5)
         c["pg"].stop()
         down_at = time.monotonic()
+        # the API: a retryable 503 in ngrok's error format
+        api = httpx.get(
+            e1.ready["api_url"] + "/endpoints",
+            headers={"Authorization": "Bearer test-api-key", "Ngrok-Version": "2"},
+            timeout=10,
+        )
+        assert api.status_code == 503, api.text
+        assert api.headers.get("retry-after") == "1"
+        assert api.json()["status_code"] == 503
         # while it is down an agent leaves: its edge cannot write that yet
-        time.sleep(2)
+        time.sleep(max(0.0, 2 - (time.monotonic() - down_at)))
         probe.stop()
         time.sleep(max(0.0, 10 - (time.monotonic() - down_at)))
         served_during = traffic.ok
