@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.cluster.edges import (
+    HA1,
     IPS,
     http_get,
     port_of,
@@ -43,8 +44,8 @@ def agent_on_edge2(cluster):
     e2 = cluster["edges"][1]
     home = cluster["root"] / "home"
     ups = cluster["ups"]
-    http = start_agent(e2, "http", str(ups.http.port), home=home / "http")
-    tcp = start_agent(e2, "tcp", str(ups.echo.port), home=home / "tcp")
+    http = start_agent(e2, "http", str(ups.http.port), *HA1, home=home / "http")
+    tcp = start_agent(e2, "tcp", str(ups.echo.port), *HA1, home=home / "tcp")
     yield {"http": http, "tcp": tcp}
     http.stop()
     tcp.stop()
@@ -144,8 +145,8 @@ def test_peer_link_with_mutual_tls(postgres_server, tmp_path):
         for i, ip in enumerate(IPS[:2], start=1):
             edges.append(cluster_edge(tmp_path / f"e{i}", ip, dsn, f"tls{i}", "--peer-tls", "on"))
         assert all(r["peer_tls"] for r in sql(dsn, "SELECT peer_tls FROM edges"))
-        agents.append(start_agent(edges[1], "http", str(ups.http.port), home=tmp_path / "h1"))
-        agents.append(start_agent(edges[1], "tcp", str(ups.echo.port), home=tmp_path / "h2"))
+        agents.append(start_agent(edges[1], "http", str(ups.http.port), *HA1, home=tmp_path / "h1"))
+        agents.append(start_agent(edges[1], "tcp", str(ups.echo.port), *HA1, home=tmp_path / "h2"))
         host = host_of(agents[0].public_url)
         ip, port = edges[0].http_addr
         assert wait_until(lambda: http_get(ip, port, host).status_code == 200, 5)

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.cluster.edges import (
+    HA1,
     IPS,
     http_get,
     port_of,
@@ -40,7 +41,7 @@ def cluster(postgres_server, tmp_path_factory):
 
 
 def agent(c: dict, edge: int, proto: str, addr: str, name: str) -> BurrowProc:
-    proc = start_agent(c["edges"][edge], proto, addr, home=c["root"] / "home" / name)
+    proc = start_agent(c["edges"][edge], proto, addr, *HA1, home=c["root"] / "home" / name)
     c["agents"].append(proc)
     return proc
 
@@ -255,7 +256,7 @@ def test_kill9_of_one_pool_members_edge_loses_no_new_request(cluster):
     e1, e2, e3 = c["edges"]
     ups = c["ups"]
     url = "http://pooled.burrow.localhost"
-    flags = ("--url", url, "--pooling-enabled")
+    flags = ("--url", url, "--pooling-enabled", *HA1)
     a2 = start_agent(e2, "http", str(ups.http.port), *flags, home=c["root"] / "home" / "pool2")
     c["agents"].append(a2)
     a3 = start_agent(e3, "http", str(ups.http.port), *flags, home=c["root"] / "home" / "pool3")
