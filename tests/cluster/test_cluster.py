@@ -240,3 +240,27 @@ def test_cloud_endpoint_created_on_edge1_is_served_by_edge3(cluster):
     finally:
         api.close()
         probe.close()
+
+
+def test_a_second_edge_with_a_live_node_id_is_refused(cluster):
+    """Two edges with one --node-id would fence each other every second: the second one
+    waits out the first one's lease and, still renewed, refuses to start."""
+    from tests.procs import BurrowProc
+
+    ip = IPS[3 - 1]
+    proc = BurrowProc(
+        [
+            "serve", "--data-dir", str(cluster["root"] / "dup"),
+            "--api-addr", f"{ip}:0", "--ingress-addr", f"{ip}:0", "--http-addr", f"{ip}:0",
+            "--https-addr", "off", "--tcp-ports", "31000-31999",
+            "--store", cluster["dsn"], "--node-id", "edge1", "--peer-addr", f"{ip}:0", "--json",
+        ]
+    )  # fmt: skip
+    try:
+        assert proc.wait_exit(30) != 0
+    finally:
+        proc.kill()
+    assert "another edge is running with node id 'edge1'" in proc.stderr
+    rows = sql(cluster["dsn"], "SELECT epoch FROM edges WHERE node_id = 'edge1'")
+    assert len(rows) == 1  # edge 1 was never fenced
+    assert cluster["edges"][0].proc.poll() is None
