@@ -143,7 +143,7 @@ class ClusterNode:
         import asyncpg
 
         if self.pool is None:
-            self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=QUERY_TIMEOUT)
+            self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=4, timeout=5.0)
         await schema.migrate(self.pool)
         self.secret = await schema.cluster_secret(self.pool)
         _warm_policy_engine()
