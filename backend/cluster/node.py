@@ -155,10 +155,11 @@ class ClusterNode:
         await self._wait_for_node_id()
         await self._register()
         self.edge.registry.cluster = self
-        await self.feed.start()
+        # the lease first: the feed's first load may take a few tries on a busy machine
         self._spawn(self._lease_loop())
         self._spawn(self._janitor_loop())
         self._spawn(self._writer())
+        await self.feed.start()
 
     async def stop(self) -> None:
         """Leave the cluster: stop the loops, delete our rows (others stop routing to us)."""
