@@ -101,13 +101,13 @@ def wait_until(pred, timeout: float, step: float = 0.02):
         time.sleep(step)
 
 
-def start_cluster(postgres_server, root: Path, n: int = 3) -> dict:
+def start_cluster(postgres_server, root: Path, n: int = 3, extra: tuple[str, ...] = ()) -> dict:
     dsn = postgres_server.new_database()
     edges: list[BurrowProc] = []
     ups = Upstreams()
     try:
         for i, ip in enumerate(IPS[:n], start=1):
-            edges.append(cluster_edge(root / f"edge{i}", ip, dsn, f"edge{i}"))
+            edges.append(cluster_edge(root / f"edge{i}", ip, dsn, f"edge{i}", *extra))
     except BaseException:
         stop_cluster({"edges": edges, "ups": ups})
         raise
