@@ -114,6 +114,12 @@ class ServeSettings(BaseSettings):
     acme_ca_root: Path | None = None
     acme_rate_limit: Count = 20
     acme_challenges: str = "tls-alpn-01,http-01"
+    #: cluster mode (backend/cluster): this edge's name, its peer listener, the ingress
+    #: address agents dial for data connections, TLS on the peer link
+    node_id: str | None = None
+    peer_addr: str | None = None
+    advertise_addr: str | None = None
+    peer_tls: Literal["auto", "on", "off"] = "auto"
 
     # ------------------------------------------------------------------ validators
     @field_validator("api_addr", "ingress_addr", "http_addr")
@@ -124,6 +130,13 @@ class ServeSettings(BaseSettings):
         except AddressError as exc:
             raise ValueError(str(exc)) from None
         return v
+
+    @field_validator("peer_addr", "advertise_addr")
+    @classmethod
+    def _optional_address(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        return cls._address(v.strip())
 
     @field_validator("store")
     @classmethod

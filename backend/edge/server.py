@@ -55,6 +55,7 @@ from backend.store.base import new_token
 from backend.tls import LocalCA
 
 if TYPE_CHECKING:
+    from backend.cluster.node import ClusterNode
     from backend.edge.acme import EdgeAcme
 
 #: The ALPN protocol of an ACME TLS-ALPN-01 validation (RFC 8737; backend/acme.py).
@@ -136,6 +137,15 @@ class EdgeConfig:
     admin_key_hash: str | None = None
     #: serve ``/metrics`` without the admin key
     metrics_public: bool = False
+    # Cluster mode (backend/cluster, with a postgresql:// store): several edges as one.
+    #: this edge's name in the cluster (None = a new one per start)
+    node_id: str | None = None
+    #: where the peer listener binds (other edges forward public connections to it)
+    peer_addr: str = "127.0.0.1:0"
+    #: the ingress address agents should dial for data connections (None = the bound one)
+    advertise_addr: str | None = None
+    #: mutual TLS on the peer link: auto (unless the peer listener is on loopback), on, off
+    peer_tls: str = "auto"
 
 
 class Edge:
@@ -145,10 +155,10 @@ class Edge:
         self.registry = Registry(self.names)
         self.on_event = on_event or (lambda ev: None)
         self.store: AsyncStore | None = None
-        #: the cluster runtime (membership, change feed, peers); None in SQLite mode
-        self.cluster = None
         self.ca: LocalCA | None = None
         self.acme: EdgeAcme | None = None
+        #: the cluster runtime (membership, change feed, peers); None in SQLite mode
+        self.cluster: ClusterNode | None = None
         self.bootstrap: dict[str, str] = {}
         self.created_credentials = False
         self._servers: list[asyncio.AbstractServer] = []
@@ -170,11 +180,23 @@ class Edge:
         private_dir(cfg.data_dir)  # 0700: the database and keys in it are secrets
         # The CA first: a data dir it refuses (a key without its certificate) is left
         # exactly as it was, database included.
+        dsn = self._cluster_dsn()
+        if dsn is not None:  # one CA for every edge of a cluster (backend/cluster/ca.py)
+            from backend.cluster.ca import share_ca
+
+            await share_ca(dsn, cfg.data_dir)
         self.ca = LocalCA.load_or_create(cfg.data_dir)
         self.store = await open_edge_store(cfg.store or cfg.data_dir / "burrow.db")
         self.names.store = self.store
+        if dsn is not None:
+            self._make_cluster(dsn)  # before any agent can bind: its rows and claims carry our node id
         await self._bootstrap_credentials()
         names = ["localhost", "127.0.0.1", "::1", cfg.domain]
+        # the addresses agents dial (an edge of a cluster binds e.g. 127.0.0.3 or a LAN address)
+        for addr in (cfg.ingress_addr, cfg.advertise_addr):
+            host = parse_hostport(addr)[0] if addr else ""
+            if host and host not in names and host not in ("0.0.0.0", "::"):
+                names.append(host)
         if cfg.acme_directory:
             from backend.edge.acme import EdgeAcme
 
@@ -205,13 +227,44 @@ class Edge:
 
         await self._load_cloud_endpoints()
         self._spawn(accounts.watch(self))
+        await self._start_cluster()
 
         if cfg.api_addr:
             from backend.edge.api import start_api
 
             self._api_server, self.addrs["api"] = await start_api(self, cfg.api_addr)
 
+    def _cluster_dsn(self) -> str | None:
+        """The cluster's PostgreSQL DSN; None for a single edge."""
+        dsn = getattr(self.store, "dsn", None)
+        store = self.config.store
+        if dsn is None and store and store.startswith(("postgresql://", "postgres://")):
+            dsn = store
+        return dsn
+
+    def _make_cluster(self, dsn: str) -> None:
+        from backend.cluster.node import ClusterNode
+
+        cfg = self.config
+        # its own small pool, not the store's: API load must never delay a lease renewal
+        self.cluster = ClusterNode(
+            self,
+            dsn,
+            node_id=cfg.node_id,
+            peer_addr=cfg.peer_addr,
+            advertise_addr=cfg.advertise_addr,
+            peer_tls=cfg.peer_tls,
+        )
+        self.registry.cluster = self.cluster
+        self.names.node_id = self.cluster.node_id
+
+    async def _start_cluster(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.start()
+
     async def stop(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.stop()
         for s in list(self.registry.sessions.values()):
             self.registry.remove_session(s)
         for srv in self._servers:
@@ -241,6 +294,7 @@ class Edge:
             "ca_file": str(self.ca.ca_file) if self.ca else None,
             "domain": self.config.domain,
             "data_dir": str(self.config.data_dir),
+            **({"node_id": self.cluster.node_id, "peer_addr": self.cluster.peer_addr} if self.cluster else {}),
         }
 
     async def _bootstrap_credentials(self) -> None:
@@ -650,6 +704,7 @@ class Edge:
             metadata=msg.metadata,
             description=msg.description,
             upstream_url=msg.upstream_url,
+            policy_text=msg.traffic_policy or "",
         )
         if msg.proto in ("http", "https", "tls"):
             if internal:
@@ -842,11 +897,16 @@ class Edge:
         name = name_of(rec.binding, rec.account_id, rec.proto, rec.host, rec.port)
         await self.names.claim(name, Holder(rec.id, rec.account_id, rec.proto, rec.pooling_enabled, "cloud"))
 
-    async def serve_cloud_endpoint(self, rec) -> None:
-        """Route traffic for a stored cloud endpoint (new or updated)."""
+    async def serve_cloud_endpoint(self, rec, checked: bool = False) -> None:
+        """Route traffic for a stored cloud endpoint (new or updated).  ``checked``: the
+        store granted its name already (a cluster's change feed): no store queries."""
         policy = self.compile_cloud_policy(rec.traffic_policy) if rec.traffic_policy else None
         self.unserve_cloud_endpoint(rec.id)
-        await self.claim_cloud_name(rec)
+        if checked:
+            name = name_of(rec.binding, rec.account_id, rec.proto, rec.host, rec.port)
+            self.names.hold(name, Holder(rec.id, rec.account_id, rec.proto, rec.pooling_enabled, "cloud"))
+        else:
+            await self.claim_cloud_name(rec)
         route = CloudRoute(
             id=rec.id,
             account_id=rec.account_id,
@@ -857,6 +917,7 @@ class Edge:
             binding=rec.binding,
             policy=policy,
             pooling_enabled=rec.pooling_enabled,
+            record=rec,
         )
         if route.proto == "tcp" and route.binding == "public":
             bind_host = parse_hostport(self.config.http_addr)[0]

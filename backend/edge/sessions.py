@@ -46,7 +46,11 @@ class AgentEndpoint:
     created_at: str = field(default_factory=now_rfc3339)
     server: asyncio.AbstractServer | None = None  # tcp listener
     policy: CompiledPolicy | None = None
+    #: the traffic policy as the agent sent it (a cluster's other edges compile it too)
+    policy_text: str = ""
     type: str = "agent"
+    #: held by another edge of the cluster (backend/cluster/feed.RemoteEndpoint)
+    remote: ClassVar[bool] = False
 
     @property
     def account_id(self) -> str:
@@ -91,6 +95,9 @@ class CloudRoute:
     server: asyncio.AbstractServer | None = None
     session: None = None
     type: str = "cloud"
+    #: the stored record it was made from (a cluster's change feed compares it)
+    record: object = None
+    remote: ClassVar[bool] = False
 
     @property
     def route_key(self) -> tuple:
@@ -244,12 +251,17 @@ class Registry:
         self._by_client: dict[tuple[str, str], Session] = {}
         self._routes: dict[tuple, list[AgentEndpoint]] = {}
         self._rr = itertools.count()
+        #: the cluster runtime (backend.cluster.node.ClusterNode) told of every local
+        #: session and agent endpoint coming and going; None on a single edge
+        self.cluster = None
 
     def add_session(self, s: Session) -> Session | None:
         """Register ``s``; return the stale session of the same agent it replaces."""
         old = self._by_client.get((s.account_id, s.client_id))
         self.sessions[s.id] = s
         self._by_client[(s.account_id, s.client_id)] = s
+        if self.cluster is not None:
+            self.cluster.session_changed(s)
         return old
 
     def remove_session(self, s: Session) -> list[AgentEndpoint]:
@@ -261,6 +273,8 @@ class Registry:
         for ep in gone:
             self.remove_endpoint(ep)
         s.shutdown()
+        if self.cluster is not None:
+            self.cluster.session_changed(s)
         return gone
 
     # ---------------------------------------------------------------- endpoints
@@ -268,6 +282,8 @@ class Registry:
         self._routes.setdefault(ep.route_key, []).append(ep)
         if ep.session is not None:
             ep.session.endpoints[ep.id] = ep
+            if self.cluster is not None:
+                self.cluster.endpoint_changed(ep, True)
 
     def remove_endpoint(self, ep: Endpoint) -> None:
         if self.names is not None:
@@ -280,6 +296,8 @@ class Registry:
                 del self._routes[ep.route_key]
         if ep.session is not None:
             ep.session.endpoints.pop(ep.id, None)
+            if self.cluster is not None:
+                self.cluster.endpoint_changed(ep, False)
         if ep.server is not None:
             if eps:  # a pooled tcp endpoint remains: it inherits the listener
                 eps[0].server = ep.server
@@ -295,10 +313,19 @@ class Registry:
         return self._pick(self._routes.get(("internal", account_id, proto, host)))
 
     def _pick(self, eps: list | None) -> Endpoint | None:
+        """One of a route's endpoints, round robin; in a cluster, the ones held by this
+        edge first (no peer hop; an HA agent holds the URL on two edges), remote ones
+        only when this edge holds none."""
         if not eps:
             return None
         if len(eps) == 1:
             return eps[0]
+        if self.cluster is not None:
+            local = [ep for ep in eps if not ep.remote]
+            if local and len(local) < len(eps):
+                eps = local
+                if len(eps) == 1:
+                    return eps[0]
         return eps[next(self._rr) % len(eps)]
 
     def sessions_of(self, credential_id: str) -> int:

@@ -65,6 +65,10 @@ EVERY_KEY = {
     "acme_rate_limit": 5,
     "acme_challenges": "http-01",
     "store": "postgresql://burrow@db.example.com/burrow",
+    "node_id": "edge-a",
+    "peer_addr": "10.0.0.5:4043",
+    "advertise_addr": "edge-a.example.com:4042",
+    "peer_tls": "on",
 }
 EXPECTED = {
     **EVERY_KEY,
