@@ -35,10 +35,24 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from typing import NamedTuple
 
 ALPN = "burrow-data/1"
-READ = 256 * 1024  # plaintext per SSLObject.read() (a record is at most 16 KiB)
+READ = 256 * 1024  # bytes per socket read, and plaintext per batch to the app
+RECORD = 16 * 1024  # a TLS record's plaintext at most
+WRITE = 64 * 1024  # plaintext encrypted per flush (the BIO's bytes stay below malloc's
+# mmap threshold: a 256 KiB bytes object per flush costs an mmap, page faults, munmap)
 CLOSE_TIMEOUT = 30.0  # a closed connection whose peer takes none of the rest is aborted
+
+
+class State(NamedTuple):
+    """A connection's TLS, handed over to a relay in threads (backend/tlsrelay.py)."""
+
+    sslobj: ssl.SSLObject
+    incoming: ssl.MemoryBIO  # at most part of a record
+    outgoing: ssl.MemoryBIO  # empty
+    read_eof: bool
+    eof_sent: bool
 
 
 class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
@@ -58,8 +72,8 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
         self._ready: asyncio.Future = self._loop.create_future()  # the handshake's end
         # (retrieved here too, so that a handshake given up on logs nothing)
         self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._buf = bytearray(READ)
-        self._view = memoryview(self._buf)
+        self._view = memoryview(bytearray(READ))  # records in
+        self._plain = memoryview(bytearray(READ))  # plaintext out (to the app)
         self._read_eof = False  # the peer's close_notify (or FIN) has arrived
         self._eof_sent = False  # our close_notify has gone out
         self._closing = False
@@ -108,19 +122,25 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
             self._decrypt()
 
     def _decrypt(self) -> None:
-        """Hand every whole record waiting in the incoming BIO to the app."""
+        """Hand every whole record waiting in the incoming BIO to the app: decrypted into
+        one buffer (no allocation per record) and passed on in batches of up to READ
+        bytes (the StreamReader copies them into its own buffer)."""
         app = self._app
         if self._read_eof or app is None:
             return
         eof = False
-        sslobj = self._sslobj
+        sslobj, plain = self._sslobj, self._plain
+        got = 0
         try:
             while True:
-                chunk = sslobj.read(READ)
-                if not chunk:  # close_notify (SSLObject.read returns b"" for it)
+                n = sslobj.read(READ - got, plain[got:])
+                if not n:  # close_notify (SSLObject.read returns 0 for it)
                     eof = True
                     break
-                app.data_received(chunk)
+                got += n
+                if READ - got < RECORD:
+                    app.data_received(plain[:got])
+                    got = 0
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
@@ -128,6 +148,8 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
         except (ssl.SSLError, ValueError) as exc:
             self._fail(exc)
             return
+        if got:
+            app.data_received(plain[:got])
         if self._out.pending:  # TLS 1.3 post-handshake answers (a key update)
             self._flush()
         if eof:
@@ -189,12 +211,10 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
         view = memoryview(data)
         try:
             while view:
-                n = self._sslobj.write(view)
-                view = view[n:]
+                view = view[self._sslobj.write(view[:WRITE]) :]
+                self._flush()
         except (ssl.SSLError, ValueError) as exc:
             self._fail(exc)
-            return
-        self._flush()
 
     def writelines(self, list_of_data) -> None:
         for data in list_of_data:
@@ -299,6 +319,15 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
         if name == "compression":
             return self._sslobj.compression()
         return self._raw.get_extra_info(name, default) if self._raw is not None else default
+
+    def can_detach(self) -> bool:
+        """Whether a relay in threads may take the connection over (TLS 1.3, open)."""
+        return self._app is not None and not self.is_closing() and self.can_write_eof()
+
+    def state(self) -> State:
+        """The TLS state, once the socket has been taken away (``splice.detach``: reading
+        paused, the write buffer empty, the transport aborted without a close_notify)."""
+        return State(self._sslobj, self._in, self._out, self._read_eof, self._eof_sent)
 
     async def _wait_ready(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:

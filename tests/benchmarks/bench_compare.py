@@ -333,7 +333,7 @@ def setup_burrow(
     edges = {}
 
     def edge_of(key: str):
-        root = base if key == "burrow-base" else None
+        root = base if key.endswith("-base") else None
         if root not in edges:
             e = start_edge(reg.tmp / ("edge-base" if root else "edge"), root=root)
             reg.add(e)
@@ -343,7 +343,7 @@ def setup_burrow(
     routes = []
 
     def agent(key: str, proto: str, port: int, name: str, *flags: str):
-        root = base if key == "burrow-base" else None
+        root = base if key.endswith("-base") else None
         a = start_agent(edge_of(key), proto, f"{LOCAL}:{port}", *flags, home=reg.tmp / f"home-{name}", root=root)
         reg.add(a)
         return a.public_url
@@ -357,6 +357,7 @@ def setup_burrow(
         ),
         "burrow-tls": ("burrow --data-tls (capture on)", ("--data-tls",), True),
         "burrow-base": (f"burrow at {base.name if base else '?'} (capture on)", (), True),
+        "burrow-tls-base": (f"burrow --data-tls at {base.name if base else '?'} (capture on)", ("--data-tls",), True),
     }
     for key in which:
         if key in ("ngrok-sdk", "ngrok-sdk-base"):
@@ -445,6 +446,7 @@ ALL_PATHS = [
     "burrow-nocap",
     "burrow-tls",
     "burrow-base",  # needs --base DIR
+    "burrow-tls-base",  # burrow-tls with the code of --base
     "ngrok-sdk",  # ngrok's Python SDK against burrow's edge (muxado)
     "ngrok-sdk-base",  # the same against the edge of --base
 ]
@@ -764,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown paths {sorted(unknown)}")
     if "direct" not in paths:
         paths.insert(0, "direct")
-    if {"burrow-base", "ngrok-sdk-base"} & set(paths) and (args.base is None or not (args.base / "backend").is_dir()):
+    if any(p.endswith("-base") for p in paths) and (args.base is None or not (args.base / "backend").is_dir()):
         ap.error("the *-base paths need --base DIR, a checkout of the commit to compare with")
 
     bl.install_signal_handlers()

@@ -1,0 +1,202 @@
+"""CPU time per MB of burrow's edge and agent on a TCP tunnel (and 1 MiB GETs), for
+TLS and plain data connections, this tree against an older checkout, interleaved.
+
+    python tests/benchmarks/bench_tlscpu.py [--base DIR] [--mib 256] [--rounds 3]
+
+CPU time (utime + stime of every thread, from /proc/PID/stat) per MB moved is what a
+shared, noisy machine disturbs least; MB/s is printed too.  Upload: a client sends N MiB
+through the tunnel to a sink on 127.0.0.1; download: a source sends N MiB to the
+client; get: N one-MiB GETs over 4 keep-alive connections (a threaded upstream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.procs import host_of, start_agent, start_edge  # noqa: E402
+
+LOCAL = "127.0.0.1"
+BLOCK = memoryview(os.urandom(1024 * 1024))
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _serve(lsock: socket.socket, handle) -> None:
+    while True:
+        try:
+            conn, _ = lsock.accept()
+        except OSError:
+            return
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def _sink(conn: socket.socket) -> None:
+    """Read to EOF, then answer b"ok" (the client half-closes)."""
+    buf = bytearray(1 << 20)
+    with conn:
+        while conn.recv_into(buf):
+            pass
+        conn.sendall(b"ok")
+
+
+def _source(conn: socket.socket) -> None:
+    """Read the MiB count (4 bytes), send that many MiB, close."""
+    with conn:
+        n = int.from_bytes(conn.recv(4), "big")
+        for _ in range(n):
+            conn.sendall(BLOCK)
+
+
+def _http(conn: socket.socket) -> None:
+    """Keep-alive GETs answered with 1 MiB."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BLOCK)
+    buf = b""
+    with conn:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            buf = buf.split(b"\r\n\r\n", 1)[1]
+            conn.sendall(head)
+            conn.sendall(BLOCK)
+
+
+def listen(handle) -> int:
+    s = socket.create_server((LOCAL, 0))
+    threading.Thread(target=_serve, args=(s, handle), daemon=True).start()
+    return s.getsockname()[1]
+
+
+def upload(port: int, mib: int) -> int:
+    with socket.create_connection((LOCAL, port)) as s:
+        for _ in range(mib):
+            s.sendall(BLOCK)
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(2) == b"ok"
+    return mib * len(BLOCK)
+
+
+def download(port: int, mib: int) -> int:
+    got = 0
+    buf = bytearray(1 << 20)
+    with socket.create_connection((LOCAL, port)) as s:
+        s.sendall(mib.to_bytes(4, "big"))
+        while n := s.recv_into(buf):
+            got += n
+    assert got == mib * len(BLOCK), got
+    return got
+
+
+def gets(port: int, host: str, count: int, conns: int = 4) -> int:
+    total = [0]
+
+    def one(k: int) -> None:
+        buf = bytearray(1 << 20)
+        with socket.create_connection((LOCAL, port)) as s:
+            for _ in range(k):
+                s.sendall(b"GET /1m HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += s.recv(4096)
+                head, rest = data.split(b"\r\n\r\n", 1)
+                assert b" 200 " in head.split(b"\r\n", 1)[0], head
+                left = len(BLOCK) - len(rest)
+                while left > 0:
+                    n = s.recv_into(buf, min(left, len(buf)))
+                    assert n
+                    left -= n
+                total[0] += len(BLOCK)
+
+    ts = [threading.Thread(target=one, args=(count // conns,)) for _ in range(conns)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return total[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", type=Path, help="a checkout of an older commit to compare with")
+    ap.add_argument("--mib", type=int, default=256, help="MiB per transfer")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tests", default="up,down,get")
+    ap.add_argument("--plain", action="store_true", help="also plain data connections (this tree)")
+    args = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="burrow-tlscpu-"))
+    ports = {"up": listen(_sink), "down": listen(_source), "get": listen(_http)}
+    procs = []
+    paths: dict[str, tuple] = {}
+    variants = [("tls", None, ("--data-tls",))]
+    if args.base:
+        variants.append(("tls-base", args.base, ("--data-tls",)))
+    if args.plain:
+        variants.append(("plain", None, ("--no-data-tls",)))
+    try:
+        for name, root, flags in variants:
+            edge = start_edge(tmp / f"edge-{name}", root=root)
+            procs.append(edge)
+            agents = {}
+            for test in ("up", "down"):
+                a = start_agent(edge, "tcp", f"{LOCAL}:{ports[test]}", *flags, home=tmp / f"h-{name}-{test}", root=root)
+                procs.append(a)
+                agents[test] = (a, int(a.public_url.rsplit(":", 1)[1]), None)
+            a = start_agent(edge, "http", f"{LOCAL}:{ports['get']}", *flags, home=tmp / f"h-{name}-get", root=root)
+            procs.append(a)
+            agents["get"] = (a, edge.http_addr[1], host_of(a.public_url))
+            paths[name] = (edge, agents)
+        results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        tests = args.tests.split(",")
+        for rnd in range(args.rounds):
+            order = list(paths)[rnd % len(paths) :] + list(paths)[: rnd % len(paths)]
+            for test in tests:
+                for name in order:
+                    edge, agents = paths[name]
+                    agent, port, host = agents[test]
+                    c0 = (cpu_s(edge.pid), cpu_s(agent.pid))
+                    t0 = time.perf_counter()
+                    if test == "up":
+                        n = upload(port, args.mib)
+                    elif test == "down":
+                        n = download(port, args.mib)
+                    else:
+                        n = gets(port, host, max(4, args.mib // 2))
+                    dt = time.perf_counter() - t0
+                    e, g = cpu_s(edge.pid) - c0[0], cpu_s(agent.pid) - c0[1]
+                    mb = n / 1e6
+                    results.setdefault((test, name), []).append((mb / dt, e * 1e3 / mb, g * 1e3 / mb))
+                    print(f"  round {rnd + 1} {test:4} {name:8} {mb / dt:8.0f} MB/s  edge {e * 1e3 / mb:5.2f} ms/MB  agent {g * 1e3 / mb:5.2f} ms/MB", flush=True)
+        print("\n| test | path | MB/s | edge CPU ms/MB | agent CPU ms/MB | sum |")
+        print("|---|---|---:|---:|---:|---:|")
+        for test in tests:
+            for name in paths:
+                rs = results[(test, name)]
+                m = [statistics.median(x[i] for x in rs) for i in range(3)]
+                print(f"| {test} | {name} | {m[0]:,.0f} | {m[1]:.2f} | {m[2]:.2f} | {m[1] + m[2]:.2f} |")
+    finally:
+        for p in procs:
+            p.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
