@@ -116,7 +116,7 @@ async def test_bytes_intact_both_ways_with_half_close_in_threads(ca: LocalCA) ->
 
 async def test_an_abrupt_close_ends_the_relay_and_its_threads(ca: LocalCA) -> None:
     loop = asyncio.get_running_loop()
-    async with relayed(ca) as (cr, cw, peer, task):
+    async with relayed(ca) as (_cr, cw, peer, task):
         cw.write(b"x" * 100_000)
         await cw.drain()
         assert len(await recv_all(peer, 100_000)) == 100_000
@@ -132,7 +132,7 @@ async def test_an_abrupt_close_ends_the_relay_and_its_threads(ca: LocalCA) -> No
 
 
 async def test_a_peer_that_never_reads_is_given_up_after_the_stall_timeout(ca: LocalCA) -> None:
-    async with relayed(ca, stall_timeout=0.5) as (cr, cw, peer, task):
+    async with relayed(ca, stall_timeout=0.5) as (_cr, cw, peer, task):
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         t0 = time.monotonic()
         for _ in range(64):  # far more than the socket buffers hold
@@ -202,8 +202,8 @@ def test_tls12_connections_are_not_taken_into_threads(ca: LocalCA, tmp_path: Pat
             tlshalf.open_connection("127.0.0.1", lsock.getsockname()[1], ctx, HOST, 2**16)
         )
         sock, _ = await asyncio.wait_for(accepted, 5)
-        sr, sw = await tlshalf.accept(sock, ca.server_context([HOST]), 2**16, 5)
-        cr, cw = await asyncio.wait_for(client, 5)
+        _sr, sw = await tlshalf.accept(sock, ca.server_context([HOST]), 2**16, 5)
+        _cr, cw = await asyncio.wait_for(client, 5)
         assert not tlsrelay.available(sw)
         cw.close()
         sw.close()
