@@ -40,8 +40,8 @@ from typing import NamedTuple
 ALPN = "burrow-data/1"
 READ = 256 * 1024  # bytes per socket read, and plaintext per batch to the app
 RECORD = 16 * 1024  # a TLS record's plaintext at most
-WRITE = 64 * 1024  # plaintext encrypted per flush (the BIO's bytes stay below malloc's
-# mmap threshold: a 256 KiB bytes object per flush costs an mmap, page faults, munmap)
+WRITE = 64 * 1024  # plaintext encrypted per BIO read (the bytes stay below malloc's
+# mmap threshold: a 256 KiB bytes object per write costs an mmap, page faults, munmap)
 CLOSE_TIMEOUT = 30.0  # a closed connection whose peer takes none of the rest is aborted
 
 
@@ -129,11 +129,13 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
         if self._read_eof or app is None:
             return
         eof = False
-        sslobj, plain = self._sslobj, self._plain
+        sslobj, plain, incoming = self._sslobj, self._plain, self._in
         got = 0
         try:
-            while True:
-                n = sslobj.read(READ - got, plain[got:])
+            # a read consumes a whole record (each fits in what is left of ``plain``), so
+            # an empty BIO means nothing left to decrypt: no SSLWantReadError to raise
+            while incoming.pending:
+                n = sslobj.read(READ - got, plain[got:] if got else plain)
                 if not n:  # close_notify (SSLObject.read returns 0 for it)
                     eof = True
                     break
@@ -142,7 +144,7 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
                     app.data_received(plain[:got])
                     got = 0
         except ssl.SSLWantReadError:
-            pass
+            pass  # part of a record: the rest is on its way
         except ssl.SSLZeroReturnError:
             eof = True
         except (ssl.SSLError, ValueError) as exc:
@@ -208,13 +210,26 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._closing or not data:
             return
+        sslobj, out = self._sslobj, self._out
         view = memoryview(data)
-        try:
-            while view:
-                view = view[self._sslobj.write(view[:WRITE]) :]
-                self._flush()
+        try:  # (a memory BIO takes every write whole)
+            if view.nbytes <= WRITE:
+                sslobj.write(view)
+                records = out.read()
+            else:
+                records = []
+                for i in range(0, view.nbytes, WRITE):
+                    sslobj.write(view[i : i + WRITE])
+                    records.append(out.read())
         except (ssl.SSLError, ValueError) as exc:
             self._fail(exc)
+            return
+        raw = self._raw
+        if raw is not None and not raw.is_closing():
+            if isinstance(records, bytes):
+                raw.write(records)
+            else:
+                raw.writelines(records)  # one writev for all of it
 
     def writelines(self, list_of_data) -> None:
         for data in list_of_data:
