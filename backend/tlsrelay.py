@@ -134,11 +134,11 @@ class _TLS:
             self.lock.acquire()
 
     def write(self, data) -> None:
-        with self.lock:
-            view = memoryview(data)
-            while view:
-                view = view[self.obj.write(view) :]
-            self._send_locked()
+        view = memoryview(data)
+        for i in range(0, view.nbytes, tlshalf.WRITE):  # (the reader gets the lock between)
+            with self.lock:
+                self.obj.write(view[i : i + tlshalf.WRITE])  # a memory BIO takes it whole
+                self._send_locked()
 
     def write_eof(self) -> None:
         """close_notify, then a FIN; the peer may go on sending."""
