@@ -621,15 +621,15 @@ def goals(stats: dict[str, Stats]) -> str:
             v, ref = med(getattr(sdk, attr)), med(getattr(sdk_base, attr))
             if v is not None and ref:
                 out.append(f"- {text}: {v:,.0f} vs {ref:,.0f} {unit} = {v / ref:.2f}×")
-    if sdk is not None and b is not None:
-        out += ["", "ngrok's SDK (one muxado session) vs a burrow agent, same edge and upstream "
-                "(issue 15 goal: ≥ 0.7×):", ""]
-        for text, attr, unit in (
-            ("small req/s", "small_rps", "req/s"),
-            ("1 MiB GET", "big_mbps", "MB/s"),
-            ("TCP", "tcp_mbps", "MB/s"),
-        ):
-            v, ref = med(getattr(sdk, attr)), med(getattr(b, attr))
+    tests3 = (("small req/s", "small_rps", "req/s"), ("1 MiB GET", "big_mbps", "MB/s"), ("TCP", "tcp_mbps", "MB/s"))
+    for key, what in (("burrow", "plain data connections"), ("burrow-tls", "TLS data connections, the like-for-like baseline")):
+        ref_stats = stats.get(key)
+        if sdk is None or ref_stats is None:
+            continue
+        out += ["", f"ngrok's SDK (one muxado session) vs a burrow agent over {what}, same edge and "
+                "upstream (issue 15 goal: ≥ 0.7×):", ""]
+        for text, attr, unit in tests3:
+            v, ref = med(getattr(sdk, attr)), med(getattr(ref_stats, attr))
             if v is None or not ref:
                 out.append(f"- {text}: not measured")
                 continue
@@ -638,6 +638,31 @@ def goals(stats: dict[str, Stats]) -> str:
                 f"- {text}: {v:,.0f} vs {ref:,.0f} {unit} = **{v / ref:.2f}×** "
                 f"({'met' if ok else 'NOT met'})"
             )
+    ssh = stats.get("ssh")
+    if tls is not None:
+        out += ["", "Issue 18, TLS data connections (same run):", ""]
+        checks = []
+        if ssh is not None:
+            checks.append(("TCP tunnel vs ssh -R", med(tls.tcp_mbps), med(ssh.tcp_mbps), 1.5))
+        if b is not None:
+            checks.append(("1 MiB GET vs plain data connections", med(tls.big_mbps), med(b.big_mbps), 0.8))
+            checks.append(("small req/s vs plain data connections", med(tls.small_rps), med(b.small_rps), 0.9))
+        for text, v, ref, goal in checks:
+            if v is None or not ref:
+                out.append(f"- {text}: not measured")
+            else:
+                out.append(f"- {text}: {v:,.0f} vs {ref:,.0f} = **{v / ref:.2f}×** "
+                           f"(goal ≥ {goal}×: {'met' if v / ref >= goal else 'NOT met'})")
+        tp, dp = med(tls.c1_p50_us), med(d.c1_p50_us) if d else None
+        if tp is not None and dp is not None:
+            out.append(f"- added latency at 1 connection: {tp - dp:,.0f} µs (goal ≤ 150 µs: "
+                       f"{'met' if tp - dp <= 150 else 'NOT met'})")
+        tls_base = stats.get("burrow-tls-base")
+        if tls_base is not None:
+            for text, attr, unit in tests3:
+                v, ref = med(getattr(tls, attr)), med(getattr(tls_base, attr))
+                if v is not None and ref:
+                    out.append(f"- {text}, this tree vs --base: {v:,.0f} vs {ref:,.0f} {unit} = {v / ref:.2f}×")
     return "\n".join(out)
 
 
