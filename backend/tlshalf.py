@@ -25,8 +25,10 @@ decrypting later records for ``read()`` after our close_notify.
 Not done instead: taking a connection over from the loop's TLS transport after the
 handshake (uvloop's is Cython, its SSLObject and BIOs out of reach; asyncio's acts on a
 close_notify that arrives before the takeover by closing), an in-band end-of-stream
-marker (TLS already has one), or blocking ``ssl.SSLSocket`` relays in threads (the
-handshake and the HTTP exchanges on a data connection stay on the event loop).
+marker (TLS already has one), or blocking ``ssl.SSLSocket`` connections (an
+``SSLSocket`` cannot half-close: ``unwrap()`` waits for the peer's close_notify).  Raw
+relays (TCP tunnels, upgrades) do leave the loop: :mod:`backend.tlsrelay` takes this
+connection's ``SSLObject`` and BIOs (:meth:`HalfCloseTLS.state`) into two threads.
 """
 
 from __future__ import annotations
