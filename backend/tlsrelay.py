@@ -16,6 +16,9 @@ taken before the SSL lock is let go).  A record that arrives is decrypted under 
 same lock hold that put it into the BIO, so the incoming BIO never holds a whole record
 when ``unwrap()`` sends our close_notify (see :mod:`backend.tlshalf`).
 
+Threads are kept for the next relay (up to :data:`MAX_IDLE`, for
+:data:`IDLE_SECONDS`): through TLS, TCP connections that carry a few bytes each are
+dominated by their handshake already, a thread start each would add to it.
 Bounded: at most :data:`MAX_THREADED` relays run in threads per process; more (and
 TLS below 1.3, and TLS other than a data connection's) go through the event loop's
 stream relay.  A relay ended from outside (``relay.close`` of one of its writers) or a
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import queue
 import socket
 import ssl
 import struct
@@ -36,7 +41,12 @@ from backend import splice, tlshalf
 
 CHUNK = 256 * 1024  # bytes per socket read
 MAX_THREADED = 64  # relays in threads per process (two threads each)
+MAX_IDLE = 8  # relay threads kept waiting for the next relay
+IDLE_SECONDS = 30.0  # how long an idle relay thread waits before it ends
 _active = 0  # relays in threads now (changed on the event loop's thread only)
+_busy = 0  # relay threads at work now
+_idle: list[_Worker] = []
+_pool_lock = threading.Lock()
 
 
 def available(*writers: asyncio.StreamWriter) -> bool:
@@ -58,16 +68,65 @@ def _tls_of(writer: asyncio.StreamWriter) -> tlshalf.HalfCloseTLS | None:
     return t if isinstance(t, tlshalf.HalfCloseTLS) else None
 
 
+class _Buffers:
+    """A worker thread's buffers: socket reads, and the plaintext of one TLS read (at
+    most what came in plus the part of a record left over before)."""
+
+    def __init__(self) -> None:
+        self.raw = memoryview(bytearray(CHUNK))
+        self.plain = memoryview(bytearray(CHUNK + 2 * tlshalf.RECORD))
+
+
+class _Worker(threading.Thread):
+    """A relay thread that, its job done, waits :data:`IDLE_SECONDS` for the next one
+    (a short TCP connection then costs no thread start and no fresh buffers)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="tls-relay")
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.bufs = _Buffers()
+
+    def run(self) -> None:
+        while True:
+            try:
+                job = self.jobs.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                with _pool_lock:
+                    if self in _idle:  # nobody picked this thread meanwhile: end
+                        _idle.remove(self)
+                        return
+                job = self.jobs.get()  # picked: its job is on the way
+            job(self.bufs)
+            with _pool_lock:
+                if len(_idle) >= MAX_IDLE:
+                    return
+                _idle.append(self)
+
+
+def _submit(job) -> None:
+    """Run ``job(buffers)`` in an idle relay thread, or a new one."""
+    with _pool_lock:
+        worker = _idle.pop() if _idle else None
+    if worker is None:
+        worker = _Worker()
+        worker.start()
+    worker.jobs.put(job)
+
+
+def busy() -> int:
+    """Relay threads at work now (for tests)."""
+    return _busy
+
+
 class _Plain:
     """A plain socket end: blocking reads into one buffer, ``sendall`` writes."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buf = memoryview(bytearray(CHUNK))
 
-    def read(self) -> memoryview:
-        n = self.sock.recv_into(self.buf)
-        return self.buf[:n]
+    def read(self, bufs: _Buffers) -> memoryview:
+        n = self.sock.recv_into(bufs.raw)
+        return bufs.raw[:n]
 
     def write(self, data) -> None:
         self.sock.sendall(data)
@@ -85,32 +144,30 @@ class _TLS:
         self.read_eof, self.eof_sent = state.read_eof, state.eof_sent
         self.lock = threading.Lock()  # the SSLObject and its BIOs
         self.send_lock = threading.Lock()  # encrypted bytes onto the socket, in order
-        self.raw = memoryview(bytearray(CHUNK))
-        # plaintext of one read: at most what came in plus a record left over before
-        self.plain = memoryview(bytearray(CHUNK + 2 * tlshalf.RECORD))
 
-    def read(self) -> memoryview:
+    def read(self, bufs: _Buffers) -> memoryview:
         """The next plaintext (empty at the peer's close_notify or FIN)."""
+        raw, plain = bufs.raw, bufs.plain
         while not self.read_eof:
-            n = self.sock.recv_into(self.raw)
+            n = self.sock.recv_into(raw)
             if not n:  # a FIN, with or without close_notify before it: reading ends
                 self.read_eof = True
                 break
             with self.lock:
-                self.inc.write(self.raw[:n])
-                got = self._decrypt()
+                self.inc.write(raw[:n])
+                got = self._decrypt(plain)
                 if self.out.pending:  # TLS 1.3 post-handshake answers (a key update)
                     self._send_locked()
             if got:
-                return self.plain[:got]
-        return self.plain[:0]
+                return plain[:got]
+        return plain[:0]
 
-    def _decrypt(self) -> int:
-        """Every whole record waiting in the BIO, into ``self.plain`` (lock held)."""
+    def _decrypt(self, plain: memoryview) -> int:
+        """Every whole record waiting in the BIO, into ``plain`` (lock held)."""
         got = 0
         try:
-            while got < len(self.plain):
-                n = self.obj.read(len(self.plain) - got, self.plain[got:])
+            while got < len(plain):
+                n = self.obj.read(len(plain) - got, plain[got:])
                 if not n:
                     self.read_eof = True
                     break
@@ -168,20 +225,23 @@ class ThreadRelay:
             if stall_timeout is not None:  # a send that moves nothing for this long fails
                 tv = struct.pack("ll", int(stall_timeout), int(stall_timeout % 1 * 1e6))
                 end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        self.threads = [
-            threading.Thread(target=self._pump, args=(0, a, b, a_pending), daemon=True, name="tls-relay-up"),
-            threading.Thread(target=self._pump, args=(1, b, a, b_pending), daemon=True, name="tls-relay-down"),
+        self._jobs = [
+            functools.partial(self._pump, 0, a, b, a_pending),
+            functools.partial(self._pump, 1, b, a, b_pending),
         ]
 
     def start(self) -> None:
-        for t in self.threads:
-            t.start()
+        for job in self._jobs:
+            _submit(job)
 
-    def _pump(self, i: int, src, dst, pending: bytes) -> None:
+    def _pump(self, i: int, src, dst, pending: bytes, bufs: _Buffers) -> None:
+        global _busy
+        with _pool_lock:
+            _busy += 1
         try:
             if pending:
                 dst.write(pending)
-            while data := src.read():
+            while data := src.read(bufs):
                 dst.write(data)
                 self.totals[i] += len(data)
             dst.write_eof()
@@ -193,6 +253,8 @@ class ThreadRelay:
                 last = not self._left
             if last:
                 self._close()
+            with _pool_lock:
+                _busy -= 1
 
     def abort(self) -> None:
         """End both directions now (from any thread): blocked calls wake up."""

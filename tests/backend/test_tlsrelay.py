@@ -38,11 +38,13 @@ def open_fds() -> int:
 
 
 async def no_relay_threads() -> None:
+    """No relay thread at work (idle ones wait for the next relay, at most MAX_IDLE)."""
     for _ in range(200):  # bounded: 10 s
-        if not relay_threads():
+        if not tlsrelay.busy():
+            assert len(relay_threads()) <= tlsrelay.MAX_IDLE
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"relay threads left: {relay_threads()}")
+    raise AssertionError(f"relay threads still busy: {tlsrelay.busy()}")
 
 
 @asynccontextmanager
@@ -91,7 +93,7 @@ async def test_bytes_intact_both_ways_with_half_close_in_threads(ca: LocalCA) ->
         cw.write(b"hello")
         await cw.drain()
         assert await asyncio.wait_for(loop.sock_recv(peer, 5), 5) == b"hello"
-        assert len(relay_threads()) == 2  # the relay left the event loop
+        assert tlsrelay.busy() == 2  # the relay left the event loop
 
         async def send_up() -> None:
             cw.write(up)
@@ -150,7 +152,7 @@ async def test_closing_a_relayed_writer_ends_the_relay_without_cancelling_it(ca:
         cw.write(b"ping")
         await cw.drain()
         assert await asyncio.wait_for(asyncio.get_running_loop().sock_recv(peer, 4), 5) == b"ping"
-        assert len(relay_threads()) == 2
+        assert tlsrelay.busy() == 2
         writers = list(tlsrelay.splice._running)
         assert len(writers) == 2
         relay.close(writers[0])  # what a session shutting down does to its data connections
@@ -176,13 +178,32 @@ async def test_no_threads_or_descriptors_left_after_many_relays(ca: LocalCA) -> 
     assert open_fds() <= fds
 
 
+async def test_idle_relay_threads_are_reused_then_end(ca: LocalCA, monkeypatch) -> None:
+    monkeypatch.setattr(tlsrelay, "IDLE_SECONDS", 0.3)
+    for _ in range(3):
+        async with relayed(ca) as (cr, cw, peer, task):
+            cw.write(b"x")
+            cw.write_eof()
+            assert await recv_all(peer) == b"x"
+            peer.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(cr.read(), 5) == b""
+            await asyncio.wait_for(task, 5)
+        await no_relay_threads()
+        assert len(relay_threads()) <= 2  # the same two threads each time
+    for _ in range(100):  # bounded: 5 s
+        if not relay_threads():
+            break
+        await asyncio.sleep(0.05)
+    assert not relay_threads()
+
+
 async def test_beyond_the_thread_limit_relays_stay_on_the_event_loop(ca: LocalCA, monkeypatch) -> None:
     monkeypatch.setattr(tlsrelay, "MAX_THREADED", 0)
     async with relayed(ca) as (cr, cw, peer, task):
         cw.write(b"on the loop")
         cw.write_eof()
         assert await recv_all(peer) == b"on the loop"
-        assert not relay_threads()
+        assert not tlsrelay.busy()
         peer.shutdown(socket.SHUT_WR)
         assert await asyncio.wait_for(cr.read(), 5) == b""
         await asyncio.wait_for(task, 5)

@@ -5,7 +5,8 @@ TLS and plain data connections, this tree against an older checkout, interleaved
 
 CPU time (utime + stime of every thread, from /proc/PID/stat) per MB moved is what a
 shared, noisy machine disturbs least; MB/s is printed too ("small": ms per 1000 small
-GETs over 8 keep-alive connections, i.e. µs per request, and thousands of requests/s).  Upload: a client sends N MiB
+GETs over 8 keep-alive connections, i.e. µs per request, and thousands of requests/s;
+"churn": the same per short TCP connection, 4 at a time, each a new data connection).  Upload: a client sends N MiB
 through the tunnel to a sink on 127.0.0.1; download: a source sends N MiB to the
 client; get: N one-MiB GETs over 4 keep-alive connections (a threaded upstream).
 """
@@ -178,6 +179,24 @@ class _SDK:
             self.proc.wait(10)
 
 
+def churn(port: int, count: int, conns: int = 4) -> int:
+    """``count`` short TCP connections (connect, half-close, read the sink's b"ok"),
+    ``conns`` at a time: each takes a fresh data connection from the pool."""
+
+    def one(k: int) -> None:
+        for _ in range(k):
+            with socket.create_connection((LOCAL, port)) as s:
+                s.shutdown(socket.SHUT_WR)
+                assert s.recv(2) == b"ok"
+
+    ts = [threading.Thread(target=one, args=(count // conns,)) for _ in range(conns)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return count // conns * conns
+
+
 def smalls(port: int, host: str, count: int, conns: int = 8) -> int:
     """``count`` small GETs over ``conns`` keep-alive connections; returns the count."""
     req = b"GET /small HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n"
@@ -206,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", type=Path, help="a checkout of an older commit to compare with")
     ap.add_argument("--mib", type=int, default=256, help="MiB per transfer")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--tests", default="up,down,get", help="up,down,get,small")
+    ap.add_argument("--tests", default="up,down,get", help="up,down,get,small,churn")
     ap.add_argument("--small", type=int, default=8000, help="small GETs per run")
     ap.add_argument("--plain", action="store_true", help="also plain data connections (this tree)")
     ap.add_argument(
@@ -219,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="burrow-tlscpu-"))
     ports = {"up": listen(_sink), "down": listen(_source), "get": listen(_http)}
     ports["small"] = ports["get"]
+    ports["churn"] = ports["up"]
     procs = []
     paths: dict[str, tuple] = {}
     variants = []
@@ -251,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 procs.append(a)
                 agents[test] = (a, int(a.public_url.rsplit(":", 1)[1]), None)
+            agents["churn"] = agents["up"]
             if flags is None:
                 a = _SDK(edge, "http", f"{LOCAL}:{ports['get']}")
             else:
@@ -281,11 +302,13 @@ def main(argv: list[str] | None = None) -> int:
                         n = download(port, args.mib)
                     elif test == "small":
                         n = smalls(port, host, args.small)
+                    elif test == "churn":
+                        n = churn(port, args.small // 10)
                     else:
                         n = gets(port, host, max(4, args.mib // 2))
                     dt = time.perf_counter() - t0
                     e, g = cpu_s(edge.pid) - c0[0], cpu_s(agent.pid) - c0[1]
-                    mb = n / 1e6 if test != "small" else n / 1000  # small: per 1000 requests
+                    mb = n / 1e6 if test not in ("small", "churn") else n / 1000  # per 1000
                     results.setdefault((test, name), []).append(
                         (mb / dt, e * 1e3 / mb, g * 1e3 / mb)
                     )
