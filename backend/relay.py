@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 
-from backend import splice
+from backend import splice, tlsrelay
 from backend.http1 import drain
 
 BLOCK = 256 * 1024
@@ -54,13 +54,21 @@ async def relay(
 ) -> tuple[int, int]:
     """Relay a↔b until both directions end; returns (bytes a→b, bytes b→a).
 
-    Two plain sockets are relayed with splice(2) (no copies through Python); anything
-    else (TLS on either side) through the stream pairs.  A side that takes none of the
+    Two plain sockets are relayed with splice(2) (no copies through Python), a TLS data
+    connection and a plain socket in two threads (backend/tlsrelay.py); anything else
+    (other TLS) through the stream pairs.  A side that takes none of the
     bytes waiting for it for ``stall_timeout`` seconds ends the relay (idle is fine).
     """
     if splice.spliceable(a_w) and splice.spliceable(b_w):
         try:
             return await splice.splice_relay(a_r, a_w, b_r, b_w, stall_timeout)
+        except (OSError, RuntimeError):
+            close(a_w)
+            close(b_w)
+            return 0, 0
+    if tlsrelay.available(a_w, b_w):
+        try:
+            return await tlsrelay.thread_relay(a_r, a_w, b_r, b_w, stall_timeout)
         except (OSError, RuntimeError):
             close(a_w)
             close(b_w)

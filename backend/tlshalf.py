@@ -25,8 +25,10 @@ decrypting later records for ``read()`` after our close_notify.
 Not done instead: taking a connection over from the loop's TLS transport after the
 handshake (uvloop's is Cython, its SSLObject and BIOs out of reach; asyncio's acts on a
 close_notify that arrives before the takeover by closing), an in-band end-of-stream
-marker (TLS already has one), or blocking ``ssl.SSLSocket`` relays in threads (the
-handshake and the HTTP exchanges on a data connection stay on the event loop).
+marker (TLS already has one), or blocking ``ssl.SSLSocket`` connections (an
+``SSLSocket`` cannot half-close: ``unwrap()`` waits for the peer's close_notify).  Raw
+relays (TCP tunnels, upgrades) do leave the loop: :mod:`backend.tlsrelay` takes this
+connection's ``SSLObject`` and BIOs (:meth:`HalfCloseTLS.state`) into two threads.
 """
 
 from __future__ import annotations
@@ -35,10 +37,24 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from typing import NamedTuple
 
 ALPN = "burrow-data/1"
-READ = 256 * 1024  # plaintext per SSLObject.read() (a record is at most 16 KiB)
+READ = 256 * 1024  # bytes per socket read, and plaintext per batch to the app
+RECORD = 16 * 1024  # a TLS record's plaintext at most
+WRITE = 64 * 1024  # plaintext encrypted per BIO read (the bytes stay below malloc's
+# mmap threshold: a 256 KiB bytes object per write costs an mmap, page faults, munmap)
 CLOSE_TIMEOUT = 30.0  # a closed connection whose peer takes none of the rest is aborted
+
+
+class State(NamedTuple):
+    """A connection's TLS, handed over to a relay in threads (backend/tlsrelay.py)."""
+
+    sslobj: ssl.SSLObject
+    incoming: ssl.MemoryBIO  # at most part of a record
+    outgoing: ssl.MemoryBIO  # empty
+    read_eof: bool
+    eof_sent: bool
 
 
 class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
@@ -58,8 +74,8 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
         self._ready: asyncio.Future = self._loop.create_future()  # the handshake's end
         # (retrieved here too, so that a handshake given up on logs nothing)
         self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._buf = bytearray(READ)
-        self._view = memoryview(self._buf)
+        self._view = memoryview(bytearray(READ))  # records in
+        self._plain = memoryview(bytearray(READ))  # plaintext out (to the app)
         self._read_eof = False  # the peer's close_notify (or FIN) has arrived
         self._eof_sent = False  # our close_notify has gone out
         self._closing = False
@@ -108,26 +124,36 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
             self._decrypt()
 
     def _decrypt(self) -> None:
-        """Hand every whole record waiting in the incoming BIO to the app."""
+        """Hand every whole record waiting in the incoming BIO to the app: decrypted into
+        one buffer (no allocation per record) and passed on in batches of up to READ
+        bytes (the StreamReader copies them into its own buffer)."""
         app = self._app
         if self._read_eof or app is None:
             return
         eof = False
-        sslobj = self._sslobj
+        sslobj, plain, incoming = self._sslobj, self._plain, self._in
+        got = 0
         try:
-            while True:
-                chunk = sslobj.read(READ)
-                if not chunk:  # close_notify (SSLObject.read returns b"" for it)
+            # a read consumes a whole record (each fits in what is left of ``plain``), so
+            # an empty BIO means nothing left to decrypt: no SSLWantReadError to raise
+            while incoming.pending:
+                n = sslobj.read(READ - got, plain[got:] if got else plain)
+                if not n:  # close_notify (SSLObject.read returns 0 for it)
                     eof = True
                     break
-                app.data_received(chunk)
+                got += n
+                if READ - got < RECORD:
+                    app.data_received(plain[:got])
+                    got = 0
         except ssl.SSLWantReadError:
-            pass
+            pass  # part of a record: the rest is on its way
         except ssl.SSLZeroReturnError:
             eof = True
         except (ssl.SSLError, ValueError) as exc:
             self._fail(exc)
             return
+        if got:
+            app.data_received(plain[:got])
         if self._out.pending:  # TLS 1.3 post-handshake answers (a key update)
             self._flush()
         if eof:
@@ -186,15 +212,26 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._closing or not data:
             return
+        sslobj, out = self._sslobj, self._out
         view = memoryview(data)
-        try:
-            while view:
-                n = self._sslobj.write(view)
-                view = view[n:]
+        try:  # (a memory BIO takes every write whole)
+            if view.nbytes <= WRITE:
+                sslobj.write(view)
+                records = out.read()
+            else:
+                records = []
+                for i in range(0, view.nbytes, WRITE):
+                    sslobj.write(view[i : i + WRITE])
+                    records.append(out.read())
         except (ssl.SSLError, ValueError) as exc:
             self._fail(exc)
             return
-        self._flush()
+        raw = self._raw
+        if raw is not None and not raw.is_closing():
+            if isinstance(records, bytes):
+                raw.write(records)
+            else:
+                raw.writelines(records)  # one writev for all of it
 
     def writelines(self, list_of_data) -> None:
         for data in list_of_data:
@@ -299,6 +336,15 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
         if name == "compression":
             return self._sslobj.compression()
         return self._raw.get_extra_info(name, default) if self._raw is not None else default
+
+    def can_detach(self) -> bool:
+        """Whether a relay in threads may take the connection over (TLS 1.3, open)."""
+        return self._app is not None and not self.is_closing() and self.can_write_eof()
+
+    def state(self) -> State:
+        """The TLS state, once the socket has been taken away (``splice.detach``: reading
+        paused, the write buffer empty, the transport aborted without a close_notify)."""
+        return State(self._sslobj, self._in, self._out, self._read_eof, self._eof_sent)
 
     async def _wait_ready(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:

@@ -333,7 +333,7 @@ def setup_burrow(
     edges = {}
 
     def edge_of(key: str):
-        root = base if key == "burrow-base" else None
+        root = base if key.endswith("-base") else None
         if root not in edges:
             e = start_edge(reg.tmp / ("edge-base" if root else "edge"), root=root)
             reg.add(e)
@@ -343,7 +343,7 @@ def setup_burrow(
     routes = []
 
     def agent(key: str, proto: str, port: int, name: str, *flags: str):
-        root = base if key == "burrow-base" else None
+        root = base if key.endswith("-base") else None
         a = start_agent(edge_of(key), proto, f"{LOCAL}:{port}", *flags, home=reg.tmp / f"home-{name}", root=root)
         reg.add(a)
         return a.public_url
@@ -357,6 +357,7 @@ def setup_burrow(
         ),
         "burrow-tls": ("burrow --data-tls (capture on)", ("--data-tls",), True),
         "burrow-base": (f"burrow at {base.name if base else '?'} (capture on)", (), True),
+        "burrow-tls-base": (f"burrow --data-tls at {base.name if base else '?'} (capture on)", ("--data-tls",), True),
     }
     for key in which:
         if key in ("ngrok-sdk", "ngrok-sdk-base"):
@@ -445,6 +446,7 @@ ALL_PATHS = [
     "burrow-nocap",
     "burrow-tls",
     "burrow-base",  # needs --base DIR
+    "burrow-tls-base",  # burrow-tls with the code of --base
     "ngrok-sdk",  # ngrok's Python SDK against burrow's edge (muxado)
     "ngrok-sdk-base",  # the same against the edge of --base
 ]
@@ -619,15 +621,15 @@ def goals(stats: dict[str, Stats]) -> str:
             v, ref = med(getattr(sdk, attr)), med(getattr(sdk_base, attr))
             if v is not None and ref:
                 out.append(f"- {text}: {v:,.0f} vs {ref:,.0f} {unit} = {v / ref:.2f}×")
-    if sdk is not None and b is not None:
-        out += ["", "ngrok's SDK (one muxado session) vs a burrow agent, same edge and upstream "
-                "(issue 15 goal: ≥ 0.7×):", ""]
-        for text, attr, unit in (
-            ("small req/s", "small_rps", "req/s"),
-            ("1 MiB GET", "big_mbps", "MB/s"),
-            ("TCP", "tcp_mbps", "MB/s"),
-        ):
-            v, ref = med(getattr(sdk, attr)), med(getattr(b, attr))
+    tests3 = (("small req/s", "small_rps", "req/s"), ("1 MiB GET", "big_mbps", "MB/s"), ("TCP", "tcp_mbps", "MB/s"))
+    for key, what in (("burrow", "plain data connections"), ("burrow-tls", "TLS data connections, the like-for-like baseline")):
+        ref_stats = stats.get(key)
+        if sdk is None or ref_stats is None:
+            continue
+        out += ["", f"ngrok's SDK (one muxado session) vs a burrow agent over {what}, same edge and "
+                "upstream (issue 15 goal: ≥ 0.7×):", ""]
+        for text, attr, unit in tests3:
+            v, ref = med(getattr(sdk, attr)), med(getattr(ref_stats, attr))
             if v is None or not ref:
                 out.append(f"- {text}: not measured")
                 continue
@@ -636,6 +638,31 @@ def goals(stats: dict[str, Stats]) -> str:
                 f"- {text}: {v:,.0f} vs {ref:,.0f} {unit} = **{v / ref:.2f}×** "
                 f"({'met' if ok else 'NOT met'})"
             )
+    ssh = stats.get("ssh")
+    if tls is not None:
+        out += ["", "Issue 18, TLS data connections (same run):", ""]
+        checks = []
+        if ssh is not None:
+            checks.append(("TCP tunnel vs ssh -R", med(tls.tcp_mbps), med(ssh.tcp_mbps), 1.5))
+        if b is not None:
+            checks.append(("1 MiB GET vs plain data connections", med(tls.big_mbps), med(b.big_mbps), 0.8))
+            checks.append(("small req/s vs plain data connections", med(tls.small_rps), med(b.small_rps), 0.9))
+        for text, v, ref, goal in checks:
+            if v is None or not ref:
+                out.append(f"- {text}: not measured")
+            else:
+                out.append(f"- {text}: {v:,.0f} vs {ref:,.0f} = **{v / ref:.2f}×** "
+                           f"(goal ≥ {goal}×: {'met' if v / ref >= goal else 'NOT met'})")
+        tp, dp = med(tls.c1_p50_us), med(d.c1_p50_us) if d else None
+        if tp is not None and dp is not None:
+            out.append(f"- added latency at 1 connection: {tp - dp:,.0f} µs (goal ≤ 150 µs: "
+                       f"{'met' if tp - dp <= 150 else 'NOT met'})")
+        tls_base = stats.get("burrow-tls-base")
+        if tls_base is not None:
+            for text, attr, unit in tests3:
+                v, ref = med(getattr(tls, attr)), med(getattr(tls_base, attr))
+                if v is not None and ref:
+                    out.append(f"- {text}, this tree vs --base: {v:,.0f} vs {ref:,.0f} {unit} = {v / ref:.2f}×")
     return "\n".join(out)
 
 
@@ -764,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown paths {sorted(unknown)}")
     if "direct" not in paths:
         paths.insert(0, "direct")
-    if {"burrow-base", "ngrok-sdk-base"} & set(paths) and (args.base is None or not (args.base / "backend").is_dir()):
+    if any(p.endswith("-base") for p in paths) and (args.base is None or not (args.base / "backend").is_dir()):
         ap.error("the *-base paths need --base DIR, a checkout of the commit to compare with")
 
     bl.install_signal_handlers()
