@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from backend.ids import new_id, random_name
 from backend.netutil import (
     connection_handler,
     format_hostport,
+    is_ip,
     parse_hostport,
     peek_byte,
     valid_hostname,
@@ -170,6 +172,12 @@ class Edge:
         self.names.store = self.store
         self._bootstrap_credentials()
         names = ["localhost", "127.0.0.1", "::1", cfg.domain]
+        for addr in (cfg.ingress_addr, getattr(cfg, "advertise_addr", None)):
+            # an ingress on another address (127.0.0.2, a LAN IP) is dialled by that IP,
+            # which a TLS client sends no SNI for: the default certificate must name it
+            host = parse_hostport(addr)[0] if addr else ""
+            if is_ip(host) and not ipaddress.ip_address(host).is_unspecified and host not in names:
+                names.append(host)
         if cfg.acme_directory:
             from backend.edge.acme import EdgeAcme
 
@@ -475,7 +483,7 @@ class Edge:
         cfg = self.config
         cap = cfg.max_sessions_per_authtoken
         if cap:
-            stale = self.registry._by_client.get((cred.account_id, auth.client_id))
+            stale = self.registry.same_agent(cred.account_id, auth.client_id, auth.slot)
             live = self.registry.sessions_of(cred.id) - (stale is not None and stale.credential_id == cred.id)
             if live >= cap:
                 p.write_msg(
@@ -498,6 +506,7 @@ class Edge:
             client_id=auth.client_id,
             credential_id=cred.id,
             writer=w,
+            slot=auth.slot,
             agent_version=auth.version,
             os=auth.os,
             hostname=auth.hostname,
@@ -520,6 +529,7 @@ class Edge:
                 heartbeat_interval=cfg.heartbeat_interval,
                 heartbeat_timeout=cfg.heartbeat_timeout,
                 https="https" in self.addrs,
+                **self._placement(),
             ),
         )
         self.on_event({"event": "session_started", "session_id": s.id, "ip": peer_ip})
@@ -552,6 +562,19 @@ class Edge:
         finally:
             pinger.cancel()
             self._end_session(s, reason)
+
+    def _placement(self) -> dict:
+        """AuthOk's ``direct_addr`` and ``edges``: where the session's data connections
+        must go (this edge's advertised ingress address) and the live edges an HA agent
+        may hold its other sessions on.  A single edge advertises itself only when told
+        its address (``advertise_addr``): the address it bound may not be the one agents
+        reach it by (a port mapping), and its agents dial what they were given."""
+        own = getattr(self.config, "advertise_addr", None)
+        cluster = getattr(self, "cluster", None)
+        if cluster is None:
+            return {"direct_addr": own, "edges": [own] if own else []}
+        own = own or format_hostport(*self.addrs["ingress"])
+        return {"direct_addr": own, "edges": list(cluster.live_edges()) or [own]}
 
     def _end_session(self, s: Session, reason: str) -> None:
         if s.closed and s.id not in self.registry.sessions:
