@@ -923,7 +923,7 @@ async def _agent_run(args, logger) -> int:
     if ha is None and aconf.get("ha_connections") is not None:
         ha = _int_opt(None, aconf.get("ha_connections"), 0)
     if ha is not None and not 1 <= ha <= MAX_HA_CONNECTIONS:
-        raise CLIError(f"--ha-connections: {ha} is not between 1 and {MAX_HA_CONNECTIONS}")
+        raise SettingsError(f"--ha-connections: {ha} is not between 1 and {MAX_HA_CONNECTIONS}")
 
     display = None
     ready_sent = False

@@ -253,7 +253,8 @@ class Agent:
         """The ingress address ``leg`` dials next.
 
         Until an edge has listed the cluster, the configured address.  Then the live
-        edges no other leg holds, the one this leg just lost last (it may be down), and
+        edges no other leg holds (all of them when the others hold every one), the one
+        this leg just lost last (it may be down), and
         the configured address (a DNS name or load balancer: the way back when every
         edge known has gone); each attempt takes the next one in that order.
         """
@@ -261,7 +262,7 @@ class Agent:
         if not self.edges:
             return server
         held = {other.edge for other in self.legs if other is not leg and other.connected}
-        free = [e for e in self.edges if e not in held]
+        free = [e for e in self.edges if e not in held] or list(self.edges)  # else share one
         lost = leg.edge or leg.addr
         order = [e for e in free if e != lost] + [e for e in free if e == lost]
         if server not in order:
