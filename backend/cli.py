@@ -220,6 +220,14 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
                    help="serve /metrics without the admin key (for a Prometheus on a private network)")
     s.add_argument("--log-format", choices=["text", "json", "logfmt"], default="text")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    cl = s.add_argument_group("cluster: several edges on one PostgreSQL (needs burrow[cluster])")
+    cl.add_argument("--store", default=None, metavar="DSN",
+                    help="postgresql://... makes this edge one of a cluster (default: SQLite in the data dir)")
+    cl.add_argument("--node-id", default=None, metavar="NAME", help="this edge's name in the cluster (default: new per start)")
+    cl.add_argument("--peer-addr", default=None, metavar="HOST:PORT",
+                    help="listener for connections other edges forward here (default 127.0.0.1:0)")
+    cl.add_argument("--advertise-addr", default=None, metavar="HOST:PORT",
+                    help="the ingress address agents dial for data connections (default: the bound one)")
     # a setting not given on the command line comes from the environment, then the file
     for action in s._actions:
         if action.dest != "help":
@@ -568,6 +576,10 @@ async def _serve(args) -> int:
         handshake_timeout=conf.handshake_timeout or 10.0,
         admin_key_hash=hash_token(conf.admin_key) if conf.admin_key else None,
         metrics_public=conf.metrics_public,
+        store=conf.store,
+        node_id=conf.node_id,
+        peer_addr=conf.peer_addr or "127.0.0.1:0",
+        advertise_addr=conf.advertise_addr,
         **acme_options,
     )
     edge = Edge(cfg, on_event=_emit if args.json else None)

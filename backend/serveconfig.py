@@ -111,6 +111,12 @@ class ServeSettings(BaseSettings):
     acme_ca_root: Path | None = None
     acme_rate_limit: Count = 20
     acme_challenges: str = "tls-alpn-01,http-01"
+    #: cluster mode (backend/cluster): the PostgreSQL DSN, this edge's name, its peer
+    #: listener and the ingress address agents dial for data connections
+    store: str | None = None
+    node_id: str | None = None
+    peer_addr: str | None = None
+    advertise_addr: str | None = None
 
     # ------------------------------------------------------------------ validators
     @field_validator("api_addr", "ingress_addr", "http_addr")
@@ -121,6 +127,13 @@ class ServeSettings(BaseSettings):
         except AddressError as exc:
             raise ValueError(str(exc)) from None
         return v
+
+    @field_validator("peer_addr", "advertise_addr")
+    @classmethod
+    def _optional_address(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        return cls._address(v.strip())
 
     @field_validator("https_addr")
     @classmethod

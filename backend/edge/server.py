@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -35,7 +34,6 @@ from backend.ids import new_id, random_name
 from backend.netutil import (
     connection_handler,
     format_hostport,
-    is_ip,
     parse_hostport,
     peek_byte,
     valid_hostname,
@@ -57,6 +55,7 @@ from backend.store.base import new_token
 from backend.tls import LocalCA
 
 if TYPE_CHECKING:
+    from backend.cluster.node import ClusterNode
     from backend.edge.acme import EdgeAcme
 
 #: The ALPN protocol of an ACME TLS-ALPN-01 validation (RFC 8737; backend/acme.py).
@@ -135,6 +134,16 @@ class EdgeConfig:
     admin_key_hash: str | None = None
     #: serve ``/metrics`` without the admin key
     metrics_public: bool = False
+    # Cluster mode (backend/cluster): several edges on one PostgreSQL.
+    #: postgresql://... = cluster mode (provisional here until the PostgreSQL store lands:
+    #: it starts the cluster runtime only); None = one edge on SQLite
+    store: str | None = None
+    #: this edge's name in the cluster (None = a new one per start)
+    node_id: str | None = None
+    #: where the peer listener binds (other edges forward public connections to it)
+    peer_addr: str = "127.0.0.1:0"
+    #: the ingress address agents should dial for data connections (None = the bound one)
+    advertise_addr: str | None = None
 
 
 class Edge:
@@ -146,6 +155,7 @@ class Edge:
         self.store: Store | None = None
         self.ca: LocalCA | None = None
         self.acme: EdgeAcme | None = None
+        self.cluster: ClusterNode | None = None  # cluster mode only
         self.bootstrap: dict[str, str] = {}
         self.created_credentials = False
         self._servers: list[asyncio.AbstractServer] = []
@@ -172,11 +182,10 @@ class Edge:
         self.names.store = self.store
         self._bootstrap_credentials()
         names = ["localhost", "127.0.0.1", "::1", cfg.domain]
-        for addr in (cfg.ingress_addr, getattr(cfg, "advertise_addr", None)):
-            # an ingress on another address (127.0.0.2, a LAN IP) is dialled by that IP,
-            # which a TLS client sends no SNI for: the default certificate must name it
+        # the addresses agents dial (an edge of a cluster binds e.g. 127.0.0.3 or a LAN address)
+        for addr in (cfg.ingress_addr, cfg.advertise_addr):
             host = parse_hostport(addr)[0] if addr else ""
-            if is_ip(host) and not ipaddress.ip_address(host).is_unspecified and host not in names:
+            if host and host not in names and host not in ("0.0.0.0", "::"):
                 names.append(host)
         if cfg.acme_directory:
             from backend.edge.acme import EdgeAcme
@@ -208,13 +217,35 @@ class Edge:
 
         await self._load_cloud_endpoints()
         self._spawn(accounts.watch(self))
+        await self._start_cluster()
 
         if cfg.api_addr:
             from backend.edge.api import start_api
 
             self._api_server, self.addrs["api"] = await start_api(self, cfg.api_addr)
 
+    async def _start_cluster(self) -> None:
+        cfg = self.config
+        dsn = getattr(self.store, "dsn", None)
+        if dsn is None and cfg.store and cfg.store.startswith(("postgresql://", "postgres://")):
+            dsn = cfg.store
+        if dsn is None:
+            return
+        from backend.cluster.node import ClusterNode
+
+        self.cluster = ClusterNode(
+            self,
+            dsn,
+            pool=getattr(self.store, "pool", None),
+            node_id=cfg.node_id,
+            peer_addr=cfg.peer_addr,
+            advertise_addr=cfg.advertise_addr,
+        )
+        await self.cluster.start()
+
     async def stop(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.stop()
         for s in list(self.registry.sessions.values()):
             self.registry.remove_session(s)
         for srv in self._servers:
@@ -243,6 +274,7 @@ class Edge:
             "ca_file": str(self.ca.ca_file) if self.ca else None,
             "domain": self.config.domain,
             "data_dir": str(self.config.data_dir),
+            **({"node_id": self.cluster.node_id, "peer_addr": self.cluster.peer_addr} if self.cluster else {}),
         }
 
     def _bootstrap_credentials(self) -> None:
@@ -569,12 +601,11 @@ class Edge:
         may hold its other sessions on.  A single edge advertises itself only when told
         its address (``advertise_addr``): the address it bound may not be the one agents
         reach it by (a port mapping), and its agents dial what they were given."""
-        own = getattr(self.config, "advertise_addr", None)
-        cluster = getattr(self, "cluster", None)
-        if cluster is None:
+        if self.cluster is None:
+            own = self.config.advertise_addr
             return {"direct_addr": own, "edges": [own] if own else []}
-        own = own or format_hostport(*self.addrs["ingress"])
-        return {"direct_addr": own, "edges": list(cluster.live_edges()) or [own]}
+        own = self.cluster.advertise_addr
+        return {"direct_addr": own, "edges": self.cluster.live_edges() or [own]}
 
     def _end_session(self, s: Session, reason: str) -> None:
         if s.closed and s.id not in self.registry.sessions:
@@ -659,6 +690,7 @@ class Edge:
             metadata=msg.metadata,
             description=msg.description,
             upstream_url=msg.upstream_url,
+            policy_text=msg.traffic_policy or "",
         )
         if msg.proto in ("http", "https", "tls"):
             if internal:
@@ -857,6 +889,7 @@ class Edge:
             binding=rec.binding,
             policy=policy,
             pooling_enabled=rec.pooling_enabled,
+            record=rec,
         )
         if route.proto == "tcp" and route.binding == "public":
             bind_host = parse_hostport(self.config.http_addr)[0]

@@ -46,6 +46,8 @@ class AgentEndpoint:
     created_at: str = field(default_factory=now_rfc3339)
     server: asyncio.AbstractServer | None = None  # tcp listener
     policy: CompiledPolicy | None = None
+    #: the traffic policy as the agent sent it (a cluster's other edges compile it too)
+    policy_text: str = ""
     type: str = "agent"
 
     @property
@@ -91,6 +93,8 @@ class CloudRoute:
     server: asyncio.AbstractServer | None = None
     session: None = None
     type: str = "cloud"
+    #: the stored record it was made from (a cluster's change feed compares it)
+    record: object = None
 
     @property
     def route_key(self) -> tuple:
@@ -246,6 +250,9 @@ class Registry:
         self._by_client: dict[tuple[str, str, int], Session] = {}
         self._routes: dict[tuple, list[AgentEndpoint]] = {}
         self._rr = itertools.count()
+        #: the cluster runtime (backend.cluster.node.ClusterNode) told of every local
+        #: session and agent endpoint coming and going; None on a single edge
+        self.cluster = None
 
     def same_agent(self, account_id: str, client_id: str, slot: int = 0) -> Session | None:
         """The live session a new one of this agent (and HA slot) would replace."""
@@ -257,6 +264,8 @@ class Registry:
         old = self._by_client.get((s.account_id, s.client_id, s.slot))
         self.sessions[s.id] = s
         self._by_client[(s.account_id, s.client_id, s.slot)] = s
+        if self.cluster is not None:
+            self.cluster.session_changed(s)
         return old
 
     def remove_session(self, s: Session) -> list[AgentEndpoint]:
@@ -268,6 +277,8 @@ class Registry:
         for ep in gone:
             self.remove_endpoint(ep)
         s.shutdown()
+        if self.cluster is not None:
+            self.cluster.session_changed(s)
         return gone
 
     # ---------------------------------------------------------------- endpoints
@@ -275,6 +286,8 @@ class Registry:
         self._routes.setdefault(ep.route_key, []).append(ep)
         if ep.session is not None:
             ep.session.endpoints[ep.id] = ep
+            if self.cluster is not None:
+                self.cluster.endpoint_changed(ep, True)
 
     def remove_endpoint(self, ep: Endpoint) -> None:
         if self.names is not None:
@@ -287,6 +300,8 @@ class Registry:
                 del self._routes[ep.route_key]
         if ep.session is not None:
             ep.session.endpoints.pop(ep.id, None)
+            if self.cluster is not None:
+                self.cluster.endpoint_changed(ep, False)
         if ep.server is not None:
             if eps:  # a pooled tcp endpoint remains: it inherits the listener
                 eps[0].server = ep.server

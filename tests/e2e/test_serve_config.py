@@ -64,6 +64,10 @@ EVERY_KEY = {
     "acme_ca_root": "/srv/burrow/acme-root.pem",
     "acme_rate_limit": 5,
     "acme_challenges": "http-01",
+    "store": "postgresql://burrow@db.example.com/burrow",
+    "node_id": "edge-a",
+    "peer_addr": "10.0.0.5:4043",
+    "advertise_addr": "edge-a.example.com:4042",
 }
 EXPECTED = {
     **EVERY_KEY,

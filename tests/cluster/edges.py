@@ -1,0 +1,129 @@
+"""Helpers for tests with several real edges on one PostgreSQL (127.0.0.2-.4)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from tests.procs import READY_TIMEOUT, BurrowProc
+from tests.upstreams import HTTPUpstream, TCPEcho
+
+IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+
+
+def cluster_edge(data_dir: Path, ip: str, dsn: str, node_id: str, *extra: str) -> BurrowProc:
+    args = [
+        "serve",
+        "--data-dir", str(data_dir),
+        "--api-addr", f"{ip}:0",
+        "--ingress-addr", f"{ip}:0",
+        "--http-addr", f"{ip}:0",
+        "--https-addr", f"{ip}:0",
+        "--tcp-ports", "31000-31999",
+        "--authtoken", "test-authtoken",
+        "--api-key", "test-api-key",
+        "--store", dsn,
+        "--node-id", node_id,
+        "--peer-addr", f"{ip}:0",
+        "--json",
+        *extra,
+    ]  # fmt: skip
+    proc = BurrowProc(args)
+    proc.ready = proc.wait_event("ready", READY_TIMEOUT)
+    return proc
+
+
+class Upstreams:
+    """An HTTP upstream and a TCP echo in a background event loop (the test is sync)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.http = HTTPUpstream()
+        self.echo = TCPEcho()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self.http.__aenter__(), self.loop).result(10)
+        asyncio.run_coroutine_threadsafe(self.echo.__aenter__(), self.loop).result(10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.http.__aexit__(), self.loop).result(10)
+        asyncio.run_coroutine_threadsafe(self.echo.__aexit__(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def sql(dsn: str, query: str, *args):
+    async def run():
+        conn = await asyncpg.connect(dsn, timeout=5)
+        try:
+            return await conn.fetch(query, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def http_get(ip: str, port: int, host: str, path: str = "/", timeout: float = 5.0) -> httpx.Response:
+    return httpx.get(f"http://{ip}:{port}{path}", headers={"Host": host}, timeout=timeout)
+
+
+def tcp_echo(ip: str, port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+    with socket.create_connection((ip, port), timeout=timeout) as s:
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def wait_until(pred, timeout: float, step: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            return got
+        time.sleep(step)
+
+
+def start_cluster(postgres_server, root: Path, n: int = 3) -> dict:
+    dsn = postgres_server.new_database()
+    edges: list[BurrowProc] = []
+    ups = Upstreams()
+    try:
+        for i, ip in enumerate(IPS[:n], start=1):
+            edges.append(cluster_edge(root / f"edge{i}", ip, dsn, f"edge{i}"))
+    except BaseException:
+        stop_cluster({"edges": edges, "ups": ups})
+        raise
+    return {"dsn": dsn, "edges": edges, "root": root, "ups": ups, "pg": postgres_server}
+
+
+def stop_cluster(c: dict) -> None:
+    for e in c["edges"]:
+        with contextlib.suppress(Exception):
+            os.kill(e.pid, signal.SIGCONT)
+        e.stop()
+    c["ups"].close()
+
+
+def try_echo(ip: str, port: int) -> bool:
+    try:
+        return tcp_echo(ip, port, b"x", timeout=1.0) == b"x"
+    except OSError:
+        return False

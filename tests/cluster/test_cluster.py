@@ -1,0 +1,114 @@
+"""Several edges on one PostgreSQL (issue 17): membership, change feed, peer forwarding.
+
+Three real ``burrow serve --store postgresql://...`` processes on 127.0.0.2-.4, real
+agents, real upstreams, a real PostgreSQL (tests/pg.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+
+import httpx
+import pytest
+
+from tests.cluster.edges import (
+    IPS,
+    http_get,
+    port_of,
+    sql,
+    start_cluster,
+    stop_cluster,
+    tcp_echo,
+    try_echo,
+    wait_until,
+)
+from tests.procs import host_of, start_agent
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres_server, tmp_path_factory):
+    c = start_cluster(postgres_server, tmp_path_factory.mktemp("cluster"))
+    yield c
+    stop_cluster(c)
+
+
+@pytest.fixture(scope="module")
+def agent_on_edge2(cluster):
+    """An http and a tcp agent, both connected to edge 2."""
+    e2 = cluster["edges"][1]
+    home = cluster["root"] / "home"
+    ups = cluster["ups"]
+    http = start_agent(e2, "http", str(ups.http.port), home=home / "http")
+    tcp = start_agent(e2, "tcp", str(ups.echo.port), home=home / "tcp")
+    yield {"http": http, "tcp": tcp}
+    http.stop()
+    tcp.stop()
+
+
+def test_edges_register_with_their_own_epochs(cluster):
+    rows = sql(cluster["dsn"], "SELECT node_id, epoch, peer_addr FROM edges ORDER BY node_id")
+    assert [r["node_id"] for r in rows] == ["edge1", "edge2", "edge3"]
+    assert len({r["epoch"] for r in rows}) == 3
+    for r, e in zip(rows, cluster["edges"], strict=True):
+        assert e.ready["node_id"] == r["node_id"]
+        assert e.ready["peer_addr"] == r["peer_addr"]
+
+
+def test_client_on_edge1_agent_on_edge2_http_and_tcp(cluster, agent_on_edge2):
+    e1 = cluster["edges"][0]
+    url = agent_on_edge2["http"].public_url
+    host = host_of(url)
+    ip, port = e1.http_addr
+    # the endpoint reaches edge 1 through the change feed
+    assert wait_until(lambda: http_get(ip, port, host).status_code == 200, 5.0)
+    for i in range(50):
+        r = http_get(ip, port, host, f"/req{i}")
+        assert r.status_code == 200, r.text
+        assert r.text == f"GET /req{i}\n"
+    # a big body both ways, over one keep-alive connection
+    with httpx.Client(base_url=f"http://{ip}:{port}", headers={"Host": host}, timeout=10) as c:
+        for _ in range(3):
+            r = c.get("/bytes/1048576")
+            assert r.status_code == 200 and len(r.content) == 1048576
+        body = os.urandom(300_000)
+        r = c.post("/echo", content=body)
+        assert r.status_code == 200 and r.content == body
+    # tcp: every edge listens on the agent's port
+    tport = port_of(agent_on_edge2["tcp"].public_url)
+    for eip in IPS:
+        assert wait_until(lambda eip=eip: try_echo(eip, tport), 5.0), f"no tcp listener on {eip}:{tport}"
+    for i in range(30):
+        payload = b"ping %d " % i + os.urandom(1000)
+        assert tcp_echo(IPS[0], tport, payload) == payload
+
+
+def test_unknown_host_on_peer_edge_is_a_clean_404(cluster):
+    e1 = cluster["edges"][0]
+    ip, port = e1.http_addr
+    r = http_get(ip, port, "nobody-here.burrow.localhost")
+    assert r.status_code == 404
+
+
+def test_a_stranger_cannot_use_the_peer_port(cluster, agent_on_edge2):
+    """Without the cluster secret the peer port opens no data connection."""
+    e2 = cluster["edges"][1]
+    host, port = e2.ready["peer_addr"].rsplit(":", 1)
+    eid, sid = sql(cluster["dsn"], "SELECT id, session_id FROM agent_endpoints WHERE node_id = 'edge2' LIMIT 1")[0]
+    def pack(obj):
+        data = json.dumps(obj).encode()
+        return struct.pack(">H", len(data)) + data
+
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        f = s.makefile("rb")
+        n = struct.unpack(">H", f.read(2))[0]
+        hello = json.loads(f.read(n))
+        assert hello["node_id"] == "edge2"
+        s.sendall(pack({"node_id": "edge1", "epoch": 1, "mac": "00" * 32}))
+        s.sendall(pack({"endpoint_id": eid, "session_id": sid, "client_ip": "1.2.3.4", "client_port": 1}))
+        n = struct.unpack(">H", f.read(2))[0]
+        answer = json.loads(f.read(n))
+        assert answer["ok"] is False and "authentication" in answer["error"]
+        assert f.read() == b""  # closed
