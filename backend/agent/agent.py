@@ -213,7 +213,7 @@ class Agent:
         attempt = 0
         ever = False
         while not self._stopped.is_set():
-            addr = self._pick_edge(leg, attempt)
+            addr = self._pick_edge(leg, max(attempt - 1, 0))  # first try after a loss: 0
             try:
                 await self._session(leg, addr)
                 attempt = 0
@@ -261,7 +261,8 @@ class Agent:
         server = self.config.server_addr
         if not self.edges:
             return server
-        held = {other.edge for other in self.legs if other is not leg and other.connected}
+        # an edge another leg is on, or is setting up a session with
+        held = {other.edge or other.addr for other in self.legs if other is not leg and other.writer is not None}
         free = [e for e in self.edges if e not in held] or list(self.edges)  # else share one
         lost = leg.edge or leg.addr
         order = [e for e in free if e != lost] + [e for e in free if e == lost]

@@ -198,7 +198,7 @@ async def test_each_leg_prefers_an_edge_no_other_leg_holds():
         leg0 = a.legs[0]
         assert a._pick_edge(leg0, 0) == "cluster.example:4042"  # no edge listed yet
         a.edges = ["e1:4042", "e2:4042", "e3:4042"]
-        leg0.edge, leg0.connected = "e2:4042", True
+        leg0.edge, leg0.connected, leg0.writer = "e2:4042", True, object()
         leg1 = Leg(1)
         a.legs.append(leg1)
         # the edges slot 0 does not hold, then the configured name as a way back
