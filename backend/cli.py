@@ -228,6 +228,8 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
                     help="listener for connections other edges forward here (default 127.0.0.1:0)")
     cl.add_argument("--advertise-addr", default=None, metavar="HOST:PORT",
                     help="the ingress address agents dial for data connections (default: the bound one)")
+    cl.add_argument("--peer-tls", choices=["auto", "on", "off"], default="auto",
+                    help="mutual TLS with the cluster CA between edges (auto: unless the peer listener is on loopback)")
     # a setting not given on the command line comes from the environment, then the file
     for action in s._actions:
         if action.dest != "help":
@@ -580,6 +582,7 @@ async def _serve(args) -> int:
         node_id=conf.node_id,
         peer_addr=conf.peer_addr or "127.0.0.1:0",
         advertise_addr=conf.advertise_addr,
+        peer_tls=conf.peer_tls,
         **acme_options,
     )
     edge = Edge(cfg, on_event=_emit if args.json else None)

@@ -117,6 +117,7 @@ class ServeSettings(BaseSettings):
     node_id: str | None = None
     peer_addr: str | None = None
     advertise_addr: str | None = None
+    peer_tls: Literal["auto", "on", "off"] = "auto"
 
     # ------------------------------------------------------------------ validators
     @field_validator("api_addr", "ingress_addr", "http_addr")

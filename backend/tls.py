@@ -241,13 +241,14 @@ class LocalCA:
 
     # -- issuing ----------------------------------------------------------------------
 
-    def issue(self, hostnames: list[str], key_type: str = "ecdsa") -> tuple[bytes, bytes]:
+    def issue(self, hostnames: list[str], key_type: str = "ecdsa", client: bool = False) -> tuple[bytes, bytes]:
         """Issue a leaf cert for ``hostnames``; return ``(leaf + CA chain PEM, key PEM)``.
 
         IP literals become IPAddress SANs, everything else DNS SANs; the first name is
         also the subject CN. Valid one year, backdated an hour for clock skew, and never
         past the CA's own expiry. ``key_type`` is ``"ecdsa"`` (P-256, the default) or
-        ``"rsa"`` (2048 bits, noticeably slower to generate).
+        ``"rsa"`` (2048 bits, noticeably slower to generate).  ``client``: also good
+        for TLS client authentication (a cluster's peer links, backend/cluster/peer.py).
         """
         names = normalize_hostnames(hostnames)
         key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -287,7 +288,12 @@ class LocalCA:
                 ),
                 critical=True,
             )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, *([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])]
+                ),
+                critical=False,
+            )
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False

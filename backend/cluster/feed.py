@@ -25,7 +25,7 @@ import contextlib
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from backend.edge.sessions import AgentEndpoint, SessionClosed
 from backend.netutil import parse_hostport
@@ -66,19 +66,37 @@ class RemoteSession:
     node_id: str
     epoch: int
     peer_addr: str
+    peer_tls: bool = False
     edge_forwarded_headers: bool = False
     endpoints: dict = field(default_factory=dict)
     closed: bool = False
     region: str = ""
     remote: bool = True
+    #: data connections taken from another endpoint of the route (see open_data)
+    _owners: dict = field(default_factory=dict)
 
     async def open_data(self, ep, client_addr: str, client_port: int, scheme: str | None = None, timeout: float = 10.0):
-        if self.closed:
-            raise SessionClosed("the session has ended")
-        return await self.node.peer.open(ep, client_addr, client_port, scheme, timeout)
+        """A connection through the peer link; if the owning edge cannot give one (it
+        died, froze, or no longer holds the endpoint) and the route has another endpoint
+        on a working edge — an HA agent's other session, a pool member — that one."""
+        try:
+            if self.closed:
+                raise SessionClosed("the session has ended")
+            return await self.node.peer.open(ep, client_addr, client_port, scheme, timeout)
+        except SessionClosed:
+            alt = self.node.feed.alternative(ep)
+            if alt is None:
+                raise
+        r, w = await alt.session.open_data(alt, client_addr, client_port, scheme, timeout)
+        self._owners[w] = alt.session
+        return r, w
 
     def release(self, writer: asyncio.StreamWriter) -> None:
-        close(writer)
+        owner = self._owners.pop(writer, None)
+        if owner is not None:
+            owner.release(writer)
+        else:
+            close(writer)
 
     def shutdown(self) -> None:
         self.closed = True
@@ -91,7 +109,7 @@ class RemoteSession:
 class RemoteEndpoint(AgentEndpoint):
     """An agent endpoint held by another edge (``session`` is a RemoteSession)."""
 
-    remote: bool = True
+    remote: ClassVar[bool] = True
     signature: tuple = ()
 
     @property
@@ -110,7 +128,7 @@ class RemoteEndpoint(AgentEndpoint):
 _EP_SQL = """
 SELECT a.id, a.session_id, a.node_id, a.epoch, a.account_id, a.client_id, a.name, a.binding,
        a.proto, a.host, a.port, a.url, a.pooling, a.policy, a.edge_headers, a.metadata,
-       a.description, a.upstream_url, a.created_at, e.peer_addr
+       a.description, a.upstream_url, a.created_at, e.peer_addr, e.peer_tls
 FROM agent_endpoints a JOIN edges e ON e.node_id = a.node_id AND e.epoch = a.epoch
 WHERE a.node_id <> $1
 """
@@ -298,7 +316,7 @@ class Feed:
                 log.error("cluster feed: endpoint %s has a policy this edge cannot compile: %s", r["id"], exc)
                 return
         s = self.sessions.get(r["session_id"])
-        if s is None or s.epoch != r["epoch"] or s.peer_addr != r["peer_addr"]:
+        if s is None or s.epoch != r["epoch"] or s.peer_addr != r["peer_addr"] or s.peer_tls != r["peer_tls"]:
             s = RemoteSession(
                 node=self.node,
                 id=r["session_id"],
@@ -307,6 +325,7 @@ class Feed:
                 node_id=r["node_id"],
                 epoch=r["epoch"],
                 peer_addr=r["peer_addr"],
+                peer_tls=r["peer_tls"],
                 edge_forwarded_headers=r["edge_headers"],
             )
             self.sessions[s.id] = s
@@ -343,6 +362,20 @@ class Feed:
                 ep.server = None
         self.remote[ep.id] = ep
         reg.add_endpoint(ep)
+
+    def alternative(self, ep) -> AgentEndpoint | None:
+        """Another endpoint of ``ep``'s route not held by ``ep``'s edge (local ones first)."""
+        eps = self.edge.registry._routes.get(ep.route_key) or ()
+        node = ep.session.node_id
+        best = None
+        for other in eps:
+            if other is ep or other.session is None or other.session.closed:
+                continue
+            if not other.remote:
+                return other
+            if other.session.node_id != node and not self.node.peer.is_down(other.session):
+                best = best or other
+        return best
 
     def _remove(self, ep: RemoteEndpoint) -> None:
         self.remote.pop(ep.id, None)

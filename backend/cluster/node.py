@@ -99,6 +99,7 @@ class ClusterNode:
         node_id: str | None = None,
         peer_addr: str | None = None,
         advertise_addr: str | None = None,
+        peer_tls: str = "auto",
     ) -> None:
         from backend.cluster.feed import Feed
         from backend.cluster.peer import PeerLink
@@ -111,6 +112,7 @@ class ClusterNode:
         self.epoch = 0
         self.registered = False
         self._peer_bind = peer_addr or "127.0.0.1:0"
+        self._peer_tls = peer_tls
         self.peer_addr = ""
         self._advertise = advertise_addr
         self.advertise_addr = ""
@@ -141,7 +143,7 @@ class ClusterNode:
         host, port = self.edge.addrs["ingress"]
         self.ingress_addr = format_hostport(host, port)
         self.advertise_addr = self._advertise or self.ingress_addr
-        await self.peer.start(self._peer_bind)
+        await self.peer.start(self._peer_bind, self._peer_tls)
         self.peer_addr = format_hostport(*self.peer.addr)
         await self._register()
         self.edge.registry.cluster = self
@@ -186,11 +188,12 @@ class ClusterNode:
             epoch = await c.fetchval("SELECT nextval('burrow_edge_epoch')")
             await c.execute(
                 """
-                INSERT INTO edges (node_id, epoch, ingress_addr, advertise_addr, peer_addr, lease_expires)
-                VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+                INSERT INTO edges (node_id, epoch, ingress_addr, advertise_addr, peer_addr, lease_expires, peer_tls)
+                VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7)
                 ON CONFLICT (node_id) DO UPDATE SET epoch = EXCLUDED.epoch,
                     ingress_addr = EXCLUDED.ingress_addr, advertise_addr = EXCLUDED.advertise_addr,
                     peer_addr = EXCLUDED.peer_addr, lease_expires = EXCLUDED.lease_expires,
+                    peer_tls = EXCLUDED.peer_tls,
                     started_at = now()
                 """,
                 self.node_id,
@@ -199,6 +202,7 @@ class ClusterNode:
                 self.advertise_addr,
                 self.peer_addr,
                 LEASE_TTL,
+                self.peer.tls,
             )
             # what an earlier epoch of ours left behind
             await c.execute("DELETE FROM agent_endpoints WHERE node_id = $1 AND epoch <> $2", self.node_id, epoch)

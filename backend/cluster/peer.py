@@ -20,9 +20,14 @@ Wire (every message a 2-byte big-endian length and a JSON object):
 The secret is 32 random bytes the first edge stored in PostgreSQL (``cluster_secret``):
 only whoever can read the cluster's database (the edges) can open a data connection
 through a peer port.  The MAC binds B's fresh nonce, so a recorded auth cannot be
-replayed.  On loopback the link is plain TCP.  Between machines the rule is mutual TLS
-with the cluster CA (every edge shares it); it is not implemented yet, so ``--peer-addr``
-should be on a private network (see README "Run several edges").
+replayed.
+
+Between machines the link is **mutual TLS with the cluster's CA** (backend/cluster/ca.py:
+every edge has the same one): B presents a certificate for its peer host, A one for its
+node id, each verifies the other's against the CA.  On loopback it is plain TCP (and
+spliced).  ``--peer-tls auto`` (the default) means TLS unless the peer listener is on a
+loopback address; ``on``/``off`` force it.  Each edge's row says whether its peer port
+speaks TLS, so the dialling edge knows.
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ import hmac
 import json
 import logging
 import os
+import ssl
 import struct
 from typing import TYPE_CHECKING
 
 from backend.edge.sessions import SessionClosed
-from backend.netutil import parse_hostport
+from backend.netutil import is_loopback, parse_hostport
 from backend.relay import close, relay, tune
+from backend.tls import load_chain
 
 if TYPE_CHECKING:
     from backend.cluster.node import ClusterNode
@@ -53,6 +60,12 @@ HANDSHAKE_TIMEOUT = 5.0
 #: an idle pooled connection on B waits this long for its request, then closes
 IDLE_TIMEOUT = 300.0
 MAX_MSG = 4096
+#: seconds a peer that failed to answer is skipped for routes that have an alternative
+#: (until then, or until the janitor reaps it: at most a lease's TTL)
+DOWN_FOR = 1.0
+#: seconds to wait for the owning edge's answer when the route has an alternative
+#: (a frozen edge accepts connections but never answers)
+ANSWER_TIMEOUT_WITH_ALTERNATIVE = 1.0
 
 
 class PeerRefused(SessionClosed):
@@ -89,15 +102,43 @@ class PeerLink:
         self.edge = node.edge
         self.server: asyncio.AbstractServer | None = None
         self.addr: tuple[str, int] = ("", 0)
-        self._pools: dict[tuple[str, int, str], collections.deque] = {}
-        self._filling: set[tuple[str, int, str]] = set()
+        self._pools: dict[tuple, collections.deque] = {}
+        self._filling: set[tuple] = set()
         self._tasks: set[asyncio.Task] = set()
         self.refused = 0  # peer connections refused authentication (B's side)
+        self.tls = False
+        self._client_ctx: ssl.SSLContext | None = None
+        #: peers that just failed to answer: (node_id, epoch) -> loop time until which
+        #: connections for them go straight to an alternative
+        self._down: dict[tuple[str, int], float] = {}
 
-    async def start(self, bind: str) -> None:
+    async def start(self, bind: str, mode: str = "auto") -> None:
         host, port = parse_hostport(bind)
-        self.server = await asyncio.start_server(self._serve, host, port, backlog=1024)
+        self.tls = mode == "on" or (mode == "auto" and not is_loopback(host))
+        server_ctx = self._server_context(host) if self.tls else None
+        self.server = await asyncio.start_server(
+            self._serve, host, port, backlog=1024, ssl=server_ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.tls else None
+        )
         self.addr = self.server.sockets[0].getsockname()[:2]
+
+    def _server_context(self, host: str) -> ssl.SSLContext:
+        ca = self.edge.ca
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        load_chain(ctx, *ca.issue([host, self.node.node_id], client=True))
+        ctx.verify_mode = ssl.CERT_REQUIRED  # the dialling edge shows a certificate of the cluster CA
+        ctx.load_verify_locations(cadata=ca.cert_pem.decode())
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        if self._client_ctx is None:
+            ca = self.edge.ca
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_verify_locations(cadata=ca.cert_pem.decode())
+            load_chain(ctx, *ca.issue([self.node.node_id], client=True))
+            self._client_ctx = ctx
+        return self._client_ctx
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -158,18 +199,23 @@ class PeerLink:
             close(writer)
 
     # ------------------------------------------------------------------ A's side
-    async def _dial(self, key: tuple[str, int, str]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        node_id, _epoch, addr = key
+    async def _dial(
+        self, key: tuple[str, int, str, bool], timeout: float = HANDSHAKE_TIMEOUT
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        node_id, _epoch, addr, tls = key
         host, port = parse_hostport(addr)
-        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), HANDSHAKE_TIMEOUT)
+        ctx = self.client_context() if tls else None
+        r, w = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ctx, server_hostname=host if tls else None), timeout
+        )
         try:
             tune(w)
-            hello = await asyncio.wait_for(_read(r), HANDSHAKE_TIMEOUT)
+            hello = await asyncio.wait_for(_read(r), timeout)
             if hello.get("node_id") != node_id:
                 raise SessionClosed(f"peer {addr} is {hello.get('node_id')!r}, not {node_id!r}")
             mac = _mac(self.node.secret, str(hello.get("nonce", "")), self.node.node_id, node_id)
             w.write(_pack({"node_id": self.node.node_id, "epoch": self.node.epoch, "mac": mac}))
-            ok = await asyncio.wait_for(_read(r), HANDSHAKE_TIMEOUT)
+            ok = await asyncio.wait_for(_read(r), timeout)
             if not ok.get("ok"):
                 raise SessionClosed(f"peer {addr} refused us: {ok.get('error')}")
         except BaseException:
@@ -205,7 +251,12 @@ class PeerLink:
     async def open(self, ep, client_ip: str, client_port: int, scheme: str | None, timeout: float = 10.0):
         """A spliced connection to ``ep``'s agent through its owning edge."""
         s = ep.session
-        key = (s.node_id, s.epoch, s.peer_addr)
+        key = (s.node_id, s.epoch, s.peer_addr, s.peer_tls)
+        has_alt = self.node.feed.alternative(ep) is not None
+        if has_alt and self.is_down(s):
+            raise SessionClosed(f"peer edge {s.peer_addr} failed a moment ago")
+        if has_alt:
+            timeout = min(timeout, ANSWER_TIMEOUT_WITH_ALTERNATIVE)
         req = _pack(
             {
                 "endpoint_id": ep.id,
@@ -222,7 +273,7 @@ class PeerLink:
                 self._spawn(self._fill(key))
             try:
                 if conn is None:
-                    conn = await self._dial(key)
+                    conn = await self._dial(key, min(timeout, HANDSHAKE_TIMEOUT))
                 r, w = conn
                 w.write(req)
                 answer = await asyncio.wait_for(_read(r), timeout)
@@ -231,16 +282,30 @@ class PeerLink:
                     close(conn[1])
                 if attempt == 0 and conn is not None:
                     continue  # a warm connection that died idle: once more with a fresh one
+                self._mark_down(s)
                 raise SessionClosed(f"peer edge {s.peer_addr} unreachable: {exc}") from None
             except TimeoutError:
                 if conn is not None:
                     close(conn[1])
+                self._mark_down(s)
                 raise SessionClosed(f"peer edge {s.peer_addr} did not answer") from None
             if not answer.get("ok"):
                 close(w)
                 raise PeerRefused(int(answer.get("code", 502) or 502), str(answer.get("error", "refused")))
             return r, w
         raise SessionClosed("unreachable")
+
+    def is_down(self, s) -> bool:
+        until = self._down.get((s.node_id, s.epoch))
+        if until is None:
+            return False
+        if asyncio.get_running_loop().time() < until:
+            return True
+        del self._down[(s.node_id, s.epoch)]
+        return False
+
+    def _mark_down(self, s) -> None:
+        self._down[(s.node_id, s.epoch)] = asyncio.get_running_loop().time() + DOWN_FOR
 
     def prune(self, live: dict[str, int]) -> None:
         """Close the warm connections to edges (or epochs) that are no longer live."""
@@ -253,6 +318,6 @@ class PeerLink:
     def warm(self) -> None:
         """Start warming connections to every live edge holding endpoints we route to."""
         for s in self.node.feed.sessions.values():
-            key = (s.node_id, s.epoch, s.peer_addr)
+            key = (s.node_id, s.epoch, s.peer_addr, s.peer_tls)
             if key not in self._pools:
                 self._spawn(self._fill(key))

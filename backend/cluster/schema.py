@@ -23,6 +23,7 @@ MIGRATIONS: list[str] = [
         ingress_addr   text NOT NULL,
         advertise_addr text NOT NULL,
         peer_addr      text NOT NULL,
+        peer_tls       boolean NOT NULL DEFAULT false,
         started_at     timestamptz NOT NULL DEFAULT now(),
         lease_expires  timestamptz NOT NULL
     );
@@ -63,6 +64,14 @@ MIGRATIONS: list[str] = [
     CREATE TABLE IF NOT EXISTS cluster_secret (
         id     integer PRIMARY KEY CHECK (id = 1),
         secret bytea NOT NULL
+    );
+    """,
+    # 2: the cluster's CA (every edge presents certificates of one CA; agents trust one file)
+    """
+    CREATE TABLE IF NOT EXISTS cluster_ca (
+        id       integer PRIMARY KEY CHECK (id = 1),
+        cert_pem bytea NOT NULL,
+        key_pem  bytea NOT NULL
     );
     """,
 ]

@@ -144,6 +144,8 @@ class EdgeConfig:
     peer_addr: str = "127.0.0.1:0"
     #: the ingress address agents should dial for data connections (None = the bound one)
     advertise_addr: str | None = None
+    #: mutual TLS on the peer link: auto (unless the peer listener is on loopback), on, off
+    peer_tls: str = "auto"
 
 
 class Edge:
@@ -177,6 +179,11 @@ class Edge:
         private_dir(cfg.data_dir)  # 0700: the database and keys in it are secrets
         # The CA first: a data dir it refuses (a key without its certificate) is left
         # exactly as it was, database included.
+        dsn = self._cluster_dsn()
+        if dsn is not None:  # one CA for every edge of a cluster (backend/cluster/ca.py)
+            from backend.cluster.ca import share_ca
+
+            await share_ca(dsn, cfg.data_dir)
         self.ca = LocalCA.load_or_create(cfg.data_dir)
         self.store = open_store(cfg.data_dir / "burrow.db")
         self.names.store = self.store
@@ -224,11 +231,17 @@ class Edge:
 
             self._api_server, self.addrs["api"] = await start_api(self, cfg.api_addr)
 
+    def _cluster_dsn(self) -> str | None:
+        """The cluster's PostgreSQL DSN; None for a single edge."""
+        dsn = getattr(self.store, "dsn", None)
+        store = self.config.store
+        if dsn is None and store and store.startswith(("postgresql://", "postgres://")):
+            dsn = store
+        return dsn
+
     async def _start_cluster(self) -> None:
         cfg = self.config
-        dsn = getattr(self.store, "dsn", None)
-        if dsn is None and cfg.store and cfg.store.startswith(("postgresql://", "postgres://")):
-            dsn = cfg.store
+        dsn = self._cluster_dsn()
         if dsn is None:
             return
         from backend.cluster.node import ClusterNode
@@ -240,6 +253,7 @@ class Edge:
             node_id=cfg.node_id,
             peer_addr=cfg.peer_addr,
             advertise_addr=cfg.advertise_addr,
+            peer_tls=cfg.peer_tls,
         )
         await self.cluster.start()
 

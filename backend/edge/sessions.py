@@ -49,6 +49,8 @@ class AgentEndpoint:
     #: the traffic policy as the agent sent it (a cluster's other edges compile it too)
     policy_text: str = ""
     type: str = "agent"
+    #: held by another edge of the cluster (backend/cluster/feed.RemoteEndpoint)
+    remote: ClassVar[bool] = False
 
     @property
     def account_id(self) -> str:
@@ -95,6 +97,7 @@ class CloudRoute:
     type: str = "cloud"
     #: the stored record it was made from (a cluster's change feed compares it)
     record: object = None
+    remote: ClassVar[bool] = False
 
     @property
     def route_key(self) -> tuple:
@@ -332,10 +335,18 @@ class Registry:
         ]
 
     def _pick(self, eps: list | None) -> Endpoint | None:
+        """One of a route's endpoints, round robin; in a cluster, the ones held by this
+        edge first (no peer hop; an HA agent holds the URL on two edges), remote ones
+        only when this edge holds none."""
         if not eps:
             return None
         if len(eps) == 1:
             return eps[0]
+        local = [ep for ep in eps if not ep.remote]
+        if local and len(local) < len(eps):
+            eps = local
+            if len(eps) == 1:
+                return eps[0]
         return eps[next(self._rr) % len(eps)]
 
     def sessions_of(self, credential_id: str) -> int:

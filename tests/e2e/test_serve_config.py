@@ -68,6 +68,7 @@ EVERY_KEY = {
     "node_id": "edge-a",
     "peer_addr": "10.0.0.5:4043",
     "advertise_addr": "edge-a.example.com:4042",
+    "peer_tls": "on",
 }
 EXPECTED = {
     **EVERY_KEY,
