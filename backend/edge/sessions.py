@@ -319,21 +319,6 @@ class Registry:
     def route_internal(self, account_id: str, proto: str, host: str) -> Endpoint | None:
         return self._pick(self._routes.get(("internal", account_id, proto, host)))
 
-    def twins(self, ep: Endpoint) -> list[AgentEndpoint]:
-        """The other endpoints of the same agent on ``ep``'s URL: an HA agent's sessions
-        on other edges (or in other slots), which serve it the same way."""
-        s = ep.session
-        if s is None:
-            return []
-        return [
-            o
-            for o in self._routes.get(ep.route_key, ())
-            if o is not ep
-            and o.session is not None
-            and o.session.client_id == s.client_id
-            and o.session.account_id == s.account_id
-        ]
-
     def _pick(self, eps: list | None) -> Endpoint | None:
         """One of a route's endpoints, round robin; in a cluster, the ones held by this
         edge first (no peer hop; an HA agent holds the URL on two edges), remote ones

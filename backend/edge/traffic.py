@@ -226,7 +226,7 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
                 dc = None
             if dc is None:
                 try:
-                    ep, dr, dw = await open_data(edge, ep, conn, scheme)
+                    dr, dw = await ep.session.open_data(ep, conn["client_ip"], conn["client_port"], scheme)
                 except SessionClosed:
                     writer.write(pages.endpoint_offline(host))
                     metrics.http_request(404)
@@ -298,30 +298,6 @@ def _response_editor(responders: list[Endpoint], ctx: Context):
     return edit
 
 
-async def open_data(
-    edge: Edge, ep: Endpoint, conn: dict, scheme: str | None = None
-) -> tuple[Endpoint, asyncio.StreamReader, asyncio.StreamWriter]:
-    """A data connection to ``ep``'s agent, as (endpoint, reader, writer).
-
-    When ``ep``'s session cannot give one (it just ended, or its edge is unreachable:
-    killed, and not yet reaped from the cluster) and the same agent holds the URL
-    through other sessions (``--ha-connections``), each of those is tried once: no
-    byte has reached an agent yet, and they serve the URL the same way.  Raises
-    SessionClosed when none can.
-    """
-    tried: list[Endpoint] = []
-    while True:
-        try:
-            dr, dw = await ep.session.open_data(ep, conn["client_ip"], conn["client_port"], scheme)
-            return ep, dr, dw
-        except SessionClosed:
-            tried.append(ep)
-            nxt = next((o for o in edge.registry.twins(ep) if o not in tried), None)
-            if nxt is None:
-                raise
-            ep = nxt
-
-
 async def forward_raw(
     edge: Edge, ep: Endpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
@@ -346,7 +322,7 @@ async def forward_raw(
         close(writer)
         return
     try:
-        ep, dr, dw = await open_data(edge, ep, conn)
+        dr, dw = await ep.session.open_data(ep, conn["client_ip"], conn["client_port"])
     except SessionClosed:
         close(writer)
         return

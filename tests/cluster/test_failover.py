@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from tests.cluster.edges import Upstreams
+from tests.cluster.edges import Upstreams, sql
 from tests.cluster.harness import Cluster, FaultProxy, wait_until
 from tests.procs import BurrowProc, host_of
 
@@ -137,3 +137,60 @@ def test_kill9_of_an_edge_of_a_two_session_agent_fails_no_new_request(make_clust
     legs = wait_until(lambda: (ls := _legs(a)) and len(ls) == 2 and ls, 15, what="two sessions again")
     assert {_edge_of(c, leg["edge"]) for leg in legs} == {free, survivor}
 
+
+
+def test_sigstop_of_an_edge_of_a_two_session_agent(make_cluster, ups, tmp_path):
+    """A frozen edge's session is taken over by the agent's other one within 3.5 s (its
+    lease expires, it is reaped, every edge stops routing to it); thawed, the edge fences
+    itself and the agent's lost session comes back on an edge of its own: at no point
+    does PostgreSQL show two live sessions for one slot of the agent."""
+    c = make_cluster(3)
+    a = c.agent(0, "http", str(ups.http.port), "--ha-connections", "2", home=tmp_path / "a")
+    legs = wait_until(lambda: (ls := _legs(a)) and len(ls) == 2 and ls, 15, what="two sessions")
+    held = sorted(_edge_of(c, leg["edge"]) for leg in legs)
+    free = next(i for i in range(3) if i not in held)
+    victim, survivor = held
+    host = host_of(a.public_url)
+    client_id = sql(c.dsn, "SELECT client_id FROM sessions WHERE id = $1", legs[0]["session_id"])[0]["client_id"]
+
+    def owners() -> list[tuple[int, str, int]]:
+        """(slot, node, epoch) of the agent's sessions whose edge is live in PostgreSQL."""
+        rows = sql(
+            c.dsn,
+            "SELECT s.slot, s.node_id, s.epoch FROM sessions s JOIN edges e "
+            "ON e.node_id = s.node_id AND e.epoch = s.epoch AND e.lease_expires > now() "
+            "WHERE s.client_id = $1",
+            client_id,
+        )
+        return [(r["slot"], r["node_id"], r["epoch"]) for r in rows]
+
+    c.freeze(victim)
+    frozen_at = time.monotonic()
+    try:
+        checks = []
+        while time.monotonic() - frozen_at < 3.5:
+            slots = [o[0] for o in owners()]
+            checks.append(len(slots) == len(set(slots)))
+            time.sleep(0.1)
+        # taken over: every new request through the edges still up is served
+        statuses = [_get(c, i, host, timeout=2) for _ in range(10) for i in (free, survivor)]
+        assert statuses == [200] * 20, statuses
+        assert c.node_id(victim) not in {o[1] for o in owners()}
+    finally:
+        c.thaw(victim)
+    # the thawed edge fences itself (drops the session it held); the agent's lost slot
+    # comes back on the edge that neither holds
+    legs = wait_until(
+        lambda: (ls := _legs(a)) and len(ls) == 2 and victim not in {_edge_of(c, leg["edge"]) for leg in ls} and ls,
+        20,
+        what="the lost session back on another edge",
+    )
+    for _ in range(10):
+        slots = [o[0] for o in owners()]
+        checks.append(len(slots) == len(set(slots)))
+        time.sleep(0.05)
+    assert all(checks), "two live sessions for one slot"
+    assert sorted(o[0] for o in owners()) == [0, 1]
+    assert {_edge_of(c, leg["edge"]) for leg in legs} == {free, survivor}
+    for i in range(3):
+        assert _get(c, i, host) == 200
