@@ -221,8 +221,9 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=["text", "json", "logfmt"], default="text")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     cl = s.add_argument_group("cluster: several edges on one PostgreSQL (needs burrow[cluster])")
-    cl.add_argument("--store", default=None, metavar="DSN",
-                    help="postgresql://... makes this edge one of a cluster (default: SQLite in the data dir)")
+    cl.add_argument("--store", default=None, metavar="URL",
+                    help="cloud state: postgresql://... shares it between several edges (cluster "
+                    "mode, pip install 'burrow[cluster]'); default SQLite in the data dir")
     cl.add_argument("--node-id", default=None, metavar="NAME", help="this edge's name in the cluster (default: new per start)")
     cl.add_argument("--peer-addr", default=None, metavar="HOST:PORT",
                     help="listener for connections other edges forward here (default 127.0.0.1:0)")
@@ -551,6 +552,7 @@ async def _serve(args) -> int:
     policy_engine.configure(eval_budget=conf.policy_eval_budget)
     cfg = EdgeConfig(
         data_dir=(conf.data_dir or default_data_dir()).expanduser(),
+        store=conf.store,
         api_addr=conf.api_addr,
         ingress_addr=conf.ingress_addr,
         http_addr=conf.http_addr,
@@ -578,7 +580,6 @@ async def _serve(args) -> int:
         handshake_timeout=conf.handshake_timeout or 10.0,
         admin_key_hash=hash_token(conf.admin_key) if conf.admin_key else None,
         metrics_public=conf.metrics_public,
-        store=conf.store,
         node_id=conf.node_id,
         peer_addr=conf.peer_addr or "127.0.0.1:0",
         advertise_addr=conf.advertise_addr,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import re
@@ -147,7 +148,7 @@ class APIServer:
         self,
         router: Router,
         error: Callable[[Request | None, int, str], Response],
-        before: Callable[[Request], Response | None] | None = None,
+        before: Callable[[Request], Response | Awaitable[Response | None] | None] | None = None,
         *,
         guard: Callable[[Request], Response | None] | None = None,
         limits: ServerLimits | None = None,
@@ -336,6 +337,8 @@ class APIServer:
                 return self.error(req, 404, f"no such resource {req.path}")
             if self.before is not None:
                 refused = self.before(req)
+                if inspect.isawaitable(refused):
+                    refused = await refused
                 if refused is not None:
                     return refused
             req.params = params

@@ -30,13 +30,17 @@ name, claimed in the same transaction) without touching the callers: the cloud A
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from backend.netutil import is_ip
 
 if TYPE_CHECKING:
-    from backend.store import Store
+    from backend.store.aio import AsyncStore
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Holder",
@@ -44,7 +48,9 @@ __all__ = [
     "Ownership",
     "acl_allows",
     "agent_host_allowed",
+    "check_sharing",
     "name_of",
+    "other_account",
 ]
 
 
@@ -59,13 +65,18 @@ def name_of(binding: str, account_id: str, proto: str, host: str, port: int) -> 
 
 @dataclass(frozen=True, slots=True)
 class Holder:
-    """One endpoint holding a name: its id, account, protocol and pooling flag."""
+    """One endpoint holding a name: its id, account, protocol and pooling flag.
+
+    ``client_id`` is the agent's client id (agent endpoints): two sessions of one agent
+    (an HA agent on two edges) may hold the same URL without pooling.
+    """
 
     id: str
     account_id: str
     proto: str
     pooling: bool
     kind: str = "agent"  # agent | cloud
+    client_id: str | None = None
 
 
 class NameConflict(Exception):
@@ -88,42 +99,80 @@ class NameConflict(Exception):
         return self.name.startswith("tcp:")
 
 
-class Ownership:
-    """The edge's table of names, their owners and their holders."""
+def other_account(name: str) -> NameConflict:
+    what = f"tcp port {name[4:]}" if name.startswith("tcp:") else f"the hostname {name.split(':')[-1]}"
+    return NameConflict("other_account", name, f"{what} belongs to another account.")
 
-    def __init__(self, store: Store | None = None) -> None:
+
+def check_sharing(name: str, holder: Holder, others) -> None:
+    """Raise :class:`NameConflict` unless ``holder`` may join ``others`` (same account) on
+    ``name``: all pool, or the other one is the same agent (same client id)."""
+    for other in others:
+        if other.id == holder.id or other.proto != holder.proto:
+            continue
+        if holder.client_id is not None and other.client_id == holder.client_id:
+            continue  # one agent's sessions on two edges
+        if not holder.pooling:
+            raise NameConflict("online", name, "an endpoint is already online on this URL.", other)
+        if not other.pooling:
+            raise NameConflict(
+                "pooling_disabled", name, "the endpoint online on this URL has pooling disabled.", other
+            )
+
+
+class Ownership:
+    """The edge's table of names, their owners and their holders.
+
+    With a shared store (PostgreSQL, several edges) the live claims of agent endpoints
+    are also rows of the store's ``claims`` table, taken under an advisory lock on the
+    name, so two edges can never give one name to two accounts; this edge's own
+    claims stay in memory too (``names_of``, release).  Cloud endpoints are claimed in
+    memory on every edge that serves them; their durable half (reserved hostnames, tcp
+    ports) is checked by the store in the same lock.
+    """
+
+    def __init__(self, store: AsyncStore | None = None, node_id: str | None = None) -> None:
         self.store = store
+        self.node_id = node_id
         self._live: dict[str, dict[str, Holder]] = {}
         self._held: dict[str, str] = {}  # holder id -> the name it holds
         self._by_account: dict[str, set[str]] = {}
+        self._shared: dict[str, str] = {}  # holder id -> name, claims kept in the store
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def shared(self) -> bool:
+        return self.store is not None and self.store.shared
 
     # ------------------------------------------------------------------ interface
-    def owner_of(self, name: str) -> str | None:
+    async def owner_of(self, name: str) -> str | None:
         """The account that owns ``name`` (live or reserved), or None if it is free."""
         holders = self._live.get(name)
         if holders:
             return next(iter(holders.values())).account_id
-        return self._reserved_by(name)
+        if self.shared and not name.startswith("internal:"):
+            owner = await self.store.claim_owner(name)
+            if owner is not None:
+                return owner
+        return await self._reserved_by(name)
 
-    def claim(self, name: str, holder: Holder) -> None:
+    async def claim(self, name: str, holder: Holder) -> None:
         """Give ``name`` to ``holder`` (raises :class:`NameConflict`).
 
         Claiming again with the same holder id is a no-op; claiming a different name
         with it moves the claim (a cloud endpoint whose URL changed).
         """
-        owner = self.owner_of(name)
+        owner = await self.owner_of(name)
         if owner is not None and owner != holder.account_id:
-            what = f"tcp port {name[4:]}" if name.startswith("tcp:") else f"the hostname {name.split(':')[-1]}"
-            raise NameConflict("other_account", name, f"{what} belongs to another account.")
-        for other in self._live.get(name, {}).values():
-            if other.id == holder.id or other.proto != holder.proto:
-                continue
-            if not holder.pooling:
-                raise NameConflict("online", name, "an endpoint is already online on this URL.", other)
-            if not other.pooling:
-                raise NameConflict(
-                    "pooling_disabled", name, "the endpoint online on this URL has pooling disabled.", other
-                )
+            raise other_account(name)
+        check_sharing(name, holder, self._live.get(name, {}).values())
+        if self.shared and not name.startswith("internal:"):
+            if holder.kind == "agent":
+                # the authoritative check, in the store, under the name's lock
+                await self.store.claim_name(name, holder, self.node_id)
+                self._shared[holder.id] = name
+            else:
+                check_sharing(name, holder, await self.store.claim_holders(name))
         old = self._held.get(holder.id)
         if old is not None and old != name:
             self.release(holder.id)
@@ -133,7 +182,16 @@ class Ownership:
             self._by_account.setdefault(holder.account_id, set()).add(name)
 
     def release(self, holder_id: str) -> None:
-        """Drop whatever ``holder_id`` holds (idempotent)."""
+        """Drop whatever ``holder_id`` holds (idempotent).
+
+        A claim kept in the shared store is deleted there in the background (in order
+        per holder: a later claim of the same id waits for nothing, since ids are new
+        for every endpoint); should this edge die first, the janitor deletes it.
+        """
+        if self._shared.pop(holder_id, None) is not None and self.store is not None:
+            t = asyncio.ensure_future(self._release_shared(holder_id))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
         name = self._held.pop(holder_id, None)
         if name is None:
             return
@@ -150,44 +208,61 @@ class Ownership:
                     if not names:
                         del self._by_account[h.account_id]
 
+    async def _release_shared(self, holder_id: str) -> None:
+        assert self.store is not None
+        for attempt in range(5):
+            try:
+                await self.store.release_claim(holder_id)
+                return
+            except Exception as exc:  # PostgreSQL away: retry a little, then the janitor
+                if attempt == 4:
+                    log.warning("claim of %s not released in the store: %s", holder_id, exc)
+                    return
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def settle(self) -> None:
+        """Wait for the background releases started so far (tests, shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     # -------------------------------------------------------------------- helpers
     def names_of(self, account_id: str, prefix: str = "") -> int:
         """How many public names (optionally only ``tcp:``/``host:``) the account holds live."""
         return sum(1 for n in self._by_account.get(account_id, ()) if n.startswith(prefix))
 
-    def _reserved_by(self, name: str) -> str | None:
+    async def _reserved_by(self, name: str) -> str | None:
         if self.store is None or name.startswith("internal:"):
             return None
         if name.startswith("tcp:"):
-            return self.store.public_tcp_port_owner(int(name[4:]))
+            return await self.store.public_tcp_port_owner(int(name[4:]))
         host = name[5:]
-        owner = self.store.public_host_owner(host)
+        owner = await self.store.public_host_owner(host)
         if owner is not None:
             return owner
-        ing = self._ingress_over(host)
+        ing = await self._ingress_over(host)
         return ing.account_id if ing is not None else None
 
-    def _ingress_over(self, host: str):
+    async def _ingress_over(self, host: str):
         """The agent ingress whose domain is ``host`` or a parent of it, if any."""
         assert self.store is not None
         labels = host.removeprefix("*.").split(".")
         for i in range(len(labels) - 1):
-            ing = self.store.find_agent_ingress(".".join(labels[i:]))
+            ing = await self.store.find_agent_ingress(".".join(labels[i:]))
             if ing is not None:
                 return ing
         return None
 
-    def account_owns_domain(self, account_id: str, domain: str) -> bool:
+    async def account_owns_domain(self, account_id: str, domain: str) -> bool:
         """True if the account has reserved ``domain`` or it is (under) its agent ingress."""
         if self.store is None:
             return False
-        if self.store.public_host_owner(domain) == account_id:
+        if await self.store.public_host_owner(domain) == account_id:
             return True
-        ing = self._ingress_over(domain)
+        ing = await self._ingress_over(domain)
         return ing is not None and ing.account_id == account_id
 
 
-def agent_host_allowed(own: Ownership, edge_domain: str, account_id: str, host: str) -> str | None:
+async def agent_host_allowed(own: Ownership, edge_domain: str, account_id: str, host: str) -> str | None:
     """Why an agent of ``account_id`` may not bind public ``host`` (None if it may).
 
     Allowed: names under the edge's domain, and names the account owns (a hostname
@@ -199,14 +274,14 @@ def agent_host_allowed(own: Ownership, edge_domain: str, account_id: str, host: 
     if is_ip(bare) or bare == "localhost" or bare == edge_domain:
         return f"{host!r} is not a name an agent may bind"
     if host.startswith("*."):
-        if own.account_owns_domain(account_id, bare):
+        if await own.account_owns_domain(account_id, bare):
             return None
         return f"a wildcard needs a domain your account owns; {bare!r} is not one"
     if host.endswith("." + edge_domain):
         return None
     if bare.endswith(".localhost"):
         return f"{host!r} is not a name an agent may bind"
-    if own.account_owns_domain(account_id, host):
+    if await own.account_owns_domain(account_id, host):
         return None
     return f"{host!r} is neither under {edge_domain} nor a domain your account owns"
 

@@ -71,6 +71,9 @@ class ServeSettings(BaseSettings):
     )
 
     data_dir: Path | None = None
+    #: ``postgresql://...``: cloud state shared by several edges (cluster mode); a path or
+    #: ``sqlite:///path``: that SQLite file; None: ``burrow.db`` in the data dir
+    store: str | None = Field(default=None, repr=False)
     api_addr: str = "127.0.0.1:4041"
     ingress_addr: str = "127.0.0.1:4042"
     http_addr: str = "127.0.0.1:4080"
@@ -111,9 +114,8 @@ class ServeSettings(BaseSettings):
     acme_ca_root: Path | None = None
     acme_rate_limit: Count = 20
     acme_challenges: str = "tls-alpn-01,http-01"
-    #: cluster mode (backend/cluster): the PostgreSQL DSN, this edge's name, its peer
-    #: listener and the ingress address agents dial for data connections
-    store: str | None = None
+    #: cluster mode (backend/cluster, with ``store`` = postgresql://...): this edge's
+    #: name, its peer listener and the ingress address agents dial for data connections
     node_id: str | None = None
     peer_addr: str | None = None
     advertise_addr: str | None = None
@@ -135,6 +137,16 @@ class ServeSettings(BaseSettings):
         if v is None or not v.strip():
             return None
         return cls._address(v.strip())
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if "://" in v and not v.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("use postgresql://user@host/db (cluster mode), sqlite:///path or a path")
+        return v
 
     @field_validator("https_addr")
     @classmethod
@@ -249,7 +261,13 @@ def read_file(path: Path) -> dict:
     return data
 
 
-SECRET_KEYS = ("admin_key", "api_key", "authtoken")
+SECRET_KEYS = ("admin_key", "api_key", "authtoken", "store")  # a DSN may hold a password
+
+
+def _dsn_password(dsn: str) -> bool:
+    """Whether a store URL carries a password (``postgresql://user:pw@host/db``)."""
+    userinfo = dsn.partition("://")[2].partition("@")
+    return bool(userinfo[1]) and ":" in userinfo[0]
 
 
 def exposed_secrets(path: Path | None) -> str | None:
@@ -261,7 +279,7 @@ def exposed_secrets(path: Path | None) -> str | None:
         mode = path.stat().st_mode
     except (ServeConfigError, OSError):
         return None
-    held = [k for k in SECRET_KEYS if data.get(k)]
+    held = [k for k in SECRET_KEYS if data.get(k) and (k != "store" or _dsn_password(str(data[k])))]
     if held and mode & 0o077:
         return (
             f"{path} holds {', '.join(held)} and is readable by others (mode {mode & 0o777:o}); "

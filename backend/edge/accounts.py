@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from backend import protocol as p
-from backend.store import Account, Store
+from backend.store import Account, AsyncStore, Store
 from backend.store.base import ACCOUNT_PREFIX, new_token
 
 if TYPE_CHECKING:
@@ -38,6 +38,9 @@ __all__ = [
     "API_CODE",
     "AccountError",
     "Created",
+    "acreate",
+    "arefusal",
+    "aresolve",
     "create",
     "cut_off",
     "disabled_message",
@@ -123,6 +126,42 @@ def resolve(store: Store, ref: str) -> Account:
     return named[0]
 
 
+# the same, on the edge's (async) store
+async def arefusal(store: AsyncStore, token: str) -> str | None:
+    """Why ``token`` (a secret the store did not find) is refused, if its account is
+    disabled; None when it is simply unknown."""
+    acct = await store.disabled_owner(token) if token else None
+    return disabled_message(acct) if acct is not None else None
+
+
+async def acreate(store: AsyncStore, name: str) -> Created:
+    """Create an account with one authtoken and one API key (returned, stored hashed)."""
+    name = _check_name(name)
+    if any(a.name == name for a in await store.list_accounts()):
+        raise AccountError("exists", f"an account named {name!r} exists already")
+    account = await store.create_account(name)
+    authtoken, api_key = new_token("bat"), new_token("bak")
+    await store.add_authtoken(account.id, authtoken, description=f"created with the account {name}")
+    await store.add_api_key(account.id, api_key, description=f"created with the account {name}")
+    return Created(account, authtoken, api_key)
+
+
+async def aresolve(store: AsyncStore, ref: str) -> Account:
+    """The account with id ``ref``, else the one named ``ref``."""
+    ref = ref.strip()
+    if ref.startswith(ACCOUNT_PREFIX + "_"):
+        acct = await store.get_account(ref)
+        if acct is not None:
+            return acct
+        raise AccountError("not_found", f"no account with id {ref!r}")
+    named = [a for a in await store.list_accounts() if a.name == ref]
+    if not named:
+        raise AccountError("not_found", f"no account named {ref!r}")
+    if len(named) > 1:  # only from stores written before names were unique
+        raise AccountError("invalid", f"{len(named)} accounts are named {ref!r}; use the id")
+    return named[0]
+
+
 # ---------------------------------------------------------------- effects on an edge
 def cut_off(edge: Edge, account: Account) -> int:
     """End the account's live sessions and stop serving its cloud endpoints; return how
@@ -143,7 +182,7 @@ def cut_off(edge: Edge, account: Account) -> int:
 async def restore(edge: Edge, account: Account) -> None:
     """Serve an account's cloud endpoints again (after it was enabled)."""
     assert edge.store is not None
-    for rec in edge.store.list_cloud_endpoints(account.id):
+    for rec in await edge.store.list_cloud_endpoints(account.id):
         if edge.registry.find(rec.id) is not None:
             continue
         try:
@@ -160,19 +199,19 @@ async def watch(edge: Edge, interval: float = WATCH_INTERVAL) -> None:
         if edge.store is None:
             continue
         try:
-            ids = edge.store.disabled_account_ids()
+            ids = await edge.store.disabled_account_ids()
         except Exception as exc:  # a store that failed: say so, try again later
             log.warning("cannot read disabled accounts: %s", exc)
             continue
         live = {s.account_id for s in edge.registry.sessions.values()}
         live |= {ep.account_id for ep in edge.registry.endpoints() if ep.session is None}
         for account_id in ids & live:
-            acct = edge.store.get_account(account_id)
+            acct = await edge.store.get_account(account_id)
             if acct is not None:
                 cut_off(edge, acct)
         if seen is not None:
             for account_id in seen - ids:
-                acct = edge.store.get_account(account_id)
+                acct = await edge.store.get_account(account_id)
                 if acct is not None:
                     with contextlib.suppress(Exception):
                         await restore(edge, acct)

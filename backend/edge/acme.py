@@ -151,13 +151,13 @@ class EdgeAcme:
         self._wake = asyncio.Event()
 
     # -------------------------------------------------------------------- start
-    def start(self) -> None:
+    async def start(self) -> None:
         private_dir(self.dir)
         private_dir(self.certs_dir)
         self._load_files()
         assert self.edge.store is not None
         now = utcnow()
-        for ing in self.edge.store.all_agent_ingresses():
+        for ing in await self.edge.store.all_agent_ingresses():
             if ing.cert_policy is None:
                 continue
             if ing.certificate is not None:
@@ -333,7 +333,7 @@ class EdgeAcme:
     async def _provision_ingress(self, ingress_id: str, account_id: str) -> None:
         store = self.edge.store
         assert store is not None
-        ing = store.get_agent_ingress(account_id, ingress_id)
+        ing = await store.get_agent_ingress(account_id, ingress_id)
         if ing is None or ing.cert_policy is None:
             self.ingress_changed(None, ingress_id)
             return
@@ -362,7 +362,7 @@ class EdgeAcme:
                 retries_at=started + dt.timedelta(seconds=delay),
             )
         # the ingress may have changed or gone while the order ran
-        now = store.get_agent_ingress(account_id, ingress_id)
+        now = await store.get_agent_ingress(account_id, ingress_id)
         if now is None or now.cert_policy != policy:
             return
         changes: dict = {"cert_job": job}
@@ -370,7 +370,7 @@ class EdgeAcme:
             changes["certificate"] = cert
         new = now.model_copy(update=changes)
         try:
-            store.update_agent_ingress(new)
+            await store.update_agent_ingress(new)
         except NotFoundError:
             return
         if cert is not None:

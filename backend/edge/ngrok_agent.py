@@ -246,7 +246,7 @@ class AgentConnection:
                 return
             req = await asyncio.wait_for(_read_json(st.reader), REQUEST_TIMEOUT)
             if kind == AUTH:
-                reply = self._auth(req)
+                reply = await self._auth(req)
             elif self.session is None:
                 reply = {"Error": "the session is not authenticated\nERR_NGROK_105"}
             elif kind == BIND:
@@ -273,7 +273,7 @@ class AgentConnection:
             st.writer.write(beat)
 
     # ------------------------------------------------------------------ requests
-    def _auth(self, req: dict) -> dict:
+    async def _auth(self, req: dict) -> dict:
         edge = self.edge
         assert edge.store is not None
         extra = _get(req, "Extra", {}) or {}
@@ -281,11 +281,11 @@ class AgentConnection:
             return {"Version": "3", "ClientId": "", "Error": "already authenticated\nERR_NGROK_105"}
         self._auth_started = True
         token = _str(_get(extra, "AuthToken"))
-        cred = edge.store.find_authtoken(token)
+        cred = await edge.store.find_authtoken(token)
         if cred is None:
             self.auth_failed = True
             edge.on_event({"event": "auth_failed", "ip": self.peer_ip})
-            disabled = accounts.refusal(edge.store, token)
+            disabled = await accounts.arefusal(edge.store, token)
             error = f"{disabled}\n\n{accounts.AGENT_CODE}" if disabled else BAD_AUTHTOKEN
             return {"Version": "3", "ClientId": "", "Error": error, "Extra": {}}
         interval, tolerance = _get(extra, "HeartbeatInterval"), _get(extra, "HeartbeatTolerance")
@@ -403,7 +403,7 @@ class AgentConnection:
         except ValueError as exc:
             return {**fail, "Error": f"invalid bind request: {exc}\nERR_NGROK_9000"}
         old_id = _str(_get(req, "Id"))
-        remembered = _remembered(self.edge, self.session.account_id, old_id) if old_id else None
+        remembered = await _remembered(self.edge, self.session.account_id, old_id) if old_id else None
         res = None
         if remembered and not url:
             # a reconnecting agent re-binds with its old Id: same URL as before if still free
@@ -420,7 +420,7 @@ class AgentConnection:
         self.session.agent_ids[res.endpoint_id] = tid
         # no await since the endpoint went online: no Proxy stream can start without its header
         self._stream_settings(res.endpoint_id, proto, applied)
-        _remember(self.edge, self.session.account_id, tid, res.url)
+        await _remember(self.edge, self.session.account_id, tid, res.url)
         return {
             "Id": tid,
             "URL": res.url,
@@ -458,26 +458,35 @@ MAX_REMEMBERED = 10_000  # tunnel ids whose URL the edge remembers for re-binds
 MAX_TUNNEL_ID = 128  # longer Ids (the agent chooses its re-bind Id) are not remembered
 
 
-def _remember(edge: Edge, account_id: str, tunnel_id: str, url: str) -> None:
+async def _remember(edge: Edge, account_id: str, tunnel_id: str, url: str) -> None:
     """Remember the URL a tunnel id got, in the edge's store, so that an agent that
     reconnects and re-binds with its old Id gets the same random URL, also after the
     edge restarts (bounded: the oldest entries go first)."""
     if edge.store is None or len(tunnel_id) > MAX_TUNNEL_ID:
         return
     try:
-        edge.store.remember_rebind_url(account_id, tunnel_id, url, MAX_REMEMBERED)
+        await edge.store.remember_rebind_url(account_id, tunnel_id, url, MAX_REMEMBERED)
     except (StoreError, sqlite3.Error) as exc:  # a URL not remembered is not a failed bind
         log.warning("could not remember the URL of tunnel %s: %s", tunnel_id, exc)
 
 
-def _remembered(edge: Edge, account_id: str, tunnel_id: str) -> str | None:
+async def _remembered(edge: Edge, account_id: str, tunnel_id: str) -> str | None:
     if edge.store is None or len(tunnel_id) > MAX_TUNNEL_ID:
         return None
     try:
-        return edge.store.rebind_url(account_id, tunnel_id)
+        return await edge.store.rebind_url(account_id, tunnel_id)
     except (StoreError, sqlite3.Error) as exc:
         log.warning("could not look up the URL of tunnel %s: %s", tunnel_id, exc)
         return None
+
+
+async def _forget(edge: Edge, account_id: str, tunnel_id: str) -> None:
+    if edge.store is None:
+        return
+    try:
+        await edge.store.forget_rebind_url(account_id, tunnel_id)
+    except (StoreError, sqlite3.Error) as exc:
+        log.warning("could not forget the URL of tunnel %s: %s", tunnel_id, exc)
 
 
 def stop_endpoint(edge: Edge, ep: AgentEndpoint, message: str, error_code: str = "") -> bool:
@@ -489,11 +498,8 @@ def stop_endpoint(edge: Edge, ep: AgentEndpoint, message: str, error_code: str =
     tid = s.agent_ids.get(ep.id, ep.id)
     s.stop_tunnel(ep.id, message, error_code)
     edge.registry.remove_endpoint(ep)
-    if edge.store is not None:
-        try:  # a deleted endpoint is not re-bound to its URL by a later reconnect
-            edge.store.forget_rebind_url(s.account_id, tid)
-        except (StoreError, sqlite3.Error) as exc:
-            log.warning("could not forget the URL of tunnel %s: %s", tid, exc)
+    if edge.store is not None:  # a deleted endpoint is not re-bound to its URL by a later reconnect
+        edge._spawn(_forget(edge, s.account_id, tid))
     edge.on_event({"event": "endpoint_offline", "url": ep.url, "reason": message})
     return True
 

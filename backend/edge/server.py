@@ -50,7 +50,7 @@ from backend.policy.document import PolicyError
 from backend.policy.engine import compile_policy
 from backend.relay import close
 from backend.sni import NotTLS, peek_hello
-from backend.store import Store, open_store
+from backend.store import AsyncStore, open_edge_store
 from backend.store.base import new_token
 from backend.tls import LocalCA
 
@@ -71,6 +71,9 @@ MAX_LINGERING = 64  # refused connections lingering at once; past it they close 
 @dataclass
 class EdgeConfig:
     data_dir: Path
+    #: where cloud state lives: None = SQLite in ``data_dir``; ``postgresql://...`` =
+    #: a PostgreSQL shared by several edges (cluster mode)
+    store: str | None = None
     api_addr: str = "127.0.0.1:4041"
     ingress_addr: str = "127.0.0.1:4042"
     http_addr: str = "127.0.0.1:4080"
@@ -134,10 +137,7 @@ class EdgeConfig:
     admin_key_hash: str | None = None
     #: serve ``/metrics`` without the admin key
     metrics_public: bool = False
-    # Cluster mode (backend/cluster): several edges on one PostgreSQL.
-    #: postgresql://... = cluster mode (provisional here until the PostgreSQL store lands:
-    #: it starts the cluster runtime only); None = one edge on SQLite
-    store: str | None = None
+    # Cluster mode (backend/cluster): several edges on one PostgreSQL (``store``).
     #: this edge's name in the cluster (None = a new one per start)
     node_id: str | None = None
     #: where the peer listener binds (other edges forward public connections to it)
@@ -154,7 +154,9 @@ class Edge:
         self.names = Ownership()
         self.registry = Registry(self.names)
         self.on_event = on_event or (lambda ev: None)
-        self.store: Store | None = None
+        self.store: AsyncStore | None = None
+        #: the cluster runtime (membership, change feed, peers); None in SQLite mode
+        self.cluster = None
         self.ca: LocalCA | None = None
         self.acme: EdgeAcme | None = None
         self.cluster: ClusterNode | None = None  # cluster mode only
@@ -185,9 +187,9 @@ class Edge:
 
             await share_ca(dsn, cfg.data_dir)
         self.ca = LocalCA.load_or_create(cfg.data_dir)
-        self.store = open_store(cfg.data_dir / "burrow.db")
+        self.store = await open_edge_store(cfg.store or cfg.data_dir / "burrow.db")
         self.names.store = self.store
-        self._bootstrap_credentials()
+        await self._bootstrap_credentials()
         names = ["localhost", "127.0.0.1", "::1", cfg.domain]
         # the addresses agents dial (an edge of a cluster binds e.g. 127.0.0.3 or a LAN address)
         for addr in (cfg.ingress_addr, cfg.advertise_addr):
@@ -198,7 +200,7 @@ class Edge:
             from backend.edge.acme import EdgeAcme
 
             self.acme = EdgeAcme(self)
-            self.acme.start()
+            await self.acme.start()
             ingress_ctx = self.ca.sni_context(names, pick=self.acme.ingress_context)
         else:
             ingress_ctx = self.ca.sni_context(names)
@@ -271,8 +273,9 @@ class Edge:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.names.settle()
         if self.store is not None:
-            self.store.close()
+            await self.store.aclose()
 
     def ready_info(self) -> dict:
         def url(scheme: str, key: str) -> str | None:
@@ -291,7 +294,7 @@ class Edge:
             **({"node_id": self.cluster.node_id, "peer_addr": self.cluster.peer_addr} if self.cluster else {}),
         }
 
-    def _bootstrap_credentials(self) -> None:
+    async def _bootstrap_credentials(self) -> None:
         """Create the credentials given on the command line, or a first pair on first run.
 
         A generated pair is written once to ``bootstrap.json`` (mode 0600) in the data
@@ -299,11 +302,11 @@ class Edge:
         holds an authtoken; the database keeps only hashes.
         """
         assert self.store is not None
-        acct = self.store.default_account()
+        acct = await self.store.default_account()
         for tok in self.config.authtokens:
-            self.store.add_authtoken(acct.id, tok, description="from the command line")
+            await self.store.add_authtoken(acct.id, tok, description="from the command line")
         for key in self.config.api_keys:
-            self.store.add_api_key(acct.id, key, description="from the command line")
+            await self.store.add_api_key(acct.id, key, description="from the command line")
         path = self.config.data_dir / "bootstrap.json"
         if tighten_file(path):
             with contextlib.suppress(OSError, ValueError):
@@ -312,8 +315,8 @@ class Edge:
         if self.config.authtokens and self.config.api_keys:
             return
         boot = {"authtoken": new_token("bat"), "api_key": new_token("bak")}
-        self.store.add_authtoken(acct.id, boot["authtoken"], description="bootstrap")
-        self.store.add_api_key(acct.id, boot["api_key"], description="bootstrap")
+        await self.store.add_authtoken(acct.id, boot["authtoken"], description="bootstrap")
+        await self.store.add_api_key(acct.id, boot["api_key"], description="bootstrap")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(boot, f)
@@ -509,9 +512,9 @@ class Edge:
         self, r: asyncio.StreamReader, w: asyncio.StreamWriter, auth: p.Auth, peer_ip: str
     ) -> None:
         assert self.store is not None
-        cred = self.store.find_authtoken(auth.authtoken)
+        cred = await self.store.find_authtoken(auth.authtoken)
         if cred is None:
-            disabled = accounts.refusal(self.store, auth.authtoken)
+            disabled = await accounts.arefusal(self.store, auth.authtoken)
             p.write_msg(
                 w,
                 p.Error(code=accounts.AGENT_CODE, msg=disabled)
@@ -708,7 +711,7 @@ class Edge:
         )
         if msg.proto in ("http", "https", "tls"):
             if internal:
-                return self._claim(AgentEndpoint(url=f"{scheme}://{host}", host=host, port=0, **common))
+                return await self._claim(AgentEndpoint(url=f"{scheme}://{host}", host=host, port=0, **common))
             listener = "http" if msg.proto == "http" else "https"
             if listener not in self.addrs:
                 raise BindError("ERR_NGROK_9037", "this edge has no https listener")
@@ -717,12 +720,12 @@ class Edge:
             lport = self.addrs[listener][1]
             default = 80 if msg.proto == "http" else 443
             url = f"{scheme}://{host}" + ("" if lport == default else f":{lport}")
-            return self._claim(AgentEndpoint(url=url, host=host, port=lport, **common))
+            return await self._claim(AgentEndpoint(url=url, host=host, port=lport, **common))
         # tcp
         if internal:
             if not port:
                 raise BindError("ERR_NGROK_9038", "internal tcp endpoints need a port")
-            return self._claim(AgentEndpoint(url=f"tcp://{host}:{port}", host=host, port=port, **common))
+            return await self._claim(AgentEndpoint(url=f"tcp://{host}:{port}", host=host, port=port, **common))
         tcp_host = self._tcp_host()
         lo, hi = cfg.tcp_ports
         if port:
@@ -734,9 +737,9 @@ class Edge:
             candidates = [lo + (start + i) % (hi - lo + 1) for i in range(min(64, hi - lo + 1))]
         bind_host = parse_hostport(cfg.http_addr)[0]
         for cand in candidates:
-            if not port and self.names.owner_of(f"tcp:{cand}") is not None:
+            if not port and await self.names.owner_of(f"tcp:{cand}") is not None:
                 continue
-            ep = self._claim(AgentEndpoint(url=f"tcp://{tcp_host}:{cand}", host="", port=cand, **common))
+            ep = await self._claim(AgentEndpoint(url=f"tcp://{tcp_host}:{cand}", host="", port=cand, **common))
             if self.registry.route("public", "tcp", cand) is not None:
                 return ep  # pooled: shares the listener of the endpoint already online
             try:
@@ -749,7 +752,7 @@ class Edge:
             return ep
         raise BindError("ERR_NGROK_9040", f"no free tcp port in {lo}-{hi}")
 
-    def _claim(self, ep: AgentEndpoint) -> AgentEndpoint:
+    async def _claim(self, ep: AgentEndpoint) -> AgentEndpoint:
         """Check that the session may bind ``ep`` and claim its name (raises BindError).
 
         In order: the names an agent may bind at all, the credential's ACL, the
@@ -759,11 +762,11 @@ class Edge:
         s, cfg = ep.session, self.config
         public = ep.binding == "public"
         name = ep.owned_name
-        owner = self.names.owner_of(name)
+        owner = await self.names.owner_of(name)
         if owner is not None and owner != s.account_id:
             raise self._taken(ep, NameConflict("other_account", name, ""))
         if public and ep.proto != "tcp":
-            why = agent_host_allowed(self.names, cfg.domain, s.account_id, ep.host)
+            why = await agent_host_allowed(self.names, cfg.domain, s.account_id, ep.host)
             if why is not None:
                 raise BindError(
                     "ERR_NGROK_319",
@@ -777,7 +780,7 @@ class Edge:
                 f"Credential ID: {s.credential_id} Address: {ep.url}",
             )
         if cfg.max_endpoints_per_account:
-            n = self.endpoint_count(s.account_id)
+            n = await self.endpoint_count(s.account_id)
             if n >= cfg.max_endpoints_per_account:
                 raise BindError(
                     "ERR_NGROK_18021",
@@ -793,7 +796,9 @@ class Edge:
                     f"edge and holds {n}. Stop a tcp endpoint before starting another.",
                 )
         try:
-            self.names.claim(name, Holder(ep.id, s.account_id, ep.proto, ep.pooling_enabled, "agent"))
+            await self.names.claim(
+                name, Holder(ep.id, s.account_id, ep.proto, ep.pooling_enabled, "agent", s.client_id)
+            )
         except NameConflict as exc:
             raise self._taken(ep, exc) from None
         return ep
@@ -819,11 +824,11 @@ class Edge:
             "enable pooling on both to share its traffic.",
         )
 
-    def endpoint_count(self, account_id: str) -> int:
+    async def endpoint_count(self, account_id: str) -> int:
         """Endpoints the account has: agent endpoints online and stored cloud endpoints."""
         assert self.store is not None
         agent = sum(len(s.endpoints) for s in self.registry.sessions.values() if s.account_id == account_id)
-        return agent + len(self.store.list_cloud_endpoints(account_id))
+        return agent + len(await self.store.list_cloud_endpoints(account_id))
 
     # ------------------------------------------------------------- public traffic
     @connection_handler
@@ -883,16 +888,16 @@ class Edge:
         """Compile a cloud endpoint's policy (raises PolicyError with the reason)."""
         return compile_policy(text, require_termination=True)
 
-    def claim_cloud_name(self, rec) -> None:
+    async def claim_cloud_name(self, rec) -> None:
         """Claim a cloud endpoint's name for its account (raises NameConflict)."""
         name = name_of(rec.binding, rec.account_id, rec.proto, rec.host, rec.port)
-        self.names.claim(name, Holder(rec.id, rec.account_id, rec.proto, rec.pooling_enabled, "cloud"))
+        await self.names.claim(name, Holder(rec.id, rec.account_id, rec.proto, rec.pooling_enabled, "cloud"))
 
     async def serve_cloud_endpoint(self, rec) -> None:
         """Route traffic for a stored cloud endpoint (new or updated)."""
         policy = self.compile_cloud_policy(rec.traffic_policy) if rec.traffic_policy else None
         self.unserve_cloud_endpoint(rec.id)
-        self.claim_cloud_name(rec)
+        await self.claim_cloud_name(rec)
         route = CloudRoute(
             id=rec.id,
             account_id=rec.account_id,
@@ -924,7 +929,7 @@ class Edge:
 
     async def _load_cloud_endpoints(self) -> None:
         assert self.store is not None
-        for rec in self.store.all_cloud_endpoints():
+        for rec in await self.store.all_cloud_endpoints():
             try:
                 await self.serve_cloud_endpoint(rec)
             except (PolicyError, OSError, NameConflict) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from backend.store.aio import AsyncStore, SQLiteAsync
 from backend.store.base import (
     Account,
     AgentIngress,
@@ -18,15 +19,18 @@ from backend.store.base import (
     ReservedDomain,
     Store,
     StoreError,
+    StoreUnavailable,
     hash_token,
     new_token,
 )
 from backend.store.sqlite import SQLiteStore
 
 __all__ = [
+    "POSTGRES_SCHEMES",
     "APIKey",
     "Account",
     "AgentIngress",
+    "AsyncStore",
     "CertJob",
     "CertPolicy",
     "CloudEndpoint",
@@ -35,13 +39,19 @@ __all__ = [
     "IngressCertificate",
     "NotFoundError",
     "ReservedDomain",
+    "SQLiteAsync",
     "SQLiteStore",
     "Store",
     "StoreError",
+    "StoreUnavailable",
     "hash_token",
     "new_token",
+    "open_edge_store",
     "open_store",
 ]
+
+#: URL schemes of a PostgreSQL store (cluster mode).
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def open_store(location: str | Path) -> Store:
@@ -52,8 +62,21 @@ def open_store(location: str | Path) -> Store:
     PostgreSQL store only needs a new scheme here.
     """
     text = str(location)
+    if text.startswith(POSTGRES_SCHEMES):
+        raise ValueError("a PostgreSQL store is async: use open_edge_store()")
     if text.startswith("sqlite:///"):
         return SQLiteStore(text.removeprefix("sqlite:///"))
     if "://" in text:
         raise ValueError(f"unsupported store location {text!r}; use a path or sqlite:///path")
     return SQLiteStore(Path(text))
+
+
+async def open_edge_store(location: str | Path) -> AsyncStore:
+    """Open the edge's store: PostgreSQL for a ``postgresql://`` URL (cluster mode),
+    else SQLite as :func:`open_store` does, wrapped in :class:`SQLiteAsync`."""
+    text = str(location)
+    if text.startswith(POSTGRES_SCHEMES):
+        from backend.store.postgres import PostgresStore
+
+        return await PostgresStore.connect(text)
+    return SQLiteAsync(open_store(location))

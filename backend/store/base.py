@@ -39,6 +39,7 @@ __all__ = [
     "ReservedDomain",
     "Store",
     "StoreError",
+    "StoreUnavailable",
     "format_timestamp",
     "hash_token",
     "new_token",
@@ -59,6 +60,14 @@ _TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 class StoreError(Exception):
     """Base class for store failures the API layer turns into error responses."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached right now (PostgreSQL down or unreachable).
+
+    Nothing was written; the caller may retry.  The cloud API answers it with
+    503 and ``Retry-After: 1``.
+    """
 
 
 class ConflictError(StoreError):

@@ -32,26 +32,32 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SQLiteStore]:
+def sqlite_store(db_path: Path) -> Iterator[SQLiteStore]:
     s = SQLiteStore(db_path)
     yield s
     s.close()
 
 
-def test_is_a_store(store: SQLiteStore) -> None:
-    assert isinstance(store, Store)
+@pytest.fixture
+def store(any_store):
+    """The contract tests run on SQLite and on PostgreSQL (tests/backend/conftest.py)."""
+    return any_store
 
 
-def test_pragmas(store: SQLiteStore) -> None:
-    conn = store.conn
+def test_is_a_store(sqlite_store: SQLiteStore) -> None:
+    assert isinstance(sqlite_store, Store)
+
+
+def test_pragmas(sqlite_store: SQLiteStore) -> None:
+    conn = sqlite_store.conn
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
 
-def test_migration_version_recorded(store: SQLiteStore, db_path: Path) -> None:
-    assert store.schema_version() == len(MIGRATIONS) >= 1
-    store.close()
+def test_migration_version_recorded(sqlite_store: SQLiteStore, db_path: Path) -> None:
+    assert sqlite_store.schema_version() == len(MIGRATIONS) >= 1
+    sqlite_store.close()
     with sqlite3.connect(db_path) as raw:
         versions = [r[0] for r in raw.execute("SELECT version FROM schema_migrations")]
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -74,15 +80,15 @@ def test_newer_schema_is_refused(db_path: Path) -> None:
         SQLiteStore(db_path)
 
 
-def test_default_account_created_once(store: SQLiteStore, db_path: Path) -> None:
-    acct = store.default_account()
+def test_default_account_created_once(sqlite_store: SQLiteStore, db_path: Path) -> None:
+    acct = sqlite_store.default_account()
     assert acct.name == "default"
     assert re.fullmatch(rf"acct_{KSUID_BODY}", acct.id)
-    assert store.default_account() == acct
+    assert sqlite_store.default_account() == acct
     # A user account that happens to be named "default" does not confuse it.
-    store.create_account("default")
-    assert store.default_account() == acct
-    store.close()
+    sqlite_store.create_account("default")
+    assert sqlite_store.default_account() == acct
+    sqlite_store.close()
     with SQLiteStore(db_path) as reopened:
         assert reopened.default_account() == acct
 
@@ -142,13 +148,13 @@ def test_list_order_and_delete(store: SQLiteStore) -> None:
     assert store.list_api_keys(acct.id) == keys[1:]
 
 
-def test_secrets_stored_only_as_hashes(store: SQLiteStore, db_path: Path) -> None:
-    acct = store.default_account()
+def test_secrets_stored_only_as_hashes(sqlite_store: SQLiteStore, db_path: Path) -> None:
+    acct = sqlite_store.default_account()
     authtoken = new_token("2authtoken")
     api_key = new_token("apikey")
-    store.add_authtoken(acct.id, authtoken, "desc")
-    store.add_api_key(acct.id, api_key, "desc")
-    store.close()
+    sqlite_store.add_authtoken(acct.id, authtoken, "desc")
+    sqlite_store.add_api_key(acct.id, api_key, "desc")
+    sqlite_store.close()
 
     # No row in any table holds either secret.
     with sqlite3.connect(db_path) as raw:
@@ -211,12 +217,12 @@ def test_unknown_account_rejected(store: SQLiteStore) -> None:
         store.add_api_key("acct_nope", new_token())
 
 
-def test_timestamps_are_rfc3339_utc(store: SQLiteStore) -> None:
-    acct = store.default_account()
-    store.add_authtoken(acct.id, new_token())
+def test_timestamps_are_rfc3339_utc(sqlite_store: SQLiteStore) -> None:
+    acct = sqlite_store.default_account()
+    sqlite_store.add_authtoken(acct.id, new_token())
     for table in ("accounts", "credentials", "schema_migrations"):
         column = "applied_at" if table == "schema_migrations" else "created_at"
-        for (value,) in store.conn.execute(f"SELECT {column} FROM {table}"):
+        for (value,) in sqlite_store.conn.execute(f"SELECT {column} FROM {table}"):
             assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", value), value
     now = dt.datetime.now(dt.UTC)
     assert abs((now - acct.created_at).total_seconds()) < 5

@@ -14,7 +14,13 @@ from backend.store.sqlite import MIGRATIONS
 
 
 @pytest.fixture
-def store(tmp_path: Path):
+def store(any_store):
+    """On SQLite and on PostgreSQL (tests/backend/conftest.py)."""
+    return any_store
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path):
     with SQLiteStore(tmp_path / "burrow.db") as s:
         yield s
 
@@ -56,18 +62,18 @@ def test_a_disabled_accounts_secrets_are_not_found_and_say_why(store):
     assert store.set_account_disabled("acct_nobody", True) is None
 
 
-def test_secrets_are_stored_hashed_and_names_are_unique(store):
-    made = accounts.create(store, "carol")
-    rows = store.conn.execute("SELECT token_hash FROM credentials UNION ALL SELECT token_hash FROM api_keys").fetchall()
+def test_secrets_are_stored_hashed_and_names_are_unique(sqlite_store):
+    made = accounts.create(sqlite_store, "carol")
+    rows = sqlite_store.conn.execute("SELECT token_hash FROM credentials UNION ALL SELECT token_hash FROM api_keys").fetchall()
     assert all(made.authtoken not in r[0] and made.api_key not in r[0] for r in rows)
     with pytest.raises(accounts.AccountError) as exc:
-        accounts.create(store, "carol")
+        accounts.create(sqlite_store, "carol")
     assert exc.value.kind == "exists"
-    assert accounts.resolve(store, "carol").id == made.account.id
-    assert accounts.resolve(store, made.account.id).name == "carol"
+    assert accounts.resolve(sqlite_store, "carol").id == made.account.id
+    assert accounts.resolve(sqlite_store, made.account.id).name == "carol"
     for bad in ("", " ", "x" * 65, "acct_spoof", "tab\there"):
         with pytest.raises(accounts.AccountError):
-            accounts.create(store, bad)
+            accounts.create(sqlite_store, bad)
 
 
 def test_an_old_database_gets_the_column(tmp_path):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,16 +15,14 @@ from backend.store import (
     ConflictError,
     IngressCertificate,
     NotFoundError,
-    SQLiteStore,
 )
 from backend.store.base import utcnow
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "burrow.db")
-    yield s
-    s.close()
+def store(any_store):
+    """Every test here runs on SQLite and on PostgreSQL (tests/backend/conftest.py)."""
+    return any_store
 
 
 def ep(account: str, url: str = "https://a.example.com", **kw) -> CloudEndpoint:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from backend.edge.api.admin import AdminAPI, own_auth
 from backend.edge.api.agent_ingresses import AgentIngressesAPI
-from backend.edge.api.core import APIError, RateLimiter, api_error, make_before
+from backend.edge.api.core import APIError, RateLimiter, SharedRateLimiter, api_error, make_before
 from backend.edge.api.endpoints import EndpointsAPI
 from backend.edge.api.keys import APIKeysAPI, CredentialsAPI
 from backend.edge.api.reserved_domains import ReservedDomainsAPI
@@ -58,10 +58,13 @@ def build_router(edge: Edge) -> Router:
 async def start_api(edge: Edge, addr: str) -> tuple[APIServer, tuple[str, int]]:
     """Serve the cloud API on ``addr``; return the server and the bound address."""
     cfg = edge.config
-    cloud = make_before(edge, RateLimiter(cfg.api_rate_limit), RateLimiter(cfg.api_auth_fail_limit))
+    # the per-account limit: this edge's memory, or the shared store's (every edge counts)
+    shared = edge.store is not None and edge.store.shared
+    limiter = SharedRateLimiter(edge.store, cfg.api_rate_limit) if shared else RateLimiter(cfg.api_rate_limit)
+    cloud = make_before(edge, limiter, RateLimiter(cfg.api_auth_fail_limit))
 
-    def before(req: Request) -> Response | None:
-        return None if own_auth(req.path) else cloud(req)
+    async def before(req: Request) -> Response | None:
+        return None if own_auth(req.path) else await cloud(req)
 
     server = APIServer(
         build_router(edge),

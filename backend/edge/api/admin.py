@@ -101,7 +101,7 @@ class AdminAPI:
         return json_response({"status": "ok"})
 
     async def readyz(self, req: Request) -> Response:
-        checks = {"listeners": self._listeners(), "store": self._store()}
+        checks = {"listeners": self._listeners(), "store": await self._store()}
         ok = all(v == "ok" for v in checks.values())
         return json_response({"status": "ready" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
 
@@ -114,11 +114,11 @@ class AdminAPI:
             down.append("api")
         return "ok" if not down else f"down: {', '.join(down)}"
 
-    def _store(self) -> str:
+    async def _store(self) -> str:
         if self.edge.store is None:
             return "not open"
         try:
-            self.edge.store.disabled_account_ids()
+            await self.edge.store.disabled_account_ids()
         except Exception as exc:
             return f"error: {type(exc).__name__}: {exc}"
         return "ok"
@@ -183,16 +183,16 @@ class AdminAPI:
             "agent_sessions": sessions,
         }
 
-    def _resolve(self, store, ref: str) -> Account:
+    async def _resolve(self, store, ref: str) -> Account:
         try:
-            return accounts.resolve(store, ref)
+            return await accounts.aresolve(store, ref)
         except accounts.AccountError as exc:
             raise _account_error(exc) from None
 
     @_guarded
     async def list_accounts(self, req: Request) -> Response:
         store = self._admin(req)
-        items = [self._view(a, req) for a in reversed(store.list_accounts())]
+        items = [self._view(a, req) for a in reversed(await store.list_accounts())]
         return json_response({"accounts": items, "uri": f"{req.base_url}/admin/accounts", "next_page_uri": None})
 
     @_guarded
@@ -200,7 +200,7 @@ class AdminAPI:
         store = self._admin(req)
         body = parse_body(req, _CreateAccount)
         try:
-            made = accounts.create(store, body.name)
+            made = await accounts.acreate(store, body.name)
         except accounts.AccountError as exc:
             raise _account_error(exc) from None
         return json_response(
@@ -210,21 +210,21 @@ class AdminAPI:
     @_guarded
     async def get_account(self, req: Request) -> Response:
         store = self._admin(req)
-        return json_response(self._view(self._resolve(store, req.params["ref"]), req))
+        return json_response(self._view(await self._resolve(store, req.params["ref"]), req))
 
     @_guarded
     async def disable_account(self, req: Request) -> Response:
         store = self._admin(req)
-        acct = self._resolve(store, req.params["ref"])
-        acct = store.set_account_disabled(acct.id, True) or acct
+        acct = await self._resolve(store, req.params["ref"])
+        acct = await store.set_account_disabled(acct.id, True) or acct
         accounts.cut_off(self.edge, acct)
         return json_response(self._view(acct, req))
 
     @_guarded
     async def enable_account(self, req: Request) -> Response:
         store = self._admin(req)
-        acct = self._resolve(store, req.params["ref"])
-        acct = store.set_account_disabled(acct.id, False) or acct
+        acct = await self._resolve(store, req.params["ref"])
+        acct = await store.set_account_disabled(acct.id, False) or acct
         await accounts.restore(self.edge, acct)
         return json_response(self._view(acct, req))
 

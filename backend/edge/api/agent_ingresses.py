@@ -186,7 +186,7 @@ class AgentIngressesAPI:
     async def list(self, req: Request) -> Response:
         who = caller(req)
         page = page_params(req, item=w.AgentIngress)
-        rows = self.store.list_agent_ingresses(
+        rows = await self.store.list_agent_ingresses(
             who.account_id, before_id=page.before_id, limit=page.store_limit
         )
         items = page.select([wire(self.edge, req.base_url, r) for r in rows], wire_obj)
@@ -202,7 +202,7 @@ class AgentIngressesAPI:
     async def get(self, req: Request) -> Response:
         who = caller(req)
         id_ = check_id(req.params["id"], AGENT_INGRESS_PREFIX, "agent ingress")
-        ing = self.store.get_agent_ingress(who.account_id, id_)
+        ing = await self.store.get_agent_ingress(who.account_id, id_)
         if ing is None:
             raise not_found("agent ingress", id_)
         return dump(wire(self.edge, req.base_url, ing))
@@ -218,7 +218,7 @@ class AgentIngressesAPI:
             if body.certificate_management_policy
             else None
         )
-        if self.store.find_agent_ingress(domain) is not None:  # answer before the slow part
+        if await self.store.find_agent_ingress(domain) is not None:  # answer before the slow part
             raise APIError(
                 409,
                 "ERR_NGROK_6706",
@@ -239,7 +239,7 @@ class AgentIngressesAPI:
             cert_job=job,
         )
         try:
-            self.store.create_agent_ingress(ing)
+            await self.store.create_agent_ingress(ing)
         except ConflictError as exc:
             raise APIError(409, "ERR_NGROK_6706", str(exc)) from None
         if self.edge.acme is not None:
@@ -250,7 +250,7 @@ class AgentIngressesAPI:
         who = caller(req)
         id_ = check_id(req.params["id"], AGENT_INGRESS_PREFIX, "agent ingress")
         body = parse_body(req, w.AgentIngressUpdate)
-        ing = self.store.get_agent_ingress(who.account_id, id_)
+        ing = await self.store.get_agent_ingress(who.account_id, id_)
         if ing is None:
             raise not_found("agent ingress", id_)
         check_text("description", body.description, MAX_DESCRIPTION)
@@ -270,7 +270,7 @@ class AgentIngressesAPI:
                     changes.update(cert_policy=policy, certificate=cert, cert_job=job)
         new = ing.model_copy(update=changes)
         try:
-            self.store.update_agent_ingress(new)
+            await self.store.update_agent_ingress(new)
         except NotFoundError:
             raise not_found("agent ingress", id_) from None
         if self.edge.acme is not None and "cert_policy" in changes:
@@ -280,7 +280,7 @@ class AgentIngressesAPI:
     async def delete(self, req: Request) -> Response:
         who = caller(req)
         id_ = check_id(req.params["id"], AGENT_INGRESS_PREFIX, "agent ingress")
-        if not self.store.delete_agent_ingress(who.account_id, id_):
+        if not await self.store.delete_agent_ingress(who.account_id, id_):
             raise not_found("agent ingress", id_)
         if self.edge.acme is not None:
             self.edge.acme.ingress_changed(None, id_)

@@ -10,7 +10,12 @@
   minute): past it, that IP gets 429 ``ERR_NGROK_429`` (burrow's code) with
   ``Retry-After`` before any key is looked up.  Requests with a valid key take nothing
   from this bucket.
-- A store failure while checking the key is a 500 ``ERR_NGROK_500``, logged on one line.
+- A store failure while checking the key is a 500 ``ERR_NGROK_500``, logged on one line;
+  a store that cannot be reached (PostgreSQL down, cluster mode) is a 503
+  ``ERR_NGROK_503`` with ``Retry-After: 1``: nothing was changed, the client retries.
+- The per-account bucket is this edge's memory with SQLite; with a shared store
+  (cluster mode) it is one row per account in the store, updated by one upsert per
+  request, so the limit holds across every edge (:class:`SharedRateLimiter`).
 - Bodies are JSON objects (``ERR_NGROK_216`` without a Content-Type, ``ERR_NGROK_210``
   for another type, ``ERR_NGROK_213`` unparsable, ``ERR_NGROK_214`` unknown field,
   ``ERR_NGROK_215`` wrong type or value). A POST with no body at all is an empty object.
@@ -44,7 +49,7 @@ from pydantic import BaseModel, ValidationError
 from backend.edge import accounts
 from backend.httpserver import Request, Response, json_response
 from backend.ids import new_id
-from backend.store import StoreError
+from backend.store import StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
     from backend.edge.api.filtering import Filter
@@ -57,6 +62,7 @@ __all__ = [
     "Caller",
     "Page",
     "RateLimiter",
+    "SharedRateLimiter",
     "api_error",
     "caller",
     "check_id",
@@ -135,14 +141,26 @@ def handler(
             return await fn(req)
         except APIError as exc:
             return api_error(req, exc.status, exc.msg, exc.code, exc.headers)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StoreUnavailable) as exc:
             return store_failed(req, exc)
 
     return wrapped
 
 
 def store_failed(req: Request, exc: BaseException) -> Response:
-    """A 500 for a database that failed under us: one log line, no traceback, no secrets."""
+    """A 500 for a database that failed under us: one log line, no traceback, no secrets.
+
+    A store that cannot be reached right now is a 503 with ``Retry-After: 1``.
+    """
+    if isinstance(exc, StoreUnavailable):
+        log.warning("store unavailable during %s %s: %s", req.method, req.path[:100], exc)
+        return api_error(
+            req,
+            503,
+            "The service is temporarily unavailable (its database cannot be reached); retry shortly.",
+            "ERR_NGROK_503",
+            [("Retry-After", "1")],
+        )
     log.error("store failed during %s %s: %s: %s", req.method, req.path[:100], type(exc).__name__, exc)
     return api_error(req, 500, "Internal error: the database is unavailable.", "ERR_NGROK_500")
 
@@ -190,6 +208,10 @@ class RateLimiter:
                 self._buckets.pop(k, None)
         return 0.0
 
+    async def acquire(self, key: str) -> float:
+        """:meth:`take`, as the API's per-account limiter is called (see SharedRateLimiter)."""
+        return self.take(key)
+
     def wait(self, key: str) -> float:
         """Seconds until ``key`` has a token again (0 if it has one); spends nothing."""
         if self.per_minute <= 0 or key not in self._buckets:
@@ -200,13 +222,28 @@ class RateLimiter:
         return 0.0 if tokens >= 1.0 else (1.0 - tokens) / rate
 
 
+class SharedRateLimiter:
+    """The per-account API limit kept in a shared store (cluster mode): the same token
+    bucket as :class:`RateLimiter`, one row per key, spent by one upsert per request so
+    that every edge counts against the same bucket."""
+
+    def __init__(self, store, per_minute: int) -> None:
+        self.store = store
+        self.per_minute = per_minute
+
+    async def acquire(self, key: str) -> float:
+        if self.per_minute <= 0:
+            return 0.0
+        return await self.store.rate_take(key, self.per_minute)
+
+
 def _retry_after(wait: float) -> list[tuple[str, str]]:
     return [("Retry-After", str(max(1, round(wait + 0.5))))]
 
 
 def make_before(
-    edge: Edge, limiter: RateLimiter, auth_failures: RateLimiter | None = None
-) -> Callable[[Request], Response | None]:
+    edge: Edge, limiter: RateLimiter | SharedRateLimiter, auth_failures: RateLimiter | None = None
+) -> Callable[[Request], Awaitable[Response | None]]:
     """The ``before`` hook: authenticate, check the API version, apply the rate limits.
 
     ``limiter`` counts requests per account; ``auth_failures`` counts wrong keys per
@@ -214,9 +251,9 @@ def make_before(
     """
     auth_failures = auth_failures or RateLimiter(0)
 
-    def before(req: Request) -> Response | None:
+    async def before(req: Request) -> Response | None:
         try:
-            return check(req)
+            return await check(req)
         except STORE_FAILURES as exc:
             return store_failed(req, exc)
 
@@ -224,7 +261,7 @@ def make_before(
         auth_failures.take(req.remote)
         return api_error(req, 401, msg, code)
 
-    def check(req: Request) -> Response | None:
+    async def check(req: Request) -> Response | None:
         auth = req.headers.get("authorization")
         if auth is None:
             return api_error(
@@ -254,11 +291,11 @@ def make_before(
             )
         if edge.store is None:
             raise StoreError("store is not open")
-        key = edge.store.find_api_key(token)
+        key = await edge.store.find_api_key(token)
         if key is None:
-            if edge.store.find_authtoken(token) is not None:
+            if await edge.store.find_authtoken(token) is not None:
                 return failed(req, "You used an authtoken where an API key is required.", "ERR_NGROK_206")
-            disabled = accounts.refusal(edge.store, token)
+            disabled = await accounts.arefusal(edge.store, token)
             if disabled is not None:
                 return failed(req, disabled, accounts.API_CODE)
             return failed(req, "The API key is invalid.", "ERR_NGROK_202")
@@ -277,7 +314,7 @@ def make_before(
                 f"Unsupported API version {version.strip()[:20]!r}; send 'Ngrok-Version: 2'.",
                 "ERR_NGROK_217",
             )
-        wait = limiter.take(key.account_id)
+        wait = await limiter.acquire(key.account_id)
         if wait > 0:
             return api_error(
                 req,

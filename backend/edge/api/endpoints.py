@@ -325,14 +325,14 @@ class EndpointsAPI:
                 return ep
         return None
 
-    def _claim(self, ep: CloudEndpoint) -> None:
+    async def _claim(self, ep: CloudEndpoint) -> None:
         """Claim the endpoint's name through :mod:`backend.ownership` (409 if refused).
 
         The same check agent binds go through: a hostname (any protocol) or public tcp
         port belongs to one account; one account's endpoints on one URL must all pool.
         """
         try:
-            self.edge.claim_cloud_name(ep)
+            await self.edge.claim_cloud_name(ep)
         except NameConflict as exc:
             if exc.reason == "other_account":
                 what = f"tcp port {ep.port}" if ep.proto == "tcp" else f"the hostname {ep.host}"
@@ -353,9 +353,9 @@ class EndpointsAPI:
                 f"The endpoint online at {ep.url} has pooling disabled, so this one cannot pool with it.",
             ) from None
 
-    def _check_cap(self, account_id: str) -> None:
+    async def _check_cap(self, account_id: str) -> None:
         cap = self.edge.config.max_endpoints_per_account
-        if cap and self.edge.endpoint_count(account_id) >= cap:
+        if cap and await self.edge.endpoint_count(account_id) >= cap:
             raise APIError(
                 400,
                 "ERR_NGROK_18021",
@@ -368,7 +368,7 @@ class EndpointsAPI:
         ids = set(req.query.get("id", []))
         urls = set(req.query.get("url", []))
         filtered = bool(ids or urls)
-        cloud = self.store.list_cloud_endpoints(
+        cloud = await self.store.list_cloud_endpoints(
             who.account_id, before_id=page.before_id, limit=None if filtered else page.store_limit
         )
         items = [cloud_wire(self.edge, req.base_url, ep) for ep in cloud]
@@ -389,7 +389,7 @@ class EndpointsAPI:
     async def get(self, req: Request) -> Response:
         who = caller(req)
         id_ = check_id(req.params["id"], ENDPOINT_PREFIX, "endpoint")
-        cloud = self.store.get_cloud_endpoint(who.account_id, id_)
+        cloud = await self.store.get_cloud_endpoint(who.account_id, id_)
         if cloud is not None:
             return dump(cloud_wire(self.edge, req.base_url, cloud))
         agent = self._agent_endpoint(who.account_id, id_)
@@ -412,7 +412,7 @@ class EndpointsAPI:
             raise _bad("Parameter 'traffic_policy' is required for cloud endpoints (YAML or JSON).")
         self._check_policy(body.traffic_policy)
         pooling = bool(body.pooling_enabled)
-        self._check_cap(who.account_id)
+        await self._check_cap(who.account_id)
         now = utcnow()
         ep = CloudEndpoint(
             id=new_id(ENDPOINT_PREFIX),
@@ -429,9 +429,9 @@ class EndpointsAPI:
             created_at=now,
             updated_at=now,
         )
-        self._claim(ep)
+        await self._claim(ep)
         try:
-            ep = self.store.create_cloud_endpoint(ep)
+            ep = await self.store.create_cloud_endpoint(ep)
         except ConflictError as exc:
             self.edge.names.release(ep.id)
             raise APIError(
@@ -440,7 +440,7 @@ class EndpointsAPI:
         try:
             await self._serve(ep)
         except APIError:
-            self.store.delete_cloud_endpoint(ep.account_id, ep.id)
+            await self.store.delete_cloud_endpoint(ep.account_id, ep.id)
             self.edge.unserve_cloud_endpoint(ep.id)
             raise
         self.edge.on_event({"event": "cloud_endpoint_created", "id": ep.id, "url": ep.url})
@@ -458,7 +458,7 @@ class EndpointsAPI:
         who = caller(req)
         id_ = check_id(req.params["id"], ENDPOINT_PREFIX, "endpoint")
         body = parse_body(req, w.EndpointUpdate)
-        current = self.store.get_cloud_endpoint(who.account_id, id_)
+        current = await self.store.get_cloud_endpoint(who.account_id, id_)
         if current is None:
             if self._agent_endpoint(who.account_id, id_) is not None:
                 raise self._agent_refusal(id_)
@@ -488,27 +488,27 @@ class EndpointsAPI:
             changes["pooling_enabled"] = body.pooling_enabled
         new = current.model_copy(update={**changes, "updated_at": utcnow()})
 
-        def restore_claim() -> None:
+        async def restore_claim() -> None:
             self.edge.names.release(id_)
             with contextlib.suppress(NameConflict):
-                self.edge.claim_cloud_name(current)
+                await self.edge.claim_cloud_name(current)
 
         if "url" in changes or "pooling_enabled" in changes:
-            self._claim(new)  # moves this endpoint's claim to its new name
+            await self._claim(new)  # moves this endpoint's claim to its new name
         try:
-            new = self.store.update_cloud_endpoint(new)
+            new = await self.store.update_cloud_endpoint(new)
         except ConflictError as exc:
-            restore_claim()
+            await restore_claim()
             raise APIError(
                 409, _CONFLICT_CODES.get(exc.kind or "", "ERR_NGROK_409"), str(exc)
             ) from None
         except NotFoundError:
-            restore_claim()
+            await restore_claim()
             raise not_found("endpoint", id_) from None
         try:
             await self._serve(new)
         except APIError:  # put the old one back, in the store and on the data path
-            self.store.update_cloud_endpoint(current)
+            await self.store.update_cloud_endpoint(current)
             try:
                 await self.edge.serve_cloud_endpoint(current)
             except (OSError, PolicyError) as exc:
@@ -519,7 +519,7 @@ class EndpointsAPI:
     async def delete(self, req: Request) -> Response:
         who = caller(req)
         id_ = check_id(req.params["id"], ENDPOINT_PREFIX, "endpoint")
-        if self.store.delete_cloud_endpoint(who.account_id, id_):
+        if await self.store.delete_cloud_endpoint(who.account_id, id_):
             self.edge.unserve_cloud_endpoint(id_)
             self.edge.on_event({"event": "cloud_endpoint_deleted", "id": id_})
             return empty(204)

@@ -111,15 +111,15 @@ class _TokenAPI(abc.ABC):
 
     # what each resource supplies
     @abc.abstractmethod
-    def _fetch(self, id_: str):
+    async def _fetch(self, id_: str):
         """The stored object with this id, or None."""
 
     @abc.abstractmethod
-    def _all(self, account_id: str) -> list:
+    async def _all(self, account_id: str) -> list:
         """The account's objects, oldest first."""
 
     @abc.abstractmethod
-    def _remove(self, id_: str) -> bool:
+    async def _remove(self, id_: str) -> bool:
         """Delete; False if it was already gone."""
 
     @abc.abstractmethod
@@ -138,16 +138,16 @@ class _TokenAPI(abc.ABC):
     async def update(self, req: Request) -> Response:
         """PATCH description, metadata (and what else the resource has)."""
 
-    def _own(self, req: Request):
+    async def _own(self, req: Request):
         id_ = check_id(req.params["id"], self.prefix, self.noun)
-        obj = self._fetch(id_)
+        obj = await self._fetch(id_)
         if obj is None or obj.account_id != caller(req).account_id:
             raise not_found(self.noun, id_)
         return obj
 
     async def list(self, req: Request) -> Response:
         page = page_params(req, item=self.model)
-        rows = list(reversed(self._all(caller(req).account_id)))
+        rows = list(reversed(await self._all(caller(req).account_id)))
         if page.filter is not None:
             if page.before_id is not None:
                 rows = [r for r in rows if r.id < page.before_id]
@@ -156,11 +156,11 @@ class _TokenAPI(abc.ABC):
         return dump(self._list_wire(req.base_url, rows, next_uri))
 
     async def get(self, req: Request) -> Response:
-        return dump(self._wire(req.base_url, self._own(req)))
+        return dump(self._wire(req.base_url, await self._own(req)))
 
     async def delete(self, req: Request) -> Response:
-        obj = self._own(req)
-        if not self._remove(obj.id):
+        obj = await self._own(req)
+        if not await self._remove(obj.id):
             raise not_found(self.noun, obj.id)
         return empty(204)
 
@@ -174,14 +174,14 @@ class CredentialsAPI(_TokenAPI):
     path, noun, prefix = "/credentials", "credential", CREDENTIAL_PREFIX
     model = w.Credential
 
-    def _fetch(self, id_: str) -> Credential | None:
-        return self.store.get_authtoken(id_)
+    async def _fetch(self, id_: str) -> Credential | None:
+        return await self.store.get_authtoken(id_)
 
-    def _all(self, account_id: str) -> list[Credential]:
-        return self.store.list_authtokens(account_id)
+    async def _all(self, account_id: str) -> list[Credential]:
+        return await self.store.list_authtokens(account_id)
 
-    def _remove(self, id_: str) -> bool:
-        return self.store.delete_authtoken(id_)
+    async def _remove(self, id_: str) -> bool:
+        return await self.store.delete_authtoken(id_)
 
     def _wire(self, base: str, obj: Credential, token: str | None = None) -> w.Credential:
         return credential_wire(base, obj, token)
@@ -201,7 +201,7 @@ class CredentialsAPI(_TokenAPI):
         _check_acl(body.acl)
         _check_owner(body.owner_id, who.account_id)
         token = new_token("bat")
-        c = self.store.add_authtoken(
+        c = await self.store.add_authtoken(
             who.account_id,
             token,
             body.description or "",
@@ -211,13 +211,13 @@ class CredentialsAPI(_TokenAPI):
         return dump(credential_wire(req.base_url, c, token), 201)
 
     async def update(self, req: Request) -> Response:
-        c = self._own(req)
+        c = await self._own(req)
         body = parse_body(req, w.CredentialUpdate)
         check_text("description", body.description, MAX_DESCRIPTION)
         check_text("metadata", body.metadata, MAX_METADATA)
         _check_acl(body.acl)
         return self._updated(
-            req, self.store.update_authtoken(c.id, description=body.description, metadata=body.metadata, acl=body.acl)
+            req, await self.store.update_authtoken(c.id, description=body.description, metadata=body.metadata, acl=body.acl)
         )
 
 
@@ -225,14 +225,14 @@ class APIKeysAPI(_TokenAPI):
     path, noun, prefix = "/api_keys", "API key", API_KEY_PREFIX
     model = w.APIKey
 
-    def _fetch(self, id_: str) -> APIKey | None:
-        return self.store.get_api_key(id_)
+    async def _fetch(self, id_: str) -> APIKey | None:
+        return await self.store.get_api_key(id_)
 
-    def _all(self, account_id: str) -> list[APIKey]:
-        return self.store.list_api_keys(account_id)
+    async def _all(self, account_id: str) -> list[APIKey]:
+        return await self.store.list_api_keys(account_id)
 
-    def _remove(self, id_: str) -> bool:
-        return self.store.delete_api_key(id_)
+    async def _remove(self, id_: str) -> bool:
+        return await self.store.delete_api_key(id_)
 
     def _wire(self, base: str, obj: APIKey, token: str | None = None) -> w.APIKey:
         return api_key_wire(base, obj, token)
@@ -249,16 +249,16 @@ class APIKeysAPI(_TokenAPI):
         check_text("metadata", body.metadata, MAX_METADATA)
         _check_owner(body.owner_id, who.account_id)
         token = new_token("bak")
-        k = self.store.add_api_key(
+        k = await self.store.add_api_key(
             who.account_id, token, body.description or "", metadata=body.metadata or ""
         )
         return dump(api_key_wire(req.base_url, k, token), 201)
 
     async def update(self, req: Request) -> Response:
-        k = self._own(req)
+        k = await self._own(req)
         body = parse_body(req, w.APIKeyUpdate)
         check_text("description", body.description, MAX_DESCRIPTION)
         check_text("metadata", body.metadata, MAX_METADATA)
         return self._updated(
-            req, self.store.update_api_key(k.id, description=body.description, metadata=body.metadata)
+            req, await self.store.update_api_key(k.id, description=body.description, metadata=body.metadata)
         )

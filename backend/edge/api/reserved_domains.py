@@ -43,7 +43,7 @@ class ReservedDomainsAPI:
     async def list(self, req: Request) -> Response:
         who = caller(req)
         page = page_params(req, item=w.ReservedDomain)
-        rows = self.store.list_reserved_domains(
+        rows = await self.store.list_reserved_domains(
             who.account_id, before_id=page.before_id, limit=page.store_limit
         )
         items = page.select([wire(req.base_url, r) for r in rows], wire_obj)
@@ -58,7 +58,7 @@ class ReservedDomainsAPI:
 
     async def get(self, req: Request) -> Response:
         id_ = check_id(req.params["id"], RESERVED_DOMAIN_PREFIX, "reserved domain")
-        rd = self.store.get_reserved_domain(caller(req).account_id, id_)
+        rd = await self.store.get_reserved_domain(caller(req).account_id, id_)
         if rd is None:
             raise not_found("reserved domain", id_)
         return dump(wire(req.base_url, rd))
