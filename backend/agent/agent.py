@@ -72,6 +72,7 @@ class AgentConfig:
 
 
 MAX_HA_CONNECTIONS = 8
+MAX_KNOWN_EDGES = 32
 
 
 def backoff(attempt: int, fast: int = 3, base: float = 0.5, cap: float = 30.0) -> float:
@@ -109,6 +110,8 @@ class Leg:
     #: this leg's endpoints: endpoint id -> tunnel
     endpoints: dict[str, Tunnel] = field(default_factory=dict)
     connected: bool = False
+    #: the current (or last) session got as far as its auth_ok
+    up: bool = False
 
     def info(self) -> dict:
         return {
@@ -226,6 +229,8 @@ class Agent:
             except (OSError, TimeoutError, asyncio.IncompleteReadError, p.ProtocolError, ssl.SSLError) as exc:
                 if leg.session_id is not None:
                     ever = True
+                if leg.up:  # a session that was up was lost: start over with fast retries
+                    attempt = 0
                 msg = _describe(exc)
                 if (
                     leg.slot == 0
@@ -239,7 +244,8 @@ class Agent:
             if self._stopped.is_set():
                 break
             attempt += 1
-            delay = backoff(attempt)
+            # fast retries until every known edge was tried once, then backoff with jitter
+            delay = backoff(attempt, fast=max(3, len(self.edges) + 1))
             leg.status = "reconnecting"
             self.on_event({"event": "reconnecting", "attempt": attempt, "delay": round(delay, 3), **self._slot(leg)})
             with contextlib.suppress(TimeoutError):
@@ -273,7 +279,10 @@ class Agent:
     def _learn(self, edges: list[str]) -> None:
         """Take the cluster's live edges from an auth_ok and start the HA legs it calls for."""
         if edges:
-            self.edges = list(edges)
+            # the latest list first, then edges seen before (one may be back by now, and
+            # the list of an edge that came up alone may lack the others): a refused dial
+            # costs little, a list with no live edge left in it would strand the leg
+            self.edges = list(dict.fromkeys([*edges, *self.edges]))[:MAX_KNOWN_EDGES]
         want = self.config.ha_connections or (2 if len(self.edges) >= 2 else 1)
         while len(self.legs) < want and not self._stopped.is_set():
             leg = Leg(len(self.legs))
@@ -370,6 +379,7 @@ class Agent:
         return r, w
 
     async def _session(self, leg: Leg, addr: str) -> None:
+        leg.up = False
         r, w = await self._dial(addr)
         leg.writer, leg.addr, leg.edge = w, addr, ""
         try:
@@ -392,6 +402,7 @@ class Agent:
             if not isinstance(msg, p.AuthOk):
                 raise p.ProtocolError(f"expected auth_ok, got {msg.type}")
             leg.session_id = msg.session_id
+            leg.up = True
             leg.key = msg.session_key
             leg.region = msg.region
             leg.https = msg.https

@@ -189,6 +189,7 @@ class Cluster:
         self.agents: list[BurrowProc] = []
         self._pg_proxy = pg_proxy
         self._frozen: set[int] = set()
+        self._starting: set[int] = set()  # restarted without waiting for their ready line
         self._ca_dir: Path | None = None
 
     # ------------------------------------------------------------------ edges
@@ -227,15 +228,38 @@ class Cluster:
             proc.ready = proc.wait_event("ready", READY_TIMEOUT)
         return self
 
-    def restart(self, i: int) -> BurrowProc:
-        """Start edge ``i`` again (after a kill), same data dir, node id and addresses."""
+    def restart(self, i: int, wait: bool = True) -> BurrowProc:
+        """Start edge ``i`` again (after a kill): same data dir, node id and listening
+        addresses (ports included), as a restarted server keeps its address.  With
+        ``wait=False`` it returns at once: :meth:`wait_ready` before using the edge."""
         old = self.edges[i]
         if old is not None and old.proc.poll() is None:
             raise RuntimeError(f"edge {i} is still running")
-        self.edges[i] = self._spawn(i, wait=True)
-        return self.edges[i]
+        ports = {}
+        if old is not None:
+            ports = {
+                "ingress": int(old.ready["ingress_addr"].rsplit(":", 1)[1]),
+                "http": old.http_addr[1],
+                "api": int(old.ready["api_url"].rsplit(":", 1)[1]),
+            }
+            if old.ready.get("https_url"):
+                ports["https"] = int(old.ready["https_url"].rsplit(":", 1)[1])
+        proc = self._spawn(i, wait=wait, **ports)
+        if not wait:
+            proc.ready = old.ready if old is not None else {}
+            self._starting.add(i)
+        self.edges[i] = proc
+        return proc
 
-    def _spawn(self, i: int, wait: bool) -> BurrowProc:
+    def wait_ready(self, i: int) -> BurrowProc:
+        """Wait for the ready line of edge ``i`` restarted with ``wait=False``."""
+        proc = self.edge(i)
+        if i in self._starting:
+            proc.ready = proc.wait_event("ready", READY_TIMEOUT)
+            self._starting.discard(i)
+        return proc
+
+    def _spawn(self, i: int, wait: bool, **ports: int) -> BurrowProc:
         data = self.data_dir(i)
         if self._ca_dir is not None and data != self._ca_dir and not (data / "ca.pem").exists():
             data.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -243,7 +267,7 @@ class Cluster:
             for name in ("ca.pem", "ca-key.pem"):
                 shutil.copy2(self._ca_dir / name, data / name)
             os.chmod(data / "ca-key.pem", 0o600)
-        return start_edge(data, host=edge_host(i), extra=self.edge_args(i), wait=wait)
+        return start_edge(data, host=edge_host(i), extra=self.edge_args(i), wait=wait, **ports)
 
     def edge(self, i: int) -> BurrowProc:
         e = self.edges[i]
