@@ -2,8 +2,8 @@
 
 - :class:`Cluster`: N ``burrow serve --store <dsn> --node-id eN --peer-addr 127.0.0.K:0``
   processes, edge *i* (0-based) listening on 127.0.0.(i+2) (127.0.0.2, .3, .4, ...), all
-  sharing one CA (its files are copied into every data dir before the edge starts, so an
-  agent trusts every edge with one ``--root-cas``) and one set of test credentials.  It
+  started at once, sharing one CA (the cluster's, through PostgreSQL: backend/cluster/ca.py;
+  an agent trusts every edge with one ``--root-cas``) and one set of test credentials.  It
   starts agents against a chosen edge, and kills (SIGKILL), freezes (SIGSTOP) and thaws
   (SIGCONT) edges.
 - :class:`FaultProxy`: a TCP proxy between two loopback addresses, in its own thread,
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import threading
 import time
@@ -190,7 +189,6 @@ class Cluster:
         self._pg_proxy = pg_proxy
         self._frozen: set[int] = set()
         self._starting: set[int] = set()  # restarted without waiting for their ready line
-        self._ca_dir: Path | None = None
 
     # ------------------------------------------------------------------ edges
     def data_dir(self, i: int) -> Path:
@@ -215,13 +213,8 @@ class Cluster:
         )
 
     def start(self, indexes: list[int] | None = None) -> Cluster:
-        """Start edges (all by default): the first one alone (it makes the CA), then the
-        rest at once, each with a copy of that CA."""
+        """Start edges (all by default), all at once."""
         todo = list(range(self.n)) if indexes is None else list(indexes)
-        if self._ca_dir is None and todo:
-            first = todo.pop(0)
-            self.edges[first] = self._spawn(first, wait=True)
-            self._ca_dir = self.data_dir(first)
         procs = [(i, self._spawn(i, wait=False)) for i in todo]
         for i, proc in procs:
             self.edges[i] = proc
@@ -260,14 +253,7 @@ class Cluster:
         return proc
 
     def _spawn(self, i: int, wait: bool, **ports: int) -> BurrowProc:
-        data = self.data_dir(i)
-        if self._ca_dir is not None and data != self._ca_dir and not (data / "ca.pem").exists():
-            data.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(data, 0o700)
-            for name in ("ca.pem", "ca-key.pem"):
-                shutil.copy2(self._ca_dir / name, data / name)
-            os.chmod(data / "ca-key.pem", 0o600)
-        return start_edge(data, host=edge_host(i), extra=self.edge_args(i), wait=wait, **ports)
+        return start_edge(self.data_dir(i), host=edge_host(i), extra=self.edge_args(i), wait=wait, **ports)
 
     def edge(self, i: int) -> BurrowProc:
         e = self.edges[i]

@@ -131,7 +131,7 @@ def test_kill9_of_an_edge_of_a_two_session_agent_fails_no_new_request(make_clust
     free = next(i for i in range(3) if i not in held)
     victim, survivor = held
     host = host_of(a.public_url)
-    results: list[tuple[int, int]] = []  # (edge, status) of new requests
+    results: list[tuple[float, int, int]] = []  # (started, edge, status) of new requests
     stop = threading.Event()
 
     def traffic(edges: tuple[int, ...]) -> None:
@@ -139,7 +139,8 @@ def test_kill9_of_an_edge_of_a_two_session_agent_fails_no_new_request(make_clust
         while not stop.is_set() and n < 5000:
             for i in edges:
                 if c.edges[i] is not None and c.edges[i].proc.poll() is None:
-                    results.append((i, _get(c, i, host)))
+                    t = time.monotonic()
+                    results.append((t, i, _get(c, i, host)))
             n += 1
 
     t = threading.Thread(target=traffic, args=((free, survivor),))
@@ -147,13 +148,14 @@ def test_kill9_of_an_edge_of_a_two_session_agent_fails_no_new_request(make_clust
     try:
         time.sleep(0.5)
         c.kill(victim)
+        killed = time.monotonic()
         # past the dead edge's lease (3 s) and its reaping, and the agent's new session
         time.sleep(4.5)
     finally:
         stop.set()
         t.join(30)
-    failed = [(i, s) for i, s in results if s != 200]
-    assert len(results) > 20 and failed == [], (len(results), failed[:10])
+    failed = [(round(t - killed, 3), i, s) for t, i, s in results if s != 200]
+    assert len(results) > 20 and failed == [], (len(results), failed[:10], _events(a)[-10:])
     # the lost leg came back on the one edge left that it does not share
     legs = wait_until(lambda: (ls := _legs(a)) and len(ls) == 2 and ls, 15, what="two sessions again")
     assert {_edge_of(c, leg["edge"]) for leg in legs} == {free, survivor}
