@@ -37,7 +37,7 @@ __all__ = ["Cluster", "FaultProxy", "edge_host", "wait_until"]
 
 
 def edge_host(i: int) -> str:
-    """The loopback address edge ``i`` (0-based) listens on: 127.0.0.2, .3, .4, ..."""
+    """The loopback address edge ``i`` (0-based) listens on: 127.0.0.2, .3, .4, .5, ..."""
     return f"127.0.0.{i + 2}"
 
 

@@ -96,7 +96,11 @@ def _hostport(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+@pytest.mark.timeout(300)  # ten kills and restarts: about a minute on an idle machine
 def test_kill9_of_the_edge_of_a_one_session_agent_recovers_within_1s(make_cluster, ups, tmp_path):
+    """Ten runs: kill -9 the agent's edge, time until a new request through another edge
+    is served again; the killed edge starts again before the next run (an edge starting
+    meanwhile would compete for the CPU with the recovery measured)."""
     c = make_cluster(3)
     a = c.agent(1, "http", str(ups.http.port), "--ha-connections", "1", home=tmp_path / "a")
     host = host_of(a.public_url)
@@ -114,8 +118,6 @@ def test_kill9_of_the_edge_of_a_one_session_agent_recovers_within_1s(make_cluste
                                      f"client edge: {c.edge(client).stderr[-1500:]}")
             time.sleep(0.01)
         recoveries.append(time.monotonic() - t0)
-        # back up before the next run (an edge starting up would compete for the CPU
-        # with the recovery measured next)
         c.restart(held)
     recoveries.sort()
     p99 = recoveries[-1]  # of 10 runs, the 99th percentile is the worst
@@ -147,14 +149,14 @@ def test_kill9_of_an_edge_of_a_two_session_agent_fails_no_new_request(make_clust
     t.start()
     try:
         time.sleep(0.5)
+        killed = time.monotonic()  # a request started before is in flight: it may be cut
         c.kill(victim)
-        killed = time.monotonic()
         # past the dead edge's lease (3 s) and its reaping, and the agent's new session
         time.sleep(4.5)
     finally:
         stop.set()
         t.join(30)
-    failed = [(round(t - killed, 3), i, s) for t, i, s in results if s != 200]
+    failed = [(round(t - killed, 3), i, s) for t, i, s in results if s != 200 and t >= killed]
     assert len(results) > 20 and failed == [], (len(results), failed[:10], _events(a)[-10:])
     # the lost leg came back on the one edge left that it does not share
     legs = wait_until(lambda: (ls := _legs(a)) and len(ls) == 2 and ls, 15, what="two sessions again")
