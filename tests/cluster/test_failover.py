@@ -4,10 +4,12 @@
   to the edge's direct address even when it dialled a load balancer;
 - kill -9 of the edge holding an agent with one session: new requests through another
   edge recover within 1 s (p99 of 10 runs);
-- kill -9 of one of the edges holding an agent with two sessions: no new request fails.
+- kill -9 of one of the edges holding an agent with two sessions: no new request fails;
+- SIGSTOP of one of them: its session is taken over within 3.5 s, and once thawed the
+  edge fences itself; PostgreSQL never shows two live sessions for one slot.
 
-(PostgreSQL down, and a frozen edge being reaped and fencing itself, are in
-test_faults.py.)
+(PostgreSQL down, and a frozen edge with a one-session agent being reaped and fencing
+itself, are in test_faults.py.)
 """
 
 from __future__ import annotations
