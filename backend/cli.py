@@ -220,10 +220,10 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
                    help="serve /metrics without the admin key (for a Prometheus on a private network)")
     s.add_argument("--log-format", choices=["text", "json", "logfmt"], default="text")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    s.add_argument("--store", default=None, metavar="URL",
+                   help="cloud state: postgresql://... shares it between several edges (cluster "
+                   "mode, pip install 'burrow[cluster]'); default SQLite in the data dir")
     cl = s.add_argument_group("cluster: several edges on one PostgreSQL (needs burrow[cluster])")
-    cl.add_argument("--store", default=None, metavar="URL",
-                    help="cloud state: postgresql://... shares it between several edges (cluster "
-                    "mode, pip install 'burrow[cluster]'); default SQLite in the data dir")
     cl.add_argument("--node-id", default=None, metavar="NAME", help="this edge's name in the cluster (default: new per start)")
     cl.add_argument("--peer-addr", default=None, metavar="HOST:PORT",
                     help="listener for connections other edges forward here (default 127.0.0.1:0)")

@@ -181,6 +181,18 @@ class Ownership:
         if not name.startswith("internal:"):
             self._by_account.setdefault(holder.account_id, set()).add(name)
 
+    def hold(self, name: str, holder: Holder) -> None:
+        """Record in memory a claim the store already granted, without checking again: a
+        cloud endpoint another edge of the cluster created (its create checked the name
+        under the name's lock).  The cluster's change feed uses it (backend/cluster/feed.py)."""
+        old = self._held.get(holder.id)
+        if old is not None and old != name:
+            self.release(holder.id)
+        self._live.setdefault(name, {})[holder.id] = holder
+        self._held[holder.id] = name
+        if not name.startswith("internal:"):
+            self._by_account.setdefault(holder.account_id, set()).add(name)
+
     def release(self, holder_id: str) -> None:
         """Drop whatever ``holder_id`` holds (idempotent).
 

@@ -114,8 +114,8 @@ class ServeSettings(BaseSettings):
     acme_ca_root: Path | None = None
     acme_rate_limit: Count = 20
     acme_challenges: str = "tls-alpn-01,http-01"
-    #: cluster mode (backend/cluster, with ``store`` = postgresql://...): this edge's
-    #: name, its peer listener and the ingress address agents dial for data connections
+    #: cluster mode (backend/cluster): this edge's name, its peer listener, the ingress
+    #: address agents dial for data connections, TLS on the peer link
     node_id: str | None = None
     peer_addr: str | None = None
     advertise_addr: str | None = None

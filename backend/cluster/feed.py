@@ -415,7 +415,7 @@ class Feed:
         if cur is not None and cur.session is None and getattr(cur, "record", None) == rec:
             return  # served as it is (e.g. by the API call on this edge that wrote it)
         try:
-            await _maybe(self.edge.serve_cloud_endpoint(rec))
+            await _maybe(self.edge.serve_cloud_endpoint(rec, checked=True))
         except Exception as exc:
             log.error("cluster feed: cloud endpoint %s (%s) is not served: %s", rec.id, rec.url, exc)
 

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING
 
 from backend.cluster import schema
 from backend.edge.sessions import AgentEndpoint, Session
-from backend.netutil import format_hostport, parse_hostport
+from backend.netutil import format_hostport
 
 if TYPE_CHECKING:
     from backend.edge.server import Edge
@@ -79,6 +79,8 @@ QUERY_TIMEOUT = 2.0
 #: seconds between janitor runs (each edge; one at a time runs, under an advisory lock):
 #: an expired lease is reaped at most this long after it expired
 JANITOR_INTERVAL = 0.25
+#: seconds an agent claim may exist without its endpoint's row before the janitor drops it
+ORPHAN_CLAIM_GRACE = 30.0
 CHANNEL = "burrow_changes"
 
 
@@ -140,6 +142,7 @@ class ClusterNode:
             self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=QUERY_TIMEOUT)
         await schema.migrate(self.pool)
         self.secret = await schema.cluster_secret(self.pool)
+        _warm_policy_engine()
         host, port = self.edge.addrs["ingress"]
         self.ingress_addr = format_hostport(host, port)
         self.advertise_addr = self._advertise or self.ingress_addr
@@ -324,6 +327,14 @@ class ClusterNode:
                     "DELETE FROM claims t WHERE t.node_id IS NOT NULL AND NOT EXISTS "
                     "(SELECT 1 FROM edges e WHERE e.node_id = t.node_id) RETURNING t.node_id"
                 )
+                # an agent endpoint's claim whose endpoint row never came or is gone (its
+                # edge lost the release): after a grace for the row to be written
+                claims += await c.fetch(
+                    "DELETE FROM claims t WHERE t.node_id IS NOT NULL"
+                    " AND t.created_at < now() - make_interval(secs => $1)"
+                    " AND NOT EXISTS (SELECT 1 FROM agent_endpoints a WHERE a.id = t.holder_id) RETURNING t.node_id",
+                    ORPHAN_CLAIM_GRACE,
+                )
             nodes = {r["node_id"] for r in [*gone, *eps, *ss, *claims]}
             if nodes:
                 await c.execute(_notify_sql(), [f"edge:{n}" for n in sorted(nodes)])
@@ -436,6 +447,12 @@ class ClusterNode:
                 await c.execute(
                     "DELETE FROM agent_endpoints WHERE id = ANY($1::text[]) AND node_id = $2", down_eps, self.node_id
                 )
+                if await c.fetchval("SELECT to_regclass('claims') IS NOT NULL"):
+                    # the store's own release gives up after a few tries; this one retries
+                    # until PostgreSQL takes it
+                    await c.execute(
+                        "DELETE FROM claims WHERE holder_id = ANY($1::text[]) AND node_id = $2", down_eps, self.node_id
+                    )
             if up_eps:
                 await c.executemany(
                     """
@@ -457,5 +474,13 @@ class ClusterNode:
         return await self.peer.open(ep, client_ip, client_port, scheme)
 
 
-def peer_host_port(addr: str) -> tuple[str, int]:
-    return parse_hostport(addr)
+def _warm_policy_engine() -> None:
+    """Compile one policy now: the engine's first compile costs ~90 ms (it builds its
+    schemas), which would otherwise land on the first endpoint the change feed serves."""
+    from backend.policy.engine import compile_policy
+
+    with contextlib.suppress(Exception):
+        compile_policy(
+            '{"on_http_request":[{"actions":[{"type":"custom-response","config":{"status_code":200,"body":"x"}}]}]}',
+            require_termination=True,
+        )

@@ -137,7 +137,7 @@ class EdgeConfig:
     admin_key_hash: str | None = None
     #: serve ``/metrics`` without the admin key
     metrics_public: bool = False
-    # Cluster mode (backend/cluster): several edges on one PostgreSQL (``store``).
+    # Cluster mode (backend/cluster, with a postgresql:// store): several edges as one.
     #: this edge's name in the cluster (None = a new one per start)
     node_id: str | None = None
     #: where the peer listener binds (other edges forward public connections to it)
@@ -155,11 +155,10 @@ class Edge:
         self.registry = Registry(self.names)
         self.on_event = on_event or (lambda ev: None)
         self.store: AsyncStore | None = None
-        #: the cluster runtime (membership, change feed, peers); None in SQLite mode
-        self.cluster = None
         self.ca: LocalCA | None = None
         self.acme: EdgeAcme | None = None
-        self.cluster: ClusterNode | None = None  # cluster mode only
+        #: the cluster runtime (membership, change feed, peers); None in SQLite mode
+        self.cluster: ClusterNode | None = None
         self.bootstrap: dict[str, str] = {}
         self.created_credentials = False
         self._servers: list[asyncio.AbstractServer] = []
@@ -189,6 +188,8 @@ class Edge:
         self.ca = LocalCA.load_or_create(cfg.data_dir)
         self.store = await open_edge_store(cfg.store or cfg.data_dir / "burrow.db")
         self.names.store = self.store
+        if dsn is not None:
+            self._make_cluster(dsn)  # before any agent can bind: its rows and claims carry our node id
         await self._bootstrap_credentials()
         names = ["localhost", "127.0.0.1", "::1", cfg.domain]
         # the addresses agents dial (an edge of a cluster binds e.g. 127.0.0.3 or a LAN address)
@@ -241,23 +242,25 @@ class Edge:
             dsn = store
         return dsn
 
-    async def _start_cluster(self) -> None:
-        cfg = self.config
-        dsn = self._cluster_dsn()
-        if dsn is None:
-            return
+    def _make_cluster(self, dsn: str) -> None:
         from backend.cluster.node import ClusterNode
 
+        cfg = self.config
+        # its own small pool, not the store's: API load must never delay a lease renewal
         self.cluster = ClusterNode(
             self,
             dsn,
-            pool=getattr(self.store, "pool", None),
             node_id=cfg.node_id,
             peer_addr=cfg.peer_addr,
             advertise_addr=cfg.advertise_addr,
             peer_tls=cfg.peer_tls,
         )
-        await self.cluster.start()
+        self.registry.cluster = self.cluster
+        self.names.node_id = self.cluster.node_id
+
+    async def _start_cluster(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.start()
 
     async def stop(self) -> None:
         if self.cluster is not None:
@@ -893,11 +896,16 @@ class Edge:
         name = name_of(rec.binding, rec.account_id, rec.proto, rec.host, rec.port)
         await self.names.claim(name, Holder(rec.id, rec.account_id, rec.proto, rec.pooling_enabled, "cloud"))
 
-    async def serve_cloud_endpoint(self, rec) -> None:
-        """Route traffic for a stored cloud endpoint (new or updated)."""
+    async def serve_cloud_endpoint(self, rec, checked: bool = False) -> None:
+        """Route traffic for a stored cloud endpoint (new or updated).  ``checked``: the
+        store granted its name already (a cluster's change feed): no store queries."""
         policy = self.compile_cloud_policy(rec.traffic_policy) if rec.traffic_policy else None
         self.unserve_cloud_endpoint(rec.id)
-        await self.claim_cloud_name(rec)
+        if checked:
+            name = name_of(rec.binding, rec.account_id, rec.proto, rec.host, rec.port)
+            self.names.hold(name, Holder(rec.id, rec.account_id, rec.proto, rec.pooling_enabled, "cloud"))
+        else:
+            await self.claim_cloud_name(rec)
         route = CloudRoute(
             id=rec.id,
             account_id=rec.account_id,

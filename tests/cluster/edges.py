@@ -127,3 +127,13 @@ def try_echo(ip: str, port: int) -> bool:
         return tcp_echo(ip, port, b"x", timeout=1.0) == b"x"
     except OSError:
         return False
+
+
+#: one session per agent: with HA's ``--ha-connections`` (when this checkout's agent has
+#: it) an agent in a cluster opens a second session on another edge, which would take the
+#: peer path out of a test about the peer path
+HA1: tuple[str, ...] = (
+    ("--ha-connections", "1")
+    if "--ha-connections" in (Path(__file__).resolve().parents[2] / "backend" / "cli.py").read_text()
+    else ()
+)

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.cluster.edges import (
+    HA1,
     IPS,
     http_get,
     port_of,
@@ -40,7 +41,7 @@ def cluster(postgres_server, tmp_path_factory):
 
 
 def agent(c: dict, edge: int, proto: str, addr: str, name: str) -> BurrowProc:
-    proc = start_agent(c["edges"][edge], proto, addr, home=c["root"] / "home" / name)
+    proc = start_agent(c["edges"][edge], proto, addr, *HA1, home=c["root"] / "home" / name)
     c["agents"].append(proc)
     return proc
 
@@ -129,8 +130,17 @@ def test_postgres_down_for_10s(cluster):
         time.sleep(0.5)
         c["pg"].stop()
         down_at = time.monotonic()
+        # the API: a retryable 503 in ngrok's error format
+        api = httpx.get(
+            e1.ready["api_url"] + "/endpoints",
+            headers={"Authorization": "Bearer test-api-key", "Ngrok-Version": "2"},
+            timeout=10,
+        )
+        assert api.status_code == 503, api.text
+        assert api.headers.get("retry-after") == "1"
+        assert api.json()["status_code"] == 503
         # while it is down an agent leaves: its edge cannot write that yet
-        time.sleep(2)
+        time.sleep(max(0.0, 2 - (time.monotonic() - down_at)))
         probe.stop()
         time.sleep(max(0.0, 10 - (time.monotonic() - down_at)))
         served_during = traffic.ok
@@ -237,3 +247,45 @@ def test_sigstop_edge_is_reaped_and_fences_itself(cluster):
     assert reaped_seen
     new = sql(c["dsn"], "SELECT epoch FROM sessions WHERE node_id = 'edge2'")
     assert new and all(r["epoch"] == registered["epoch"] for r in new)
+
+
+def test_kill9_of_one_pool_members_edge_loses_no_new_request(cluster):
+    """A URL held on edges 2 and 3 (pooled), clients on edge 1: kill -9 of edge 3 fails
+    no new request (the dead peer is skipped for the other member) and is reaped."""
+    c = cluster
+    e1, e2, e3 = c["edges"]
+    ups = c["ups"]
+    url = "http://pooled.burrow.localhost"
+    flags = ("--url", url, "--pooling-enabled", *HA1)
+    a2 = start_agent(e2, "http", str(ups.http.port), *flags, home=c["root"] / "home" / "pool2")
+    c["agents"].append(a2)
+    a3 = start_agent(e3, "http", str(ups.http.port), *flags, home=c["root"] / "home" / "pool3")
+    c["agents"].append(a3)
+    host = "pooled.burrow.localhost"
+    ip1, p1 = e1.http_addr
+    assert wait_until(lambda: len(sql(c["dsn"], "SELECT 1 FROM agent_endpoints WHERE host = $1", host)) == 2, 5)
+    assert wait_until(lambda: http_get(ip1, p1, host).status_code == 200, 5)
+    time.sleep(0.3)  # both members in edge 1's table
+    failures, ok = [], 0
+    killed_at = None
+    start = time.monotonic()
+    # a new connection per request (Connection: close): every request is a new one
+    with httpx.Client(base_url=f"http://{ip1}:{p1}", headers={"Host": host, "Connection": "close"}, timeout=5) as cl:
+        while time.monotonic() - start < 6:
+            if killed_at is None and time.monotonic() - start > 1:
+                e3.kill()
+                killed_at = time.monotonic()
+            try:
+                r = cl.get(f"/k{ok}")
+                good = r.status_code == 200 and r.text == f"GET /k{ok}\n"
+            except httpx.HTTPError as exc:
+                good, r = False, exc
+            if good:
+                ok += 1
+            else:
+                failures.append((round(time.monotonic() - killed_at, 3) if killed_at else None, repr(r)))
+            time.sleep(0.005)
+    print(f"kill -9 of one pool member's edge: {ok} requests, {len(failures)} failed")
+    assert failures == []
+    assert ok > 100
+    assert wait_until(lambda: not sql(c["dsn"], "SELECT 1 FROM edges WHERE node_id = 'edge3'"), 5)
