@@ -38,6 +38,8 @@ def add_parser(sub, parser_class) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", type=Path, default=None, help="the edge's data dir")
         p.add_argument("--config", type=Path, default=None, help="the edge's serve.yml (for its data_dir)")
+        p.add_argument("--store", default=None, metavar="URL",
+                       help="a cluster's PostgreSQL (postgresql://...; default BURROW_STORE, then the config's store)")
         p.add_argument("--api-url", default=None, help="use a running edge's admin API at this URL instead")
         p.add_argument("--admin-key", default=None, help="the admin key for --api-url (better: BURROW_ADMIN_KEY; a flag shows in ps)")
         p.add_argument("--json", action="store_true", help="print JSON")
@@ -80,8 +82,54 @@ def _data_dir(args) -> Path:
     return default_data_dir()
 
 
+def _store_url(args) -> str | None:
+    """The PostgreSQL store to administer (cluster mode), if any: --store, BURROW_STORE,
+    then the serve.yml's ``store``."""
+    url = getattr(args, "store", None) or os.environ.get("BURROW_STORE")
+    if not url and args.config is not None:
+        from backend import serveconfig
+
+        try:
+            url = serveconfig.load({}, args.config).store
+        except serveconfig.ServeConfigError as exc:
+            raise AdminError(str(exc)) from None
+    return url if url and url.startswith(("postgresql://", "postgres://")) else None
+
+
+def _on_postgres(args, url: str):
+    import asyncio
+
+    from backend.edge import accounts
+    from backend.store import StoreError, open_edge_store
+
+    async def run():
+        store = await open_edge_store(url)
+        try:
+            if args.account_command == "create":
+                made = await accounts.acreate(store, args.name)
+                return {**_view(made.account), "authtoken": made.authtoken, "api_key": made.api_key}
+            if args.account_command == "list":
+                return [_view(a) for a in await store.list_accounts()]
+            acct = await accounts.aresolve(store, args.account)
+            # every edge applies it within accounts.WATCH_INTERVAL (it polls the store)
+            return _view(await store.set_account_disabled(acct.id, args.account_command == "disable") or acct)
+        finally:
+            await store.aclose()
+
+    try:
+        return asyncio.run(run())
+    except accounts.AccountError as exc:
+        raise AdminError(str(exc)) from None
+    except StoreError as exc:
+        raise AdminError(str(exc)) from None
+
+
 def _on_store(args):
     import sqlite3
+
+    url = _store_url(args)
+    if url is not None:
+        return _on_postgres(args, url)
 
     from backend.edge import accounts
     from backend.store import SQLiteStore, StoreError

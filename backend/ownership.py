@@ -19,11 +19,14 @@ Ownership has two sources, and :meth:`Ownership.owner_of` consults both:
   ``reserved_domains`` table), public tcp ports of cloud endpoints, and agent ingress
   domains, which give their whole subtree to their account.
 
-The interface is deliberately small — :meth:`~Ownership.claim`,
-:meth:`~Ownership.release`, :meth:`~Ownership.owner_of` — so that the multi-edge work
-can move the live table into PostgreSQL (a ``claims`` table with a unique owner per
-name, claimed in the same transaction) without touching the callers: the cloud API's
-``/endpoints`` create and update, the edge's cloud-endpoint loader, and agent binds.
+The interface is small — :meth:`~Ownership.claim`, :meth:`~Ownership.release`,
+:meth:`~Ownership.owner_of` (async where they may ask the store) — and the callers do
+not know where claims live: in memory on a single edge, and with a shared store
+(PostgreSQL, several edges) also in its ``claims`` table, taken in one transaction under
+an advisory lock on the name (:meth:`backend.store.postgres.PostgresStore.claim_name`).
+
+Sharing a name inside one account: every holder pools, or they are one agent (the same
+client id: an HA agent's sessions on two edges bind the same URL).
 
 :func:`agent_host_allowed` is the rule for which hostnames an agent may bind at all.
 """
@@ -41,6 +44,9 @@ if TYPE_CHECKING:
     from backend.store.aio import AsyncStore
 
 log = logging.getLogger(__name__)
+
+#: seconds a release of a shared claim is retried while the store is unreachable
+RELEASE_RETRY_FOR = 120.0
 
 __all__ = [
     "Holder",
@@ -221,21 +227,36 @@ class Ownership:
                         del self._by_account[h.account_id]
 
     async def _release_shared(self, holder_id: str) -> None:
+        """Delete the holder's claim rows, retrying while PostgreSQL is away (up to
+        RELEASE_RETRY_FOR seconds; past that, or if this edge dies, the janitor's)."""
         assert self.store is not None
-        for attempt in range(5):
+        loop = asyncio.get_running_loop()
+        deadline, delay, warned = loop.time() + RELEASE_RETRY_FOR, 0.2, False
+        while True:
             try:
                 await self.store.release_claim(holder_id)
                 return
-            except Exception as exc:  # PostgreSQL away: retry a little, then the janitor
-                if attempt == 4:
+            except Exception as exc:
+                if loop.time() + delay > deadline:
                     log.warning("claim of %s not released in the store: %s", holder_id, exc)
                     return
-                await asyncio.sleep(0.2 * (attempt + 1))
+                if not warned:
+                    log.info("claim of %s: store unavailable, retrying the release: %s", holder_id, exc)
+                    warned = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
-    async def settle(self) -> None:
-        """Wait for the background releases started so far (tests, shutdown)."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+    async def settle(self, timeout: float = 2.0) -> None:
+        """Wait (at most ``timeout`` seconds) for the background releases started so
+        far, then cancel those still retrying (shutdown, tests)."""
+        tasks = list(self._tasks)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     # -------------------------------------------------------------------- helpers
     def names_of(self, account_id: str, prefix: str = "") -> int:

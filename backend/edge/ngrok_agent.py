@@ -281,11 +281,16 @@ class AgentConnection:
             return {"Version": "3", "ClientId": "", "Error": "already authenticated\nERR_NGROK_105"}
         self._auth_started = True
         token = _str(_get(extra, "AuthToken"))
-        cred = await edge.store.find_authtoken(token)
+        try:
+            cred = await edge.store.find_authtoken(token)
+            disabled = await accounts.arefusal(edge.store, token) if cred is None else None
+        except (StoreError, sqlite3.Error) as exc:  # the agent retries; this session ends
+            log.warning("ngrok agent auth from %s: %s", self.peer_ip, exc)
+            self.auth_failed = True
+            return {"Version": "3", "ClientId": "", "Error": "the edge's database is unavailable; retry\nERR_NGROK_503", "Extra": {}}
         if cred is None:
             self.auth_failed = True
             edge.on_event({"event": "auth_failed", "ip": self.peer_ip})
-            disabled = await accounts.arefusal(edge.store, token)
             error = f"{disabled}\n\n{accounts.AGENT_CODE}" if disabled else BAD_AUTHTOKEN
             return {"Version": "3", "ClientId": "", "Error": error, "Extra": {}}
         interval, tolerance = _get(extra, "HeartbeatInterval"), _get(extra, "HeartbeatTolerance")

@@ -50,7 +50,7 @@ from backend.policy.document import PolicyError
 from backend.policy.engine import compile_policy
 from backend.relay import close
 from backend.sni import NotTLS, peek_hello
-from backend.store import AsyncStore, open_edge_store
+from backend.store import AsyncStore, StoreError, open_edge_store
 from backend.store.base import new_token
 from backend.tls import LocalCA
 
@@ -515,9 +515,14 @@ class Edge:
         self, r: asyncio.StreamReader, w: asyncio.StreamWriter, auth: p.Auth, peer_ip: str
     ) -> None:
         assert self.store is not None
-        cred = await self.store.find_authtoken(auth.authtoken)
+        try:
+            cred = await self.store.find_authtoken(auth.authtoken)
+            disabled = await accounts.arefusal(self.store, auth.authtoken) if cred is None else None
+        except StoreError as exc:  # PostgreSQL away: no answer, the agent retries (backoff)
+            self._throttled.warning("auth-store", "agent auth from %s: %s", peer_ip, exc)
+            close(w)
+            return
         if cred is None:
-            disabled = await accounts.arefusal(self.store, auth.authtoken)
             p.write_msg(
                 w,
                 p.Error(code=accounts.AGENT_CODE, msg=disabled)
@@ -663,6 +668,9 @@ class Edge:
             ep = await self._make_endpoint(s, msg)
         except BindError as exc:
             return p.Error(req_id=msg.req_id, code=exc.code, msg=str(exc))
+        except StoreError as exc:  # PostgreSQL away: the bind is refused; the agent may retry
+            self._throttled.warning("bind-store", "bind of %s: %s", msg.url or msg.proto, exc)
+            return p.Error(req_id=msg.req_id, code="ERR_NGROK_503", msg="The edge's database is unavailable; retry shortly.")
         if s.closed:  # the session ended while its tcp listener was starting
             self.names.release(ep.id)
             if ep.server is not None:
@@ -735,14 +743,21 @@ class Edge:
             if not lo <= port <= hi:
                 raise BindError("ERR_NGROK_9039", f"tcp port {port} is outside the edge's range {lo}-{hi}")
             candidates = [port]
+        elif self.names.shared:  # ports free on every edge, by one query (claims race below)
+            candidates = await self.store.free_tcp_ports(lo, hi, 16)
         else:
             start = secrets.randbelow(hi - lo + 1)
             candidates = [lo + (start + i) % (hi - lo + 1) for i in range(min(64, hi - lo + 1))]
         bind_host = parse_hostport(cfg.http_addr)[0]
         for cand in candidates:
-            if not port and await self.names.owner_of(f"tcp:{cand}") is not None:
+            if not port and not self.names.shared and await self.names.owner_of(f"tcp:{cand}") is not None:
                 continue
-            ep = await self._claim(AgentEndpoint(url=f"tcp://{tcp_host}:{cand}", host="", port=cand, **common))
+            try:
+                ep = await self._claim(AgentEndpoint(url=f"tcp://{tcp_host}:{cand}", host="", port=cand, **common))
+            except BindError as exc:
+                if port or exc.code not in ("ERR_NGROK_309", "ERR_NGROK_334"):
+                    raise
+                continue  # another edge took this free port first: the next one
             if self.registry.route("public", "tcp", cand) is not None:
                 return ep  # pooled: shares the listener of the endpoint already online
             try:

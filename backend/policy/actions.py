@@ -375,7 +375,14 @@ class RestrictIPs(Action):
 
 @_register
 class RateLimit(Action):
-    """Sliding-window rate limit per bucket (default: per client IP)."""
+    """Sliding-window rate limit per bucket (default: per client IP).
+
+    The windows live in this edge's memory: with several edges (cluster mode) each edge
+    counts on its own, so a client spread over N edges may get up to N times the
+    capacity.  That is deliberate: the data path never waits on PostgreSQL, and behind
+    a load balancer a client usually sticks to one edge.  (The cloud API's per-account
+    limit, by contrast, is global: one row per account in PostgreSQL.)
+    """
 
     type = "rate-limit"
     phases = ("on_tcp_connect", "on_http_request")

@@ -6,8 +6,11 @@ The edge calls ``await edge.store.method(...)``.  Two implementations:
   :class:`~backend.store.sqlite.SQLiteStore` with direct calls: SQLite answers an
   indexed lookup in microseconds from the page cache, so a thread hop would cost more
   than it saves, and the store is never on the per-request path (routing reads memory).
+  Such a coroutine never suspends, so a check-then-claim sequence (backend.ownership)
+  stays as atomic on one edge as it was with synchronous calls.
 - :class:`~backend.store.postgres.PostgresStore` (``--store postgresql://...``), shared
-  by several edges; it also implements the cluster methods (:class:`SharedStore`).
+  by several edges (``shared`` is True); it also has the cluster methods (claims, tcp
+  ports, the API bucket), used only when ``shared``.
 
 Every method of :class:`Store` exists here as a coroutine with the same signature and
 meaning; ``tests/backend/test_store*.py`` run the same contract against both.

@@ -213,3 +213,18 @@ def test_a_readable_file_with_secrets_gets_a_warning(tmp_path):
     path.write_text("domain: a.example\n")
     path.chmod(0o644)
     assert serveconfig.exposed_secrets(path) is None
+
+
+def test_store_takes_a_postgresql_url_or_a_path_and_never_echoes_it(clean_env, tmp_path):
+    assert serveconfig.load({"store": "postgresql://u:pw@db/burrow"}).store == "postgresql://u:pw@db/burrow"
+    assert serveconfig.load({"store": "sqlite:///x.db"}).store == "sqlite:///x.db"
+    assert serveconfig.load({}).store is None
+    with pytest.raises(serveconfig.ServeConfigError) as exc:
+        serveconfig.load({"store": "mysql://u:s3cret@db/burrow"})
+    assert "postgresql://" in str(exc.value) and "s3cret" not in str(exc.value)
+    path = tmp_path / "serve.yml"
+    path.write_text("store: postgresql://u:s3cret@db/burrow\n")
+    path.chmod(0o644)
+    assert "store" in (serveconfig.exposed_secrets(path) or "")
+    path.write_text("store: postgresql://u@db/burrow\n")
+    assert serveconfig.exposed_secrets(path) is None
