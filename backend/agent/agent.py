@@ -73,6 +73,8 @@ class AgentConfig:
 
 MAX_HA_CONNECTIONS = 8
 MAX_KNOWN_EDGES = 32
+#: refusals that say "try again" (a cluster edge whose PostgreSQL is away for a moment)
+RETRYABLE = frozenset({"ERR_NGROK_503"})
 
 
 def backoff(attempt: int, fast: int = 3, base: float = 0.5, cap: float = 30.0) -> float:
@@ -222,7 +224,8 @@ class Agent:
                 attempt = 0
                 ever = True
             except AgentError as exc:
-                if leg.slot == 0:
+                # the edge's store (PostgreSQL) away for a moment is worth waiting out
+                if leg.slot == 0 and exc.code not in RETRYABLE:
                     raise
                 msg = str(exc)
                 self._on_disconnect(leg, msg)
