@@ -191,6 +191,7 @@ def test_sigstop_of_an_edge_of_a_two_session_agent(make_cluster, ups, tmp_path):
         )
         return [(r["slot"], r["node_id"], r["epoch"]) for r in rows]
 
+    old_epoch = sql(c.dsn, "SELECT epoch FROM edges WHERE node_id = $1", c.node_id(victim))[0]["epoch"]
     c.freeze(victim)
     frozen_at = time.monotonic()
     try:
@@ -206,10 +207,18 @@ def test_sigstop_of_an_edge_of_a_two_session_agent(make_cluster, ups, tmp_path):
         assert c.node_id(victim) not in {o[1] for o in owners()}
         statuses = [_get(c, i, host, timeout=5) for _ in range(10) for i in (free, survivor)]
         assert statuses == [200] * 20, statuses
+        # reaped by the others (the janitor; bounded wait: on a loaded machine it may come
+        # a little after the lease), so that the thawed edge finds itself fenced
+        wait_until(
+            lambda: not sql(c.dsn, "SELECT 1 FROM edges WHERE node_id = $1 AND epoch = $2", c.node_id(victim), old_epoch),
+            10,
+            what="the frozen edge reaped",
+        )
     finally:
         c.thaw(victim)
     # the thawed edge fences itself (drops the session it held); the agent's lost slot
     # comes back on the edge that neither holds
+    assert c.edge(victim).wait_event("cluster_fenced", 10)["epoch"] == old_epoch
     legs = wait_until(
         lambda: (ls := _legs(a)) and len(ls) == 2 and victim not in {_edge_of(c, leg["edge"]) for leg in ls} and ls,
         20,
