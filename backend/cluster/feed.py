@@ -43,6 +43,8 @@ RECONCILE_INTERVAL = 30.0
 CHECK_INTERVAL = 1.0
 RECONNECT_DELAY = 0.25
 QUERY_TIMEOUT = 2.0
+CONNECT_TIMEOUT = 5.0
+START_TRIES = 5
 
 
 async def _maybe(value):
@@ -151,8 +153,23 @@ class Feed:
         self.reloads = 0
 
     async def start(self) -> None:
-        await self._connect()
-        await self.reload()
+        # a loaded machine or a busy PostgreSQL may take a moment: a few tries before the
+        # edge gives up starting
+        for attempt in range(START_TRIES):
+            try:
+                if self._conn is None:
+                    await self._connect()
+                await self.reload()
+                break
+            except Exception as exc:
+                if attempt == START_TRIES - 1:
+                    from backend.cluster.node import ClusterError
+
+                    raise ClusterError(f"cannot start the cluster's change feed: {exc!r}") from None
+                log.warning("cluster feed: start failed (%r); trying again", exc)
+                if self._conn is not None and self._conn.is_closed():
+                    self._conn = None
+                await asyncio.sleep(0.5)
         self._tasks = [asyncio.ensure_future(self._listen_loop()), asyncio.ensure_future(self._process_loop())]
 
     async def stop(self) -> None:
@@ -174,7 +191,7 @@ class Feed:
         import asyncpg
 
         self._lost = asyncio.Event()
-        conn = await asyncpg.connect(self.node.dsn, timeout=QUERY_TIMEOUT)
+        conn = await asyncpg.connect(self.node.dsn, timeout=CONNECT_TIMEOUT)
         conn.add_termination_listener(lambda _c: self._lost.set())
         await conn.add_listener("burrow_changes", self._on_notify)
         self._conn = conn

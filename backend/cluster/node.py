@@ -84,6 +84,10 @@ ORPHAN_CLAIM_GRACE = 30.0
 CHANNEL = "burrow_changes"
 
 
+class ClusterError(Exception):
+    """This edge cannot join the cluster (a clear reason for the operator)."""
+
+
 class Fenced(Exception):
     """Our (node_id, epoch) row is gone: PostgreSQL gave our place away."""
 
@@ -139,7 +143,7 @@ class ClusterNode:
         import asyncpg
 
         if self.pool is None:
-            self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=QUERY_TIMEOUT)
+            self.pool = await asyncpg.create_pool(self.dsn, min_size=2, max_size=4, timeout=5.0)
         await schema.migrate(self.pool)
         self.secret = await schema.cluster_secret(self.pool)
         _warm_policy_engine()
@@ -148,12 +152,14 @@ class ClusterNode:
         self.advertise_addr = self._advertise or self.ingress_addr
         await self.peer.start(self._peer_bind, self._peer_tls)
         self.peer_addr = format_hostport(*self.peer.addr)
+        await self._wait_for_node_id()
         await self._register()
         self.edge.registry.cluster = self
-        await self.feed.start()
+        # the lease first: the feed's first load may take a few tries on a busy machine
         self._spawn(self._lease_loop())
         self._spawn(self._janitor_loop())
         self._spawn(self._writer())
+        await self.feed.start()
 
     async def stop(self) -> None:
         """Leave the cluster: stop the loops, delete our rows (others stop routing to us)."""
@@ -185,6 +191,27 @@ class ClusterNode:
         return [self.advertise_addr, *sorted(set(others) - {self.advertise_addr})]
 
     # ----------------------------------------------------------------- membership
+    async def _wait_for_node_id(self) -> None:
+        """A node id whose lease is live belongs to a running edge (or to this one's last
+        run, killed less than a TTL ago): wait for the lease to lapse; still renewed after
+        that, it is another edge with the same ``--node-id`` — refuse to start, since two
+        of them would fence each other every second."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LEASE_TTL + 2 * RENEW_INTERVAL
+        while True:
+            async with self.pool.acquire() as c:
+                live = await c.fetchval(
+                    "SELECT lease_expires > now() FROM edges WHERE node_id = $1", self.node_id
+                )
+            if not live:
+                return
+            if loop.time() > deadline:
+                raise ClusterError(
+                    f"another edge is running with node id {self.node_id!r} (its lease keeps being "
+                    "renewed); give each edge its own --node-id"
+                )
+            await asyncio.sleep(0.2)
+
     async def _register(self) -> None:
         local = list(self._local_eps)
         async with self.pool.acquire() as c, c.transaction():

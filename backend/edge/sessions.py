@@ -327,11 +327,12 @@ class Registry:
             return None
         if len(eps) == 1:
             return eps[0]
-        local = [ep for ep in eps if not ep.remote]
-        if local and len(local) < len(eps):
-            eps = local
-            if len(eps) == 1:
-                return eps[0]
+        if self.cluster is not None:
+            local = [ep for ep in eps if not ep.remote]
+            if local and len(local) < len(eps):
+                eps = local
+                if len(eps) == 1:
+                    return eps[0]
         return eps[next(self._rr) % len(eps)]
 
     def sessions_of(self, credential_id: str) -> int:

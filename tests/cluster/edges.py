@@ -101,13 +101,13 @@ def wait_until(pred, timeout: float, step: float = 0.02):
         time.sleep(step)
 
 
-def start_cluster(postgres_server, root: Path, n: int = 3) -> dict:
+def start_cluster(postgres_server, root: Path, n: int = 3, extra: tuple[str, ...] = ()) -> dict:
     dsn = postgres_server.new_database()
     edges: list[BurrowProc] = []
     ups = Upstreams()
     try:
         for i, ip in enumerate(IPS[:n], start=1):
-            edges.append(cluster_edge(root / f"edge{i}", ip, dsn, f"edge{i}"))
+            edges.append(cluster_edge(root / f"edge{i}", ip, dsn, f"edge{i}", *extra))
     except BaseException:
         stop_cluster({"edges": edges, "ups": ups})
         raise
@@ -137,3 +137,72 @@ HA1: tuple[str, ...] = (
     if "--ha-connections" in (Path(__file__).resolve().parents[2] / "backend" / "cli.py").read_text()
     else ()
 )
+
+
+class CutProxy:
+    """A TCP proxy to PostgreSQL for one edge (in a background event loop): ``cut()``
+    drops every proxied connection and refuses new ones (that edge alone loses
+    PostgreSQL); ``restore()`` listens again on the same port."""
+
+    def __init__(self, listen_host: str, target: tuple[str, int]) -> None:
+        self.listen_host = listen_host
+        self.target = target
+        self.port = 0
+        self.loop = asyncio.new_event_loop()
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self._call(self._listen())
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.listen_host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            ur, uw = await asyncio.open_connection(*self.target)
+        except OSError:
+            w.close()
+            return
+        self._conns |= {w, uw}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, RuntimeError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+        self._conns -= {w, uw}
+
+    def dsn(self, database_dsn: str) -> str:
+        """``database_dsn`` with its host:port replaced by the proxy's."""
+        scheme, rest = database_dsn.split("://", 1)
+        userhost, db = rest.split("/", 1)
+        user = userhost.split("@", 1)[0]
+        return f"{scheme}://{user}@{self.listen_host}:{self.port}/{db}"
+
+    def cut(self) -> None:
+        async def go() -> None:
+            assert self._server is not None
+            self._server.close()
+            for w in list(self._conns):
+                w.transport.abort()
+            self._conns.clear()
+
+        self._call(go())
+
+    def restore(self) -> None:
+        self._call(self._listen())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.cut()
+        self.loop.call_soon_threadsafe(self.loop.stop)

@@ -30,10 +30,12 @@ from tests.cluster.edges import (
 )
 from tests.procs import host_of, start_agent
 
+ADMIN_KEY = "cluster-admin-key-0123456789"
+
 
 @pytest.fixture(scope="module")
 def cluster(postgres_server, tmp_path_factory):
-    c = start_cluster(postgres_server, tmp_path_factory.mktemp("cluster"))
+    c = start_cluster(postgres_server, tmp_path_factory.mktemp("cluster"), extra=("--admin-key", ADMIN_KEY))
     yield c
     stop_cluster(c)
 
@@ -240,3 +242,77 @@ def test_cloud_endpoint_created_on_edge1_is_served_by_edge3(cluster):
     finally:
         api.close()
         probe.close()
+
+
+def test_a_second_edge_with_a_live_node_id_is_refused(cluster):
+    """Two edges with one --node-id would fence each other every second: the second one
+    waits out the first one's lease and, still renewed, refuses to start."""
+    from tests.procs import BurrowProc
+
+    ip = IPS[3 - 1]
+    proc = BurrowProc(
+        [
+            "serve", "--data-dir", str(cluster["root"] / "dup"),
+            "--api-addr", f"{ip}:0", "--ingress-addr", f"{ip}:0", "--http-addr", f"{ip}:0",
+            "--https-addr", "off", "--tcp-ports", "31000-31999",
+            "--store", cluster["dsn"], "--node-id", "edge1", "--peer-addr", f"{ip}:0", "--json",
+        ]
+    )  # fmt: skip
+    try:
+        assert proc.wait_exit(30) != 0
+    finally:
+        proc.kill()
+    assert "another edge is running with node id 'edge1'" in proc.stderr
+    rows = sql(cluster["dsn"], "SELECT epoch FROM edges WHERE node_id = 'edge1'")
+    assert len(rows) == 1  # edge 1 was never fenced
+    assert cluster["edges"][0].proc.poll() is None
+
+
+def test_disabling_an_account_on_edge1_cuts_it_off_on_every_edge(cluster):
+    """account:<id> on the feed: the account's agent on edge 2 is cut off and its cloud
+    endpoint stops on every edge at once; enabled again, the cloud endpoint is back."""
+    e1, e2, e3 = cluster["edges"]
+    admin = httpx.Client(base_url=e1.ready["api_url"], headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+    try:
+        made = admin.post("/admin/accounts", json={"name": "acme"})
+        assert made.status_code == 201, made.text
+        acct = made.json()
+        a = start_agent(
+            e2, "http", str(cluster["ups"].http.port), *HA1, "--authtoken", acct["authtoken"],
+            home=cluster["root"] / "home" / "acme",
+        )  # fmt: skip
+        try:
+            host = host_of(a.public_url)
+            api3 = httpx.Client(
+                base_url=e3.ready["api_url"],
+                headers={"Authorization": f"Bearer {acct['api_key']}", "Ngrok-Version": "2"},
+                timeout=10,
+            )
+            r = api3.post(
+                "/endpoints",
+                json={"url": "http://acme-cloud.burrow.localhost", "type": "cloud", "traffic_policy": _policy("acme")},
+            )
+            api3.close()
+            assert r.status_code == 201, r.text
+            cloud = "acme-cloud.burrow.localhost"
+            for e in cluster["edges"]:
+                ip, port = e.http_addr
+                assert wait_until(lambda ip=ip, port=port: http_get(ip, port, cloud).text == "acme", 5)
+            ip1, p1 = e1.http_addr
+            assert wait_until(lambda: http_get(ip1, p1, host).status_code == 200, 5)
+
+            assert admin.post(f"/admin/accounts/{acct['id']}/disable").status_code == 200
+            for e in cluster["edges"]:
+                ip, port = e.http_addr
+                assert wait_until(lambda ip=ip, port=port: http_get(ip, port, cloud).status_code == 404, 3)
+                assert wait_until(lambda ip=ip, port=port: http_get(ip, port, host).status_code == 404, 3)
+            assert wait_until(lambda: not sql(cluster["dsn"], "SELECT 1 FROM sessions WHERE account_id = $1", acct["id"]), 3)
+
+            assert admin.post(f"/admin/accounts/{acct['id']}/enable").status_code == 200
+            for e in cluster["edges"]:
+                ip, port = e.http_addr
+                assert wait_until(lambda ip=ip, port=port: http_get(ip, port, cloud).text == "acme", 5)
+        finally:
+            a.stop()
+    finally:
+        admin.close()
