@@ -114,7 +114,11 @@ def check_sharing(name: str, holder: Holder, others) -> None:
     """Raise :class:`NameConflict` unless ``holder`` may join ``others`` (same account) on
     ``name``: all pool, or the other one is the same agent (same client id)."""
     for other in others:
-        if other.id == holder.id or other.proto != holder.proto:
+        if other.id == holder.id:
+            continue
+        if other.account_id != holder.account_id:  # (came in while the owner was looked up)
+            raise other_account(name)
+        if other.proto != holder.proto:
             continue
         if holder.client_id is not None and other.client_id == holder.client_id:
             continue  # one agent's sessions on two edges

@@ -32,3 +32,15 @@ async def test_no_client_id_never_counts_as_the_same_agent():
     with pytest.raises(NameConflict) as exc:
         await own.claim("tcp:31000", Holder("ep_d", "acct_a", "tcp", False, "cloud"))
     assert exc.value.reason == "online"
+
+
+async def test_a_holder_of_another_account_that_came_in_meanwhile_is_another_account():
+    # (a cluster's change feed may put another account's cloud endpoint in memory while
+    # a claim waits for the store: the claim must say "another account", not "pool")
+    from backend.ownership import check_sharing
+
+    mine = Holder("ep_b", "acct_b", "https", False, "cloud")
+    theirs = Holder("ep_a", "acct_a", "https", False, "cloud")
+    with pytest.raises(NameConflict) as exc:
+        check_sharing("host:x.example.com", mine, [theirs])
+    assert exc.value.reason == "other_account"
