@@ -215,10 +215,10 @@ class Cluster:
     def start(self, indexes: list[int] | None = None) -> Cluster:
         """Start edges (all by default), all at once."""
         todo = list(range(self.n)) if indexes is None else list(indexes)
-        procs = [(i, self._spawn(i, wait=False)) for i in todo]
-        for i, proc in procs:
-            self.edges[i] = proc
-            proc.ready = proc.wait_event("ready", READY_TIMEOUT)
+        for i in todo:  # every process is in self.edges before any wait: close() finds it
+            self.edges[i] = self._spawn(i, wait=False)
+        for i in todo:
+            self.edges[i].ready = self.edges[i].wait_event("ready", READY_TIMEOUT)
         return self
 
     def restart(self, i: int, wait: bool = True) -> BurrowProc:
