@@ -264,6 +264,11 @@ def build_parser(prog: str = "burrow") -> argparse.ArgumentParser:
         )
         tls.add_argument("--no-data-tls", dest="data_tls", action="store_const", const=False, help="plain TCP data connections")
         p.add_argument("--pool-size", type=int, default=None)
+        p.add_argument(
+            "--ha-connections", type=int, default=None, metavar="N",
+            help="hold N sessions, each on a different edge of a cluster, serving the same URLs "
+            "(default: 2 when the edge lists 2 or more live edges, else 1; 1 = one session)",
+        )
         p.add_argument("--inspect-db-size", type=int, default=None, help="bytes; 0 = 50 MB, -1 = off")
         p.add_argument("--inspect-db", default=None, help="SQLite file keeping captures across restarts")
         p.add_argument(
@@ -349,13 +354,14 @@ def _local_command(command: str) -> int:
     if rec is None:
         print("burrow: no local backend is running")
         return 1 if command == "status" else 0
-    tunnels, captures = [], None
+    tunnels, captures, legs = [], None, []
     with (
         contextlib.suppress(httpx.HTTPError, ValueError, KeyError),
         httpx.Client(base_url=rec["agent_url"], timeout=2) as c,
     ):
         tunnels = c.get("/api/tunnels").json()["tunnels"]
         captures = c.get("/api/requests/http", params={"limit": 0}).json().get("total")
+        legs = c.get("/api/status").json()["session"]["legs"]
     counts = f"{len(tunnels)} tunnel{'s' * (len(tunnels) != 1)}"
     if captures is not None:
         counts += f", {captures} capture{'s' * (captures != 1)}"
@@ -372,6 +378,9 @@ def _local_command(command: str) -> int:
     if rec.get("ingress_addr"):  # what ngrok's SDKs and other agents need to connect
         print(f"  ingress     {rec['ingress_addr']}   CA {rec.get('ca_file')}, authtoken in bootstrap.json")
     print(f"  data        {rec.get('data_dir')}  (logs in {local.run_dir()})")
+    for leg in legs:  # the agent's sessions: one, or one per edge of a cluster (HA)
+        if leg.get("edge"):
+            print(f"  session     {leg.get('session_id')} on edge {leg['edge']}  latency {leg.get('latency') or '-'}")
     for t in tunnels:
         print(f"  {t['name']:<20} {t.get('public_url')} -> {t.get('config', {}).get('addr')}")
     print("stop it with: burrow stop")
@@ -717,6 +726,7 @@ _AGENT_KEYS = {
     "ca_file", "api_url",
     # burrow's
     "pool_size", "inspect_body_cap", "inspect_db", "inspect_db_flush_ms", "web_read_timeout",
+    "ha_connections",
 }
 _TOP_KEYS = {"version", "agent", "tunnels", "endpoints"}
 
@@ -787,7 +797,7 @@ def _cli_tunnel(args):
 # own agent (as ngrok does) instead of adding its tunnel to the local one
 _AGENT_FLAGS = (
     "server_addr", "authtoken", "root_cas", "web_addr", "allow_remote", "web_allow_host",
-    "web_read_timeout", "data_tls", "pool_size", "inspect_db_size", "inspect_db",
+    "web_read_timeout", "data_tls", "pool_size", "ha_connections", "inspect_db_size", "inspect_db",
     "inspect_db_flush_ms", "inspect_body_cap", "log", "region", "json", "ready_file",
 )
 
@@ -879,7 +889,7 @@ def _listen_err(addr: str, exc: OSError) -> str:
 
 
 async def _agent_run(args, logger) -> int:
-    from backend.agent.agent import Agent, AgentConfig, AgentError
+    from backend.agent.agent import MAX_HA_CONNECTIONS, Agent, AgentConfig, AgentError
     from backend.agent.api import parse_allow_hosts, start_agent_api
     from backend.httpserver import ServerLimits
 
@@ -945,6 +955,12 @@ async def _agent_run(args, logger) -> int:
     else:
         tunnels = [_cli_tunnel(args)]
 
+    ha = args.ha_connections
+    if ha is None and aconf.get("ha_connections") is not None:
+        ha = _int_opt(None, aconf.get("ha_connections"), 0)
+    if ha is not None and not 1 <= ha <= MAX_HA_CONNECTIONS:
+        raise SettingsError(f"--ha-connections: {ha} is not between 1 and {MAX_HA_CONNECTIONS}")
+
     display = None
     ready_sent = False
 
@@ -961,6 +977,7 @@ async def _agent_run(args, logger) -> int:
                 root_cas=root_cas,
                 data_tls=args.data_tls,
                 pool_size=args.pool_size or int(aconf.get("pool_size", 4)),
+                ha_connections=ha,
                 metadata=str(aconf.get("metadata", "")),
                 tunnels=tunnels,
                 inspect_db_size=_int_opt(args.inspect_db_size, aconf.get("inspect_db_size"), 0),
@@ -1013,6 +1030,7 @@ async def _agent_run(args, logger) -> int:
                 "version": __version__,
                 "web_addr": web,
                 "session_id": agent.session_id,
+                "sessions": agent.sessions_info(),
                 "tunnels": [agent.tunnel_info(t) for t in agent.tunnels.values()],
             }
             ready_sent = True

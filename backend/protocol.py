@@ -45,6 +45,9 @@ class Auth(_Msg):
     hostname: str = ""
     metadata: str = ""
     protocol: int = PROTOCOL_VERSION
+    #: which of an HA agent's sessions this is (``--ha-connections``: 0..N-1, each on its
+    #: own edge); a new session with the same client id *and* slot replaces the stale one
+    slot: int = Field(default=0, ge=0, le=15)
 
 
 class Bind(_Msg):
@@ -81,6 +84,14 @@ class AuthOk(_Msg):
     #: the edge has an https listener, so an http tunnel that names no scheme gets an
     #: https URL (ngrok v3's default); absent from older edges = no
     https: bool = False
+    #: where this session's data connections must go (``host:port`` of this edge's
+    #: ingress): behind a load balancer or DNS name for several edges, they must reach
+    #: the edge that holds the session.  None (older or single edges) = the address the
+    #: control connection dialled
+    direct_addr: str | None = None
+    #: ingress addresses of the live edges of the cluster (this one included), for an
+    #: agent holding sessions on several edges; empty from older or single edges
+    edges: list[str] = Field(default_factory=list, max_length=256)
 
 
 class BindOk(_Msg):

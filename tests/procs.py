@@ -113,9 +113,12 @@ class BurrowProc:
         return self.ready["tunnels"][0]["public_url"]
 
 
-def edge_args(data_dir: Path, **ports: int) -> list[str]:
+def edge_args(data_dir: Path, host: str = "127.0.0.1", extra: tuple[str, ...] = (), **ports: int) -> list[str]:
+    """``burrow serve`` arguments: every listener on ``host`` (port 0 unless given),
+    the test credentials, ``--json``, then ``extra`` (the cluster flags, say)."""
+
     def addr(name: str) -> str:
-        return f"127.0.0.1:{ports.get(name, 0)}"
+        return f"{host}:{ports.get(name, 0)}"
 
     return [
         "serve",
@@ -136,12 +139,22 @@ def edge_args(data_dir: Path, **ports: int) -> list[str]:
         "--api-key",
         "test-api-key",
         "--json",
+        *extra,
     ]
 
 
-def start_edge(data_dir: Path, root: Path | None = None, **ports: int) -> BurrowProc:
-    proc = BurrowProc(edge_args(data_dir, **ports), root=root)
-    proc.ready = proc.wait_event("ready", READY_TIMEOUT)
+def start_edge(
+    data_dir: Path,
+    root: Path | None = None,
+    host: str = "127.0.0.1",
+    extra: tuple[str, ...] = (),
+    wait: bool = True,
+    **ports: int,
+) -> BurrowProc:
+    """Start an edge; ``wait=False`` returns at once (then ``proc.ready = proc.wait_event("ready")``)."""
+    proc = BurrowProc(edge_args(data_dir, host, extra, **ports), root=root)
+    if wait:
+        proc.ready = proc.wait_event("ready", READY_TIMEOUT)
     return proc
 
 

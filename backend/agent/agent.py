@@ -31,7 +31,7 @@ from backend.agent import forward
 from backend.agent.events import EventHub
 from backend.agent.inspect import DEFAULT_BODY_CAP, InspectionStore
 from backend.agent.tunnels import Tunnel, TunnelConfig
-from backend.netutil import is_loopback, parse_hostport
+from backend.netutil import is_ip, is_loopback, parse_hostport
 from backend.relay import close, tune
 from backend.tlsclient import client_context
 
@@ -65,6 +65,16 @@ class AgentConfig:
     inspect_db: str | Path | None = None
     # How long a finished capture may wait for its batch write to inspect_db (ms).
     inspect_db_flush_ms: int = 100
+    #: sessions held at once, each on a different edge of a cluster, all binding the same
+    #: URLs (cloudflared's ha-connections); None = 2 when the edge lists 2 or more live
+    #: edges, else 1.  1 = a single session.
+    ha_connections: int | None = None
+
+
+MAX_HA_CONNECTIONS = 8
+MAX_KNOWN_EDGES = 32
+#: refusals that say "try again" (a cluster edge whose PostgreSQL is away for a moment)
+RETRYABLE = frozenset({"ERR_NGROK_503"})
 
 
 def backoff(attempt: int, fast: int = 3, base: float = 0.5, cap: float = 30.0) -> float:
@@ -72,6 +82,47 @@ def backoff(attempt: int, fast: int = 3, base: float = 0.5, cap: float = 30.0) -
     if attempt <= fast:
         return 0.05 * attempt
     return random.uniform(0, min(cap, base * 2 ** (attempt - fast)))
+
+
+@dataclass(eq=False)
+class Leg:
+    """One of the agent's sessions: HA slot ``slot``, on one edge.
+
+    An agent holds one leg, or ``ha_connections`` legs on different edges of a cluster;
+    each has its own control connection, session key, data connections and endpoints
+    (the same URLs), and reconnects on its own.
+    """
+
+    slot: int
+    status: str = "connecting"
+    #: the ingress address its control connection dialled
+    addr: str = ""
+    #: the edge it holds: AuthOk's direct_addr (where its data connections go), else addr
+    edge: str = ""
+    session_id: str | None = None
+    key: str = ""
+    region: str = ""
+    https: bool = False  # learnt from auth_ok: may http tunnels default to https?
+    latency: float | None = None
+    writer: asyncio.StreamWriter | None = None
+    #: data connections: (host to dial, port, TLS server name) and whether TLS is on
+    data_target: tuple[str, int, str] = ("", 0, "")
+    data_tls: bool = False
+    pending: dict[int, asyncio.Future] = field(default_factory=dict)
+    #: this leg's endpoints: endpoint id -> tunnel
+    endpoints: dict[str, Tunnel] = field(default_factory=dict)
+    connected: bool = False
+    #: the current (or last) session got as far as its auth_ok
+    up: bool = False
+
+    def info(self) -> dict:
+        return {
+            "slot": self.slot,
+            "edge": self.edge or self.addr,
+            "status": self.status,
+            "session_id": self.session_id if self.connected else None,
+            "latency_ms": round(self.latency * 1000, 3) if self.latency is not None else None,
+        }
 
 
 class Agent:
@@ -89,64 +140,157 @@ class Agent:
             )
             self.capture.subscribe(self.events.publish)
             self.capture.listening = lambda: self.events.active
+        if config.ha_connections is not None and not 1 <= config.ha_connections <= MAX_HA_CONNECTIONS:
+            raise AgentError(f"ha_connections must be between 1 and {MAX_HA_CONNECTIONS}")
         self.client_id = uuid.uuid4().hex
         self.tunnels: dict[str, Tunnel] = {}
-        self.session_id: str | None = None
-        self.region = ""
-        self.edge_https = False  # learnt from auth_ok: may http tunnels default to https?
-        self.latency: float | None = None
-        self.status = "connecting"
-        self._by_endpoint: dict[str, Tunnel] = {}
-        self._writer: asyncio.StreamWriter | None = None
-        self._session_key = ""
-        self._pending: dict[int, asyncio.Future] = {}
+        self.legs: list[Leg] = [Leg(0)]
+        #: ingress addresses of the cluster's live edges, as the latest auth_ok gave them
+        self.edges: list[str] = []
+        self._failed = False
+        self._by_endpoint: dict[str, Tunnel] = {}  # every leg's endpoints
         self._req_ids = 0
         self._tasks: set[asyncio.Task] = set()
         self._pooled = 0
         self._stopped = asyncio.Event()
         self._connected = asyncio.Event()
         self._host, self._port = parse_hostport(config.server_addr)
-        # *.localhost names are loopback (RFC 6761 §6.3) as in curl and browsers, though
-        # the system resolver often does not know them; TLS still checks the name itself.
-        self._dial_host = "127.0.0.1" if self._host.endswith(".localhost") else self._host
         self._ctx = client_context(config.root_cas)
         self._data_ctx: ssl.SSLContext | None = None  # made on first use (tlshalf.ALPN)
-        self.data_tls = config.data_tls if config.data_tls is not None else not is_loopback(self._host)
         self._ping_ids = 0
         for tc in config.tunnels:
             self._add_tunnel(tc)
 
+    # ------------------------------------------------------- the sessions, summed up
+    def _main(self) -> Leg:
+        """The leg that speaks for the agent: the first one online, else slot 0."""
+        return next((leg for leg in self.legs if leg.connected), self.legs[0])
+
+    @property
+    def session_id(self) -> str | None:
+        return self._main().session_id
+
+    @property
+    def latency(self) -> float | None:
+        return self._main().latency
+
+    @property
+    def region(self) -> str:
+        return self._main().region
+
+    @property
+    def edge_https(self) -> bool:
+        return self._main().https
+
+    @property
+    def status(self) -> str:
+        """online while any session is; else slot 0's state (connecting, reconnecting)."""
+        if self._failed:
+            return "failed"
+        if any(leg.connected for leg in self.legs):
+            return "online"
+        return self.legs[0].status
+
+    @property
+    def data_tls(self) -> bool:
+        return self._main().data_tls
+
+    def sessions_info(self) -> list[dict]:
+        return [leg.info() for leg in self.legs]
+
     # ----------------------------------------------------------------- public
     async def run(self) -> None:
-        """Keep a session alive until :meth:`stop`.  Raises AgentError on fatal errors."""
+        """Keep the session(s) alive until :meth:`stop`.  Raises AgentError on fatal errors."""
+        self._spawn(self._metrics_ticker())
+        try:
+            await self._keep(self.legs[0])
+        except AgentError:
+            self._failed = True
+            raise
+
+    async def _keep(self, leg: Leg) -> None:
+        """Keep one leg's session alive: reconnect with backoff, on an edge of its own.
+
+        Slot 0 is the agent's life: a fatal error there (bad authtoken, a tunnel the
+        edge refuses at start, an edge never reached) ends the agent.  Another slot that
+        fails only logs it and tries again later.
+        """
         attempt = 0
         ever = False
-        self._spawn(self._metrics_ticker())
         while not self._stopped.is_set():
+            addr = self._pick_edge(leg, max(attempt - 1, 0))  # first try after a loss: 0
             try:
-                await self._session()
+                await self._session(leg, addr)
                 attempt = 0
                 ever = True
-            except AgentError:
-                self.status = "failed"
-                raise
+            except AgentError as exc:
+                # the edge's store (PostgreSQL) away for a moment is worth waiting out
+                if leg.slot == 0 and exc.code not in RETRYABLE:
+                    raise
+                msg = str(exc)
+                self._on_disconnect(leg, msg)
             except (OSError, TimeoutError, asyncio.IncompleteReadError, p.ProtocolError, ssl.SSLError) as exc:
-                if self.session_id is not None:
+                if leg.session_id is not None:
                     ever = True
+                if leg.up:  # a session that was up was lost: start over with fast retries
+                    attempt = 0
                 msg = _describe(exc)
-                if not ever and self.config.initial_attempts and attempt + 1 >= self.config.initial_attempts:
-                    self.status = "failed"
+                if (
+                    leg.slot == 0
+                    and not ever
+                    and self.config.initial_attempts
+                    and attempt + 1 >= self.config.initial_attempts
+                ):
                     raise AgentError(f"cannot reach the edge at {self.config.server_addr}: {msg}") from None
-                log.debug("session ended: %s", msg)
-                self._on_disconnect(msg)
+                log.debug("session ended (slot %d, %s): %s", leg.slot, addr, msg)
+                self._on_disconnect(leg, msg)
             if self._stopped.is_set():
                 break
             attempt += 1
-            delay = backoff(attempt)
-            self.status = "reconnecting"
-            self.on_event({"event": "reconnecting", "attempt": attempt, "delay": round(delay, 3)})
+            # fast retries until every known edge was tried once, then backoff with jitter
+            delay = backoff(attempt, fast=max(3, len(self.edges) + 1))
+            leg.status = "reconnecting"
+            self.on_event({"event": "reconnecting", "attempt": attempt, "delay": round(delay, 3), **self._slot(leg)})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), delay)
+
+    def _slot(self, leg: Leg) -> dict:
+        """Fields that tell an HA agent's sessions apart in its events (none for one)."""
+        return {"slot": leg.slot, "edge": leg.edge or leg.addr} if len(self.legs) > 1 else {}
+
+    def _pick_edge(self, leg: Leg, attempt: int) -> str:
+        """The ingress address ``leg`` dials next.
+
+        Until an edge has listed the cluster, the configured address.  Then the live
+        edges no other leg holds (all of them when the others hold every one), the one
+        this leg just lost last (it may be down), and
+        the configured address (a DNS name or load balancer: the way back when every
+        edge known has gone); each attempt takes the next one in that order.
+        """
+        server = self.config.server_addr
+        if not self.edges:
+            return server
+        # an edge another leg is on, or is setting up a session with
+        held = {other.edge or other.addr for other in self.legs if other is not leg and other.writer is not None}
+        free = [e for e in self.edges if e not in held] or list(self.edges)  # else share one
+        lost = leg.edge or leg.addr
+        order = [e for e in free if e != lost] + [e for e in free if e == lost]
+        if server not in order:
+            order.append(server)
+        return order[attempt % len(order)]
+
+    def _learn(self, edges: list[str]) -> None:
+        """Take the cluster's live edges from an auth_ok and start the HA legs it calls for."""
+        if edges:
+            # the latest list first, then edges seen before (one may be back by now, and
+            # the list of an edge that came up alone may lack the others): a refused dial
+            # costs little, a list with no live edge left in it would strand the leg
+            self.edges = list(dict.fromkeys([*edges, *self.edges]))[:MAX_KNOWN_EDGES]
+        want = self.config.ha_connections or (2 if len(self.edges) >= 2 else 1)
+        while len(self.legs) < want and not self._stopped.is_set():
+            leg = Leg(len(self.legs))
+            self.legs.append(leg)
+            self._spawn(self._keep(leg))
 
     def on_event(self, ev: dict) -> None:
         self._on_event(ev)
@@ -155,7 +299,8 @@ class Agent:
 
     async def stop(self) -> None:
         self._stopped.set()
-        close(self._writer)
+        for leg in self.legs:
+            close(leg.writer)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -166,26 +311,35 @@ class Agent:
         await asyncio.wait_for(self._connected.wait(), timeout)
 
     async def start_tunnel(self, tc: TunnelConfig) -> Tunnel:
-        """Add a tunnel and bind it now if a session is up (raises AgentError on refusal)."""
+        """Add a tunnel and bind it now on every session that is up (raises AgentError
+        when the first refuses it; a later one's refusal is an event)."""
         t = self._add_tunnel(tc)
-        if self._writer is not None and self._connected.is_set():
+        first = True
+        for leg in list(self.legs):
+            if leg.writer is None or not leg.connected:
+                continue
             try:
-                await self._bind(t)
-            except AgentError:
-                self.tunnels.pop(t.name, None)
-                raise
+                await self._bind(leg, t)
+            except AgentError as exc:
+                if first:
+                    self.tunnels.pop(t.name, None)
+                    raise
+                self.on_event({"event": "bind_failed", "name": t.name, "error": str(exc), **self._slot(leg)})
+            first = False
         return t
 
     async def stop_tunnel(self, name: str) -> bool:
         t = self.tunnels.pop(name, None)
         if t is None:
             return False
-        if t.endpoint_id is not None:
-            self._by_endpoint.pop(t.endpoint_id, None)
-            if self._writer is not None:
+        for slot, eid in list(t.endpoint_ids.items()):
+            self._by_endpoint.pop(eid, None)
+            leg = self.legs[slot]
+            leg.endpoints.pop(eid, None)
+            if leg.writer is not None:
                 with contextlib.suppress(AgentError, OSError, TimeoutError):
-                    await self._request(p.Unbind(req_id=0, endpoint_id=t.endpoint_id))
-            t.endpoint_id = None
+                    await self._request(leg, p.Unbind(req_id=0, endpoint_id=eid))
+        t.endpoint_ids.clear()
         self.on_event({"event": "tunnel_stopped", "name": name})
         return True
 
@@ -207,23 +361,30 @@ class Agent:
         self.tunnels[tc.name] = t
         return t
 
-    async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    def _target(self, addr: str) -> tuple[str, int, str]:
+        """(host to dial, port, TLS server name) for an ingress address.
+
+        *.localhost names are loopback (RFC 6761 §6.3) as in curl and browsers, though
+        the system resolver often does not know them.  The TLS name is the configured
+        one (the cluster's name: every edge's certificate comes from the shared CA),
+        unless that is an IP address, which only the edge bound to it has."""
+        host, port = parse_hostport(addr)
+        dial = "127.0.0.1" if host.endswith(".localhost") else host
+        return dial, port, host if is_ip(self._host) else self._host
+
+    async def _dial(self, addr: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        host, port, name = self._target(addr)
         r, w = await asyncio.wait_for(
-            asyncio.open_connection(
-                self._dial_host,
-                self._port,
-                ssl=self._ctx,
-                server_hostname=self._host,
-                limit=2 * p.MAX_FRAME,
-            ),
+            asyncio.open_connection(host, port, ssl=self._ctx, server_hostname=name, limit=2 * p.MAX_FRAME),
             10,
         )
         tune(w)
         return r, w
 
-    async def _session(self) -> None:
-        r, w = await self._dial()
-        self._writer = w
+    async def _session(self, leg: Leg, addr: str) -> None:
+        leg.up = False
+        r, w = await self._dial(addr)
+        leg.writer, leg.addr, leg.edge = w, addr, ""
         try:
             p.write_msg(
                 w,
@@ -234,6 +395,7 @@ class Agent:
                     os=platform.system().lower(),
                     hostname=socket.gethostname(),
                     metadata=self.config.metadata,
+                    slot=leg.slot,
                 ),
             )
             await w.drain()
@@ -242,26 +404,37 @@ class Agent:
                 raise AgentError(msg.msg, msg.code)
             if not isinstance(msg, p.AuthOk):
                 raise p.ProtocolError(f"expected auth_ok, got {msg.type}")
-            self.session_id = msg.session_id
-            self._session_key = msg.session_key
-            self.region = msg.region
-            self.edge_https = msg.https
-            self.status = "online"
-            reader = self._spawn(self._read_loop(r, msg.heartbeat_timeout))
-            pinger = self._spawn(self._pinger(msg.heartbeat_interval))
+            leg.session_id = msg.session_id
+            leg.up = True
+            leg.key = msg.session_key
+            leg.region = msg.region
+            leg.https = msg.https
+            # data connections go where the edge says (behind a load balancer they must
+            # reach this very edge), else where the control connection went
+            leg.edge = msg.direct_addr or addr
+            leg.data_target = self._target(leg.edge)
+            leg.data_tls = (
+                self.config.data_tls if self.config.data_tls is not None else not is_loopback(leg.data_target[0])
+            )
+            leg.status = "online"
+            reader = self._spawn(self._read_loop(leg, r, msg.heartbeat_timeout))
+            pinger = self._spawn(self._pinger(leg, msg.heartbeat_interval))
             for _ in range(self.config.pool_size):
-                self._spawn(self._data_conn())
+                self._spawn(self._data_conn(leg))
+            self._learn(msg.edges)
             try:
                 for t in list(self.tunnels.values()):
-                    await self._bind(t)
+                    await self._bind(leg, t)
             except AgentError as exc:
                 raise AgentError(f"failed to start tunnel: {exc}", exc.code) from None
+            leg.connected = True
             self._connected.set()
             self.on_event(
                 {
                     "event": "session",
-                    "session_id": self.session_id,
+                    "session_id": leg.session_id,
                     "tunnels": [self.tunnel_info(t) for t in self.tunnels.values()],
+                    **self._slot(leg),
                 }
             )
             try:
@@ -270,32 +443,34 @@ class Agent:
                 pinger.cancel()
         finally:
             close(w)
-            self._writer = None
-            self._connected.clear()
-            for fut in self._pending.values():
+            leg.writer = None
+            leg.connected = False
+            if not any(other.connected for other in self.legs):
+                self._connected.clear()
+            for fut in leg.pending.values():
                 if not fut.done():
                     fut.set_exception(ConnectionResetError("session ended"))
-            self._pending.clear()
+            leg.pending.clear()
 
-    def _on_disconnect(self, why: str) -> None:
-        for t in self.tunnels.values():
-            if t.endpoint_id is not None:
-                self._by_endpoint.pop(t.endpoint_id, None)
-                t.endpoint_id = None
-        self.on_event({"event": "disconnected", "reason": why})
+    def _on_disconnect(self, leg: Leg, why: str) -> None:
+        for eid, t in leg.endpoints.items():
+            self._by_endpoint.pop(eid, None)
+            t.endpoint_ids.pop(leg.slot, None)
+        leg.endpoints.clear()
+        self.on_event({"event": "disconnected", "reason": why, **self._slot(leg)})
 
-    async def _read_loop(self, r: asyncio.StreamReader, timeout: float) -> None:
+    async def _read_loop(self, leg: Leg, r: asyncio.StreamReader, timeout: float) -> None:
         while True:
             msg = await asyncio.wait_for(p.read_msg(r), timeout)
             if isinstance(msg, p.Ping):
-                self._send(p.Pong(id=msg.id, sent=msg.sent))
+                self._send(leg, p.Pong(id=msg.id, sent=msg.sent))
             elif isinstance(msg, p.Pong):
-                self.latency = max(0.0, asyncio.get_running_loop().time() - msg.sent)
+                leg.latency = max(0.0, asyncio.get_running_loop().time() - msg.sent)
             elif isinstance(msg, p.NeedData):
                 for _ in range(min(msg.count, 64)):
-                    self._spawn(self._data_conn())
-            elif isinstance(msg, p.BindOk | p.UnbindOk | p.Error) and msg.req_id in self._pending:
-                fut = self._pending.pop(msg.req_id)
+                    self._spawn(self._data_conn(leg))
+            elif isinstance(msg, p.BindOk | p.UnbindOk | p.Error) and msg.req_id in leg.pending:
+                fut = leg.pending.pop(msg.req_id)
                 if not fut.done():
                     fut.set_result(msg)
             elif isinstance(msg, p.Error):
@@ -303,6 +478,9 @@ class Agent:
             elif isinstance(msg, p.Stop):
                 self.on_event({"event": "stopped", "reason": msg.reason})
                 self._stopped.set()
+                for other in self.legs:  # the agent stops: every session ends
+                    if other is not leg:
+                        close(other.writer)
                 return
             elif isinstance(msg, p.Restart):
                 self.on_event({"event": "restart", "reason": msg.reason})
@@ -335,32 +513,37 @@ class Agent:
                     {"tunnels": {t.name: t.metrics.to_api() for t in self.tunnels.values()}},
                 )
 
-    async def _pinger(self, interval: float) -> None:
+    async def _pinger(self, leg: Leg, interval: float) -> None:
         """Ping at once (so latency is known from the start), then every ``interval``."""
         loop = asyncio.get_running_loop()
         while True:
             self._ping_ids += 1
-            self._send(p.Ping(id=self._ping_ids, sent=loop.time()))
+            self._send(leg, p.Ping(id=self._ping_ids, sent=loop.time()))
             await asyncio.sleep(interval)
 
-    def _send(self, msg: p._Msg) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            p.write_msg(self._writer, msg)
+    @staticmethod
+    def _send(leg: Leg, msg: p._Msg) -> None:
+        if leg.writer is not None and not leg.writer.is_closing():
+            p.write_msg(leg.writer, msg)
 
-    async def _request(self, msg: p.Bind | p.Unbind) -> p.Message:
+    async def _request(self, leg: Leg, msg: p.Bind | p.Unbind) -> p.Message:
         self._req_ids += 1
         msg = msg.model_copy(update={"req_id": self._req_ids})
         fut = asyncio.get_running_loop().create_future()
-        self._pending[self._req_ids] = fut
-        self._send(msg)
+        leg.pending[self._req_ids] = fut
+        self._send(leg, msg)
         reply = await asyncio.wait_for(fut, 15)
         if isinstance(reply, p.Error):
             raise AgentError(reply.msg, reply.code)
         return reply
 
-    async def _bind(self, t: Tunnel) -> None:
+    async def _bind(self, leg: Leg, t: Tunnel) -> None:
+        async with t.bind_lock:
+            await self._bind_locked(leg, t)
+
+    async def _bind_locked(self, leg: Leg, t: Tunnel) -> None:
         tc = t.config
-        url = t.public_url or tc.url  # re-bind the URL we had
+        url = t.public_url or tc.url  # re-bind the URL we had (or another leg got)
         twin = self.tunnels.get(tc.same_host_as) if tc.same_host_as else None
         if not t.public_url and twin is not None and twin.public_url and url.endswith("://"):
             url += twin.public_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
@@ -369,9 +552,10 @@ class Agent:
             scheme = url.split("://", 1)[0].lower()
             if scheme in ("http", "https"):
                 proto = scheme  # `burrow http 80 --url https://x` makes an https endpoint
-        elif proto == "http" and tc.auto_https and self.edge_https:
+        elif proto == "http" and tc.auto_https and leg.https:
             proto = "https"  # ngrok v3: an http tunnel that names no scheme is https
         reply = await self._request(
+            leg,
             p.Bind(
                 req_id=0,
                 name=tc.name,
@@ -383,14 +567,21 @@ class Agent:
                 description=tc.description,
                 upstream_url=t.upstream.display,
                 traffic_policy=tc.traffic_policy,
-            )
+            ),
         )
         assert isinstance(reply, p.BindOk)
-        t.endpoint_id = reply.endpoint_id
+        if self.tunnels.get(t.name) is not t:  # stopped while the bind was on its way
+            with contextlib.suppress(AgentError, OSError, TimeoutError):
+                await self._request(leg, p.Unbind(req_id=0, endpoint_id=reply.endpoint_id))
+            return
+        was_online = t.online
+        t.endpoint_ids[leg.slot] = reply.endpoint_id
         t.public_url = reply.url
         t.error = None
         self._by_endpoint[reply.endpoint_id] = t
-        self.on_event({"event": "tunnel_started", **self.tunnel_info(t)})
+        leg.endpoints[reply.endpoint_id] = t
+        if not was_online:  # one tunnel, however many sessions serve it
+            self.on_event({"event": "tunnel_started", **self.tunnel_info(t)})
 
     @staticmethod
     def tunnel_info(t: Tunnel) -> dict:
@@ -403,25 +594,24 @@ class Agent:
         return task
 
     # ------------------------------------------------------------ data path
-    async def _data_conn(self) -> None:
-        """Dial one data connection, wait in the edge's pool, then serve it."""
-        session_id, key = self.session_id, self._session_key
+    async def _data_conn(self, leg: Leg) -> None:
+        """Dial one data connection to the leg's edge, wait in its pool, then serve it."""
+        session_id, key = leg.session_id, leg.key
         if session_id is None or self._stopped.is_set():
             return
+        host, port, name = leg.data_target
         try:
-            if self.data_tls:
+            if leg.data_tls:
                 # TLS that can half-close (backend/tlshalf.py), offered to the edge by ALPN
                 if self._data_ctx is None:
                     self._data_ctx = tlshalf.data_context(client_context(self.config.root_cas))
                 r, w = await asyncio.wait_for(
-                    tlshalf.open_connection(self._dial_host, self._port, self._data_ctx, self._host, 2 * p.MAX_FRAME),
+                    tlshalf.open_connection(host, port, self._data_ctx, name, 2 * p.MAX_FRAME),
                     10,
                 )
                 tune(w)
             else:
-                r, w = await asyncio.wait_for(
-                    asyncio.open_connection(self._dial_host, self._port, limit=2 * p.MAX_FRAME), 10
-                )
+                r, w = await asyncio.wait_for(asyncio.open_connection(host, port, limit=2 * p.MAX_FRAME), 10)
                 tune(w)
         except (OSError, TimeoutError, ssl.SSLError):
             return
@@ -434,8 +624,8 @@ class Agent:
             return
         finally:
             self._pooled -= 1
-        if session_id == self.session_id and self._writer is not None:
-            self._spawn(self._data_conn())  # top the pool up
+        if session_id == leg.session_id and leg.writer is not None:
+            self._spawn(self._data_conn(leg))  # top the pool up
         if not isinstance(start, p.StartData):
             close(w)
             return

@@ -160,10 +160,15 @@ def build_router(agent: Agent) -> Router:
         )
 
     def status_json() -> dict:
+        # one leg per session online: one, or one per edge (--ha-connections); ``edge``,
+        # ``slot`` and ``session_id`` are burrow's additions to ngrok's leg
         legs = []
-        if agent.session_id:
-            ms = f"{agent.latency * 1000:.0f}ms" if agent.latency is not None else ""
-            legs.append({"region": agent.region, "latency": ms})
+        for leg in agent.legs:
+            if leg.connected:
+                ms = f"{leg.latency * 1000:.0f}ms" if leg.latency is not None else ""
+                legs.append(
+                    {"region": leg.region, "latency": ms, "edge": leg.edge, "slot": leg.slot, "session_id": leg.session_id}
+                )
         out = {
             "status": agent.status,
             "agent_version": __version__,

@@ -109,6 +109,7 @@ async def run(tc: TunnelConfig, rec: dict, started: bool, stop: asyncio.Event) -
                     snap["region"] = legs[0].get("region")
                     lat = (legs[0].get("latency") or "").removesuffix("ms")
                     snap["latency_ms"] = float(lat) if lat else None
+                    snap["edges"] = [leg["edge"] for leg in legs if leg.get("edge")]
                     if display is not None:
                         q = await c.get("/api/requests/http", params={"tunnel_name": name, "limit": 10, "summary": 1})
                         snap["requests"] = q.json().get("requests", []) if q.status_code == 200 else None

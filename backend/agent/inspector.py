@@ -194,7 +194,7 @@ def add_pages(router: Router, agent: Agent, status_json: Callable[[], dict], tun
             ("Region", legs[0]["region"] if legs else ""),
             ("Latency", legs[0]["latency"] if legs else ""),
             ("Agent version", __version__),
-            ("Edge", agent.config.server_addr),
+            ("Edge", ", ".join(leg["edge"] for leg in legs if leg.get("edge")) or agent.config.server_addr),
         ]
         info = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
         trs = []

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 def render(snap: dict) -> Table | Group:
     """ngrok's status screen from a snapshot: ``status``, ``region``, ``latency_ms``,
-    ``web_addr``, ``tunnels`` (``public_url``, ``addr``, ``metrics`` as in the agent API),
+    ``edges`` (of the sessions online), ``web_addr``, ``tunnels`` (``public_url``, ``addr``, ``metrics`` as in the agent API),
     ``requests`` (capture summaries, newest first; None when inspection is off) and
     ``note`` (a line under the title)."""
     grid = Table.grid(padding=(0, 2))
@@ -37,6 +37,9 @@ def render(snap: dict) -> Table | Group:
     grid.add_row("Region", snap.get("region") or "-")
     lat = snap.get("latency_ms")
     grid.add_row("Latency", f"{lat:.0f}ms" if lat is not None else "-")
+    edges = snap.get("edges") or []
+    if len(edges) > 1:  # an HA agent: a session on each of these edges
+        grid.add_row("Edges", ", ".join(edges))
     web = snap.get("web_addr")
     grid.add_row("Web Interface", f"http://{web}" if web else "off")
     for t in snap["tunnels"]:
@@ -83,6 +86,7 @@ def local_snapshot(a: Agent, web_addr: str) -> dict:
         "status": a.status,
         "region": a.region,
         "latency_ms": a.latency * 1000 if a.latency is not None else None,
+        "edges": [leg.edge for leg in a.legs if leg.connected],
         "web_addr": web_addr,
         "tunnels": [
             {"public_url": t.public_url, "addr": t.upstream.display, "metrics": t.metrics.to_api()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Literal
 
@@ -70,12 +71,16 @@ class Tunnel:
         self.config = config
         self.name = config.name
         self.upstream = Upstream.parse(config.addr, config.proto)
-        self.endpoint_id: str | None = None
+        #: endpoint ids by HA slot: each of the agent's sessions binds the tunnel's URL
+        #: on its own edge and gets its own endpoint
+        self.endpoint_ids: dict[int, str] = {}
         self.public_url: str = ""
         self.metrics = TunnelMetrics()
         self.error: str | None = None
         self.started = time.time()
         self.capture = None  # set by the agent when inspection is on
+        #: an HA agent's sessions bind one at a time: the first gets the URL, the others ask for it
+        self.bind_lock = asyncio.Lock()
 
     @property
     def proto(self) -> str:
@@ -85,8 +90,13 @@ class Tunnel:
         return self.config.proto
 
     @property
+    def endpoint_id(self) -> str | None:
+        """The endpoint of the lowest slot that has one (None while offline)."""
+        return self.endpoint_ids[min(self.endpoint_ids)] if self.endpoint_ids else None
+
+    @property
     def online(self) -> bool:
-        return self.endpoint_id is not None
+        return bool(self.endpoint_ids)
 
     def observe(self, start: StartData, req: Head, replay_of: str | None = None) -> Exchange:
         return Exchange(self, start, req, replay_of)

@@ -304,7 +304,7 @@ class AgentConnection:
         client_id = _str(_get(req, "ClientId")) or new_id("ngc")
         cap = edge.config.max_sessions_per_authtoken
         if cap:
-            stale = edge.registry._by_client.get((cred.account_id, client_id))
+            stale = edge.registry.same_agent(cred.account_id, client_id)
             live = edge.registry.sessions_of(cred.id) - (
                 stale is not None and stale.credential_id == cred.id
             )

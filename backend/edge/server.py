@@ -540,7 +540,7 @@ class Edge:
         cfg = self.config
         cap = cfg.max_sessions_per_authtoken
         if cap:
-            stale = self.registry._by_client.get((cred.account_id, auth.client_id))
+            stale = self.registry.same_agent(cred.account_id, auth.client_id, auth.slot)
             live = self.registry.sessions_of(cred.id) - (stale is not None and stale.credential_id == cred.id)
             if live >= cap:
                 p.write_msg(
@@ -563,6 +563,7 @@ class Edge:
             client_id=auth.client_id,
             credential_id=cred.id,
             writer=w,
+            slot=auth.slot,
             agent_version=auth.version,
             os=auth.os,
             hostname=auth.hostname,
@@ -585,6 +586,7 @@ class Edge:
                 heartbeat_interval=cfg.heartbeat_interval,
                 heartbeat_timeout=cfg.heartbeat_timeout,
                 https="https" in self.addrs,
+                **self._placement(),
             ),
         )
         self.on_event({"event": "session_started", "session_id": s.id, "ip": peer_ip})
@@ -617,6 +619,18 @@ class Edge:
         finally:
             pinger.cancel()
             self._end_session(s, reason)
+
+    def _placement(self) -> dict:
+        """AuthOk's ``direct_addr`` and ``edges``: where the session's data connections
+        must go (this edge's advertised ingress address) and the live edges an HA agent
+        may hold its other sessions on.  A single edge advertises itself only when told
+        its address (``advertise_addr``): the address it bound may not be the one agents
+        reach it by (a port mapping), and its agents dial what they were given."""
+        if self.cluster is None:
+            own = self.config.advertise_addr
+            return {"direct_addr": own, "edges": [own] if own else []}
+        own = self.cluster.advertise_addr
+        return {"direct_addr": own, "edges": self.cluster.live_edges() or [own]}
 
     def _end_session(self, s: Session, reason: str) -> None:
         if s.closed and s.id not in self.registry.sessions:

@@ -125,6 +125,8 @@ class Session:
     client_id: str
     credential_id: str
     writer: asyncio.StreamWriter
+    #: which of the agent's HA sessions this is (one per edge; protocol.Auth.slot)
+    slot: int = 0
     agent_version: str = ""
     os: str = ""
     hostname: str = ""
@@ -243,23 +245,28 @@ class Session:
 
 
 class Registry:
-    """Sessions by id and by (account, client id); endpoints by route key."""
+    """Sessions by id and by (account, client id, slot); endpoints by route key."""
 
     def __init__(self, names: Ownership | None = None) -> None:
         self.names = names  # releases an endpoint's name when it goes offline
         self.sessions: dict[str, Session] = {}
-        self._by_client: dict[tuple[str, str], Session] = {}
+        self._by_client: dict[tuple[str, str, int], Session] = {}
         self._routes: dict[tuple, list[AgentEndpoint]] = {}
         self._rr = itertools.count()
         #: the cluster runtime (backend.cluster.node.ClusterNode) told of every local
         #: session and agent endpoint coming and going; None on a single edge
         self.cluster = None
 
+    def same_agent(self, account_id: str, client_id: str, slot: int = 0) -> Session | None:
+        """The live session a new one of this agent (and HA slot) would replace."""
+        return self._by_client.get((account_id, client_id, slot))
+
     def add_session(self, s: Session) -> Session | None:
-        """Register ``s``; return the stale session of the same agent it replaces."""
-        old = self._by_client.get((s.account_id, s.client_id))
+        """Register ``s``; return the stale session of the same agent and slot it
+        replaces (an HA agent's sessions in other slots stay)."""
+        old = self._by_client.get((s.account_id, s.client_id, s.slot))
         self.sessions[s.id] = s
-        self._by_client[(s.account_id, s.client_id)] = s
+        self._by_client[(s.account_id, s.client_id, s.slot)] = s
         if self.cluster is not None:
             self.cluster.session_changed(s)
         return old
@@ -267,8 +274,8 @@ class Registry:
     def remove_session(self, s: Session) -> list[AgentEndpoint]:
         """Forget a session and take all of its endpoints offline at once."""
         self.sessions.pop(s.id, None)
-        if self._by_client.get((s.account_id, s.client_id)) is s:
-            del self._by_client[(s.account_id, s.client_id)]
+        if self._by_client.get((s.account_id, s.client_id, s.slot)) is s:
+            del self._by_client[(s.account_id, s.client_id, s.slot)]
         gone = list(s.endpoints.values())
         for ep in gone:
             self.remove_endpoint(ep)
