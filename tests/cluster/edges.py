@@ -74,6 +74,15 @@ def http_get(ip: str, port: int, host: str, path: str = "/", timeout: float = 5.
     return httpx.get(f"http://{ip}:{port}{path}", headers={"Host": host}, timeout=timeout)
 
 
+def status_of(ip: str, port: int, host: str, timeout: float = 2.0) -> int | None:
+    """The status of one GET, or None when it times out (a request routed to a frozen
+    edge just before the others reaped it waits for that edge's answer)."""
+    try:
+        return http_get(ip, port, host, timeout=timeout).status_code
+    except httpx.TimeoutException:
+        return None
+
+
 def tcp_echo(ip: str, port: int, payload: bytes, timeout: float = 5.0) -> bytes:
     with socket.create_connection((ip, port), timeout=timeout) as s:
         s.sendall(payload)
