@@ -21,7 +21,8 @@ from backend.http1 import (
     MAX_HEAD,
     HTTPError,
     UpstreamError,
-    add_headers,
+    add_fields,
+    field_lines,
     field_value,
     parse_request_head,
     proxy_exchange,
@@ -140,6 +141,8 @@ async def serve_http(
         return
     up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     host_header = tunnel.config.host_header
+    fields_host: str | None = None  # the X-Forwarded-* lines below were made for this Host
+    fields = b""
     try:
         while True:
             raw = await read_head(r)
@@ -162,16 +165,20 @@ async def serve_http(
                     w.write(resp)
                     await w.drain()
                     return
-            extra = [
-                (b"X-Forwarded-For", start.client_addr.encode()),
-                (b"X-Forwarded-Host", req.host.encode("latin-1")),
-                (b"X-Forwarded-Proto", start.proto.encode()),
-            ]
+            if req.host != fields_host:  # the same for every request of a connection, usually
+                fields_host = req.host
+                extra = [
+                    (b"X-Forwarded-For", start.client_addr.encode()),
+                    (b"X-Forwarded-Host", req.host.encode("latin-1")),
+                    (b"X-Forwarded-Proto", start.proto.encode()),
+                ]
+                if host_header:
+                    # as ngrok does when it rewrites Host: the name the client asked for
+                    extra.append((b"X-Original-Host", req.host.encode("latin-1")))
+                fields = field_lines(extra)
             if host_header:
                 raw = replace_host(raw, tunnel.upstream.host_port if host_header == "rewrite" else host_header)
-                # as ngrok does when it rewrites Host: the name the client asked for
-                extra.append((b"X-Original-Host", req.host.encode("latin-1")))
-            fwd = add_headers(raw, extra)
+            fwd = add_fields(raw, fields)
             try:
                 res = await proxy_exchange(req, fwd, r, w, up[0], up[1], obs)
             except UpstreamError as exc:

@@ -298,7 +298,8 @@ class InspectionStore:
         cap = Capture(tunnel.name, addr, req, self.body_cap, replay_of)
         self._caps[cap.id] = cap
         self.total += cap.size
-        self._evict()
+        if self.total > self.max_bytes:
+            self._evict()
         if self.listening():
             self._emit("request_started", cap.summary())
         return CaptureObserver(self, cap)
