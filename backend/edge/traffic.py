@@ -97,6 +97,8 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
     dc: tuple[Endpoint, asyncio.StreamReader, asyncio.StreamWriter] | None = None
     connected: set[str] = set()  # endpoints whose on_tcp_connect already ran on this connection
     first = True
+    last_head: Head | None = None  # the previous request's head, and from it:
+    req = host = None  # its normal form and its Host, normalised
     loop = asyncio.get_running_loop()
     expired = False
     cfg = edge.config
@@ -160,14 +162,17 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
             first = False
             # Policy sees, and the agent gets, the target in one normal form (origin form,
             # unreserved escapes decoded, no dot segments): /%61dmin is /admin for both.
-            req = normalize_target(parse_request_head(raw))
+            head = parse_request_head(raw)
+            if head is not last_head:  # a repeated request is the same (cached) Head
+                req = normalize_target(head)
+                host = normalize_host(req.host)
+                last_head = head
             if edge.acme is not None and req.target.startswith(ACME_CHALLENGE) and scheme == "http":
                 # an ACME CA validating an http-01 challenge: answered before routing
                 answer = edge.acme.answers.http01(req.target[len(ACME_CHALLENGE) :].decode("latin-1"))
                 if answer is not None:
                     writer.write(simple_response(200, answer, "application/octet-stream"))
                     break
-            host = normalize_host(req.host)
             ep = edge.registry.route("public", scheme, host) if host else None
             if ep is None:
                 writer.write(pages.endpoint_offline(host or "(no Host header)"))
