@@ -26,7 +26,10 @@ measures with wrk and iperf3 - each load bounded in time and in count:
   * 1 MiB GET MB/s (wrk -t2 -c4 on /1m),
   * TCP MB/s (iperf3 -c through the relay or tunnel, -t S),
 
-and prints a markdown table of the medians with the ratio to direct, which it also
+and, for the burrow paths, the CPU time of the edge and of the agent per small request
+(``/proc/PID/stat`` utime + stime over each small load ÷ its requests); it prints a
+markdown table of the medians with the ratio to direct, that CPU table and issue 18's
+ratios (ssh -R, burrow-base, --data-tls vs plain), which it also
 writes to tests/benchmarks/results.md with the machine and the command.  Every process
 it started is stopped by pid at the end, also on Ctrl+C or SIGTERM.
 """
