@@ -19,9 +19,11 @@ from backend import pages
 from backend.agent import fileserver
 from backend.http1 import (
     MAX_HEAD,
+    Head,
     HTTPError,
     UpstreamError,
-    add_headers,
+    add_fields,
+    field_lines,
     field_value,
     parse_request_head,
     proxy_exchange,
@@ -140,6 +142,10 @@ async def serve_http(
         return
     up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     host_header = tunnel.config.host_header
+    fields_host: str | None = None  # the X-Forwarded-* lines below were made for this Host
+    fields = b""
+    last_req: Head | None = None  # the previous request's head, and the head sent for it
+    fwd = b""
     try:
         while True:
             raw = await read_head(r)
@@ -162,16 +168,22 @@ async def serve_http(
                     w.write(resp)
                     await w.drain()
                     return
-            extra = [
-                (b"X-Forwarded-For", start.client_addr.encode()),
-                (b"X-Forwarded-Host", req.host.encode("latin-1")),
-                (b"X-Forwarded-Proto", start.proto.encode()),
-            ]
-            if host_header:
-                raw = replace_host(raw, tunnel.upstream.host_port if host_header == "rewrite" else host_header)
-                # as ngrok does when it rewrites Host: the name the client asked for
-                extra.append((b"X-Original-Host", req.host.encode("latin-1")))
-            fwd = add_headers(raw, extra)
+            if req is last_req:  # a repeated request (the same cached Head): the same head out
+                pass
+            elif req.host == fields_host:  # the same Host as before, usually
+                last_req, fwd = req, _forwarded(req.raw, fields, tunnel)
+            else:
+                fields_host = req.host
+                extra = [
+                    (b"X-Forwarded-For", start.client_addr.encode()),
+                    (b"X-Forwarded-Host", req.host.encode("latin-1")),
+                    (b"X-Forwarded-Proto", start.proto.encode()),
+                ]
+                if host_header:
+                    # as ngrok does when it rewrites Host: the name the client asked for
+                    extra.append((b"X-Original-Host", req.host.encode("latin-1")))
+                fields = field_lines(extra)
+                last_req, fwd = req, _forwarded(req.raw, fields, tunnel)
             try:
                 res = await proxy_exchange(req, fwd, r, w, up[0], up[1], obs)
             except UpstreamError as exc:
@@ -198,6 +210,15 @@ async def serve_http(
         if up is not None:
             close(up[1])
         close(w)
+
+
+def _forwarded(raw: bytes, fields: bytes, tunnel: Tunnel) -> bytes:
+    """The request head as it goes to the upstream: Host per ``host_header``, and the
+    X-Forwarded-* ``fields`` added."""
+    host_header = tunnel.config.host_header
+    if host_header:
+        raw = replace_host(raw, tunnel.upstream.host_port if host_header == "rewrite" else host_header)
+    return add_fields(raw, fields)
 
 
 async def _connect(tunnel: Tunnel, start: StartData) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

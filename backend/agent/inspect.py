@@ -73,18 +73,20 @@ class _Half:
     def add(self, chunk: bytes | int) -> int:
         """Tee a chunk (an int: that many bytes went past unseen); returns how many bytes
         were stored."""
-        if isinstance(chunk, int):
+        if chunk.__class__ is int:
             self.body_size += chunk
             return 0
-        self.body_size += len(chunk)
+        n = len(chunk)
+        self.body_size += n
         room = self.cap - self.stored
         if room <= 0:
             return 0
-        if len(chunk) > room:
+        if n > room:
             chunk = chunk[:room]
-        self._parts.append(bytes(chunk))  # a no-op for bytes; a copy only for views
-        self.stored += len(chunk)
-        return len(chunk)
+            n = room
+        self._parts.append(chunk if chunk.__class__ is bytes else bytes(chunk))  # views are copied
+        self.stored += n
+        return n
 
     @property
     def body(self) -> bytes:
@@ -234,14 +236,17 @@ class CaptureObserver:
     def response_head(self, head: Head) -> None:
         c = self.cap
         c._resp_head = head
-        c.resp = _Half(head.raw, self._store.body_cap)
-        self._store._grow(c, len(head.raw))
+        store = self._store
+        c.resp = _Half(head.raw, store.body_cap)
+        store._grow(c, len(head.raw))
 
     def response_body(self, chunk: bytes | int) -> int:
         half = self.cap.resp
         if half is None:
             return 0
-        self._store._grow(self.cap, half.add(chunk))
+        n = half.add(chunk)
+        if n:
+            self._store._grow(self.cap, n)
         return half.cap - half.stored
 
     def synthetic_response(self, raw: bytes) -> None:
@@ -292,13 +297,14 @@ class InspectionStore:
 
     # ------------------------------------------------------------- capturing
     def begin(self, tunnel, start, req: Head, replay_of: str | None = None) -> CaptureObserver | None:
-        if not self.enabled:
+        if self.max_bytes <= 0:  # not self.enabled, without the property call
             return None
         addr = start.client_addr if start is not None else "127.0.0.1"
         cap = Capture(tunnel.name, addr, req, self.body_cap, replay_of)
         self._caps[cap.id] = cap
         self.total += cap.size
-        self._evict()
+        if self.total > self.max_bytes:
+            self._evict()
         if self.listening():
             self._emit("request_started", cap.summary())
         return CaptureObserver(self, cap)

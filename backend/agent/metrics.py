@@ -11,6 +11,8 @@ import math
 import random
 import time
 
+_random = random.random
+
 TICK = 5.0
 _ALPHAS = tuple(1 - math.exp(-TICK / 60.0 / m) for m in (1, 5, 15))
 
@@ -57,7 +59,7 @@ class Reservoir:
         if len(self._values) < self._size:
             self._values.append(value)
         else:
-            i = random.randrange(self._n)
+            i = int(_random() * self._n)  # randrange's uniform pick at a fifth of its cost
             if i < self._size:
                 self._values[i] = value
 
@@ -98,7 +100,9 @@ class TunnelMetrics:
         self.conn_durations.update(duration_ns)
 
     def request_done(self, duration_ns: int) -> None:
-        self.http.mark()
+        http = self.http  # http.mark(), inlined: once per proxied request
+        http.count += 1
+        http._pending += 1
         self.http_durations.update(duration_ns)
 
     def to_api(self) -> dict:

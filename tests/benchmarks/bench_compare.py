@@ -26,7 +26,10 @@ measures with wrk and iperf3 - each load bounded in time and in count:
   * 1 MiB GET MB/s (wrk -t2 -c4 on /1m),
   * TCP MB/s (iperf3 -c through the relay or tunnel, -t S),
 
-and prints a markdown table of the medians with the ratio to direct, which it also
+and, for the burrow paths, the CPU time of the edge and of the agent per small request
+(``/proc/PID/stat`` utime + stime over each small load ÷ its requests); it prints a
+markdown table of the medians with the ratio to direct, that CPU table and issue 18's
+ratios (ssh -R, burrow-base, --data-tls vs plain), which it also
 writes to tests/benchmarks/results.md with the machine and the command.  Every process
 it started is stopped by pid at the end, also on Ctrl+C or SIGTERM.
 """
@@ -179,6 +182,8 @@ class Route:
     http_port: int
     host: str | None = None  # Host header (burrow routes on it)
     tcp_port: int | None = None  # None: no TCP figure for this path
+    # burrow paths: the pids whose CPU time per small request is reported ("edge", "agent")
+    pids: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -187,6 +192,8 @@ class Stats:
     small_p99_ms: list[float] = field(default_factory=list)
     small_p50_ms: list[float] = field(default_factory=list)
     c1_p50_us: list[float] = field(default_factory=list)
+    # CPU µs (utime+stime from /proc/PID/stat) per request of the small load, per process
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)
     big_mbps: list[float] = field(default_factory=list)
     tcp_mbps: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -346,7 +353,7 @@ def setup_burrow(
         root = base if key.endswith("-base") else None
         a = start_agent(edge_of(key), proto, f"{LOCAL}:{port}", *flags, home=reg.tmp / f"home-{name}", root=root)
         reg.add(a)
-        return a.public_url
+        return a
 
     variants = {
         "burrow": ("burrow (capture on)", (), True),
@@ -365,12 +372,14 @@ def setup_burrow(
             routes.append(setup_ngrok_sdk(reg, nginx, iperf, edge_of(base_key), key))
             continue
         label, flags, with_tcp = variants[key]
-        url = agent(key, "http", nginx, f"{key}-http", *flags)
+        http_agent = agent(key, "http", nginx, f"{key}-http", *flags)
         tcp_port = None
         if with_tcp:
-            tcp_url = agent(key, "tcp", iperf, f"{key}-tcp", *flags)
+            tcp_url = agent(key, "tcp", iperf, f"{key}-tcp", *flags).public_url
             tcp_port = int(tcp_url.rsplit(":", 1)[1])
-        routes.append(Route(key, label, edge_of(key).http_addr[1], host_of(url), tcp_port))
+        e = edge_of(key)
+        pids = {"edge": e.pid, "agent": http_agent.pid}
+        routes.append(Route(key, label, e.http_addr[1], host_of(http_agent.public_url), tcp_port, pids))
     return routes
 
 
@@ -477,11 +486,18 @@ def measure(reg: Registry, routes: list[Route], args) -> dict[str, Stats]:
         return w
 
     def small(r: Route) -> str:
+        before = {name: bl.cpu_seconds(pid) for name, pid in r.pids.items()}
         w = load(r, "small", "/small", 2, 32, args.seconds, args.max_requests)
+        cpu = ""
+        for name, pid in r.pids.items():
+            used = bl.cpu_seconds(pid) - before[name]
+            per = used * 1e6 / w.requests if w.requests else 0.0
+            stats[r.key].cpu_us.setdefault(name, []).append(per)
+            cpu += f"  {name} {per:4.0f} µs/req"
         stats[r.key].small_rps.append(w.rps)
         stats[r.key].small_p99_ms.append(w.p99_us / 1000)
         stats[r.key].small_p50_ms.append(w.p50_us / 1000)
-        return f"{w.rps:10,.0f} req/s  p50 {w.p50_us / 1000:6.2f} ms  p99 {w.p99_us / 1000:6.2f} ms"
+        return f"{w.rps:10,.0f} req/s  p50 {w.p50_us / 1000:6.2f} ms  p99 {w.p99_us / 1000:6.2f} ms{cpu}"
 
     def latency(r: Route) -> str:
         w = load(r, "1 conn", "/small", 1, 1, args.lat_seconds, args.max_requests)
@@ -591,6 +607,73 @@ GOALS = [
 ]
 
 
+def cpu_table(routes: list[Route], stats: dict[str, Stats]) -> str:
+    """CPU time per proxied small request of the edge and the agent (the medians of the
+    rounds' /proc utime+stime deltas over each small load, divided by its requests)."""
+    rows = [r for r in routes if stats[r.key].cpu_us]
+    if not rows:
+        return ""
+    base = stats.get("burrow-base")
+    base_sum = None
+    if base is not None and base.cpu_us:
+        base_sum = sum(med(v) or 0 for v in base.cpu_us.values())
+    lines = [
+        "CPU per proxied small request (`/proc/PID/stat` utime+stime over each small load ÷ its requests; medians):",
+        "",
+        "| path | edge µs/req | agent µs/req | sum | vs burrow-base |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        c = stats[r.key].cpu_us
+        e, a = med(c.get("edge", [])), med(c.get("agent", []))
+        total = (e or 0) + (a or 0)
+        vs = f"{total / base_sum:.2f}×" if base_sum and r.key != "burrow-base" else ""
+        lines.append(f"| {r.key} | {fmt_int(e)} | {fmt_int(a)} | {total:,.0f} | {vs} |")
+    return "\n".join(lines)
+
+
+def goals18(stats: dict[str, Stats]) -> str:
+    """The ratios issue 18 asks for, from this run."""
+    b, tls, ssh, d = (stats.get(k) for k in ("burrow", "burrow-tls", "ssh", "direct"))
+    out: list[str] = []
+
+    def check(text: str, v: float | None, ref: float | None, bound: float, op: str = ">=") -> None:
+        if v is None or not ref:
+            out.append(f"- {text}: not measured")
+            return
+        x = v / ref
+        ok = x >= bound if op == ">=" else x <= bound
+        out.append(f"- {text}: {v:,.0f} / {ref:,.0f} = **{x:.2f}×** ({'met' if ok else 'NOT met'})")
+
+    if b is not None and ssh is not None:
+        check("small req/s, plain data path ≥ 1.3× ssh -R", med(b.small_rps), med(ssh.small_rps), 1.3)
+        p99 = med(b.small_p99_ms)
+        if p99 is not None:
+            out.append(f"- … with p99 ≤ 5 ms: **{'met' if p99 <= 5 else 'NOT met'}** ({p99:.1f} ms)")
+    if b is not None and b.cpu_us:
+        base = stats.get("burrow-base")
+        total = sum(med(v) or 0 for v in b.cpu_us.values())
+        if base is not None and base.cpu_us:
+            ref = sum(med(v) or 0 for v in base.cpu_us.values())
+            check("CPU µs per request, edge + agent, ≤ 2/3 of burrow-base's", total, ref, 2 / 3, "<=")
+        else:
+            out.append(f"- CPU µs per request, edge + agent: {total:,.0f} (no burrow-base in this run)")
+    if tls is not None and ssh is not None:
+        check("--data-tls TCP ≥ 1.5× ssh -R's TCP", med(tls.tcp_mbps), med(ssh.tcp_mbps), 1.5)
+    if tls is not None and b is not None:
+        check("--data-tls 1 MiB GET ≥ 0.8× the plain path's", med(tls.big_mbps), med(b.big_mbps), 0.8)
+        check("--data-tls small req/s ≥ 0.9× the plain path's", med(tls.small_rps), med(b.small_rps), 0.9)
+    if tls is not None and d is not None:
+        tp, dp = med(tls.c1_p50_us), med(d.c1_p50_us)
+        if tp is not None and dp is not None:
+            added = tp - dp
+            out.append(
+                f"- --data-tls added latency at one connection ≤ 150 µs: "
+                f"**{'met' if added <= 150 else 'NOT met'}** ({added:,.0f} µs)"
+            )
+    return "\n".join(["Goals of issue 18 (capture on):", "", *out]) if out else ""
+
+
 def goals(stats: dict[str, Stats]) -> str:
     b = stats.get("burrow")
     d = stats.get("direct")
@@ -671,13 +754,16 @@ def raw_rounds(routes: list[Route], stats: dict[str, Stats]) -> str:
         return " / ".join(format(v, f) for v in vals) or "–"
 
     lines = [
-        "| path | small req/s | p99 ms | 1-conn p50 µs | 1 MiB MB/s | TCP MB/s |",
-        "|---|---|---|---|---|---|",
+        "| path | small req/s | p99 ms | CPU µs/req edge + agent | 1-conn p50 µs | 1 MiB MB/s | TCP MB/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in routes:
         s = stats[r.key]
+        cpu = " / ".join(
+            f"{e:.0f}+{a:.0f}" for e, a in zip(s.cpu_us.get("edge", []), s.cpu_us.get("agent", []), strict=False)
+        ) or "–"
         lines.append(
-            f"| {r.key} | {seq(s.small_rps, ',.0f')} | {seq(s.small_p99_ms, '.2f')} | "
+            f"| {r.key} | {seq(s.small_rps, ',.0f')} | {seq(s.small_p99_ms, '.2f')} | {cpu} | "
             f"{seq(s.c1_p50_us, '.0f')} | {seq(s.big_mbps, ',.0f')} | {seq(s.tcp_mbps, ',.0f')} |"
         )
     return "\n".join(lines)
@@ -836,7 +922,10 @@ def main(argv: list[str] | None = None) -> int:
 
         stats = measure(reg, routes, args)
         body = table(routes, stats)
-        g = goals(stats)
+        cpu = cpu_table(routes, stats)
+        if cpu:
+            body += "\n\n" + cpu
+        g = "\n\n".join(x for x in (goals18(stats), goals(stats)) if x)
         errors = [f"- {r.key}: {e}" for r in routes for e in stats[r.key].errors]
         report = body + ("\n\n" + g if g else "")
         report += "\n\n<details><summary>every round</summary>\n\n" + raw_rounds(routes, stats)
