@@ -85,6 +85,16 @@ async def recv_all(peer: socket.socket, limit: int = 1 << 30) -> bytes:
     return bytes(out)
 
 
+async def threads_busy(n: int, timeout: float = 5.0) -> bool:
+    """Whether ``n`` relay threads are at work within ``timeout`` (bounded poll)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while tlsrelay.busy() != n:
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 async def test_bytes_intact_both_ways_with_half_close_in_threads(ca: LocalCA) -> None:
     up, down = os.urandom(8 << 20), os.urandom(8 << 20)
     loop = asyncio.get_running_loop()
@@ -93,7 +103,9 @@ async def test_bytes_intact_both_ways_with_half_close_in_threads(ca: LocalCA) ->
         cw.write(b"hello")
         await cw.drain()
         assert await asyncio.wait_for(loop.sock_recv(peer, 5), 5) == b"hello"
-        assert tlsrelay.busy() == 2  # the relay left the event loop
+        # the relay left the event loop: both threads at work (the second may start a
+        # moment after the first has carried the hello)
+        assert await threads_busy(2)
 
         async def send_up() -> None:
             cw.write(up)
@@ -152,7 +164,7 @@ async def test_closing_a_relayed_writer_ends_the_relay_without_cancelling_it(ca:
         cw.write(b"ping")
         await cw.drain()
         assert await asyncio.wait_for(asyncio.get_running_loop().sock_recv(peer, 4), 5) == b"ping"
-        assert tlsrelay.busy() == 2
+        assert await threads_busy(2)
         writers = list(tlsrelay.splice._running)
         assert len(writers) == 2
         relay.close(writers[0])  # what a session shutting down does to its data connections
