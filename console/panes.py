@@ -286,7 +286,7 @@ class EndpointsPane(TablePane):
         if row.get("type") == "agent":
             # the API tells an ngrok SDK agent to stop this tunnel (StopTunnel); burrow's
             # own agents refuse, and the API's answer says what to do instead
-            detail = "An ngrok SDK agent is told to stop this tunnel; burrow agents refuse (stop their session: S)."
+            detail = "SDK agents are told to stop it; burrow agents refuse."
             confirm_delete(self, f"/endpoints/{row['id']}", f"agent endpoint {url}", detail)
             return
         confirm_delete(self, f"/endpoints/{row['id']}", f"cloud endpoint {url}", "Its traffic policy is deleted with it.")
