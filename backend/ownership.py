@@ -183,13 +183,7 @@ class Ownership:
                 self._shared[holder.id] = name
             else:
                 check_sharing(name, holder, await self.store.claim_holders(name))
-        old = self._held.get(holder.id)
-        if old is not None and old != name:
-            self.release(holder.id)
-        self._live.setdefault(name, {})[holder.id] = holder
-        self._held[holder.id] = name
-        if not name.startswith("internal:"):
-            self._by_account.setdefault(holder.account_id, set()).add(name)
+        self.hold(name, holder)
 
     def hold(self, name: str, holder: Holder) -> None:
         """Record in memory a claim the store already granted, without checking again: a
