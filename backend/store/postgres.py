@@ -480,6 +480,31 @@ class PostgresStore(AsyncStore):
         )
         return self._account(row) if row else None
 
+    # -- secrets (authtokens, API keys) ---------------------------------------------
+
+    async def _add_secret(self, table: str, values: dict, made, from_row, what: str):
+        """Insert a hashed secret's row (``values``, keyed by column); the same token again
+        returns the existing row, another account's gets :class:`ConflictError`."""
+        cols = ", ".join(values)
+        params = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+        async with self._tx() as conn:
+            try:
+                row = await conn.fetchrow(
+                    f"INSERT INTO {table} ({cols}) VALUES ({params})"
+                    " ON CONFLICT (token_hash) DO NOTHING RETURNING id",
+                    *values.values(),
+                )
+            except self._asyncpg.ForeignKeyViolationError:
+                raise NotFoundError(f"no account {values['account_id']!r}") from None
+            if row is not None:
+                return made
+            existing = from_row(
+                await conn.fetchrow(f"SELECT * FROM {table} WHERE token_hash = $1", values["token_hash"])
+            )
+        if existing.account_id != values["account_id"]:
+            raise ConflictError(f"this {what} is already registered to another account")
+        return existing
+
     # -- authtokens -------------------------------------------------------------------
 
     @_guard
@@ -502,30 +527,16 @@ class PostgresStore(AsyncStore):
             created_at=utcnow(),
             token_hash=token_hash,
         )
-        async with self._tx() as conn:
-            try:
-                row = await conn.fetchrow(
-                    "INSERT INTO credentials (id, account_id, description, metadata, acl, created_at,"
-                    " token_hash) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-                    " ON CONFLICT (token_hash) DO NOTHING RETURNING id",
-                    cred.id,
-                    account_id,
-                    description,
-                    metadata,
-                    json.dumps(cred.acl),
-                    cred.created_at,
-                    token_hash,
-                )
-            except self._asyncpg.ForeignKeyViolationError:
-                raise NotFoundError(f"no account {account_id!r}") from None
-            if row is not None:
-                return cred
-            existing = self._credential(
-                await conn.fetchrow("SELECT * FROM credentials WHERE token_hash = $1", token_hash)
-            )
-        if existing.account_id != account_id:
-            raise ConflictError("this authtoken is already registered to another account")
-        return existing
+        values = {
+            "id": cred.id,
+            "account_id": account_id,
+            "description": description,
+            "metadata": metadata,
+            "acl": json.dumps(cred.acl),
+            "created_at": cred.created_at,
+            "token_hash": token_hash,
+        }
+        return await self._add_secret("credentials", values, cred, self._credential, "authtoken")
 
     @_guard
     async def find_authtoken(self, token: str) -> Credential | None:
@@ -585,28 +596,15 @@ class PostgresStore(AsyncStore):
             created_at=utcnow(),
             token_hash=token_hash,
         )
-        async with self._tx() as conn:
-            try:
-                row = await conn.fetchrow(
-                    "INSERT INTO api_keys (id, account_id, description, metadata, created_at, token_hash)"
-                    " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (token_hash) DO NOTHING RETURNING id",
-                    key.id,
-                    account_id,
-                    description,
-                    metadata,
-                    key.created_at,
-                    token_hash,
-                )
-            except self._asyncpg.ForeignKeyViolationError:
-                raise NotFoundError(f"no account {account_id!r}") from None
-            if row is not None:
-                return key
-            existing = self._api_key(
-                await conn.fetchrow("SELECT * FROM api_keys WHERE token_hash = $1", token_hash)
-            )
-        if existing.account_id != account_id:
-            raise ConflictError("this API key is already registered to another account")
-        return existing
+        values = {
+            "id": key.id,
+            "account_id": account_id,
+            "description": description,
+            "metadata": metadata,
+            "created_at": key.created_at,
+            "token_hash": token_hash,
+        }
+        return await self._add_secret("api_keys", values, key, self._api_key, "API key")
 
     @_guard
     async def find_api_key(self, token: str) -> APIKey | None:
