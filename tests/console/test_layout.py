@@ -253,6 +253,22 @@ async def test_rows_that_arrive_while_a_pane_is_hidden_fit_when_it_shows(fixture
     assert app._exception is None
 
 
+async def test_a_long_question_wraps_inside_the_confirm_dialog_at_80x24(fixture_url):
+    from console.screens import ConfirmScreen
+
+    app = fixture_app(fixture_url)
+    question = "Delete agent endpoint http://a-rather-long-tunnel-name-for-staging.burrow.localhost:4080?"
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        app.push_screen(ConfirmScreen(question, "SDK agents are told to stop it."))
+        await pilot.pause(0.2)
+        box = app.screen.query_one("#confirm-box")
+        label = app.screen.query_one("#confirm-question", Label)
+        assert label.region.height > 1, label.region  # wrapped, not cut
+        assert box.region.contains_region(label.region)
+    assert app._exception is None
+
+
 DIALOGS = {
     "new tunnel": ("3", "n"),
     "edit and replay": ("j", "e"),
