@@ -316,8 +316,14 @@ async def thread_relay(
             relay.abort()  # the threads wake up, end and close the sockets
         if task not in splice._aborted or task.uncancel() > 0:
             raise
-        # ended by splice.abort() (its writer closed): not a cancellation of the caller
-        return (relay.totals[0], relay.totals[1]) if relay is not None else (0, 0)
+        # ended by splice.abort() (its writer closed): not a cancellation of the caller.
+        # The threads end at once (abort shut their sockets); wait for them, bounded, so
+        # the counts include what they moved last
+        if relay is None:
+            return 0, 0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(relay.done), 5)
+        return relay.totals[0], relay.totals[1]
     finally:
         _active -= 1
         splice._aborted.discard(task)
