@@ -74,6 +74,22 @@ class UpstreamError(Exception):
     response_started = False
 
 
+class UpstreamClosed(UpstreamError):
+    """The upstream closed its connection before a byte of the response: a pooled or
+    forwarded connection that died as the request went out.  A request without a body
+    and with an idempotent method may go again on another connection (as nginx's
+    ``proxy_next_upstream error`` does)."""
+
+
+#: methods a proxy may send twice (RFC 9110 §9.2.2)
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+
+def retryable(req: Head) -> bool:
+    """Whether ``req`` may be sent again after :class:`UpstreamClosed`."""
+    return req.framing == NO_BODY and req.method in IDEMPOTENT
+
+
 class WriteTimeout(TimeoutError):
     """The peer did not take the bytes written to it within the send timeout."""
 
@@ -715,7 +731,7 @@ async def proxy_exchange(
             else:
                 raw = await read_head(up_r)
             if raw is None:
-                raise UpstreamError("upstream closed the connection without a response")
+                raise UpstreamClosed("upstream closed the connection without a response")
             resp = parse_response_head(raw, req.method)
             if 100 <= resp.status < 200 and resp.status != 101:
                 client_w.write(raw)  # 100 Continue and friends pass through
@@ -727,6 +743,9 @@ async def proxy_exchange(
     except HTTPError as exc:
         _cancel(body_task)
         raise UpstreamError(f"bad response head: {exc.msg}") from None
+    except ConnectionError as exc:  # reset before a byte of the response
+        _cancel(body_task)
+        raise UpstreamClosed(f"upstream connection lost: {exc}") from None
     except BaseException:
         _cancel(body_task)
         raise

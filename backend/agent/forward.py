@@ -21,6 +21,7 @@ from backend.http1 import (
     MAX_HEAD,
     Head,
     HTTPError,
+    UpstreamClosed,
     UpstreamError,
     add_fields,
     field_lines,
@@ -28,6 +29,7 @@ from backend.http1 import (
     parse_request_head,
     proxy_exchange,
     read_head,
+    retryable,
 )
 from backend.relay import close, relay, tune
 
@@ -153,7 +155,8 @@ async def serve_http(
                 return
             req = parse_request_head(raw)
             obs = tunnel.observe(start, req)
-            if up is None or up[0].at_eof():
+            reused = up is not None and not up[0].at_eof()
+            if not reused:
                 close(up[1] if up else None)
                 try:
                     up = await _connect(tunnel, start)
@@ -185,7 +188,21 @@ async def serve_http(
                 fields = field_lines(extra)
                 last_req, fwd = req, _forwarded(req.raw, fields, tunnel)
             try:
-                res = await proxy_exchange(req, fwd, r, w, up[0], up[1], obs)
+                try:
+                    res = await proxy_exchange(req, fwd, r, w, up[0], up[1], obs)
+                except UpstreamClosed:
+                    # a kept-alive upstream connection the app closed as the request
+                    # went out (its idle timeout): a bodiless idempotent request goes
+                    # once more on a new connection
+                    if not reused or not retryable(req):
+                        raise
+                    close(up[1])
+                    up = None
+                    try:
+                        up = await _connect(tunnel, start)
+                    except (OSError, TimeoutError) as exc:
+                        raise UpstreamError(exc.strerror or type(exc).__name__ if isinstance(exc, OSError) else "timeout") from None
+                    res = await proxy_exchange(req, fwd, r, w, up[0], up[1], obs)
             except UpstreamError as exc:
                 if not exc.response_started:
                     resp = pages.upstream_refused(tunnel.upstream.display, str(exc))

@@ -19,6 +19,7 @@ from backend.http1 import (
     REPLACE,
     Head,
     HTTPError,
+    UpstreamClosed,
     UpstreamError,
     add_headers,
     drain,
@@ -27,6 +28,7 @@ from backend.http1 import (
     parse_request_head,
     proxy_exchange,
     read_head,
+    retryable,
     simple_response,
 )
 from backend.netutil import normalize_host
@@ -251,34 +253,50 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
             if dc is not None and (dc[0] is not ep or dc[1].at_eof()):
                 dc[0].session.release(dc[2])
                 dc = None
-            if dc is None:
-                try:
-                    dr, dw = await ep.session.open_data(ep, conn["client_ip"], conn["client_port"], scheme)
-                except SessionClosed:
-                    writer.write(pages.endpoint_offline(host))
-                    metrics.http_request(404)
-                    break
-                dc = (ep, dr, dw)
             edit = _response_editor(responders, ctx) if responders else None
-            # Without a policy edit the request goes to the agent as the client sent it,
-            # save the target's normal form (so the capture holds what policy judged); the
-            # agent adds X-Forwarded-*.
-            try:
-                res = await proxy_exchange(
-                    req,
-                    send,
-                    reader,
-                    writer,
-                    dc[1],
-                    dc[2],
-                    edit_response=edit,
-                    body_timeout=body_timeout,
-                    send_timeout=send_timeout,
-                )
-            except UpstreamError as exc:
-                if not exc.response_started:
+            res = None
+            for attempt in range(2):
+                if dc is None:
+                    try:
+                        dr, dw = await ep.session.open_data(ep, conn["client_ip"], conn["client_port"], scheme)
+                    except SessionClosed:
+                        writer.write(pages.endpoint_offline(host))
+                        metrics.http_request(404)
+                        break
+                    dc = (ep, dr, dw)
+                # Without a policy edit the request goes to the agent as the client sent
+                # it, save the target's normal form (so the capture holds what policy
+                # judged); the agent adds X-Forwarded-*.
+                try:
+                    res = await proxy_exchange(
+                        req,
+                        send,
+                        reader,
+                        writer,
+                        dc[1],
+                        dc[2],
+                        edit_response=edit,
+                        body_timeout=body_timeout,
+                        send_timeout=send_timeout,
+                    )
+                    break
+                except UpstreamClosed:
+                    # the data connection (or the owning edge behind a peer link) died
+                    # as the request went out: a bodiless idempotent request goes once
+                    # more, on a fresh connection or the route's other endpoint
+                    dc[0].session.release(dc[2])
+                    dc = None
+                    if attempt == 0 and retryable(req):
+                        continue
                     writer.write(pages.no_agent(host))
                     metrics.http_request(502)
+                    break
+                except UpstreamError as exc:
+                    if not exc.response_started:
+                        writer.write(pages.no_agent(host))
+                        metrics.http_request(502)
+                    break
+            if res is None:
                 break
             status = res.response.status if res.response is not None else 502
             metrics.http_request(status, res.request_bytes, res.response_bytes)

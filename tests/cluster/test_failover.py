@@ -159,7 +159,10 @@ def test_kill9_of_an_edge_of_a_two_session_agent_fails_no_new_request(make_clust
         stop.set()
         t.join(30)
     failed = [(round(t - killed, 3), i, s) for t, i, s in results if s != 200 and t >= killed]
-    assert len(results) > 20 and failed == [], (len(results), failed[:10], _events(a)[-10:])
+    assert len(results) > 20 and failed == [], (
+        len(results), failed[:10], _events(a)[-10:],
+        *(f"edge {i}: {c.edge(i).stderr[-1500:]}" for i in (free, survivor)),
+    )
     # the lost leg came back on the one edge left that it does not share
     legs = wait_until(lambda: (ls := _legs(a)) and len(ls) == 2 and ls, 15, what="two sessions again")
     assert {_edge_of(c, leg["edge"]) for leg in legs} == {free, survivor}

@@ -17,21 +17,27 @@ from backend import protocol as p
 from tests.procs import host_of
 
 
-async def _serve_one(ingress: tuple[str, int], session_id: str, key: str) -> None:
-    """One data connection: hello, wait for ``start``, answer one HTTP request."""
+async def _serve_one(ingress: tuple[str, int], session_id: str, key: str, answer: bool = True) -> bytes:
+    """One data connection: hello, wait for ``start``, answer one HTTP request (or,
+    ``answer`` false, read its head and close: a connection that dies as a request
+    goes out).  Returns the request head."""
     r, w = await asyncio.open_connection(*ingress)
     try:
         p.write_msg(w, p.DataHello(session_id=session_id, key=key))
         msg = await asyncio.wait_for(p.read_msg(r), 30)
         assert isinstance(msg, p.StartData)
-        await r.readuntil(b"\r\n\r\n")
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-        await w.drain()
+        head = await r.readuntil(b"\r\n\r\n")
+        if answer:
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await w.drain()
+        return head
     finally:
         w.close()
 
 
-async def test_a_data_connection_that_never_comes_is_asked_for_again(edge) -> None:
+async def _hand_written_agent(edge):
+    """A hand-written agent's control connection with an http endpoint bound:
+    (ingress address, reader, writer, AuthOk, BindOk)."""
     host, port = edge.ready["ingress_addr"].rsplit(":", 1)
     ingress = (host, int(port))
     ctx = ssl.create_default_context(cafile=edge.ready["ca_file"])
@@ -42,6 +48,11 @@ async def test_a_data_connection_that_never_comes_is_asked_for_again(edge) -> No
     p.write_msg(w, p.Bind(req_id=1, name="web", proto="http"))
     bound = await asyncio.wait_for(p.read_msg(r), 10)
     assert isinstance(bound, p.BindOk), bound
+    return ingress, r, w, ok, bound
+
+
+async def test_a_data_connection_that_never_comes_is_asked_for_again(edge) -> None:
+    ingress, r, w, ok, bound = await _hand_written_agent(edge)
 
     asks: list[int] = []
     served: list[asyncio.Task] = []
@@ -75,4 +86,67 @@ async def test_a_data_connection_that_never_comes_is_asked_for_again(edge) -> No
         ctl.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await ctl
+        w.close()
+
+
+async def _public(edge, raw: bytes) -> bytes:
+    h, hp = edge.http_addr
+    pr, pw = await asyncio.open_connection(h, hp)
+    try:
+        pw.write(raw)
+        return await asyncio.wait_for(pr.read(), 30)
+    finally:
+        pw.close()
+
+
+async def test_a_bodiless_get_whose_data_connection_dies_goes_once_more(edge) -> None:
+    """A data connection that closes as the request reaches it (the agent dropped it,
+    its edge died behind a peer link): a GET goes again on a fresh connection and is
+    answered; a POST with a body, which cannot go twice, gets the 502 page; and a GET
+    whose second connection dies as well gets the 502 page too, not a third try."""
+    ingress, r, w, ok, bound = await _hand_written_agent(edge)
+    plan: list[bool] = []  # answer or drop, one per data connection the edge asks for
+    heads: list[bytes] = []
+    served: list[asyncio.Task] = []
+
+    async def one(answer: bool) -> None:
+        heads.append(await _serve_one(ingress, ok.session_id, ok.session_key, answer))
+
+    async def control() -> None:
+        while True:
+            msg = await p.read_msg(r)
+            if isinstance(msg, p.Ping):
+                p.write_msg(w, p.Pong(id=msg.id, sent=msg.sent))
+            elif isinstance(msg, p.NeedData):
+                for _ in range(msg.count):
+                    served.append(asyncio.create_task(one(plan.pop(0) if plan else False)))
+
+    ctl = asyncio.create_task(control())
+    host = host_of(bound.url)
+    try:
+        plan[:] = [False, True]
+        resp = await _public(edge, f"GET /again HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        assert resp.startswith(b"HTTP/1.1 200 OK") and resp.endswith(b"ok"), resp[:300]
+        assert [h.split(b"\r\n", 1)[0] for h in heads] == [b"GET /again HTTP/1.1"] * 2
+
+        heads.clear()
+        plan[:] = [False, True]
+        resp = await _public(
+            edge, f"POST /once HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc".encode()
+        )
+        assert resp.startswith(b"HTTP/1.1 502 "), resp[:300]
+        assert [h.split(b"\r\n", 1)[0] for h in heads] == [b"POST /once HTTP/1.1"]
+
+        heads.clear()
+        plan[:] = [False, False]
+        resp = await _public(edge, f"GET /twice HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        assert resp.startswith(b"HTTP/1.1 502 "), resp[:300]
+        assert [h.split(b"\r\n", 1)[0] for h in heads].count(b"GET /twice HTTP/1.1") == 2
+    finally:
+        ctl.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await ctl
+        for t in served:
+            t.cancel()
+        await asyncio.gather(*served, return_exceptions=True)
         w.close()

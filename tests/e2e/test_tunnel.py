@@ -261,3 +261,51 @@ async def test_idle_keep_alive_connection_gives_back_its_data_connection(edge, a
         assert (await asyncio.wait_for(r.readuntil(b"GET /two\n"), 10)).startswith(b"HTTP/1.1 200")
         assert up.connections == 2
         w.close()
+
+
+async def test_a_kept_alive_upstream_connection_closed_by_the_app_is_dialled_again(edge, agents):
+    """The app closes a kept-alive connection just as the next request reaches it (its
+    idle timeout, racing the request): the agent sends a bodiless GET once more on a new
+    connection, while a POST, which cannot go twice, gets the agent's 502 page."""
+    seen: list[bytes] = []
+
+    async def app(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        # answers the first request of each connection, keeps it open, and closes it
+        # without a word when the second request's head arrives
+        try:
+            for n in range(2):
+                head = await r.readuntil(b"\r\n\r\n")
+                seen.append(head.split(b"\r\n", 1)[0])
+                if n == 1:
+                    break
+                if b"Content-Length: 3" in head:
+                    await r.readexactly(3)
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        a = agents("http", port)
+        host = host_of(a.public_url).encode()
+        r, w = await asyncio.open_connection(*edge.http_addr)
+        try:
+            for path in (b"/one", b"/two"):
+                w.write(b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+                got = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+                assert got.startswith(b"HTTP/1.1 200 OK"), got
+                assert await asyncio.wait_for(r.readexactly(2), 10) == b"ok"
+            # /two was sent on the kept-alive connection, dropped, and sent again
+            assert seen == [b"GET /one HTTP/1.1", b"GET /two HTTP/1.1", b"GET /two HTTP/1.1"]
+            w.write(b"POST /three HTTP/1.1\r\nHost: " + host + b"\r\nContent-Length: 3\r\n\r\nabc")
+            got = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            assert got.startswith(b"HTTP/1.1 502 "), got
+            assert seen[3:] == [b"POST /three HTTP/1.1"]
+        finally:
+            w.close()
+    finally:
+        server.close()
