@@ -57,14 +57,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from backend.cluster import schema
 from backend.edge.sessions import AgentEndpoint, Session
 from backend.netutil import format_hostport
+from backend.store.base import StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
     from backend.edge.server import Edge
@@ -423,7 +426,9 @@ class ClusterNode:
         for sid in session_ids:
             s = reg.sessions.get(sid)
             if s is not None and not s.closed:
-                up.append((s.id, s.account_id, s.client_id, int(getattr(s, "slot", 0) or 0), self.node_id, epoch, s.ip))
+                up.append(
+                    (s.id, s.account_id, s.client_id, int(getattr(s, "slot", 0) or 0), self.node_id, epoch, s.ip, _info(s))
+                )
             else:
                 down.append(sid)
         up_eps, down_eps = [], []
@@ -465,9 +470,9 @@ class ClusterNode:
                 await c.execute("DELETE FROM sessions WHERE id = ANY($1::text[]) AND node_id = $2", down, self.node_id)
             if up:
                 await c.executemany(
-                    "INSERT INTO sessions (id, account_id, client_id, slot, node_id, epoch, ip)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET"
-                    " node_id = EXCLUDED.node_id, epoch = EXCLUDED.epoch",
+                    "INSERT INTO sessions (id, account_id, client_id, slot, node_id, epoch, ip, info)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET"
+                    " node_id = EXCLUDED.node_id, epoch = EXCLUDED.epoch, info = EXCLUDED.info",
                     up,
                 )
             if down_eps:
@@ -495,10 +500,100 @@ class ClusterNode:
             if notes:
                 await c.execute(_notify_sql(), notes)
 
+    # ------------------------------------------------- sessions held by other edges
+    async def remote_sessions(self, account_id: str, session_id: str | None = None) -> list[RemoteSessionInfo]:
+        """The account's live sessions held by the other edges (for ``/tunnel_sessions``:
+        any edge lists every session of the cluster).  Raises StoreUnavailable when
+        PostgreSQL cannot be asked."""
+        sql = (
+            "SELECT s.id, s.account_id, s.ip, s.info, s.node_id, s.epoch, e.peer_addr, e.peer_tls"
+            " FROM sessions s JOIN edges e ON e.node_id = s.node_id AND e.epoch = s.epoch"
+            " AND e.lease_expires > now() WHERE s.account_id = $1 AND s.node_id <> $2"
+        )
+        args: list = [account_id, self.node_id]
+        if session_id is not None:
+            sql += " AND s.id = $3"
+            args.append(session_id)
+        import asyncpg
+
+        from backend.store.postgres import _unavailable_types
+
+        try:
+            async with self.pool.acquire(timeout=QUERY_TIMEOUT) as c:
+                rows = await asyncio.wait_for(c.fetch(sql, *args), QUERY_TIMEOUT)
+        except (*_unavailable_types(asyncpg), asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}: {exc}") from None
+        except asyncpg.PostgresError as exc:
+            raise StoreError(f"PostgreSQL error: {type(exc).__name__}: {exc}") from None
+        return [RemoteSessionInfo.from_row(r) for r in rows]
+
+    async def command_remote(self, info: RemoteSessionInfo, command: str) -> tuple[int, str] | None:
+        """Have the edge holding ``info``'s session run ``command`` (stop, restart,
+        update) on it; None when done, else (HTTP status, message)."""
+        return await self.peer.command(info, command)
+
     # --------------------------------------------------------------- remote traffic
     async def open_remote(self, ep, client_ip: str, client_port: int, scheme: str | None = None):
         """A connection to ``ep``'s agent through its edge's peer port (raises SessionClosed)."""
         return await self.peer.open(ep, client_ip, client_port, scheme)
+
+
+def _info(s: Session) -> str:
+    """What ``/tunnel_sessions`` shows of a session, as the ``sessions.info`` column."""
+    return json.dumps(
+        {
+            "agent_version": s.agent_version,
+            "os": s.os,
+            "metadata": s.metadata,
+            "transport": s.transport,
+            "region": s.region,
+            "credential_id": s.credential_id,
+            "started_at": s.started_at,
+        },
+        separators=(",", ":"),
+    )
+
+
+@dataclass
+class RemoteSessionInfo:
+    """A session held by another edge, as ``/tunnel_sessions`` shows it (the same
+    attributes as :class:`~backend.edge.sessions.Session` that the API's wire uses)."""
+
+    id: str
+    account_id: str
+    ip: str
+    node_id: str
+    epoch: int
+    peer_addr: str
+    peer_tls: bool
+    agent_version: str = ""
+    os: str = ""
+    metadata: str = ""
+    transport: str = ""
+    region: str = ""
+    credential_id: str = ""
+    started_at: str = ""
+    closed: bool = False
+
+    @classmethod
+    def from_row(cls, r) -> RemoteSessionInfo:
+        try:
+            info = json.loads(r["info"] or "{}")
+        except ValueError:
+            info = {}
+        if not isinstance(info, dict):
+            info = {}
+        extra = {k: str(info.get(k) or "") for k in ("agent_version", "os", "metadata", "transport", "region", "credential_id", "started_at")}
+        return cls(
+            id=r["id"],
+            account_id=r["account_id"],
+            ip=r["ip"] or "",
+            node_id=r["node_id"],
+            epoch=int(r["epoch"]),
+            peer_addr=r["peer_addr"] or "",
+            peer_tls=bool(r["peer_tls"]),
+            **extra,
+        )
 
 
 def _warm_policy_engine() -> None:

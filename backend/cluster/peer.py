@@ -66,6 +66,9 @@ DOWN_FOR = 1.0
 #: seconds to wait for the owning edge's answer when the route has an alternative
 #: (a frozen edge accepts connections but never answers)
 ANSWER_TIMEOUT_WITH_ALTERNATIVE = 1.0
+#: seconds a tunnel-session command may take on the edge holding the session (an ngrok
+#: agent answers it itself)
+COMMAND_TIMEOUT = 15.0
 
 
 class PeerRefused(SessionClosed):
@@ -177,6 +180,9 @@ class PeerLink:
         except (OSError, EOFError, TimeoutError, ValueError, asyncio.IncompleteReadError):
             close(writer)
             return
+        if "command" in req:  # /tunnel_sessions/{id}/stop|restart|update asked on another edge
+            await self._command(req, writer)
+            return
         s = self.edge.registry.sessions.get(str(req.get("session_id", "")))
         ep = s.endpoints.get(str(req.get("endpoint_id", ""))) if s is not None else None
         if s is None or ep is None or s.closed:
@@ -198,7 +204,47 @@ class PeerLink:
             s.release(dw)
             close(writer)
 
+    async def _command(self, req: dict, writer: asyncio.StreamWriter) -> None:
+        """Run a tunnel-session command for another edge's API on a session held here."""
+        from backend.edge.api.tunnel_sessions import COMMANDS, run_command
+
+        s = self.edge.registry.sessions.get(str(req.get("session_id", "")))
+        command = str(req.get("command", ""))
+        try:
+            if s is None or s.closed or s.account_id != str(req.get("account_id", "")):
+                answer = {"ok": False, "code": 404, "error": "session not held by this edge"}
+            elif command not in COMMANDS:
+                answer = {"ok": False, "code": 400, "error": f"unknown command {command[:40]!r}"}
+            else:
+                failed = await run_command(self.edge, s, command)
+                answer = {"ok": True} if failed is None else {"ok": False, "code": failed[0], "error": failed[1]}
+            writer.write(_pack(answer))
+            await writer.drain()
+        except (OSError, RuntimeError):
+            pass
+        finally:
+            close(writer)
+
     # ------------------------------------------------------------------ A's side
+    async def command(self, info, command: str, timeout: float = COMMAND_TIMEOUT) -> tuple[int, str] | None:
+        """Ask the edge holding session ``info`` (a RemoteSessionInfo) to run
+        ``command``; None when it did, else (HTTP status, message)."""
+        key = (info.node_id, info.epoch, info.peer_addr, info.peer_tls)
+        try:
+            r, w = await self._dial(key, min(timeout, HANDSHAKE_TIMEOUT))
+        except (OSError, TimeoutError, EOFError, ValueError, asyncio.IncompleteReadError, SessionClosed) as exc:
+            return 502, f"the edge holding the session cannot be reached: {exc or type(exc).__name__}"
+        try:
+            w.write(_pack({"command": command, "session_id": info.id, "account_id": info.account_id}))
+            answer = await asyncio.wait_for(_read(r), timeout)
+        except (OSError, TimeoutError, EOFError, ValueError, asyncio.IncompleteReadError) as exc:
+            return 502, f"the edge holding the session did not answer: {exc or type(exc).__name__}"
+        finally:
+            close(w)
+        if answer.get("ok"):
+            return None
+        return int(answer.get("code", 502) or 502), str(answer.get("error", "refused"))[:500]
+
     async def _dial(
         self, key: tuple[str, int, str, bool], timeout: float = HANDSHAKE_TIMEOUT
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -74,6 +74,12 @@ MIGRATIONS: list[str] = [
         key_pem  bytea NOT NULL
     );
     """,
+    # 3: what /tunnel_sessions shows of a session, so that every edge lists every one
+    # (JSON text: agent_version, os, metadata, transport, region, credential_id, started_at)
+    """
+    ALTER TABLE sessions ADD COLUMN IF NOT EXISTS info text NOT NULL DEFAULT '{}';
+    CREATE INDEX IF NOT EXISTS sessions_account ON sessions (account_id);
+    """,
 ]
 
 

@@ -316,3 +316,70 @@ def test_disabling_an_account_on_edge1_cuts_it_off_on_every_edge(cluster):
             a.stop()
     finally:
         admin.close()
+
+
+def test_tunnel_sessions_are_listed_and_commanded_through_any_edge(cluster):
+    """/tunnel_sessions on any edge lists every session of the account in the cluster
+    (with the agent's OS and version, held by whichever edge); stop and restart asked on
+    one edge reach a session held by another; another account sees none of them and
+    stopping one of them is a 404 for it."""
+    e1, e2, e3 = cluster["edges"]
+    home = cluster["root"] / "home" / "sessions"
+    a = start_agent(e2, "http", str(cluster["ups"].http.port), *HA1, home=home / "a")
+    b = start_agent(e3, "http", str(cluster["ups"].http.port), *HA1, home=home / "b")
+    admin = httpx.Client(base_url=e1.ready["api_url"], headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+
+    def api(e, key: str = "test-api-key") -> httpx.Client:
+        return httpx.Client(
+            base_url=e.ready["api_url"], headers={"Authorization": f"Bearer {key}", "Ngrok-Version": "2"}, timeout=20
+        )
+
+    try:
+        sid_a = httpx.get(f"http://{a.ready['web_addr']}/api/status", timeout=5).json()["session"]["legs"][0]["session_id"]
+        sid_b = httpx.get(f"http://{b.ready['web_addr']}/api/status", timeout=5).json()["session"]["legs"][0]["session_id"]
+        for e in (e1, e2, e3):
+            with api(e) as c:
+                got = wait_until(
+                    lambda c=c: {sid_a, sid_b} <= {s["id"] for s in c.get("/tunnel_sessions").json()["tunnel_sessions"]}
+                    and c.get("/tunnel_sessions").json(),
+                    5,
+                )
+                assert got, c.get("/tunnel_sessions").text
+                by_id = {s["id"]: s for s in got["tunnel_sessions"]}
+                assert by_id[sid_a]["os"] and by_id[sid_a]["agent_version"], by_id[sid_a]
+                assert by_id[sid_a]["uri"].endswith(f"/tunnel_sessions/{sid_a}")
+                one = c.get(f"/tunnel_sessions/{sid_b}")
+                assert one.status_code == 200 and one.json()["id"] == sid_b, one.text
+
+        made = admin.post("/admin/accounts", json={"name": "nosy"})
+        assert made.status_code == 201, made.text
+        with api(e1, made.json()["api_key"]) as other:
+            assert other.get("/tunnel_sessions").json()["tunnel_sessions"] == []
+            r = other.post(f"/tunnel_sessions/{sid_a}/stop", json={})
+            assert r.status_code == 404 and r.json()["error_code"] == "ERR_NGROK_404", r.text
+            assert other.get(f"/tunnel_sessions/{sid_b}").status_code == 404
+        assert a.proc.poll() is None  # untouched
+
+        with api(e1) as c:
+            # restart asked on edge 1, session on edge 3: the agent comes back with a new session
+            assert c.post(f"/tunnel_sessions/{sid_b}/restart", json={}).status_code == 200
+            assert wait_until(lambda: sid_b not in {s["id"] for s in c.get("/tunnel_sessions").json()["tunnel_sessions"]}, 5)
+            # update is accepted (burrow agents are updated with the package)
+            assert c.post(f"/tunnel_sessions/{sid_a}/update", json={}).status_code == 200
+            # stop asked on edge 1, session on edge 2: the agent exits
+            assert c.post(f"/tunnel_sessions/{sid_a}/stop", json={}).status_code == 200
+            assert a.proc.wait(10) is not None
+            assert wait_until(lambda: sid_a not in {s["id"] for s in c.get("/tunnel_sessions").json()["tunnel_sessions"]}, 5)
+            assert c.post(f"/tunnel_sessions/{sid_a}/stop", json={}).status_code == 404
+        assert wait_until(lambda: b.proc.poll() is None and len(_sessions_of(e3)) >= 1, 10)  # b came back
+    finally:
+        admin.close()
+        a.stop()
+        b.stop()
+
+
+def _sessions_of(e) -> list[dict]:
+    with httpx.Client(
+        base_url=e.ready["api_url"], headers={"Authorization": "Bearer test-api-key", "Ngrok-Version": "2"}, timeout=10
+    ) as c:
+        return c.get("/tunnel_sessions").json()["tunnel_sessions"]

@@ -66,6 +66,31 @@ def wire(base: str, s: Session) -> w.TunnelSession:
     )
 
 
+#: the commands of ``POST /tunnel_sessions/{id}/<command>``
+COMMANDS = ("stop", "restart", "update")
+_NGROK_COMMANDS = {
+    "stop": (ngrok_agent.STOP, {}),
+    "restart": (ngrok_agent.RESTART, {}),
+    "update": (ngrok_agent.UPDATE, {"Version": "", "PermitMajorVersion": False}),
+}
+
+
+async def run_command(edge: Edge, s: Session, command: str) -> tuple[int, str] | None:
+    """Run ``command`` on a session this edge holds: None when done, else (HTTP status,
+    message).  ngrok's agents get the command as a request and answer it; an agent that
+    refuses (the SDK without a handler) keeps its session and the caller gets its text.
+    (Also run for another edge's API: backend/cluster/peer.py.)"""
+    if isinstance(s, NgrokSession):
+        kind, body = _NGROK_COMMANDS[command]
+        err = await s.command(kind, body)
+        return (400, f"The agent refused the command: {err}") if err else None
+    if command == "update":  # burrow agents are updated with the package, not in place
+        return None
+    if not edge.stop_session(s.id, restart=command == "restart"):
+        return 404, ""
+    return None
+
+
 class TunnelSessionsAPI:
     def __init__(self, edge: Edge) -> None:
         self.edge = edge
@@ -77,21 +102,31 @@ class TunnelSessionsAPI:
         router.add("POST", "/tunnel_sessions/{id}/restart", handler(self.restart))
         router.add("POST", "/tunnel_sessions/{id}/update", handler(self.update))
 
-    def _session(self, req: Request) -> Session:
+    async def _session(self, req: Request):
+        """The caller's live session ``{id}``: one this edge holds, or (cluster mode) a
+        RemoteSessionInfo of one another edge holds."""
         id_ = check_id(req.params["id"], SESSION_PREFIX, "tunnel session")
+        account_id = caller(req).account_id
         s = self.edge.registry.sessions.get(id_)
-        if s is None or s.closed or s.account_id != caller(req).account_id:
-            raise not_found("tunnel session", id_)
-        return s
+        if s is not None and not s.closed and s.account_id == account_id:
+            return s
+        if self.edge.cluster is not None:
+            found = await self.edge.cluster.remote_sessions(account_id, id_)
+            if found:
+                return found[0]
+        raise not_found("tunnel session", id_)
 
     async def list(self, req: Request) -> Response:
         who = caller(req)
         page = page_params(req, item=w.TunnelSession)
-        sessions = [
+        sessions: list = [
             s
             for s in self.edge.registry.sessions.values()
             if s.account_id == who.account_id and not s.closed
         ]
+        if self.edge.cluster is not None:  # every edge lists every session of the cluster
+            mine = {s.id for s in sessions}
+            sessions += [r for r in await self.edge.cluster.remote_sessions(who.account_id) if r.id not in mine]
         sessions.sort(key=lambda s: s.id, reverse=True)
         if page.before_id is not None:
             sessions = [s for s in sessions if s.id < page.before_id]
@@ -106,43 +141,33 @@ class TunnelSessionsAPI:
         )
 
     async def get(self, req: Request) -> Response:
-        return dump(wire(req.base_url, self._session(req)))
+        return dump(wire(req.base_url, await self._session(req)))
 
-    async def _ask_ngrok_agent(self, s: Session, kind: int, body: dict) -> None:
-        """ngrok's agents get the command as a request and answer it; an agent that
-        refuses (the SDK without a handler) keeps its session and the caller gets its text."""
-        err = await s.command(kind, body)
-        if err:
-            raise APIError(400, "ERR_NGROK_400", f"The agent refused the command: {err}")
+    async def _command(self, req: Request, command: str) -> Response:
+        s = await self._session(req)
+        parse_body(req, _NoParams)
+        if isinstance(s, Session):
+            failed = await run_command(self.edge, s, command)
+        else:  # held by another edge of the cluster: that edge runs it
+            assert self.edge.cluster is not None
+            failed = await self.edge.cluster.command_remote(s, command)
+        if failed is not None:
+            status, msg = failed
+            if status == 404:
+                raise not_found("tunnel session", s.id)
+            if status == 400:
+                raise APIError(400, "ERR_NGROK_400", msg)
+            raise APIError(502, "ERR_NGROK_502", f"The command could not be delivered: {msg}")
+        return json_response({})
 
     async def stop(self, req: Request) -> Response:
-        s = self._session(req)
-        parse_body(req, _NoParams)
-        if isinstance(s, NgrokSession):
-            await self._ask_ngrok_agent(s, ngrok_agent.STOP, {})
-            return json_response({})
-        if not self.edge.stop_session(s.id):
-            raise not_found("tunnel session", s.id)
-        return json_response({})
+        return await self._command(req, "stop")
 
     async def restart(self, req: Request) -> Response:
-        s = self._session(req)
-        parse_body(req, _NoParams)
-        if isinstance(s, NgrokSession):
-            await self._ask_ngrok_agent(s, ngrok_agent.RESTART, {})
-            return json_response({})
-        if not self.edge.stop_session(s.id, restart=True):
-            raise not_found("tunnel session", s.id)
-        return json_response({})
+        return await self._command(req, "restart")
 
     async def update(self, req: Request) -> Response:
-        s = self._session(req)
-        parse_body(req, _NoParams)
-        if isinstance(s, NgrokSession):
-            await self._ask_ngrok_agent(
-                s, ngrok_agent.UPDATE, {"Version": "", "PermitMajorVersion": False}
-            )
-        return json_response({})
+        return await self._command(req, "update")
 
 
 __all__ = ["TunnelSessionsAPI"]
