@@ -206,28 +206,36 @@ class Edge:
         else:
             ingress_ctx = self.ca.sni_context(names)
 
+        # The listeners are bound now (their addresses go into the cluster's edges row)
+        # and accept once the edge is ready: in a cluster, after it has registered and
+        # loaded the other edges' routes (a reconnecting agent or a public client waits
+        # in the backlog meanwhile instead of meeting an edge that is not one yet).
         host, port = parse_hostport(cfg.ingress_addr)
-        sock = self._listen(host, port)
-        self.addrs["ingress"] = sock.getsockname()[:2]
-        self._spawn(self._accept_loop(sock, lambda s, ip: self._on_ingress(s, ip, ingress_ctx), "ingress"))
+        ingress_sock = self._listen(host, port)
+        self.addrs["ingress"] = ingress_sock.getsockname()[:2]
 
         host, port = parse_hostport(cfg.http_addr)
         srv = await asyncio.start_server(
-            lambda r, w: self._public_http(r, w, "http"), host, port, limit=MAX_HEAD, backlog=1024
+            lambda r, w: self._public_http(r, w, "http"), host, port, limit=MAX_HEAD, backlog=1024, start_serving=False
         )
         self._servers.append(srv)
         self.addrs["http"] = srv.sockets[0].getsockname()[:2]
 
+        https_sock = None
         if cfg.https_addr:
             host, port = parse_hostport(cfg.https_addr)
             https_ctx = self.ca.sni_context([*names, f"*.{cfg.domain}"])
-            sock = self._listen(host, port)
-            self.addrs["https"] = sock.getsockname()[:2]
-            self._spawn(self._accept_loop(sock, lambda s, ip: self._on_https(s, ip, https_ctx), "https"))
+            https_sock = self._listen(host, port)
+            self.addrs["https"] = https_sock.getsockname()[:2]
 
         await self._load_cloud_endpoints()
         self._spawn(accounts.watch(self))
         await self._start_cluster()
+
+        self._spawn(self._accept_loop(ingress_sock, lambda s, ip: self._on_ingress(s, ip, ingress_ctx), "ingress"))
+        await srv.start_serving()
+        if https_sock is not None:
+            self._spawn(self._accept_loop(https_sock, lambda s, ip: self._on_https(s, ip, https_ctx), "https"))
 
         if cfg.api_addr:
             from backend.edge.api import start_api
