@@ -682,6 +682,9 @@ class Result:
     upgraded: bool = False
     request_bytes: int = 0
     response_bytes: int = 0
+    #: the upstream's connection may carry another request (``keep_alive`` is the
+    #: client's: what the forwarded head, edited or not, says, and the request whole)
+    upstream_keep_alive: bool = True
 
 
 async def proxy_exchange(
@@ -751,6 +754,7 @@ async def proxy_exchange(
         raise
     if observer is not None:
         observer.response_head(resp)
+    client_keep = resp.keep_alive
     if edit_response is not None and resp.status != 101:
         edited = edit_response(resp)
         if edited is not None and edited.startswith(REPLACE):
@@ -761,6 +765,10 @@ async def proxy_exchange(
             return Result(resp, keep_alive=False)
         if edited is not None:
             raw = edited
+            # the client's connection goes on as the head it gets says (an edit may drop
+            # the upstream's "Connection: close", which is hop-by-hop)
+            with contextlib.suppress(HTTPError):
+                client_keep = parse_response_head(edited, req.method).keep_alive
     if resp.status == 101:
         client_w.write(raw)
         await drain(client_w, send_timeout)
@@ -788,7 +796,7 @@ async def proxy_exchange(
         raise
     if resp.framing == NO_BODY:
         await drain(client_w, send_timeout)
-    keep_alive = req.keep_alive and resp.keep_alive
+    keep_alive = req.keep_alive and client_keep
     nreq = 0
     if body_task is not None:
         if body_task.done():
@@ -801,7 +809,9 @@ async def proxy_exchange(
             # cannot be reused, and the rest of the request body is abandoned.
             _cancel(body_task)
             keep_alive = False
-    return Result(resp, keep_alive=keep_alive, request_bytes=nreq, response_bytes=nresp)
+    return Result(
+        resp, keep_alive=keep_alive, request_bytes=nreq, response_bytes=nresp, upstream_keep_alive=resp.keep_alive
+    )
 
 
 async def _head_or_body_failure(up_r: asyncio.StreamReader, body_task: asyncio.Task) -> bytes | None:

@@ -48,6 +48,12 @@ class Auth(_Msg):
     #: which of an HA agent's sessions this is (``--ha-connections``: 0..N-1, each on its
     #: own edge); a new session with the same client id *and* slot replaces the stale one
     slot: int = Field(default=0, ge=0, le=15)
+    #: the agent takes a data connection back after an HTTP public connection ends
+    #: cleanly (between two exchanges): the edge may then pool it again and hand it out
+    #: with a new ``start`` frame, which the agent tells from a request by its first
+    #: byte (a frame's length starts with 0; a request with a method's letter).  Older
+    #: agents leave it out: their data connections serve one public connection each.
+    reuse_data: bool = False
 
 
 class Bind(_Msg):
@@ -169,9 +175,18 @@ class StartData(_Msg):
     client_port: int = 0
 
 
+class DataPooled(_Msg):
+    """The edge took a data connection back into its pool after an HTTP public
+    connection ended between two exchanges (only to agents that sent
+    ``Auth.reuse_data``): the agent lets go of its upstream connection and waits for
+    the next ``start``."""
+
+    type: Literal["pooled"] = "pooled"
+
+
 Message = Annotated[
     Auth | Bind | Unbind | AuthOk | BindOk | UnbindOk | Error | NeedData | Stop | Restart
-    | Ping | Pong | DataHello | StartData,
+    | Ping | Pong | DataHello | StartData | DataPooled,
     Field(discriminator="type"),
 ]
 _adapter: TypeAdapter[Message] = TypeAdapter(Message)

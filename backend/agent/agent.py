@@ -73,6 +73,10 @@ class AgentConfig:
 
 MAX_HA_CONNECTIONS = 8
 MAX_KNOWN_EDGES = 32
+#: most data connections a leg keeps ready after bursts of new public connections
+POOL_GROW_MAX = 32
+#: seconds without a burst after which the grown pool shrinks back, one per take
+POOL_SHRINK_AFTER = 60.0
 #: refusals that say "try again" (a cluster edge whose PostgreSQL is away for a moment)
 RETRYABLE = frozenset({"ERR_NGROK_503"})
 
@@ -114,6 +118,11 @@ class Leg:
     connected: bool = False
     #: the current (or last) session got as far as its auth_ok
     up: bool = False
+    #: data connections dialled or waiting in the edge's pool, and how many to keep
+    #: (``pool_size``, grown by the edge's asks for more: see Agent._data_conn)
+    pooled: int = 0
+    pool_target: int = 0
+    grown_at: float = 0.0
 
     def info(self) -> dict:
         return {
@@ -396,6 +405,7 @@ class Agent:
                     hostname=socket.gethostname(),
                     metadata=self.config.metadata,
                     slot=leg.slot,
+                    reuse_data=True,
                 ),
             )
             await w.drain()
@@ -419,6 +429,7 @@ class Agent:
             leg.status = "online"
             reader = self._spawn(self._read_loop(leg, r, msg.heartbeat_timeout))
             pinger = self._spawn(self._pinger(leg, msg.heartbeat_interval))
+            leg.pool_target = self.config.pool_size
             for _ in range(self.config.pool_size):
                 self._spawn(self._data_conn(leg))
             self._learn(msg.edges)
@@ -467,7 +478,13 @@ class Agent:
             elif isinstance(msg, p.Pong):
                 leg.latency = max(0.0, asyncio.get_running_loop().time() - msg.sent)
             elif isinstance(msg, p.NeedData):
-                for _ in range(min(msg.count, 64)):
+                # a burst of new public connections emptied the pool: serve it, and keep
+                # that many more ready for the next burst (a TLS data connection costs a
+                # handshake of ~2 ms on each side that the request would wait for)
+                count = min(msg.count, 64)
+                leg.pool_target = min(max(leg.pool_target, self.config.pool_size) + count, POOL_GROW_MAX)
+                leg.grown_at = time.monotonic()
+                for _ in range(count):
                     self._spawn(self._data_conn(leg))
             elif isinstance(msg, p.BindOk | p.UnbindOk | p.Error) and msg.req_id in leg.pending:
                 fut = leg.pending.pop(msg.req_id)
@@ -600,49 +617,79 @@ class Agent:
         if session_id is None or self._stopped.is_set():
             return
         host, port, name = leg.data_target
+        leg.pooled += 1
         try:
-            if leg.data_tls:
-                # TLS that can half-close (backend/tlshalf.py), offered to the edge by ALPN
-                if self._data_ctx is None:
-                    self._data_ctx = tlshalf.data_context(client_context(self.config.root_cas))
-                r, w = await asyncio.wait_for(
-                    tlshalf.open_connection(host, port, self._data_ctx, name, 2 * p.MAX_FRAME),
-                    10,
-                )
+            try:
+                if leg.data_tls:
+                    # TLS that can half-close (backend/tlshalf.py), offered to the edge by ALPN
+                    if self._data_ctx is None:
+                        self._data_ctx = tlshalf.data_context(client_context(self.config.root_cas))
+                    r, w = await asyncio.wait_for(
+                        tlshalf.open_connection(host, port, self._data_ctx, name, 2 * p.MAX_FRAME),
+                        10,
+                    )
+                else:
+                    r, w = await asyncio.wait_for(asyncio.open_connection(host, port, limit=2 * p.MAX_FRAME), 10)
                 tune(w)
-            else:
-                r, w = await asyncio.wait_for(asyncio.open_connection(host, port, limit=2 * p.MAX_FRAME), 10)
-                tune(w)
-        except (OSError, TimeoutError, ssl.SSLError):
-            return
-        self._pooled += 1
-        try:
-            p.write_msg(w, p.DataHello(session_id=session_id, key=key))
-            start = await p.read_msg(r)
-        except (OSError, asyncio.IncompleteReadError, p.ProtocolError):
-            close(w)
-            return
+            except (OSError, TimeoutError, ssl.SSLError):
+                return
+            self._pooled += 1
+            try:
+                p.write_msg(w, p.DataHello(session_id=session_id, key=key))
+                start = await p.read_msg(r)
+            except (OSError, asyncio.IncompleteReadError, p.ProtocolError):
+                close(w)
+                return
+            finally:
+                self._pooled -= 1
         finally:
-            self._pooled -= 1
-        if session_id == leg.session_id and leg.writer is not None:
-            self._spawn(self._data_conn(leg))  # top the pool up
-        if not isinstance(start, p.StartData):
-            close(w)
+            leg.pooled -= 1
+        while True:
+            self._top_up(leg, session_id)
+            if not isinstance(start, p.StartData):
+                close(w)
+                return
+            t = self._by_endpoint.get(start.endpoint_id)
+            if t is None:
+                close(w)
+                return
+            t.metrics.conn_opened()
+            t0 = time.perf_counter_ns()
+            handed_back = False
+            try:
+                if t.config.proto in ("http", "https"):
+                    handed_back = await forward.serve_http(t, start, r, w)
+                else:
+                    await forward.serve_tcp(t, r, w, start)
+            finally:
+                t.metrics.conn_closed(time.perf_counter_ns() - t0)
+                if not handed_back:
+                    close(w)
+            if not handed_back:
+                return
+            # the edge pooled it again (protocol.Auth.reuse_data): wait for its next start
+            leg.pooled += 1
+            try:
+                start = await p.read_msg(r)
+                if isinstance(start, p.DataPooled):
+                    start = await p.read_msg(r)
+            except (OSError, asyncio.IncompleteReadError, p.ProtocolError):
+                close(w)
+                return
+            finally:
+                leg.pooled -= 1
+
+    def _top_up(self, leg: Leg, session_id: str) -> None:
+        """A data connection was taken: dial another while the leg's pool is below its
+        target (one more than that while it grows); a target grown by a burst shrinks
+        back by one per take after a quiet minute."""
+        if session_id != leg.session_id or leg.writer is None:
             return
-        t = self._by_endpoint.get(start.endpoint_id)
-        if t is None:
-            close(w)
-            return
-        t.metrics.conn_opened()
-        t0 = time.perf_counter_ns()
-        try:
-            if t.config.proto in ("http", "https"):
-                await forward.serve_http(t, start, r, w)
-            else:
-                await forward.serve_tcp(t, r, w, start)
-        finally:
-            t.metrics.conn_closed(time.perf_counter_ns() - t0)
-            close(w)
+        if leg.pool_target > self.config.pool_size and time.monotonic() - leg.grown_at > POOL_SHRINK_AFTER:
+            leg.pool_target -= 1
+        missing = leg.pool_target - leg.pooled
+        for _ in range(min(max(missing, 0), 2)):
+            self._spawn(self._data_conn(leg))
 
 
 def _describe(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ from backend import pages
 from backend.agent import fileserver
 from backend.http1 import (
     MAX_HEAD,
+    UNTIL_CLOSE,
     Head,
     HTTPError,
     UpstreamClosed,
@@ -137,22 +138,34 @@ def _default_port(scheme: str) -> int:
 
 async def serve_http(
     tunnel: Tunnel, start: StartData, r: asyncio.StreamReader, w: asyncio.StreamWriter
-) -> None:
-    """Proxy HTTP exchanges arriving on a data connection to the tunnel's upstream."""
+) -> bool:
+    """Proxy HTTP exchanges arriving on a data connection to the tunnel's upstream.
+
+    True when the edge handed the connection back between two exchanges (its next
+    bytes are a ``start`` frame, whose first byte is 0, not a request's): the caller
+    keeps it open for that.  False when it is done with (the caller closes it)."""
     if tunnel.upstream.scheme == "file":
         await fileserver.serve(tunnel, start, r, w)
-        return
+        return False
     up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     host_header = tunnel.config.host_header
     fields_host: str | None = None  # the X-Forwarded-* lines below were made for this Host
     fields = b""
     last_req: Head | None = None  # the previous request's head, and the head sent for it
     fwd = b""
+    served = handed_back = False
     try:
         while True:
+            if served:  # between two exchanges: a request, or the edge's next start frame
+                if not r._buffer and not r.at_eof():
+                    await r._wait_for_data("serve_http")
+                if r._buffer[:1] == b"\x00":
+                    handed_back = True
+                    return True
+            served = True
             raw = await read_head(r)
             if raw is None:
-                return
+                return False
             req = parse_request_head(raw)
             obs = tunnel.observe(start, req)
             reused = up is not None and not up[0].at_eof()
@@ -187,9 +200,10 @@ async def serve_http(
                     extra.append((b"X-Original-Host", req.host.encode("latin-1")))
                 fields = field_lines(extra)
                 last_req, fwd = req, _forwarded(req.raw, fields, tunnel)
+            edit = _client_keep_alive if req.keep_alive else None
             try:
                 try:
-                    res = await proxy_exchange(req, fwd, r, w, up[0], up[1], obs)
+                    res = await proxy_exchange(req, fwd, r, w, up[0], up[1], obs, edit_response=edit)
                 except UpstreamClosed:
                     # a kept-alive upstream connection the app closed as the request
                     # went out (its idle timeout): a bodiless idempotent request goes
@@ -202,7 +216,7 @@ async def serve_http(
                         up = await _connect(tunnel, start)
                     except (OSError, TimeoutError) as exc:
                         raise UpstreamError(exc.strerror or type(exc).__name__ if isinstance(exc, OSError) else "timeout") from None
-                    res = await proxy_exchange(req, fwd, r, w, up[0], up[1], obs)
+                    res = await proxy_exchange(req, fwd, r, w, up[0], up[1], obs, edit_response=edit)
             except UpstreamError as exc:
                 if not exc.response_started:
                     resp = pages.upstream_refused(tunnel.upstream.display, str(exc))
@@ -219,6 +233,11 @@ async def serve_http(
                 return
             if not res.keep_alive:
                 return
+            if not res.upstream_keep_alive:
+                # the app closed its connection, not the client's: the next request on
+                # this data connection dials the app again
+                close(up[1])
+                up = None
     except HTTPError as exc:
         w.write(pages.bad_request(exc.status, exc.msg))
     except (OSError, asyncio.IncompleteReadError):
@@ -226,7 +245,25 @@ async def serve_http(
     finally:
         if up is not None:
             close(up[1])
-        close(w)
+        if not handed_back:
+            close(w)
+    return False
+
+
+def _client_keep_alive(resp: Head) -> bytes | None:
+    """``edit_response`` for a request whose client keeps its connection: an app that
+    closes its own connection after a response that ends by itself (a length, chunks, or
+    no body) does not close the client's, since Connection is hop-by-hop (RFC 9110
+    §7.6.1; ngrok's agent, a Go reverse proxy, does the same).  Its Connection field is
+    dropped and the data connection (and the TLS handshake it cost) stays; the agent
+    dials the app again for the next request."""
+    if resp.keep_alive or resp.version != "1.1" or resp.framing == UNTIL_CLOSE:
+        return None
+    lines = resp.raw.split(b"\r\n")
+    kept = [ln for ln in lines[1:] if ln[:11].lower() != b"connection:"]
+    if len(kept) == len(lines) - 1:
+        return None
+    return b"\r\n".join([lines[0], *kept])
 
 
 def _forwarded(raw: bytes, fields: bytes, tunnel: Tunnel) -> bytes:

@@ -580,6 +580,7 @@ class Edge:
             region=cfg.region,
             acl=tuple(cred.acl),
             max_data=cfg.max_data_conns_per_session,
+            reuse_data=auth.reuse_data,
         )
         old = self.registry.add_session(s)
         if old is not None:

@@ -142,6 +142,8 @@ class Session:
     acl: tuple[str, ...] = ()
     #: most data connections (pooled + active) at once; 0 = no limit
     max_data: int = 0
+    #: the agent takes data connections back after an HTTP connection (protocol.Auth)
+    reuse_data: bool = False
     _pool: collections.deque = field(default_factory=collections.deque)
     _pool_event: asyncio.Event = field(default_factory=asyncio.Event)
     _waiters: int = 0
@@ -229,6 +231,28 @@ class Session:
     def release(self, writer: asyncio.StreamWriter) -> None:
         self._active.discard(writer)
         close(writer)
+
+    def give_back(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Pool a data connection again after its HTTP public connection ended between
+        two exchanges (no handshake for the next public connection); False if it cannot
+        be (an agent without ``reuse_data``, bytes left unread, closing, pool full): then
+        :meth:`release` it."""
+        if (
+            not self.reuse_data
+            or self.closed
+            or writer not in self._active
+            or writer.is_closing()
+            or reader.at_eof()
+            or reader.exception() is not None
+            or getattr(reader, "_buffer", b"x")
+            or len(self._pool) >= self.POOL_MAX
+        ):
+            return False
+        self._active.discard(writer)
+        p.write_msg(writer, p.DataPooled())  # the agent lets go of its upstream connection
+        self._pool.append((reader, writer))
+        self._pool_event.set()
+        return True
 
     def shutdown(self) -> None:
         """End the session: close control, pooled and active data connections."""

@@ -97,6 +97,7 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
     conn = conn_vars(writer)
     tune(writer)
     dc: tuple[Endpoint, asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    clean = False  # dc sits between two exchanges (it may be pooled again)
     connected: set[str] = set()  # endpoints whose on_tcp_connect already ran on this connection
     first = True
     last_head: Head | None = None  # the previous request's head, and from it:
@@ -143,7 +144,7 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
                 expire()
                 return
             # idle with a data connection: give it back, keep waiting for the rest
-            dc[0].session.release(dc[2])
+            _let_go(dc, True)
             dc = None
         arm()
 
@@ -251,8 +252,9 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
                     ],
                 )
             if dc is not None and (dc[0] is not ep or dc[1].at_eof()):
-                dc[0].session.release(dc[2])
+                _let_go(dc, True)
                 dc = None
+            clean = False  # the data connection is mid-exchange from here
             edit = _response_editor(responders, ctx) if responders else None
             res = None
             for attempt in range(2):
@@ -305,6 +307,7 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
                 break
             if not res.keep_alive:
                 break
+            clean = True
     except HTTPError as exc:
         writer.write(pages.bad_request(exc.status, exc.msg))
         metrics.http_request(exc.status)
@@ -314,10 +317,19 @@ async def serve_http(edge: Edge, reader: asyncio.StreamReader, writer: asyncio.S
         if timer is not None:
             timer.cancel()
         if dc is not None:
-            dc[0].session.release(dc[2])
+            _let_go(dc, clean)
         with contextlib.suppress(Exception):
             await drain(writer, send_timeout)
         close(writer)
+
+
+def _let_go(dc: tuple, clean: bool) -> None:
+    """Done with a data connection: pooled again when it sits between two exchanges
+    and its agent takes connections back (Session.give_back), else closed."""
+    s = dc[0].session
+    give_back = getattr(s, "give_back", None)
+    if not (clean and give_back is not None and give_back(dc[1], dc[2])):
+        s.release(dc[2])
 
 
 def _response_editor(responders: list[Endpoint], ctx: Context):

@@ -60,6 +60,7 @@ SAMPLES: list[p._Msg] = [
         client_addr="127.0.0.1",
         client_port=50123,
     ),
+    p.DataPooled(),
 ]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
+import subprocess
 import time
 
 import httpx
@@ -309,3 +311,89 @@ async def test_a_kept_alive_upstream_connection_closed_by_the_app_is_dialled_aga
             w.close()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("flags", [("--data-tls",), ("--no-data-tls",)], ids=["tls-data", "plain-data"])
+async def test_an_app_closing_its_connection_does_not_close_the_clients(edge, agents, flags):
+    """An app that answers every request with ``Connection: close`` (as nginx does after
+    its keepalive_requests) closes its own connection only: Connection is hop-by-hop,
+    so the client's connection and its data connection (a TLS handshake each, with
+    --data-tls) go on, and the agent dials the app again for the next request.  A
+    response that ends only at the close still closes the client's connection."""
+    conns: list[int] = []
+
+    async def app(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conns.append(1)
+        try:
+            head = await r.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET /until-close "):
+                w.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nto the end")
+            else:
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        a = agents("http", port, *flags)
+        host = host_of(a.public_url).encode()
+        r, w = await asyncio.open_connection(*edge.http_addr)
+        try:
+            for i in range(3):
+                w.write(b"GET /" + str(i).encode() + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+                got = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+                assert got.startswith(b"HTTP/1.1 200 OK"), got
+                assert b"connection: close" not in got.lower(), got
+                assert await asyncio.wait_for(r.readexactly(2), 10) == b"ok"
+            assert len(conns) == 3  # one app connection per request, one client connection
+            w.write(b"GET /until-close HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            rest = await asyncio.wait_for(r.read(), 10)  # the edge closes after it
+            assert rest.startswith(b"HTTP/1.1 200 OK") and rest.endswith(b"to the end"), rest
+        finally:
+            w.close()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("flags", [("--data-tls",), ("--no-data-tls",)], ids=["tls-data", "plain-data"])
+async def test_a_data_connection_serves_one_public_connection_after_another(edge, agents, flags):
+    """A public HTTP connection that ends between two exchanges gives its data
+    connection back to the session's pool (the agent lets go of its app connection and
+    waits for the next start): 20 public connections one after another are served by
+    the data connections the agent dialled at first, with no new one (no TLS handshake
+    each)."""
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to count the data connections")
+    async with HTTPUpstream() as up:
+        a = agents("http", up.port, *flags)
+        host = host_of(a.public_url).encode()
+        iport = int(edge.ready["ingress_addr"].rsplit(":", 1)[1])
+
+        def data_conns() -> set[str]:
+            out = subprocess.run(
+                ["ss", "-tanH", "state", "established", f"( dport = :{iport} )"], capture_output=True, text=True
+            ).stdout
+            return {ln.split()[-2] for ln in out.splitlines()}  # the agent's local addresses
+
+        async def one(path: str) -> httpx.Response:
+            async with _client(edge) as c:  # a new public connection each
+                return await c.get(path, headers={"Host": host.decode()})
+
+        assert (await one("/warm")).status_code == 200
+        await asyncio.sleep(0.5)
+        before = data_conns()
+        for i in range(20):
+            got = await one(f"/n{i}")
+            assert got.status_code == 200 and got.text == f"GET /n{i}\n", got.text
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        after = data_conns()
+        assert after <= before | set(list(after)[:2]) and len(after - before) <= 2, (before, after)
+        assert [h.split(b"\r\n", 1)[0] for h, _ in up.requests[-20:]] == [
+            f"GET /n{i} HTTP/1.1".encode() for i in range(20)
+        ]
+        assert up.open_connections <= 1  # the agent let go of the app connections
