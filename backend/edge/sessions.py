@@ -189,8 +189,8 @@ class Session:
         while not self.closed:
             while self._pool:
                 r, w = self._pool.popleft()
-                if r.at_eof() or w.is_closing():
-                    close(w)
+                if r.at_eof() or w.is_closing() or getattr(r, "_buffer", None):
+                    close(w)  # gone, or (given back) the agent sent bytes nobody asked for
                     continue
                 p.write_msg(
                     w,
