@@ -35,14 +35,14 @@ async def _serve_one(ingress: tuple[str, int], session_id: str, key: str, answer
         w.close()
 
 
-async def _hand_written_agent(edge):
+async def _hand_written_agent(edge, reuse_data: bool = False):
     """A hand-written agent's control connection with an http endpoint bound:
     (ingress address, reader, writer, AuthOk, BindOk)."""
     host, port = edge.ready["ingress_addr"].rsplit(":", 1)
     ingress = (host, int(port))
     ctx = ssl.create_default_context(cafile=edge.ready["ca_file"])
     r, w = await asyncio.open_connection(*ingress, ssl=ctx, server_hostname="127.0.0.1")
-    p.write_msg(w, p.Auth(authtoken="test-authtoken", client_id="hand-written"))
+    p.write_msg(w, p.Auth(authtoken="test-authtoken", client_id="hand-written", reuse_data=reuse_data))
     ok = await asyncio.wait_for(p.read_msg(r), 10)
     assert isinstance(ok, p.AuthOk), ok
     p.write_msg(w, p.Bind(req_id=1, name="web", proto="http"))
@@ -149,4 +149,68 @@ async def test_a_bodiless_get_whose_data_connection_dies_goes_once_more(edge) ->
         for t in served:
             t.cancel()
         await asyncio.gather(*served, return_exceptions=True)
+        w.close()
+
+
+async def test_a_pooled_data_connection_that_speaks_out_of_turn_is_not_handed_out(edge) -> None:
+    """An agent that takes data connections back (reuse_data) but, once one is pooled
+    again, writes a response nobody asked for: that connection is closed when it would
+    be handed out, and the next public request is served by a clean one, never answered
+    with the unsolicited bytes."""
+    ingress, r, w, ok, bound = await _hand_written_agent(edge, reuse_data=True)
+    pooled = asyncio.Event()
+    tasks: list[asyncio.Task] = []
+
+    async def rogue() -> None:  # serves one request, then speaks out of turn when pooled
+        dr, dw = await asyncio.open_connection(*ingress)
+        try:
+            p.write_msg(dw, p.DataHello(session_id=ok.session_id, key=ok.session_key))
+            assert isinstance(await asyncio.wait_for(p.read_msg(dr), 30), p.StartData)
+            await dr.readuntil(b"\r\n\r\n")
+            dw.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            assert isinstance(await asyncio.wait_for(p.read_msg(dr), 30), p.DataPooled)
+            dw.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nspoof")
+            await dw.drain()
+            pooled.set()
+            await dr.read()  # until the edge closes it
+        finally:
+            dw.close()
+
+    async def honest() -> None:
+        await _serve_one(ingress, ok.session_id, ok.session_key)
+
+    async def control() -> None:
+        first = True
+        while True:
+            msg = await p.read_msg(r)
+            if isinstance(msg, p.Ping):
+                p.write_msg(w, p.Pong(id=msg.id, sent=msg.sent))
+            elif isinstance(msg, p.NeedData):
+                for _ in range(msg.count):
+                    tasks.append(asyncio.create_task(rogue() if first else honest()))
+                    first = False
+
+    ctl = asyncio.create_task(control())
+    host = host_of(bound.url)
+    try:
+        h, hp = edge.http_addr
+        pr, pw = await asyncio.open_connection(h, hp)
+        pw.write(f"GET /one HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert (await asyncio.wait_for(pr.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(pr.readexactly(2), 10) == b"ok"
+        pw.close()  # between two exchanges: the data connection goes back to the pool
+        await asyncio.wait_for(pooled.wait(), 10)
+        await asyncio.sleep(0.2)
+        pr, pw = await asyncio.open_connection(h, hp)
+        pw.write(f"GET /two HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        resp = await asyncio.wait_for(pr.read(), 30)
+        pw.close()
+        assert resp.startswith(b"HTTP/1.1 200 OK") and resp.endswith(b"ok") and b"spoof" not in resp, resp[:300]
+    finally:
+        ctl.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await ctl
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         w.close()
