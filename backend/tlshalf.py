@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import threading
 from typing import NamedTuple
 
 ALPN = "burrow-data/1"
@@ -45,6 +46,17 @@ RECORD = 16 * 1024  # a TLS record's plaintext at most
 WRITE = 64 * 1024  # plaintext encrypted per BIO read (the bytes stay below malloc's
 # mmap threshold: a 256 KiB bytes object per write costs an mmap, page faults, munmap)
 CLOSE_TIMEOUT = 30.0  # a closed connection whose peer takes none of the rest is aborted
+
+
+_local = threading.local()
+
+
+def _buffers() -> tuple[memoryview, memoryview]:
+    """This thread's (records in, plaintext out) buffers, made on first use."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = (memoryview(bytearray(READ)), memoryview(bytearray(READ)))
+    return bufs
 
 
 class State(NamedTuple):
@@ -74,8 +86,11 @@ class HalfCloseTLS(asyncio.BufferedProtocol, asyncio.Transport):
         self._ready: asyncio.Future = self._loop.create_future()  # the handshake's end
         # (retrieved here too, so that a handshake given up on logs nothing)
         self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._view = memoryview(bytearray(READ))  # records in
-        self._plain = memoryview(bytearray(READ))  # plaintext out (to the app)
+        # records in, plaintext out: buffers of this thread's event loop, shared by its
+        # connections (each is filled and emptied within one callback: the socket
+        # transport's get_buffer/buffer_updated pair, and _decrypt, whose app copies
+        # what it is given), so an idle connection holds none of its 2 x 256 KiB
+        self._view, self._plain = _buffers()
         self._read_eof = False  # the peer's close_notify (or FIN) has arrived
         self._eof_sent = False  # our close_notify has gone out
         self._closing = False
