@@ -175,8 +175,7 @@ async def serve_http(
                     up = await _connect(tunnel, start)
                 except (OSError, TimeoutError) as exc:
                     up = None
-                    err = exc.strerror or type(exc).__name__ if isinstance(exc, OSError) else "timeout"
-                    resp = pages.upstream_refused(tunnel.upstream.display, str(err))
+                    resp = pages.upstream_refused(tunnel.upstream.display, _connect_error(exc))
                     if obs is not None:
                         obs.synthetic_response(resp)
                         # Every request_started gets its request_completed (with the 502).
@@ -215,7 +214,7 @@ async def serve_http(
                     try:
                         up = await _connect(tunnel, start)
                     except (OSError, TimeoutError) as exc:
-                        raise UpstreamError(exc.strerror or type(exc).__name__ if isinstance(exc, OSError) else "timeout") from None
+                        raise UpstreamError(_connect_error(exc)) from None
                     res = await proxy_exchange(req, fwd, r, w, up[0], up[1], obs, edit_response=edit)
             except UpstreamError as exc:
                 if not exc.response_started:
@@ -248,6 +247,13 @@ async def serve_http(
         if not handed_back:
             close(w)
     return False
+
+
+def _connect_error(exc: OSError | TimeoutError) -> str:
+    """Why dialling the app failed, for the 502 page."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return "timeout"
 
 
 def _client_keep_alive(resp: Head) -> bytes | None:
