@@ -26,8 +26,10 @@ batch send one DATA frame each after it (not one per update).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -89,10 +91,65 @@ def looks_like_muxado(raw: bytes) -> bool:
     return ftype == DATA and bool(flags & SYN) and sid % 2 == 1
 
 
+def _own_socket(writer: asyncio.StreamWriter) -> socket.socket | None:
+    """A socket object of our own for the connection behind ``writer`` (a duplicate
+    descriptor, closed with the session): uvloop's ``get_extra_info("socket")`` makes a
+    new socket object for every ``setsockopt``, and the session sets TCP_QUICKACK after
+    every read."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        return socket.socket(fileno=os.dup(sock.fileno()))
+    except (OSError, ValueError):
+        return None
+
+
 class MuxError(Exception):
     def __init__(self, code: int, msg: str) -> None:
         super().__init__(msg)
         self.code = code
+
+
+class _Pending:
+    """Bytes written to a stream and not sent yet: the writes themselves (views of
+    immutable bytes), cut into frames without copying; the one copy is the join of a
+    loop pass's frames into the connection's write."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: collections.deque[memoryview] = collections.deque()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, data) -> None:
+        if not isinstance(data, bytes):
+            data = bytes(data)  # the caller may reuse its buffer
+        self.parts.append(memoryview(data))
+        self.size += len(data)
+
+    def take(self, n: int) -> list[memoryview]:
+        """The first ``n`` bytes (at most ``len(self)``), as views."""
+        out = []
+        parts = self.parts
+        self.size -= n
+        while n:
+            first = parts[0]
+            if len(first) <= n:
+                out.append(parts.popleft())
+                n -= len(first)
+            else:
+                out.append(first[:n])
+                parts[0] = first[n:]
+                n = 0
+        return out
+
+    def clear(self) -> None:
+        self.parts.clear()
+        self.size = 0
 
 
 class _StreamTransport(asyncio.Transport):
@@ -106,7 +163,7 @@ class _StreamTransport(asyncio.Transport):
         self._syn = syn  # our first DATA frame must carry SYN
         self._send_window = WINDOW
         self._recv_window = WINDOW  # what the peer may still send us
-        self._buf = bytearray()
+        self._buf = _Pending()
         self._eof_wanted = False
         self.fin_sent = False
         self.fin_received = False
@@ -130,7 +187,7 @@ class _StreamTransport(asyncio.Transport):
     def write(self, data) -> None:
         if self._closed or self._eof_wanted or not data:
             return
-        self._buf += data
+        self._buf.add(data)
         self._flush()
 
     def writelines(self, list_of_data) -> None:
@@ -189,17 +246,12 @@ class _StreamTransport(asyncio.Transport):
                 blocked = True
                 break
             n = min(len(buf), self._send_window, MAX_DATA_FRAME)
-            if n == len(buf):
-                chunk = bytes(buf)
-                buf.clear()
-            else:
-                chunk = bytes(memoryview(buf)[:n])
-                del buf[:n]
+            parts = buf.take(n)
             self._send_window -= n
             last = self._eof_wanted and not buf
             flags = (SYN if self._syn else 0) | (FIN if last else 0)
             self._syn = False
-            s.send_frame(DATA, flags, self.id, chunk)
+            s.send_data(flags, self.id, parts, n)
             if last:
                 self.fin_sent = True
         if self._eof_wanted and not buf and not self.fin_sent and not s.closed:
@@ -333,7 +385,7 @@ class MuxSession:
             writer.transport.set_write_buffer_limits(
                 high=max_send_buffer, low=max_send_buffer // 2
             )
-        self._out: list[bytes] = []  # frames to write at the end of this loop pass
+        self._out: list[bytes | memoryview] = []  # frames to write at the end of this loop pass
         self._out_size = 0
         self._tick_handle: asyncio.Handle | None = None
         self._to_flush: dict[_StreamTransport, None] = {}  # credited since the last tick
@@ -348,7 +400,7 @@ class MuxSession:
         self.goaway_received = False
         self._next_id = 2  # we open even ids
         self._last_remote = 1  # the peer opens odd ids, increasing
-        self._sock = writer.get_extra_info("socket") if QUICKACK else None
+        self._sock = _own_socket(writer) if QUICKACK else None
         self.last_frame = 0.0  # loop time of the last frame received
 
     # ------------------------------------------------------------------ writing
@@ -361,6 +413,17 @@ class MuxSession:
         if body:
             self._out.append(body)
         self._out_size += 8 + len(body)
+        if self._tick_handle is None:
+            self._tick_handle = asyncio.get_running_loop().call_soon(self._tick)
+
+    def send_data(self, flags: int, stream_id: int, parts: list, length: int) -> None:
+        """Queue a DATA frame whose body is ``parts`` (views: joined, so copied once,
+        in :meth:`_write_out`)."""
+        if self.closed or self.writer.is_closing():
+            return
+        self._out.append(HEADER.pack((length << 8) | (DATA << 4) | flags, stream_id & 0x7FFFFFFF))
+        self._out.extend(parts)
+        self._out_size += 8 + length
         if self._tick_handle is None:
             self._tick_handle = asyncio.get_running_loop().call_soon(self._tick)
 
@@ -462,6 +525,9 @@ class MuxSession:
         self.streams.clear()
         with contextlib.suppress(Exception):
             self.writer.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     # ------------------------------------------------------------------ reading
     async def run(self, first: bytes = b"") -> None:
@@ -579,6 +645,7 @@ class MuxSession:
             try:
                 self._sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
             except OSError:
+                self._sock.close()
                 self._sock = None
 
     def _dispatch(self, ftype: int, flags: int, sid: int, body: bytes) -> None:
