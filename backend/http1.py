@@ -500,10 +500,41 @@ def _take(reader: asyncio.StreamReader, n: int) -> bytes | None:
     buf = getattr(reader, "_buffer", None)
     if not isinstance(buf, bytearray) or len(buf) < n or reader.exception() is not None:
         return None
-    data = bytes(buf[:n])
-    del buf[:n]
+    return _cut(reader, buf, n)
+
+
+def _cut(reader: asyncio.StreamReader, buf: bytearray, n: int) -> bytes:
+    """The first ``n`` bytes of ``reader``'s buffer ``buf`` (at most all of it), copied
+    once: ``StreamReader.read`` copies twice (a bytearray slice, then bytes of it),
+    which was 13% of an edge's samples relaying 1 MiB bodies from TLS data connections."""
+    if len(buf) <= n:
+        data = bytes(buf)
+        buf.clear()
+    else:
+        with memoryview(buf) as view:
+            data = view[:n].tobytes()
+        del buf[:n]
     reader._maybe_resume_transport()  # as read() does: reading may go on if it was paused
     return data
+
+
+async def read_some(reader: asyncio.StreamReader, n: int) -> bytes:
+    """``await reader.read(n)`` for ``n`` > 0 (up to ``n`` bytes, b"" at EOF), with one
+    copy of the bytes instead of two."""
+    buf = getattr(reader, "_buffer", None)
+    wait = getattr(reader, "_wait_for_data", None)
+    if not isinstance(buf, bytearray) or wait is None:
+        return await reader.read(n)
+    exc = reader.exception()
+    if exc is not None:
+        raise exc
+    if not buf:
+        if reader.at_eof():
+            return b""
+        await wait("read")  # raises what set_exception() set
+        if not buf:
+            return b""  # EOF
+    return _cut(reader, buf, n)
 
 
 def _buffered(reader: asyncio.StreamReader) -> bytearray:
@@ -514,7 +545,7 @@ def _buffered(reader: asyncio.StreamReader) -> bytearray:
 async def _read(reader: asyncio.StreamReader, n: int, timeout: float | None, error: type[Exception]) -> bytes:
     timer = _arm_read(reader, timeout, error, bool(_buffered(reader)))
     try:
-        return await reader.read(n)
+        return await read_some(reader, n)
     finally:
         if timer is not None:
             timer.cancel()
@@ -577,7 +608,7 @@ async def relay_body(
         if len(_buffered(reader)) >= left:
             # all of it is here already (a small response read with its head): no
             # deadline to arm, one read, and the head goes out in the same write
-            chunk = await reader.read(left)
+            chunk = await read_some(reader, left)
             if tee is not None:
                 tee(chunk)
             writer.write(prefix + chunk if prefix else chunk)

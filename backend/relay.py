@@ -7,7 +7,7 @@ import contextlib
 import socket
 
 from backend import splice, tlsrelay
-from backend.http1 import drain
+from backend.http1 import drain, read_some
 
 BLOCK = 256 * 1024
 
@@ -28,7 +28,7 @@ async def pipe(
     that takes nothing for ``stall_timeout`` seconds ends the copy (and is aborted)."""
     total = 0
     try:
-        while chunk := await reader.read(BLOCK):
+        while chunk := await read_some(reader, BLOCK):
             total += len(chunk)
             writer.write(chunk)
             await drain(writer, stall_timeout)

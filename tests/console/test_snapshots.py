@@ -57,10 +57,21 @@ def fixture_app(url: str) -> BurrowApp:
 async def settle(pilot, rows: int = 30, tunnels: int = 2, endpoints: int = 3, ingresses: int = 1) -> None:
     """Wait until the fixture is all on screen (rows, panes, every sparkline tick)."""
     app = pilot.app
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    # generous: under CI's -n 3 the fixture's answers can take seconds; a fixture that
+    # never all arrives fails here, saying what is missing, not as a snapshot diff
+    deadline = time.monotonic() + 30
+    while True:
         rl = app.query_one(RequestList)
         history = app.query_one(TunnelsPane).history
+        state = {
+            "connection": app.connection,
+            "total": rl.total,
+            "rows": len(rl.rows),
+            "tunnels": len(app.tunnels),
+            "endpoints": len(app.endpoints),
+            "ingresses": len(app.ingresses),
+            "history": {k: len(h) for k, h in history.items()},
+        }
         if (
             app.connection == "online"
             and rl.total == rows
@@ -72,6 +83,7 @@ async def settle(pilot, rows: int = 30, tunnels: int = 2, endpoints: int = 3, in
             and all(len(h) == len(RATES["web"]) - 1 for h in history.values())
         ):
             break
+        assert time.monotonic() < deadline, f"the fixture did not all arrive: {state}"
         await pilot.pause(0.05)
     for box in app.query(Input):
         box.cursor_blink = False
