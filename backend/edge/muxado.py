@@ -155,6 +155,8 @@ class _Pending:
 class _StreamTransport(asyncio.Transport):
     """One muxado stream as an asyncio transport (for StreamReader/StreamWriter)."""
 
+    keeps_written_bytes = True  # write() keeps bytes objects as they are (no copy)
+
     def __init__(self, session: MuxSession, stream_id: int, syn: bool) -> None:
         super().__init__()
         self._session = session

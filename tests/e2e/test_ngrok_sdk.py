@@ -192,6 +192,55 @@ async def test_sdk_forward_tcp_echoes_with_half_close(edge):
             await sdk.stop()
 
 
+async def test_sdk_tcp_upload_nobody_reads_is_held_back_and_others_go_on(edge):
+    """A public client pushing into an SDK tcp tunnel whose app never reads: the edge
+    stops reading that client (its bytes wait in the muxado window and the sockets'
+    buffers, a few MiB) while another connection of the same session echoes a body."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def app(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if not held:  # the first connection: never read
+            held.append(w)
+            return
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port_up = server.sockets[0].getsockname()[1]
+    sdk = await SDK.start(edge, f"127.0.0.1:{port_up}", proto="tcp")
+    try:
+        assert not sdk.error, sdk.error
+        port = int(sdk.url.rsplit(":", 1)[1])
+        _, stuck = await asyncio.open_connection(edge.http_addr[0], port)
+        block = b"x" * 65536
+        sent = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 4
+        while loop.time() < deadline and sent < 256 * 2**20:  # bounded in time and bytes
+            stuck.write(block)
+            try:
+                await asyncio.wait_for(stuck.drain(), 0.5)
+            except TimeoutError:
+                break  # nobody takes more: held back
+            sent += len(block)
+        assert sent < 64 * 2**20, f"{sent} bytes went into a tunnel whose app reads nothing"
+        r, w = await asyncio.open_connection(edge.http_addr[0], port)
+        body = os.urandom(1 << 20)
+        w.write(body)
+        w.write_eof()
+        got = await asyncio.wait_for(r.read(), 10)
+        assert got == body
+        w.close()
+        stuck.close()
+    finally:
+        await sdk.stop()
+        for w in held:
+            w.close()
+        server.close()
+
+
 async def test_sdk_forward_http_with_domain(edge):
     async with HTTPUpstream() as up:
         sdk = await SDK.start(edge, f"127.0.0.1:{up.port}", domain="sdk-app.burrow.localhost")
