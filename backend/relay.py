@@ -37,14 +37,19 @@ async def pipe(
     except (ConnectionError, OSError):  # WriteTimeout is an OSError
         pass
     finally:
-        try:
-            if writer.can_write_eof() and not writer.is_closing():
-                writer.write_eof()
-            else:
-                writer.close()
-        except (OSError, RuntimeError):
-            writer.close()
+        _half_close(writer)
     return total
+
+
+def _half_close(writer: asyncio.StreamWriter) -> None:
+    """The copy's end: half-close the writer (or close it if it cannot)."""
+    try:
+        if writer.can_write_eof() and not writer.is_closing():
+            writer.write_eof()
+        else:
+            writer.close()
+    except (OSError, RuntimeError):
+        writer.close()
 
 
 def _direct_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -136,13 +141,7 @@ async def _direct_pipe(
         total += fwd.total
         if not fwd.lost and transport.get_protocol() is fwd:
             transport.set_protocol(inner)
-        try:
-            if writer.can_write_eof() and not writer.is_closing():
-                writer.write_eof()
-            else:
-                writer.close()
-        except (OSError, RuntimeError):
-            writer.close()
+        _half_close(writer)
     return total
 
 
