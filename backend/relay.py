@@ -117,11 +117,11 @@ async def _direct_pipe(
     fwd = _Forward(inner, writer.transport, wake)
     total = 0
     try:
-        held = read_some(reader, BLOCK) if len(reader._buffer) else None  # type: ignore[attr-defined]
-        if held is not None:
-            chunk = await held
-            total += len(chunk)
-            writer.write(chunk)
+        held = reader._buffer  # type: ignore[attr-defined]  # what the reader has already
+        if held:
+            total += len(held)
+            writer.write(bytes(held))
+            held.clear()
         if reader.at_eof():
             return total
         transport.set_protocol(fwd)

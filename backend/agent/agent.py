@@ -160,7 +160,6 @@ class Agent:
         self._by_endpoint: dict[str, Tunnel] = {}  # every leg's endpoints
         self._req_ids = 0
         self._tasks: set[asyncio.Task] = set()
-        self._pooled = 0
         self._stopped = asyncio.Event()
         self._connected = asyncio.Event()
         self._host, self._port = parse_hostport(config.server_addr)
@@ -617,34 +616,26 @@ class Agent:
         if session_id is None or self._stopped.is_set():
             return
         host, port, name = leg.data_target
-        leg.pooled += 1
+        leg.pooled += 1  # a connection being dialled counts towards the pool
         try:
-            try:
-                if leg.data_tls:
-                    # TLS that can half-close (backend/tlshalf.py), offered to the edge by ALPN
-                    if self._data_ctx is None:
-                        self._data_ctx = tlshalf.data_context(client_context(self.config.root_cas))
-                    r, w = await asyncio.wait_for(
-                        tlshalf.open_connection(host, port, self._data_ctx, name, 2 * p.MAX_FRAME),
-                        10,
-                    )
-                else:
-                    r, w = await asyncio.wait_for(asyncio.open_connection(host, port, limit=2 * p.MAX_FRAME), 10)
-                tune(w)
-            except (OSError, TimeoutError, ssl.SSLError):
-                return
-            self._pooled += 1
-            try:
-                p.write_msg(w, p.DataHello(session_id=session_id, key=key))
-                start = await p.read_msg(r)
-            except (OSError, asyncio.IncompleteReadError, p.ProtocolError):
-                close(w)
-                return
-            finally:
-                self._pooled -= 1
+            if leg.data_tls:
+                # TLS that can half-close (backend/tlshalf.py), offered to the edge by ALPN
+                if self._data_ctx is None:
+                    self._data_ctx = tlshalf.data_context(client_context(self.config.root_cas))
+                r, w = await asyncio.wait_for(
+                    tlshalf.open_connection(host, port, self._data_ctx, name, 2 * p.MAX_FRAME),
+                    10,
+                )
+            else:
+                r, w = await asyncio.wait_for(asyncio.open_connection(host, port, limit=2 * p.MAX_FRAME), 10)
+            tune(w)
+        except (OSError, TimeoutError, ssl.SSLError):
+            return
         finally:
             leg.pooled -= 1
-        while True:
+        p.write_msg(w, p.DataHello(session_id=session_id, key=key))
+        start = await self._wait_in_pool(leg, r, w)
+        while start is not None:
             self._top_up(leg, session_id)
             if not isinstance(start, p.StartData):
                 close(w)
@@ -668,16 +659,24 @@ class Agent:
             if not handed_back:
                 return
             # the edge pooled it again (protocol.Auth.reuse_data): wait for its next start
-            leg.pooled += 1
-            try:
-                start = await p.read_msg(r)
-                if isinstance(start, p.DataPooled):
-                    start = await p.read_msg(r)
-            except (OSError, asyncio.IncompleteReadError, p.ProtocolError):
-                close(w)
-                return
-            finally:
-                leg.pooled -= 1
+            start = await self._wait_in_pool(leg, r, w)
+
+    @staticmethod
+    async def _wait_in_pool(leg: Leg, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> p.Message | None:
+        """Wait in the edge's pool for the frame that hands the connection out (after
+        the ``pooled`` notice of a connection given back); None, and the connection
+        closed, if it broke meanwhile."""
+        leg.pooled += 1
+        try:
+            msg = await p.read_msg(r)
+            if isinstance(msg, p.DataPooled):
+                msg = await p.read_msg(r)
+            return msg
+        except (OSError, asyncio.IncompleteReadError, p.ProtocolError):
+            close(w)
+            return None
+        finally:
+            leg.pooled -= 1
 
     def _top_up(self, leg: Leg, session_id: str) -> None:
         """A data connection was taken: dial another while the leg's pool is below its

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 
 from backend import protocol as p
 from tests.procs import host_of
@@ -51,26 +52,43 @@ async def _hand_written_agent(edge, reuse_data: bool = False):
     return ingress, r, w, ok, bound
 
 
+async def _control(r: asyncio.StreamReader, w: asyncio.StreamWriter, on_need: Callable[[int], None]) -> None:
+    """The hand-written agent's control loop: a pong for each ping, and each
+    ``need_data``'s count to ``on_need``."""
+    while True:
+        msg = await p.read_msg(r)
+        if isinstance(msg, p.Ping):
+            p.write_msg(w, p.Pong(id=msg.id, sent=msg.sent))
+        elif isinstance(msg, p.NeedData):
+            on_need(msg.count)
+
+
+async def _stop(ctl: asyncio.Task, tasks: list[asyncio.Task], w: asyncio.StreamWriter) -> None:
+    """End a hand-written agent: its control loop, its data connections' tasks, its
+    control connection."""
+    ctl.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await ctl
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    w.close()
+
+
 async def test_a_data_connection_that_never_comes_is_asked_for_again(edge) -> None:
     ingress, r, w, ok, bound = await _hand_written_agent(edge)
 
     asks: list[int] = []
     served: list[asyncio.Task] = []
 
-    async def control() -> None:
-        while True:
-            msg = await p.read_msg(r)
-            if isinstance(msg, p.Ping):
-                p.write_msg(w, p.Pong(id=msg.id, sent=msg.sent))
-            elif isinstance(msg, p.NeedData):
-                asks.append(msg.count)
-                if len(asks) > 1:  # the first request for a connection is "lost"
-                    served.extend(
-                        asyncio.create_task(_serve_one(ingress, ok.session_id, ok.session_key))
-                        for _ in range(msg.count)
-                    )
+    def need(count: int) -> None:
+        asks.append(count)
+        if len(asks) > 1:  # the first request for a connection is "lost"
+            served.extend(
+                asyncio.create_task(_serve_one(ingress, ok.session_id, ok.session_key)) for _ in range(count)
+            )
 
-    ctl = asyncio.create_task(control())
+    ctl = asyncio.create_task(_control(r, w, need))
     try:
         h, hp = edge.http_addr
         pr, pw = await asyncio.open_connection(h, hp)
@@ -83,10 +101,7 @@ async def test_a_data_connection_that_never_comes_is_asked_for_again(edge) -> No
         assert len(asks) >= 2
         await asyncio.gather(*served)
     finally:
-        ctl.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await ctl
-        w.close()
+        await _stop(ctl, served, w)
 
 
 async def _public(edge, raw: bytes) -> bytes:
@@ -112,16 +127,11 @@ async def test_a_bodiless_get_whose_data_connection_dies_goes_once_more(edge) ->
     async def one(answer: bool) -> None:
         heads.append(await _serve_one(ingress, ok.session_id, ok.session_key, answer))
 
-    async def control() -> None:
-        while True:
-            msg = await p.read_msg(r)
-            if isinstance(msg, p.Ping):
-                p.write_msg(w, p.Pong(id=msg.id, sent=msg.sent))
-            elif isinstance(msg, p.NeedData):
-                for _ in range(msg.count):
-                    served.append(asyncio.create_task(one(plan.pop(0) if plan else False)))
+    def need(count: int) -> None:
+        for _ in range(count):
+            served.append(asyncio.create_task(one(plan.pop(0) if plan else False)))
 
-    ctl = asyncio.create_task(control())
+    ctl = asyncio.create_task(_control(r, w, need))
     host = host_of(bound.url)
     try:
         plan[:] = [False, True]
@@ -143,13 +153,7 @@ async def test_a_bodiless_get_whose_data_connection_dies_goes_once_more(edge) ->
         assert resp.startswith(b"HTTP/1.1 502 "), resp[:300]
         assert [h.split(b"\r\n", 1)[0] for h in heads].count(b"GET /twice HTTP/1.1") == 2
     finally:
-        ctl.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await ctl
-        for t in served:
-            t.cancel()
-        await asyncio.gather(*served, return_exceptions=True)
-        w.close()
+        await _stop(ctl, served, w)
 
 
 async def test_a_pooled_data_connection_that_speaks_out_of_turn_is_not_handed_out(edge) -> None:
@@ -179,18 +183,11 @@ async def test_a_pooled_data_connection_that_speaks_out_of_turn_is_not_handed_ou
     async def honest() -> None:
         await _serve_one(ingress, ok.session_id, ok.session_key)
 
-    async def control() -> None:
-        first = True
-        while True:
-            msg = await p.read_msg(r)
-            if isinstance(msg, p.Ping):
-                p.write_msg(w, p.Pong(id=msg.id, sent=msg.sent))
-            elif isinstance(msg, p.NeedData):
-                for _ in range(msg.count):
-                    tasks.append(asyncio.create_task(rogue() if first else honest()))
-                    first = False
+    def need(count: int) -> None:  # the first connection asked for is the rogue one
+        for _ in range(count):
+            tasks.append(asyncio.create_task(honest() if tasks else rogue()))
 
-    ctl = asyncio.create_task(control())
+    ctl = asyncio.create_task(_control(r, w, need))
     host = host_of(bound.url)
     try:
         h, hp = edge.http_addr
@@ -207,10 +204,4 @@ async def test_a_pooled_data_connection_that_speaks_out_of_turn_is_not_handed_ou
         pw.close()
         assert resp.startswith(b"HTTP/1.1 200 OK") and resp.endswith(b"ok") and b"spoof" not in resp, resp[:300]
     finally:
-        ctl.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await ctl
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        w.close()
+        await _stop(ctl, tasks, w)
