@@ -151,6 +151,10 @@ class Session:
     _active: set = field(default_factory=set)
 
     POOL_MAX = 256
+    #: data connections given back after a public connection are pooled up to this
+    #: many (what an agent keeps ready after a burst at most, agent.POOL_GROW_MAX); the
+    #: rest are closed, so a burst of keep-alive clients leaves no pool of hundreds
+    GIVE_BACK_MAX = 32
     #: the edge adds X-Forwarded-For/-Host/-Proto to requests (ngrok's agents expect it;
     #: burrow's agent adds them itself)
     edge_forwarded_headers: ClassVar[bool] = False
@@ -235,8 +239,8 @@ class Session:
     def give_back(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Pool a data connection again after its HTTP public connection ended between
         two exchanges (no handshake for the next public connection); False if it cannot
-        be (an agent without ``reuse_data``, bytes left unread, closing, pool full): then
-        :meth:`release` it."""
+        be (an agent without ``reuse_data``, bytes left unread, closing, GIVE_BACK_MAX
+        pooled already): then :meth:`release` it."""
         if (
             not self.reuse_data
             or self.closed
@@ -245,7 +249,7 @@ class Session:
             or reader.at_eof()
             or reader.exception() is not None
             or getattr(reader, "_buffer", b"x")
-            or len(self._pool) >= self.POOL_MAX
+            or len(self._pool) >= self.GIVE_BACK_MAX
         ):
             return False
         self._active.discard(writer)

@@ -205,3 +205,53 @@ async def test_a_pooled_data_connection_that_speaks_out_of_turn_is_not_handed_ou
         assert resp.startswith(b"HTTP/1.1 200 OK") and resp.endswith(b"ok") and b"spoof" not in resp, resp[:300]
     finally:
         await _stop(ctl, tasks, w)
+
+
+async def test_data_connections_given_back_after_a_burst_are_pooled_up_to_a_bound(edge) -> None:
+    """40 keep-alive public connections, each served on its own data connection, all end
+    between two exchanges: at most Session.GIVE_BACK_MAX (32) of their data connections
+    go back to the edge's pool (a ``pooled`` frame), the rest are closed, so a burst
+    leaves no pool of hundreds behind."""
+    ingress, r, w, ok, bound = await _hand_written_agent(edge, reuse_data=True)
+    host = host_of(bound.url)
+    fates: list[str] = []
+    tasks: list[asyncio.Task] = []
+
+    async def keeper() -> None:  # one exchange, answered keep-alive, then its fate
+        dr, dw = await asyncio.open_connection(*ingress)
+        try:
+            p.write_msg(dw, p.DataHello(session_id=ok.session_id, key=ok.session_key))
+            assert isinstance(await asyncio.wait_for(p.read_msg(dr), 30), p.StartData)
+            await dr.readuntil(b"\r\n\r\n")
+            dw.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            try:
+                msg = await asyncio.wait_for(p.read_msg(dr), 30)
+                fates.append("pooled" if isinstance(msg, p.DataPooled) else repr(msg))
+            except asyncio.IncompleteReadError:
+                fates.append("closed")
+        finally:
+            dw.close()
+
+    def need(count: int) -> None:
+        tasks.extend(asyncio.create_task(keeper()) for _ in range(count))
+
+    ctl = asyncio.create_task(_control(r, w, need))
+    clients = []
+    try:
+        for _ in range(40):
+            pr, pw = await asyncio.open_connection(*edge.http_addr)
+            pw.write(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            clients.append((pr, pw))
+        for pr, _ in clients:  # every one answered on its own data connection, kept open
+            assert (await asyncio.wait_for(pr.readuntil(b"ok"), 30)).startswith(b"HTTP/1.1 200 OK")
+        for _, pw in clients:
+            pw.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while len(fates) < 40 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(fates) == 40, fates
+        pooled = fates.count("pooled")  # fewer if spare connections the edge asked for hold slots
+        assert 0 < pooled <= 32 and fates.count("closed") == 40 - pooled, fates
+    finally:
+        await _stop(ctl, tasks, w)
