@@ -26,6 +26,7 @@ from backend import splice
 
 MAX_HEAD = 64 * 1024  # bytes of request/response head before we answer 431 / 502
 BLOCK = 256 * 1024  # relay block size
+DIRECT_MIN = 64 * 1024  # bodies at least this long leave a muxado stream without a copy
 
 # Prefix marking a whole replacement response returned by an ``edit_response`` hook.
 REPLACE = b"\x00replace\x00"
@@ -537,6 +538,14 @@ async def read_some(reader: asyncio.StreamReader, n: int) -> bytes:
     return _cut(reader, buf, n)
 
 
+def _transport_of(writer: asyncio.StreamWriter) -> asyncio.BaseTransport | None:
+    """The transport of a writer that has a live one (not a stand-in writer)."""
+    transport = getattr(writer, "transport", None)
+    if transport is None or not hasattr(transport, "get_write_buffer_size") or transport.is_closing():
+        return None
+    return transport
+
+
 def _buffered(reader: asyncio.StreamReader) -> bytearray:
     buf = getattr(reader, "_buffer", None)
     return buf if isinstance(buf, bytearray) else bytearray()
@@ -604,6 +613,13 @@ async def relay_body(
                 raise _read_stall(error, read_timeout or 0) from None
             except splice.WriteStall as exc:
                 raise WriteTimeout(str(exc)) from None
+            return left
+        direct = getattr(reader, "relay_to", None)
+        if direct is not None and tee is None and read_timeout is None and left >= DIRECT_MIN and _transport_of(writer):
+            # a muxado stream's body: written out from the frames as they are parsed
+            missing = await direct(writer, left, prefix, lambda w: drain(w, write_timeout))
+            if missing:
+                raise _err(error, "connection closed inside the message body")
             return left
         if len(_buffered(reader)) >= left:
             # all of it is here already (a small response read with its head): no

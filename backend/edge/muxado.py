@@ -71,6 +71,7 @@ MAX_DATA_FRAME = 64 * 1024  # our DATA frames carry at most this
 READ_LIMIT = 128 * 1024  # a stream's reader pauses (no more credit) past 2× this
 SEND_BUFFER = 1024 * 1024  # default max_send_buffer: bytes queued towards the peer
 READ_CHUNK = 256 * 1024  # bytes taken from the connection's reader at a time
+HOLD = 64 * 1024  # a body relay credits the peer while its connection holds at most this
 
 
 def header(ftype: int, flags: int, stream_id: int, length: int) -> bytes:
@@ -103,6 +104,13 @@ def _own_socket(writer: asyncio.StreamWriter) -> socket.socket | None:
         return socket.socket(fileno=os.dup(sock.fileno()))
     except (OSError, ValueError):
         return None
+
+
+def _check_length(word: int) -> None:
+    """A frame longer than its type allows ends the session."""
+    length = word >> 8
+    if length > (WINDOW if (word >> 4) & 0xF == DATA else MAX_CONTROL_BODY):
+        raise MuxError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
 
 
 class MuxError(Exception):
@@ -174,6 +182,7 @@ class _StreamTransport(asyncio.Transport):
         self._notified = False  # connection_lost delivered
         self._reading_paused = False
         self._writing_paused = False
+        self._sink: _Sink | None = None  # a body relay that takes DATA straight out
 
     # ------------------------------------------------------------ asyncio.Transport
     def get_extra_info(self, name, default=None):
@@ -209,9 +218,8 @@ class _StreamTransport(asyncio.Transport):
         return len(self._buf)
 
     def close(self) -> None:
-        """Close as a TCP socket does: what is buffered still goes out, then FIN; what
-        the peer still sends is credited and dropped until its FIN (or RST) ends the
-        stream."""
+        """Close as a TCP socket does: what is buffered still goes out, then FIN; bytes
+        the peer still sends reset the stream (RST StreamClosed)."""
         if self._closed:
             return
         self._closed = True
@@ -287,11 +295,18 @@ class _StreamTransport(asyncio.Transport):
         if data:
             if len(data) > self._recv_window:
                 raise MuxError(FLOW_CONTROL_ERROR, "window overrun")
+            if self._closed:
+                # nobody reads a closed stream: reset it, as a closed TCP socket does
+                # (crediting and dropping let an app send a whole abandoned answer)
+                self._session._reset(self, STREAM_CLOSED)
+                return
             self._recv_window -= len(data)
             self._session.buffered += len(data)
-            if not self._closed and self._protocol is not None:
+            if self._sink is not None:
+                self._to_sink([data], len(data))
+            elif self._protocol is not None:
                 self._protocol.data_received(data)
-            else:  # nobody reads a closed stream: credit at once
+            else:
                 self._consumed(0)
         if fin and not self.fin_received:
             self.fin_received = True
@@ -301,6 +316,37 @@ class _StreamTransport(asyncio.Transport):
                 self._protocol.eof_received()
             if self.fin_sent:
                 self._forget()
+
+    def _on_parts(self, parts: list, n: int) -> None:
+        """``n`` bytes of DATA as views of immutable bytes, for the body relay
+        (:meth:`_Reader.relay_to`): the window was checked by the session."""
+        self._recv_window -= n
+        self._session.buffered += n
+        self._to_sink(parts, n)
+
+    def _to_sink(self, parts: list, n: int) -> None:
+        """Queue the body's bytes for the relay's transport (written once the read that
+        brought them is parsed); bytes past the body go to the reader."""
+        k = self._sink
+        assert k is not None
+        rest = b""
+        if n > k.left:  # the body ends inside these bytes
+            cut, body = k.left, []
+            for i, p in enumerate(parts):
+                if len(p) >= cut:
+                    body.append(p[:cut])
+                    rest = b"".join([p[cut:], *parts[i + 1 :]])
+                    break
+                body.append(p)
+                cut -= len(p)
+            parts, n = body, k.left
+        k.parts.extend(parts)
+        k.left -= n
+        self._session.sink_later(k)
+        if not k.left:
+            self._sink = None
+            if rest and self._protocol is not None:
+                self._protocol.data_received(rest)
 
     def _on_window(self, inc: int) -> None:
         self._send_window += inc
@@ -320,6 +366,7 @@ class _StreamTransport(asyncio.Transport):
     def _lost(self, exc: Exception | None) -> None:
         """The stream is over (reset, or the session ended): forget it at once."""
         self._closed = True
+        self._sink = None
         self._buf.clear()
         self._forget()
         self._notify_lost(exc)
@@ -334,6 +381,50 @@ class _StreamTransport(asyncio.Transport):
         self._session.forget(self)
 
 
+class _Sink:
+    """A body relay in progress: the transport the stream's DATA goes to, and how
+    many bytes of the body are still to come."""
+
+    __slots__ = ("error", "held", "left", "parts", "reader", "stream", "transport")
+
+    def __init__(self, transport: asyncio.WriteTransport, left: int, reader: _Reader, stream: _StreamTransport) -> None:
+        self.transport = transport
+        self.left = left
+        self.reader = reader
+        self.stream = stream
+        self.parts: list = []  # views of immutable bytes, written at the end of a read
+        self.held = False  # credit held back until the transport drains
+        self.error: BaseException | None = None
+
+    def flush(self) -> None:
+        """Write what the last read brought (one write for all its frames), then credit
+        the peer for it, unless the transport is backed up (the relay credits once it
+        drains) or gone (the relay ends)."""
+        parts, self.parts = self.parts, []
+        out, t = self.transport, self.stream
+        if parts and self.error is None:
+            try:
+                if out.is_closing():
+                    raise ConnectionResetError("the relay's connection is closed")
+                if len(parts) == 1:
+                    out.write(parts[0])
+                else:
+                    out.writelines(parts)
+            except (RuntimeError, OSError) as exc:  # the other side is gone
+                self.error = ConnectionResetError(str(exc))
+        if not self.left or self.error is not None:
+            if t._sink is self:
+                t._sink = None
+            self.reader._wakeup_waiter()
+            t._consumed(len(self.reader._buffer))
+        elif out.get_write_buffer_size() > HOLD:
+            if not self.held:
+                self.held = True
+                self.reader._wakeup_waiter()
+        else:
+            t._consumed(0)
+
+
 class _Reader(asyncio.StreamReader):
     """A StreamReader that tells its stream what the application consumed."""
 
@@ -343,6 +434,52 @@ class _Reader(asyncio.StreamReader):
         super()._maybe_resume_transport()
         if self._mux is not None:
             self._mux._consumed(len(self._buffer))
+
+    async def relay_to(self, writer: asyncio.StreamWriter, n: int, prefix: bytes, drain) -> int:
+        """Copy the next ``n`` bytes of the stream to ``writer`` (after ``prefix``):
+        the DATA frames that bring them are written to its transport as they are parsed
+        (no copy into this reader, no wake-up of this task per frame), and the peer is
+        credited as that transport takes them.  ``drain(writer)`` waits for the
+        transport (and enforces its deadline).  Returns the bytes that did not come
+        (the stream ended first); raises what a read would."""
+        t = self._mux
+        out = writer.transport
+        buf = self._buffer
+        if buf:
+            take = min(len(buf), n)
+            with memoryview(buf) as view:
+                prefix += view[:take]
+            del buf[:take]
+            n -= take
+        if prefix:
+            out.write(prefix)
+        if n and t is not None and not self._eof and self._exception is None:
+            k = t._sink = _Sink(out, n, self, t)
+            self._maybe_resume_transport()  # credit what was taken from the buffer
+            try:
+                while k.left and k.error is None:
+                    if self._exception is not None:
+                        raise self._exception
+                    if self._eof:
+                        break
+                    if k.held:
+                        k.held = False
+                        await drain(writer)
+                        t._consumed(len(self._buffer))
+                        continue
+                    await self._wait_for_data("relay_to")
+            finally:
+                if t._sink is k:
+                    t._sink = None
+            if k.error is not None:
+                raise k.error
+            n = k.left
+        else:
+            self._maybe_resume_transport()
+            if self._exception is not None:
+                raise self._exception
+        await drain(writer)
+        return n
 
 
 class Stream:
@@ -391,6 +528,7 @@ class MuxSession:
         self._out_size = 0
         self._tick_handle: asyncio.Handle | None = None
         self._to_flush: dict[_StreamTransport, None] = {}  # credited since the last tick
+        self._sinks: dict[_Sink, None] = {}  # body relays given bytes by the current read
         self._waiting: dict[_StreamTransport, None] = {}  # held back by a full connection
         self._drainer: asyncio.Task | None = None
         self._pending = bytearray()  # the start of a frame whose end has not arrived
@@ -428,6 +566,10 @@ class MuxSession:
         self._out_size += 8 + length
         if self._tick_handle is None:
             self._tick_handle = asyncio.get_running_loop().call_soon(self._tick)
+
+    def sink_later(self, k: _Sink) -> None:
+        """Write ``k``'s bytes once the current read is parsed."""
+        self._sinks[k] = None
 
     def flush_later(self, t: _StreamTransport) -> None:
         """Flush ``t`` at the end of this loop pass (after the frames read with it)."""
@@ -520,6 +662,7 @@ class MuxSession:
             self._drainer.cancel()
         self._waiting.clear()
         self._to_flush.clear()
+        self._sinks.clear()
         if self._ended is not None and not self._ended.done():
             self._ended.set_result(None)
         for t in list(self.streams.values()):
@@ -573,22 +716,46 @@ class MuxSession:
         if self._ended is None or self._ended.done() or self.closed:
             return
         try:
-            pending = self._pending
-            if pending:
-                pending += chunk
-                data: bytes | bytearray = pending
-            else:
-                data = chunk
-            used = self._frames(data)
-            if data is pending:
-                del pending[:used]
-            elif used < len(data):
-                self._pending = bytearray(memoryview(data)[used:])
+            pos = self._complete(chunk) if self._pending else 0
+            used = pos
+            if not self._pending:
+                end = self._frames(chunk, pos, isinstance(chunk, bytes))
+                used += end - pos
+                if end < len(chunk):  # a frame begun: its start waits for the next read
+                    self._pending += memoryview(chunk)[end:]
+            if self._sinks:
+                sinks, self._sinks = self._sinks, {}
+                for k in sinks:
+                    k.flush()
             if used:
                 self._quickack()
                 self.last_frame = asyncio.get_running_loop().time()
         except Exception as exc:  # a bad frame (MuxError) or a bug: the session ends
             self._feed_error(exc)
+
+    def _complete(self, chunk: bytes) -> int:
+        """Complete the frame begun in an earlier read (``_pending``) from the start of
+        ``chunk`` and dispatch it; return the bytes of ``chunk`` used.  Only that frame
+        is copied: the frames after it are parsed from ``chunk`` itself."""
+        pending = self._pending
+        used = 0
+        if len(pending) < 8:
+            used = min(8 - len(pending), len(chunk))
+            pending += memoryview(chunk)[:used]
+            if len(pending) < 8:
+                return used
+        word = U32.unpack_from(pending)[0]
+        _check_length(word)
+        need = 8 + (word >> 8) - len(pending)
+        if need > 0:
+            take = min(need, len(chunk) - used)
+            pending += memoryview(chunk)[used : used + take]
+            used += take
+            if take < need:
+                return used
+        self._frames(pending, 0, False)
+        pending.clear()
+        return used
 
     def _feed_eof(self) -> None:
         if self._ended is not None and not self._ended.done():
@@ -598,14 +765,17 @@ class MuxSession:
         if self._ended is not None and not self._ended.done():
             self._ended.set_exception(exc)
 
-    def _frames(self, data: bytes | bytearray) -> int:
-        """Dispatch the complete frames at the start of ``data``; return the bytes used.
+    def _frames(self, data: bytes | bytearray, pos: int, stable: bool) -> int:
+        """Dispatch the complete frames of ``data`` from ``pos``; return where the
+        first incomplete one starts (``stable``: ``data`` is immutable, so views of it
+        may be kept).
 
         Consecutive plain DATA frames of one stream (no flags) are handed to it as one
         body: one copy and one wake-up of its reader instead of one per frame (ngrok's
-        SDK sends 8 KiB frames).  Windows are checked on the sum, as they would be one
-        by one."""
-        pos, end = 0, len(data)
+        SDK sends 8 KiB frames), or, while a body relay takes the stream's bytes, views
+        of them written out without a copy.  Windows are checked on the sum, as they
+        would be one by one."""
+        end = len(data)
         unpack = HEADER.unpack_from
         run: list = []  # bodies (views) of the current run of DATA frames
         run_sid = -1
@@ -614,8 +784,8 @@ class MuxSession:
                 while end - pos >= 8 and not self.closed:
                     word, sid = unpack(data, pos)
                     ftype, length = (word >> 4) & 0xF, word >> 8
-                    if length > (WINDOW if ftype == DATA else MAX_CONTROL_BODY):
-                        raise MuxError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                    if length > MAX_CONTROL_BODY:
+                        _check_length(word)
                     if end - pos - 8 < length:
                         break
                     start = pos + 8
@@ -623,24 +793,41 @@ class MuxSession:
                     sid &= 0x7FFFFFFF
                     if ftype == DATA and not word & 0xF and length:
                         if sid != run_sid and run:
-                            self._data_run(run_sid, run)
+                            self._data_run(run_sid, run, stable)
                             run = []
                         run_sid = sid
                         run.append(view[start:pos])
                         continue
                     if run:
-                        self._data_run(run_sid, run)
+                        self._data_run(run_sid, run, stable)
                         run = []
                     body = bytes(view[start:pos]) if length else b""
                     self._dispatch(ftype, word & 0xF, sid, body)
                 if run and not self.closed:
-                    self._data_run(run_sid, run)
+                    self._data_run(run_sid, run, stable)
             finally:
                 run = []  # no view may outlive the with block
         return pos
 
-    def _data_run(self, sid: int, parts: list) -> None:
+    def _data_run(self, sid: int, parts: list, stable: bool) -> None:
+        t = self.streams.get(sid)
+        if t is not None and t._sink is not None and not t._closed:
+            n = sum(map(len, parts))
+            if self._admit(t, n):
+                t._on_parts(parts if stable else [b"".join(parts)], n)
+            return
         self._dispatch(DATA, 0, sid, bytes(parts[0]) if len(parts) == 1 else b"".join(parts))
+
+    def _admit(self, t: _StreamTransport, n: int) -> bool:
+        """Whether ``n`` more bytes fit ``t``'s window and the session's buffer (if
+        not, the stream is reset)."""
+        if n > t._recv_window:
+            self._reset(t, FLOW_CONTROL_ERROR)
+            return False
+        if self.buffered + n > self.max_buffered:
+            self._reset(t, ENHANCE_YOUR_CALM)
+            return False
+        return True
 
     def _quickack(self) -> None:
         if self._sock is not None:
@@ -661,13 +848,8 @@ class MuxSession:
                 if not (flags & FIN and not body):
                     self.send_frame(RST, 0, sid, U32.pack(STREAM_CLOSED))
                 return
-            if len(body) > t._recv_window:
-                self._reset(t, FLOW_CONTROL_ERROR)
-                return
-            if self.buffered + len(body) > self.max_buffered:
-                self._reset(t, ENHANCE_YOUR_CALM)
-                return
-            t._on_data(body, bool(flags & FIN))
+            if self._admit(t, len(body)):
+                t._on_data(body, bool(flags & FIN))
         elif ftype == WNDINC:
             if len(body) != 4:
                 raise MuxError(PROTOCOL_ERROR, "bad WNDINC frame")

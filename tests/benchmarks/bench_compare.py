@@ -401,7 +401,7 @@ def setup_ngrok_sdk(reg: Registry, nginx: int, iperf: int, edge, key: str = "ngr
         )
     driver = bl.ROOT / "tests" / "e2e" / "ngrok_sdk_driver.py"
 
-    def forward(proto: str, port: int) -> str:
+    def forward(proto: str, port: int) -> tuple[str, int]:
         name = f"{key}-{proto}"
         proc = reg.popen(
             [
@@ -423,10 +423,10 @@ def setup_ngrok_sdk(reg: Registry, nginx: int, iperf: int, edge, key: str = "ngr
         info = json.loads(line) if line.strip() else {}
         if not info.get("url"):
             raise RuntimeError(f"the SDK did not forward {proto}: {line!r} {reg.log_tail(name)}")
-        return info["url"]
+        return info["url"], proc.pid
 
-    url = forward("http", nginx)
-    tcp_url = forward("tcp", iperf)
+    url, sdk_pid = forward("http", nginx)
+    tcp_url, _ = forward("tcp", iperf)
     label = "ngrok's Python SDK (one muxado session over TLS)"
     if key == "ngrok-sdk-base":
         label += ", to the edge of --base"
@@ -436,6 +436,7 @@ def setup_ngrok_sdk(reg: Registry, nginx: int, iperf: int, edge, key: str = "ngr
         edge.http_addr[1],
         host_of(url),
         int(tcp_url.rsplit(":", 1)[1]),
+        {"edge": edge.pid, "agent": sdk_pid},
     )
 
 

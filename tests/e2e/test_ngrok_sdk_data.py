@@ -9,10 +9,12 @@ echo server.  Bodies are checked by hash, never by length alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
 import ssl
+import struct
 
 import pytest
 import pytest_asyncio
@@ -231,3 +233,123 @@ async def test_a_client_that_stops_reading_does_not_stall_the_sessions_other_str
         assert hashlib.sha256(got).digest() == hashlib.sha256(pattern(size)).digest()
     finally:
         w1.close()
+
+
+def _reset(w: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a client that crashes does."""
+    sock = w.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    w.close()
+
+
+async def test_clients_that_leave_mid_body_cost_only_their_streams(data_edge, sdks):
+    """Large bodies leave the SDK's stream for the client as the frames are parsed
+    (muxado ``_Reader.relay_to``).  Clients that reset their connection in the middle
+    of a 16 MiB answer end only their own streams: the same SDK session then serves a
+    1 MiB answer intact, on a new connection."""
+    sdk = sdks["http"]
+    size = 16 * MIB
+    for _ in range(3):
+        host, r1, w1 = await open_public(data_edge, sdk.url, rcvbuf=64 * 1024)
+        w1.write(f"GET /bytes/{size} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await w1.drain()
+        await asyncio.wait_for(r1.readuntil(b"\r\n\r\n"), 20)
+        got = await asyncio.wait_for(r1.readexactly(256 * 1024), 20)
+        assert got == pattern(size)[: len(got)]
+        _reset(w1)
+    await asyncio.sleep(0.2)  # the edge sees the resets while the SDK still sends
+    host, r2, w2 = await open_public(data_edge, sdk.url)
+    try:
+        for _ in range(2):
+            status, _, got = await exchange(r2, w2, "GET", f"/bytes/{MIB}", host, timeout=10)
+            assert status == 200 and got == pattern(MIB)
+    finally:
+        w2.close()
+
+
+async def test_an_upstream_that_ends_inside_its_body_ends_that_answer_only(data_edge):
+    """An app that promises 1 MiB and closes after 300 KB: the client gets those bytes
+    and then the end of its connection (never a complete-looking answer), and the SDK
+    session serves the next request."""
+    calls = 0
+
+    async def short(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        calls += 1
+        await r.readuntil(b"\r\n\r\n")
+        body = pattern(MIB)
+        if calls == 1:
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % MIB + body[: 300 * 1024])
+        else:
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % MIB + body)
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(short, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sdk = await SDK.start(data_edge, f"127.0.0.1:{port}", proto="http")
+    try:
+        assert not sdk.error, sdk.error
+        host, r, w = await open_public(data_edge, sdk.url)
+        w.write(f"GET /short HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await w.drain()
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        got = await asyncio.wait_for(r.read(), 10)  # up to the connection's end
+        assert got == pattern(MIB)[: len(got)] and len(got) < MIB
+        w.close()
+        host, r, w = await open_public(data_edge, sdk.url)
+        status, _, got = await exchange(r, w, "GET", "/whole", host)
+        assert status == 200 and got == pattern(MIB)
+        w.close()
+    finally:
+        await sdk.stop()
+        server.close()
+
+
+async def test_a_client_that_leaves_mid_body_stops_the_apps_answer(data_edge):
+    """The edge stops taking a body whose client has gone: the app writing a 4 GiB
+    answer is held back (the SDK stops reading it) soon after the client resets,
+    instead of having all of it pulled through the tunnel and dropped."""
+    loop = asyncio.get_running_loop()
+    total = 4 * 1024 * MIB
+    block = pattern(256 * 1024)
+    sent = [0]
+    apps: list[asyncio.StreamWriter] = []
+
+    async def endless(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        apps.append(w)
+        await r.readuntil(b"\r\n\r\n")
+        t0 = loop.time()
+        with contextlib.suppress(ConnectionError, OSError):
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+            while sent[0] < total and loop.time() - t0 < 30:  # bounded in bytes and time
+                w.write(block)
+                await w.drain()
+                sent[0] += len(block)
+        w.close()
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sdk = await SDK.start(data_edge, f"127.0.0.1:{port}", proto="http")
+    try:
+        assert not sdk.error, sdk.error
+        host, r, w = await open_public(data_edge, sdk.url, rcvbuf=64 * 1024)
+        w.write(f"GET /endless HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await w.drain()
+        await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        await asyncio.wait_for(r.readexactly(MIB), 10)
+        _reset(w)
+        last, still = -1, 0
+        for _ in range(100):  # up to 10 s for the app's writes to stop for 1 s
+            await asyncio.sleep(0.1)
+            still = still + 1 if sent[0] == last else 0
+            last = sent[0]
+            if still >= 10:
+                break
+        assert still >= 10 and sent[0] < 64 * MIB, f"the app wrote {sent[0]} bytes, still going"
+    finally:
+        for app in apps:
+            app.transport.abort()
+        await sdk.stop()
+        server.close()
