@@ -523,6 +523,9 @@ def measure(reg: Registry, routes: list[Route], args) -> dict[str, Stats]:
     tests = [("small", small), ("1conn", latency), ("1MiB", big), ("tcp", tcp)]
     if args.tests:
         wanted = set(args.tests.split(","))
+        unknown = wanted - {t[0] for t in tests}
+        if unknown:
+            raise SystemExit(f"--tests: unknown {', '.join(sorted(unknown))} (known: small,1conn,1MiB,tcp)")
         tests = [t for t in tests if t[0] in wanted]
     bl.log("warming up ...")
     for r in routes:
