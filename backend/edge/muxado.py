@@ -456,12 +456,17 @@ class _Reader(asyncio.StreamReader):
         if n and t is not None and not self._eof and self._exception is None:
             k = t._sink = _Sink(out, n, self, t)
             self._maybe_resume_transport()  # credit what was taken from the buffer
+            # a client that leaves ends the relay even while the stream sends nothing
+            gone = asyncio.ensure_future(writer.wait_closed())
+            gone.add_done_callback(lambda f: (f.cancelled() or f.exception(), self._wakeup_waiter()))
             try:
                 while k.left and k.error is None:
                     if self._exception is not None:
                         raise self._exception
                     if self._eof:
                         break
+                    if out.is_closing():
+                        raise ConnectionResetError("the client's connection is closed")
                     if k.held:
                         k.held = False
                         await drain(writer)
@@ -469,6 +474,7 @@ class _Reader(asyncio.StreamReader):
                         continue
                     await self._wait_for_data("relay_to")
             finally:
+                gone.cancel()
                 if t._sink is k:
                     t._sink = None
             if k.error is not None:

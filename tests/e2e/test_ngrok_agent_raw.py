@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import ssl
 import struct
 
@@ -162,3 +163,39 @@ async def test_burrow_control_message_whose_length_looks_like_a_muxado_header(ed
     reply = await asyncio.wait_for(p.read_msg(r), 5)
     assert isinstance(reply, p.AuthOk)
     w.close()
+
+
+async def test_a_client_that_resets_mid_body_ends_the_relay_while_the_agent_is_silent(edge):
+    """A large answer leaves the agent's stream for the client as its frames arrive
+    (muxado ``_Reader.relay_to``).  The client resets its connection after the first
+    bytes while the agent sends nothing more: the edge ends the relay anyway (the
+    stream gets FIN or RST), and later bytes on that stream are answered with RST."""
+    a = await RawAgent.connect(edge)
+    assert (await a.auth())["Error"] == ""
+    bound = await a.request(1, {"Id": "", "Proto": "http", "Opts": {}, "Extra": {"Token": ""}})
+    host = bound["URL"].split("://", 1)[1].split(":", 1)[0]
+    r, w = await asyncio.open_connection(*edge.http_addr)
+    w.write(f"GET /big HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    await w.drain()
+    await a.pump(lambda: any(s % 2 == 0 and b"\r\n\r\n" in a.inbox[s] for s in a.inbox))
+    sid = next(s for s in a.inbox if s % 2 == 0)
+    a.send(m.DATA, 0, sid, b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n" + b"x" * 100_000)
+    await asyncio.wait_for(r.readexactly(100_000), 5)
+    w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    w.close()
+
+    def ended() -> bool:
+        return any(f[2] == sid and (f[0] == m.RST or (f[0] == m.DATA and f[1] & m.FIN)) for f in a.frames)
+
+    await a.pump(ended, timeout=5)
+    a.send(m.DATA, 0, sid, b"y" * 1000)
+    await a.pump(lambda: any(f[0] == m.RST and f[2] == sid for f in a.frames), timeout=5)
+    # the session goes on: a new request is proxied on a new stream
+    r2, w2 = await asyncio.open_connection(*edge.http_addr)
+    w2.write(f"GET /small HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    await a.pump(lambda: any(s % 2 == 0 and s > sid and b"\r\n\r\n" in a.inbox[s] for s in a.inbox))
+    sid2 = max(s for s in a.inbox if s % 2 == 0)
+    a.send(m.DATA, m.FIN, sid2, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    assert (await asyncio.wait_for(r2.read(), 5)).endswith(b"\r\n\r\nok")
+    w2.close()
+    a.w.close()
