@@ -385,7 +385,7 @@ class _Sink:
     """A body relay in progress: the transport the stream's DATA goes to, and how
     many bytes of the body are still to come."""
 
-    __slots__ = ("error", "held", "left", "parts", "reader", "stream", "transport")
+    __slots__ = ("error", "held", "join", "left", "parts", "reader", "stream", "transport")
 
     def __init__(self, transport: asyncio.WriteTransport, left: int, reader: _Reader, stream: _StreamTransport) -> None:
         self.transport = transport
@@ -395,6 +395,9 @@ class _Sink:
         self.parts: list = []  # views of immutable bytes, written at the end of a read
         self.held = False  # credit held back until the transport drains
         self.error: BaseException | None = None
+        # a plain socket takes the views in one writev; anything else (TLS: a record
+        # per piece) gets them joined
+        self.join = transport.get_extra_info("ssl_object") is not None or transport.get_extra_info("socket") is None
 
     def flush(self) -> None:
         """Write what the last read brought (one write for all its frames), then credit
@@ -408,6 +411,8 @@ class _Sink:
                     raise ConnectionResetError("the relay's connection is closed")
                 if len(parts) == 1:
                     out.write(parts[0])
+                elif self.join:
+                    out.write(b"".join(parts))
                 else:
                     out.writelines(parts)
             except (RuntimeError, OSError) as exc:  # the other side is gone
