@@ -7,6 +7,7 @@ The SDK runs in a subprocess with only its target directory on ``PYTHONPATH`` (s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -74,6 +75,21 @@ class SDK:
         line = await asyncio.wait_for(proc.stdout.readline(), 15)
         assert line, "the SDK process printed nothing"
         return cls(proc, json.loads(line))
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def serving(cls, edge: BurrowProc, app, proto: str = "http"):
+        """An SDK forwarding to ``app`` (an ``asyncio.start_server`` callback on
+        127.0.0.1), both stopped at the end."""
+        server = await asyncio.start_server(app, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sdk = await cls.start(edge, f"127.0.0.1:{port}", proto=proto)
+        try:
+            assert not sdk.error, sdk.error
+            yield sdk
+        finally:
+            await sdk.stop()
+            server.close()
 
     async def stop(self) -> None:
         if self.proc.returncode is None:
@@ -207,38 +223,33 @@ async def test_sdk_tcp_upload_nobody_reads_is_held_back_and_others_go_on(edge):
             await w.drain()
         w.close()
 
-    server = await asyncio.start_server(app, "127.0.0.1", 0)
-    port_up = server.sockets[0].getsockname()[1]
-    sdk = await SDK.start(edge, f"127.0.0.1:{port_up}", proto="tcp")
-    try:
-        assert not sdk.error, sdk.error
-        port = int(sdk.url.rsplit(":", 1)[1])
-        _, stuck = await asyncio.open_connection(edge.http_addr[0], port)
-        block = b"x" * 65536
-        sent = 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 4
-        while loop.time() < deadline and sent < 256 * 2**20:  # bounded in time and bytes
-            stuck.write(block)
-            try:
-                await asyncio.wait_for(stuck.drain(), 0.5)
-            except TimeoutError:
-                break  # nobody takes more: held back
-            sent += len(block)
-        assert sent < 64 * 2**20, f"{sent} bytes went into a tunnel whose app reads nothing"
-        r, w = await asyncio.open_connection(edge.http_addr[0], port)
-        body = os.urandom(1 << 20)
-        w.write(body)
-        w.write_eof()
-        got = await asyncio.wait_for(r.read(), 10)
-        assert got == body
-        w.close()
-        stuck.close()
-    finally:
-        await sdk.stop()
-        for w in held:
+    async with SDK.serving(edge, app, proto="tcp") as sdk:
+        try:
+            port = int(sdk.url.rsplit(":", 1)[1])
+            _, stuck = await asyncio.open_connection(edge.http_addr[0], port)
+            block = b"x" * 65536
+            sent = 0
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 4
+            while loop.time() < deadline and sent < 256 * 2**20:  # bounded in time and bytes
+                stuck.write(block)
+                try:
+                    await asyncio.wait_for(stuck.drain(), 0.5)
+                except TimeoutError:
+                    break  # nobody takes more: held back
+                sent += len(block)
+            assert sent < 64 * 2**20, f"{sent} bytes went into a tunnel whose app reads nothing"
+            r, w = await asyncio.open_connection(edge.http_addr[0], port)
+            body = os.urandom(1 << 20)
+            w.write(body)
+            w.write_eof()
+            got = await asyncio.wait_for(r.read(), 10)
+            assert got == body
             w.close()
-        server.close()
+            stuck.close()
+        finally:
+            for w in held:
+                w.close()
 
 
 async def test_sdk_forward_http_with_domain(edge):

@@ -285,11 +285,7 @@ async def test_an_upstream_that_ends_inside_its_body_ends_that_answer_only(data_
         await w.drain()
         w.close()
 
-    server = await asyncio.start_server(short, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    sdk = await SDK.start(data_edge, f"127.0.0.1:{port}", proto="http")
-    try:
-        assert not sdk.error, sdk.error
+    async with SDK.serving(data_edge, short) as sdk:
         host, r, w = await open_public(data_edge, sdk.url)
         w.write(f"GET /short HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         await w.drain()
@@ -302,9 +298,6 @@ async def test_an_upstream_that_ends_inside_its_body_ends_that_answer_only(data_
         status, _, got = await exchange(r, w, "GET", "/whole", host)
         assert status == 200 and got == pattern(MIB)
         w.close()
-    finally:
-        await sdk.stop()
-        server.close()
 
 
 async def test_a_client_that_leaves_mid_body_stops_the_apps_answer(data_edge):
@@ -329,27 +322,22 @@ async def test_a_client_that_leaves_mid_body_stops_the_apps_answer(data_edge):
                 sent[0] += len(block)
         w.close()
 
-    server = await asyncio.start_server(endless, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    sdk = await SDK.start(data_edge, f"127.0.0.1:{port}", proto="http")
-    try:
-        assert not sdk.error, sdk.error
-        host, r, w = await open_public(data_edge, sdk.url, rcvbuf=64 * 1024)
-        w.write(f"GET /endless HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        await w.drain()
-        await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
-        await asyncio.wait_for(r.readexactly(MIB), 10)
-        _reset(w)
-        last, still = -1, 0
-        for _ in range(100):  # up to 10 s for the app's writes to stop for 1 s
-            await asyncio.sleep(0.1)
-            still = still + 1 if sent[0] == last else 0
-            last = sent[0]
-            if still >= 10:
-                break
-        assert still >= 10 and sent[0] < 64 * MIB, f"the app wrote {sent[0]} bytes, still going"
-    finally:
-        for app in apps:
-            app.transport.abort()
-        await sdk.stop()
-        server.close()
+    async with SDK.serving(data_edge, endless) as sdk:
+        try:
+            host, r, w = await open_public(data_edge, sdk.url, rcvbuf=64 * 1024)
+            w.write(f"GET /endless HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            await w.drain()
+            await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            await asyncio.wait_for(r.readexactly(MIB), 10)
+            _reset(w)
+            last, still = -1, 0
+            for _ in range(100):  # up to 10 s for the app's writes to stop for 1 s
+                await asyncio.sleep(0.1)
+                still = still + 1 if sent[0] == last else 0
+                last = sent[0]
+                if still >= 10:
+                    break
+            assert still >= 10 and sent[0] < 64 * MIB, f"the app wrote {sent[0]} bytes, still going"
+        finally:
+            for app in apps:
+                app.transport.abort()
