@@ -392,7 +392,7 @@ class _Sink:
         self.left = left
         self.reader = reader
         self.stream = stream
-        self.parts: list = []  # views of immutable bytes, written at the end of a read
+        self.parts: list = []  # views of the reads' bytes, written at the end of a read
         self.held = False  # credit held back until the transport drains
         self.error: BaseException | None = None
         # a plain socket takes the views in one writev; anything else (TLS: a record
@@ -409,10 +409,12 @@ class _Sink:
             try:
                 if out.is_closing():
                     raise ConnectionResetError("the relay's connection is closed")
-                if len(parts) == 1:
-                    out.write(parts[0])
-                elif self.join:
+                if self.join or out.get_write_buffer_size():
+                    # (a backed-up transport keeps what it is given: views would keep
+                    # whole reads, mostly other streams' bytes, alive with them)
                     out.write(b"".join(parts))
+                elif len(parts) == 1:
+                    out.write(parts[0])
                 else:
                     out.writelines(parts)
             except (RuntimeError, OSError) as exc:  # the other side is gone
