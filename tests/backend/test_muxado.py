@@ -282,3 +282,57 @@ async def test_frames_split_at_any_byte_and_runs_of_frames_arrive_intact(mux):
     assert await asyncio.wait_for(st3.reader.read(), 5) == b"".join(a)
     assert await asyncio.wait_for(st5.reader.read(), 5) == b"".join(b) + b"end"
     assert mux["sessions"][-1].streams  # nothing was reset
+
+
+async def test_a_body_relay_takes_its_bytes_from_split_frames_and_leaves_the_rest(mux):
+    """``_Reader.relay_to``: a body's frames, cut anywhere by the network and mixed with
+    another stream's, reach the relay's connection whole and in order (after the head
+    it is given); the stream's bytes past the body stay for its reader, and the other
+    stream gets all of its own."""
+    peer = await mux["connect"](mode="hold")
+    got: asyncio.Queue = asyncio.Queue()
+
+    async def client(r, w):
+        data = b""
+        while chunk := await r.read(65536):
+            data += chunk
+        await got.put(data)
+
+    server = await asyncio.start_server(client, "127.0.0.1", 0)
+    _, cw = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    peer.send(m.DATA, m.SYN, 3, b"start")
+    peer.send(m.DATA, m.SYN, 5, b"other")
+    await peer.w.drain()
+    for _ in range(100):
+        if len(mux["held"]) == 2:
+            break
+        await asyncio.sleep(0.01)
+    st3, st5 = mux["held"]
+    assert await asyncio.wait_for(st3.reader.readexactly(5), 5) == b"start"
+    body = bytes(range(256)) * 800  # 200 KiB: with what follows, inside one window
+    relay = asyncio.ensure_future(st3.reader.relay_to(cw, len(body), b"HEAD", lambda w: w.drain()))
+    await asyncio.sleep(0)
+    blob, others = b"", b""
+    for i in range(0, len(body), 8192):
+        piece = body[i : i + 8192]
+        if i + 8192 >= len(body):
+            piece += b"next head"  # the body ends inside this frame
+        blob += m.header(m.DATA, 0, 3, len(piece)) + piece
+        if i % 3 == 0:
+            blob += m.header(m.DATA, 0, 5, 7) + b"%07d" % i
+            others += b"%07d" % i
+    blob += m.header(m.DATA, 0, 3, 5) + b" more" + m.header(m.DATA, m.FIN, 3, 0)
+    sizes = [1000, 7, 8191, 3, 20000, 8, 65536]
+    pos = i = 0
+    while pos < len(blob):
+        n = sizes[i % len(sizes)]
+        peer.w.write(blob[pos : pos + n])
+        await peer.w.drain()
+        await asyncio.sleep(0)
+        pos, i = pos + n, i + 1
+    assert await asyncio.wait_for(relay, 5) == 0
+    assert await asyncio.wait_for(st3.reader.read(), 5) == b"next head more"
+    cw.close()
+    assert await asyncio.wait_for(got.get(), 5) == b"HEAD" + body
+    assert await asyncio.wait_for(st5.reader.readexactly(5 + len(others)), 5) == b"other" + others
+    server.close()
