@@ -106,13 +106,6 @@ def _own_socket(writer: asyncio.StreamWriter) -> socket.socket | None:
         return None
 
 
-def _check_length(word: int) -> None:
-    """A frame longer than its type allows ends the session."""
-    length = word >> 8
-    if length > (WINDOW if (word >> 4) & 0xF == DATA else MAX_CONTROL_BODY):
-        raise MuxError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
-
-
 class MuxError(Exception):
     def __init__(self, code: int, msg: str) -> None:
         super().__init__(msg)
@@ -729,13 +722,19 @@ class MuxSession:
         if self._ended is None or self._ended.done() or self.closed:
             return
         try:
-            pos = self._complete(chunk) if self._pending else 0
-            used = pos
-            if not self._pending:
-                end = self._frames(chunk, pos, isinstance(chunk, bytes))
-                used += end - pos
-                if end < len(chunk):  # a frame begun: its start waits for the next read
-                    self._pending += memoryview(chunk)[end:]
+            pending = self._pending
+            if pending:
+                pending += chunk
+                data: bytes | bytearray = pending
+            else:
+                data = chunk
+            # (views of a read may be kept by a body relay; views of ``pending``,
+            # which the next read changes, may not)
+            used = self._frames(data, data is not pending and isinstance(data, bytes))
+            if data is pending:
+                del pending[:used]
+            elif used < len(data):
+                self._pending = bytearray(memoryview(data)[used:])
             if self._sinks:
                 sinks, self._sinks = self._sinks, {}
                 for k in sinks:
@@ -746,30 +745,6 @@ class MuxSession:
         except Exception as exc:  # a bad frame (MuxError) or a bug: the session ends
             self._feed_error(exc)
 
-    def _complete(self, chunk: bytes) -> int:
-        """Complete the frame begun in an earlier read (``_pending``) from the start of
-        ``chunk`` and dispatch it; return the bytes of ``chunk`` used.  Only that frame
-        is copied: the frames after it are parsed from ``chunk`` itself."""
-        pending = self._pending
-        used = 0
-        if len(pending) < 8:
-            used = min(8 - len(pending), len(chunk))
-            pending += memoryview(chunk)[:used]
-            if len(pending) < 8:
-                return used
-        word = U32.unpack_from(pending)[0]
-        _check_length(word)
-        need = 8 + (word >> 8) - len(pending)
-        if need > 0:
-            take = min(need, len(chunk) - used)
-            pending += memoryview(chunk)[used : used + take]
-            used += take
-            if take < need:
-                return used
-        self._frames(pending, 0, False)
-        pending.clear()
-        return used
-
     def _feed_eof(self) -> None:
         if self._ended is not None and not self._ended.done():
             self._ended.set_result(None)
@@ -778,17 +753,16 @@ class MuxSession:
         if self._ended is not None and not self._ended.done():
             self._ended.set_exception(exc)
 
-    def _frames(self, data: bytes | bytearray, pos: int, stable: bool) -> int:
-        """Dispatch the complete frames of ``data`` from ``pos``; return where the
-        first incomplete one starts (``stable``: ``data`` is immutable, so views of it
-        may be kept).
+    def _frames(self, data: bytes | bytearray, stable: bool) -> int:
+        """Dispatch the complete frames at the start of ``data``; return the bytes used
+        (``stable``: ``data`` is immutable, so views of it may be kept).
 
         Consecutive plain DATA frames of one stream (no flags) are handed to it as one
         body: one copy and one wake-up of its reader instead of one per frame (ngrok's
         SDK sends 8 KiB frames), or, while a body relay takes the stream's bytes, views
         of them written out without a copy.  Windows are checked on the sum, as they
         would be one by one."""
-        end = len(data)
+        pos, end = 0, len(data)
         unpack = HEADER.unpack_from
         run: list = []  # bodies (views) of the current run of DATA frames
         run_sid = -1
@@ -797,8 +771,8 @@ class MuxSession:
                 while end - pos >= 8 and not self.closed:
                     word, sid = unpack(data, pos)
                     ftype, length = (word >> 4) & 0xF, word >> 8
-                    if length > MAX_CONTROL_BODY:
-                        _check_length(word)
+                    if length > (WINDOW if ftype == DATA else MAX_CONTROL_BODY):
+                        raise MuxError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
                     if end - pos - 8 < length:
                         break
                     start = pos + 8
