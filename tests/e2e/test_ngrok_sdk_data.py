@@ -352,8 +352,8 @@ async def test_stalled_clients_hold_little_of_the_edges_memory(tmp_path):
     """40 clients ask for an endless answer through one SDK session and never read.
     The edge holds each one's bytes (a window and a little more), not the whole reads
     those bytes came in: a body relay's views of a read would keep all of it alive,
-    mostly other streams' bytes (+81 to +87 MiB measured that way, +27 as it is).  Another
-    request through the session is served meanwhile."""
+    mostly other streams' bytes (+62 MiB measured that way, +26 to +28 as it is).
+    Another request through the session is served meanwhile."""
     edge = start_edge(tmp_path / "edge")
     loop = asyncio.get_running_loop()
     block = pattern(256 * 1024)
