@@ -71,6 +71,7 @@ MAX_DATA_FRAME = 64 * 1024  # our DATA frames carry at most this
 READ_LIMIT = 128 * 1024  # a stream's reader pauses (no more credit) past 2× this
 SEND_BUFFER = 1024 * 1024  # default max_send_buffer: bytes queued towards the peer
 READ_CHUNK = 256 * 1024  # bytes taken from the connection's reader at a time
+WRITE_PIECE = 32 * 1024  # a loop pass's frames leave in writes of about this size
 HOLD = 64 * 1024  # a body relay credits the peer while its connection holds at most this
 
 
@@ -613,9 +614,23 @@ class MuxSession:
         if not self._out:
             return
         out, self._out = self._out, []
-        self._out_size = 0
+        size, self._out_size = self._out_size, 0
         with contextlib.suppress(RuntimeError, OSError):  # the connection is gone
-            self.writer.write(out[0] if len(out) == 1 else b"".join(out))
+            if size <= WRITE_PIECE:
+                self.writer.write(out[0] if len(out) == 1 else b"".join(out))
+                return
+            # a large batch leaves in pieces, each encrypted and sent before the next:
+            # the peer starts on the first while the rest is encrypted
+            piece: list = []
+            n = 0
+            for part in out:
+                piece.append(part)
+                n += len(part)
+                if n >= WRITE_PIECE:
+                    self.writer.write(b"".join(piece))
+                    piece, n = [], 0
+            if piece:
+                self.writer.write(b"".join(piece))
 
     async def _drain(self) -> None:
         """Wait for the connection to drain, then let the waiting streams send again."""
