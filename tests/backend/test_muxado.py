@@ -22,6 +22,17 @@ class Peer:
     def send(self, ftype: int, flags: int, sid: int, body: bytes = b"") -> None:
         self.w.write(m.header(ftype, flags, sid, len(body)) + body)
 
+    async def send_cut(self, blob: bytes, sizes: list[int]) -> None:
+        """``blob`` in pieces of the given sizes (in turn), each read by the edge on
+        its own, as a network may cut it."""
+        pos = i = 0
+        while pos < len(blob):
+            n = sizes[i % len(sizes)]
+            self.w.write(blob[pos : pos + n])
+            await self.w.drain()
+            await asyncio.sleep(0)
+            pos, i = pos + n, i + 1
+
     async def frame(self, timeout: float = 5.0) -> tuple[int, int, int, bytes]:
         ftype, flags, sid, length = m.parse_header(
             await asyncio.wait_for(self.r.readexactly(8), timeout)
@@ -265,14 +276,7 @@ async def test_frames_split_at_any_byte_and_runs_of_frames_arrive_intact(mux):
             blob += m.header(m.WNDINC, 0, 3, 4) + U32.pack(1000)
         blob += m.header(m.DATA, 0, 5, len(b[i])) + b[i]
     blob += m.header(m.DATA, m.FIN, 3, 0) + m.header(m.DATA, m.FIN, 5, 3) + b"end"
-    sizes = [1, 2, 3, 5, 8, 13, 7]
-    pos = i = 0
-    while pos < len(blob):
-        n = sizes[i % len(sizes)]
-        peer.w.write(blob[pos : pos + n])
-        await peer.w.drain()
-        await asyncio.sleep(0)  # the edge reads this piece on its own
-        pos, i = pos + n, i + 1
+    await peer.send_cut(blob, [1, 2, 3, 5, 8, 13, 7])
     for _ in range(100):
         if len(mux["held"]) == 2:
             break
@@ -322,14 +326,7 @@ async def test_a_body_relay_takes_its_bytes_from_split_frames_and_leaves_the_res
             blob += m.header(m.DATA, 0, 5, 7) + b"%07d" % i
             others += b"%07d" % i
     blob += m.header(m.DATA, 0, 3, 5) + b" more" + m.header(m.DATA, m.FIN, 3, 0)
-    sizes = [1000, 7, 8191, 3, 20000, 8, 65536]
-    pos = i = 0
-    while pos < len(blob):
-        n = sizes[i % len(sizes)]
-        peer.w.write(blob[pos : pos + n])
-        await peer.w.drain()
-        await asyncio.sleep(0)
-        pos, i = pos + n, i + 1
+    await peer.send_cut(blob, [1000, 7, 8191, 3, 20000, 8, 65536])
     assert await asyncio.wait_for(relay, 5) == 0
     assert await asyncio.wait_for(st3.reader.read(), 5) == b"next head more"
     cw.close()
