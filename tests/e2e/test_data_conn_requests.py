@@ -18,16 +18,28 @@ from backend import protocol as p
 from tests.procs import host_of
 
 
-async def _serve_one(ingress: tuple[str, int], session_id: str, key: str, answer: bool = True) -> bytes:
-    """One data connection: hello, wait for ``start``, answer one HTTP request (or,
-    ``answer`` false, read its head and close: a connection that dies as a request
-    goes out).  Returns the request head."""
+async def _first_request(
+    ingress: tuple[str, int], session_id: str, key: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """Dial a data connection: hello, wait for ``start``, read the head of the request
+    it carries.  Returns (reader, writer, head); the caller closes the writer."""
     r, w = await asyncio.open_connection(*ingress)
     try:
         p.write_msg(w, p.DataHello(session_id=session_id, key=key))
         msg = await asyncio.wait_for(p.read_msg(r), 30)
         assert isinstance(msg, p.StartData)
-        head = await r.readuntil(b"\r\n\r\n")
+        return r, w, await r.readuntil(b"\r\n\r\n")
+    except BaseException:
+        w.close()
+        raise
+
+
+async def _serve_one(ingress: tuple[str, int], session_id: str, key: str, answer: bool = True) -> bytes:
+    """One data connection: hello, wait for ``start``, answer one HTTP request (or,
+    ``answer`` false, read its head and close: a connection that dies as a request
+    goes out).  Returns the request head."""
+    _, w, head = await _first_request(ingress, session_id, key)
+    try:
         if answer:
             w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
             await w.drain()
@@ -166,11 +178,8 @@ async def test_a_pooled_data_connection_that_speaks_out_of_turn_is_not_handed_ou
     tasks: list[asyncio.Task] = []
 
     async def rogue() -> None:  # serves one request, then speaks out of turn when pooled
-        dr, dw = await asyncio.open_connection(*ingress)
+        dr, dw, _ = await _first_request(ingress, ok.session_id, ok.session_key)
         try:
-            p.write_msg(dw, p.DataHello(session_id=ok.session_id, key=ok.session_key))
-            assert isinstance(await asyncio.wait_for(p.read_msg(dr), 30), p.StartData)
-            await dr.readuntil(b"\r\n\r\n")
             dw.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             assert isinstance(await asyncio.wait_for(p.read_msg(dr), 30), p.DataPooled)
             dw.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nspoof")
@@ -218,11 +227,8 @@ async def test_data_connections_given_back_after_a_burst_are_pooled_up_to_a_boun
     tasks: list[asyncio.Task] = []
 
     async def keeper() -> None:  # one exchange, answered keep-alive, then its fate
-        dr, dw = await asyncio.open_connection(*ingress)
+        dr, dw, _ = await _first_request(ingress, ok.session_id, ok.session_key)
         try:
-            p.write_msg(dw, p.DataHello(session_id=ok.session_id, key=ok.session_key))
-            assert isinstance(await asyncio.wait_for(p.read_msg(dr), 30), p.StartData)
-            await dr.readuntil(b"\r\n\r\n")
             dw.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             try:
                 msg = await asyncio.wait_for(p.read_msg(dr), 30)
