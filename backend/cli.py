@@ -525,6 +525,9 @@ def _ngrok_command(args) -> int:
 
 
 def _run(coro) -> int:
+    from backend import memtune
+
+    memtune.tune()
     try:
         import uvloop
 
