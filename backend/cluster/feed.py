@@ -252,8 +252,9 @@ class Feed:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # PostgreSQL went away mid-read: the reconnect reloads everything
-                log.debug("cluster feed: re-read failed (%s); will reload", exc)
+                # PostgreSQL went away mid-read (the reconnect reloads everything), or a
+                # bug: either way the routes are stale until a re-read succeeds
+                log.warning("cluster feed: re-read failed (%r); will reload", exc)
                 self._pending |= keys
                 self._reload = True
                 await asyncio.sleep(RECONNECT_DELAY)

@@ -216,7 +216,13 @@ def test_sigstop_edge_is_reaped_and_fences_itself(cluster):
             )
             reaped_after = time.monotonic() - stopped_at
             # the other edges stop routing to it
-            assert wait_until(lambda: status_of(ip1, p1, host) == 404, 6)
+            seen: list[tuple[float, int | None]] = []
+
+            def offline() -> bool:
+                seen.append((round(time.monotonic() - stopped_at, 2), status_of(ip1, p1, host)))
+                return seen[-1][1] == 404
+
+            assert wait_until(offline, 6), f"reaped after {reaped_after:.2f} s; edge 1 answered {seen}: {e1.stderr[-3000:]}"
         finally:
             os.kill(e2.pid, signal.SIGCONT)
         assert reaped
