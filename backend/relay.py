@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 
-from backend import splice, tlsrelay
+from backend import direct, splice, tlsrelay
 from backend.http1 import drain, read_some
 
 BLOCK = 256 * 1024
@@ -68,53 +68,16 @@ def _direct_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bo
     )
 
 
-class _Forward(asyncio.Protocol):
-    """A socket's protocol for the length of a direct pipe: what the socket reads goes
-    to the writer's transport as it arrives (no StreamReader buffer, no task wake-up, no
-    copy); the rest (write flow control for the other direction, the connection's loss)
-    goes to the StreamReaderProtocol it stands in for."""
-
-    def __init__(self, inner: asyncio.StreamReaderProtocol, sink: asyncio.WriteTransport, wake: asyncio.Event) -> None:
-        self.inner = inner
-        self.sink = sink
-        self.wake = wake
-        self.total = 0
-        self.eof = False
-        self.lost = False
-
-    def data_received(self, data: bytes) -> None:
-        self.total += len(data)
-        self.sink.write(data)
-        if self.sink.get_write_buffer_size() > BLOCK:
-            self.wake.set()  # the pipe pauses the socket until the writer drains
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self.wake.set()
-        return True  # the other direction may go on writing (half-close)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.wake.set()
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
 async def _direct_pipe(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stall_timeout: float | None
 ) -> int:
-    """:func:`pipe` with the socket's protocol swapped for :class:`_Forward` (an SDK
+    """:func:`pipe` with the socket's protocol swapped for :class:`direct.Forward` (an SDK
     session's TCP upload spent a fifth of the edge's loop in the StreamReader's copies
     and the copying task)."""
     transport = reader._transport  # type: ignore[attr-defined]
     inner = transport.get_protocol()
     wake = asyncio.Event()
-    fwd = _Forward(inner, writer.transport, wake)
+    fwd = direct.Forward(inner, writer.transport, wake)
     total = 0
     try:
         held = reader._buffer  # type: ignore[attr-defined]  # what the reader has already
