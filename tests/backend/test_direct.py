@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import os
 import socket
+from contextlib import asynccontextmanager
 
 import pytest
 import uvloop
@@ -107,6 +108,37 @@ def _recv_n(far: socket.socket, n: int) -> bytes:
     return bytes(got)
 
 
+def _run(main) -> None:
+    """Run a test's body on uvloop, bounded (a hang in uvloop's loop is out of
+    pytest-timeout's reach)."""
+    try:
+        uvloop.run(asyncio.wait_for(main(), 60))
+    finally:
+        _KEEP.clear()
+
+
+@asynccontextmanager
+async def _relay(length: int, ca: LocalCA | None = None, prefix: bytes = b"", before: bytes = b""):
+    """``relay_body`` of a ``length``-byte body from a source connection (TLS when
+    ``ca``; ``before`` already sent on it) to a sink.  Yields (the source's far-end
+    writer, the sink's far-end socket, the source's reader, the relay task)."""
+    src, far_w = await _pair(ca)
+    sink, far = await _sink()
+    if before:
+        far_w.write(before)  # in the source's reader before the relay starts
+        await asyncio.sleep(0.1)
+    head = http1.parse_response_head(HEAD % length, "GET")
+    task = asyncio.ensure_future(http1.relay_body(src, sink, head, prefix=prefix))
+    try:
+        yield far_w, far, src, sink, task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        far.close()
+        sink.close()
+        far_w.close()
+
+
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
 def test_a_body_reaches_a_slow_reader_intact(ca: LocalCA, used: list[int], tls: bool) -> None:
     """16 MiB from a TLS connection (decrypted into one reused buffer) or a plain one to
@@ -116,60 +148,41 @@ def test_a_body_reaches_a_slow_reader_intact(ca: LocalCA, used: list[int], tls: 
     body = os.urandom(16 << 20)
 
     async def main() -> None:
-        src, far_w = await _pair(ca if tls else None)
-        sink, far = await _sink()
-        head = http1.parse_response_head(HEAD % len(body), "GET")
-        far_w.write(body[: 1 << 20])  # part of it before the relay starts (the reader's buffer)
-        await asyncio.sleep(0.1)
+        async with _relay(len(body), ca if tls else None, b"HEAD", body[: 1 << 20]) as (far_w, far, src, _, relaying):
 
-        async def rest() -> None:
-            for i in range(1 << 20, len(body), 1 << 20):
-                piece = body[i : i + (1 << 20)]
-                if i + len(piece) == len(body):
-                    piece += b"NEXT"  # the next message, not this body's, in the same read
-                far_w.write(piece)
-                await far_w.drain()
+            async def rest() -> None:
+                for i in range(1 << 20, len(body), 1 << 20):
+                    piece = body[i : i + (1 << 20)]
+                    if i + len(piece) == len(body):
+                        piece += b"NEXT"  # the next message, not this body's, in the same read
+                    far_w.write(piece)
+                    await far_w.drain()
 
-        sending = asyncio.ensure_future(rest())
-        relaying = asyncio.ensure_future(http1.relay_body(src, sink, head, prefix=b"HEAD"))
-        await asyncio.sleep(0.5)
-        got = await _read_n(far, 4 + len(body))
-        assert await asyncio.wait_for(relaying, 10) == len(body)
-        await sending
-        assert got[:4] == b"HEAD"
-        assert hashlib.sha256(got[4:]).hexdigest() == hashlib.sha256(body).hexdigest()
-        assert await asyncio.wait_for(src.readexactly(4), 5) == b"NEXT"
-        far.close()
-        sink.close()
-        far_w.close()
+            sending = asyncio.ensure_future(rest())
+            await asyncio.sleep(0.5)  # nobody reads yet
+            got = await _read_n(far, 4 + len(body))
+            assert await asyncio.wait_for(relaying, 10) == len(body)
+            await sending
+            assert got[:4] == b"HEAD"
+            assert hashlib.sha256(got[4:]).hexdigest() == hashlib.sha256(body).hexdigest()
+            assert await asyncio.wait_for(src.readexactly(4), 5) == b"NEXT"
 
-    try:
-        uvloop.run(main())
-    finally:
-        _KEEP.clear()
+    _run(main)
     assert used == [len(body) - (1 << 20)] or used == [len(body)]
 
 
 def test_a_source_that_ends_inside_the_body_is_an_upstream_error(used: list[int]) -> None:
     async def main() -> None:
-        src, far_w = await _pair(None)
-        sink, far = await _sink()
-        head = http1.parse_response_head(HEAD % (1 << 20), "GET")
-        relaying = asyncio.ensure_future(http1.relay_body(src, sink, head))
-        far_w.write(b"x" * 300_000)
-        await far_w.drain()
-        far_w.close()
-        got = await _read_n(far, 300_000)
-        with pytest.raises(http1.UpstreamError, match="closed inside the message body"):
-            await asyncio.wait_for(relaying, 5)
-        assert len(got) == 300_000
-        far.close()
-        sink.close()
+        async with _relay(1 << 20) as (far_w, far, _, _, relaying):
+            far_w.write(b"x" * 300_000)
+            await far_w.drain()
+            far_w.close()
+            got = await _read_n(far, 300_000)
+            with pytest.raises(http1.UpstreamError, match="closed inside the message body"):
+                await asyncio.wait_for(relaying, 5)
+            assert len(got) == 300_000
 
-    try:
-        uvloop.run(main())
-    finally:
-        _KEEP.clear()
+    _run(main)
     assert used == [1 << 20]
 
 
@@ -180,38 +193,28 @@ def test_a_writer_that_reads_nothing_pauses_the_source(used: list[int]) -> None:
     n = 64 << 20
 
     async def main() -> None:
-        src, far_w = await _pair(None)
-        sink, far = await _sink()
-        head = http1.parse_response_head(HEAD % n, "GET")
-        relaying = asyncio.ensure_future(http1.relay_body(src, sink, head))
-        block = b"y" * (1 << 20)
-        sent = 0
+        async with _relay(n) as (far_w, _, src, sink, relaying):
+            block = b"y" * (1 << 20)
+            sent = 0
 
-        async def send() -> None:
-            nonlocal sent
-            while sent < n:
-                far_w.write(block)
-                sent += len(block)
-                await far_w.drain()
+            async def send() -> None:
+                nonlocal sent
+                while sent < n:
+                    far_w.write(block)
+                    sent += len(block)
+                    await far_w.drain()
 
-        sending = asyncio.ensure_future(send())
-        await asyncio.sleep(1.5)
-        held = sink.transport.get_write_buffer_size()
-        assert held <= 2 * direct.BLOCK, held
-        assert len(src._buffer) <= 2 * direct.BLOCK  # type: ignore[attr-defined]
-        assert sent < n // 2, sent  # the sender is blocked: nobody reads
-        assert not relaying.done()
-        sending.cancel()
-        relaying.cancel()
-        await asyncio.gather(sending, relaying, return_exceptions=True)
-        far.close()
-        sink.close()
-        far_w.close()
+            sending = asyncio.ensure_future(send())
+            await asyncio.sleep(1.5)
+            held = sink.transport.get_write_buffer_size()
+            assert held <= 2 * direct.BLOCK, held
+            assert len(src._buffer) <= 2 * direct.BLOCK  # type: ignore[attr-defined]
+            assert sent < n // 2, sent  # the sender is blocked: nobody reads
+            assert not relaying.done()
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
 
-    try:
-        uvloop.run(main())
-    finally:
-        _KEEP.clear()
+    _run(main)
     assert used == [n]
 
 
@@ -220,22 +223,14 @@ def test_a_writer_that_leaves_ends_the_relay_while_the_source_is_silent(used: li
     ends at once (ConnectionError), not when the source sends again or ends."""
 
     async def main() -> None:
-        src, far_w = await _pair(None)
-        sink, far = await _sink()
-        head = http1.parse_response_head(HEAD % (1 << 20), "GET")
-        relaying = asyncio.ensure_future(http1.relay_body(src, sink, head))
-        far_w.write(b"z" * 100_000)
-        await far_w.drain()
-        assert len(await _read_n(far, 100_000)) == 100_000
-        far.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        far.close()  # an RST
-        with pytest.raises(ConnectionError):  # (not TimeoutError)
-            await asyncio.wait_for(relaying, 5)
-        sink.close()
-        far_w.close()
+        async with _relay(1 << 20) as (far_w, far, _, _, relaying):
+            far_w.write(b"z" * 100_000)
+            await far_w.drain()
+            assert len(await _read_n(far, 100_000)) == 100_000
+            far.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            far.close()  # an RST
+            with pytest.raises(ConnectionError):  # (not TimeoutError)
+                await asyncio.wait_for(relaying, 5)
 
-    try:
-        uvloop.run(main())
-    finally:
-        _KEEP.clear()
+    _run(main)
     assert used == [1 << 20]
