@@ -5,10 +5,15 @@
 #   tests/benchmarks/run.sh               # full run, ~10 minutes on 2 cores
 #   tests/benchmarks/run.sh --quick       # smoke test, 1 round of 2 s loads
 #   tests/benchmarks/run.sh --scale ...   # bench_scale.py instead (1,000 tunnels, 10k conns)
+# It runs .venv/bin/python (the README's install), or $PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=.venv/bin/python
+PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+if ! "$PY" -c 'import backend.cli, httpx, uvloop, prometheus_client' 2>/dev/null; then
+    echo "run.sh: $PY cannot run burrow (install it first, as the README says: python3 -m venv .venv && .venv/bin/pip install -e '.[test]'; or set PYTHON)" >&2
+    exit 2
+fi
 if [ "${1:-}" = "--scale" ]; then
     shift
     exec "$PY" tests/benchmarks/bench_scale.py "$@"
