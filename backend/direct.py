@@ -53,6 +53,12 @@ class Forward(asyncio.Protocol):
         self.eof = False
         self.lost = False
 
+    @classmethod
+    def of(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, left: int | None = None, tee=None) -> Forward:
+        """A Forward standing in for ``reader``'s protocol, towards ``writer``."""
+        transport = reader._transport  # type: ignore[attr-defined]
+        return cls(transport.get_protocol(), writer.transport, asyncio.Event(), left, tee, transport)
+
     def data_received(self, data) -> None:
         if self.done:  # read after the body, before the relay gave the connection back
             self.inner.data_received(data)
@@ -125,57 +131,65 @@ def body_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     )
 
 
-async def body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int, prefix: bytes, tee, drain) -> int:
-    """Copy the next ``n`` bytes of ``reader`` to ``writer`` (after ``prefix``), handed
-    over as the connection reads them (:class:`Forward`).  ``drain(writer)`` waits for
-    the writer (and enforces its deadline).  Returns the bytes that did not come (the
-    connection ended first); raises what a read would, and ConnectionResetError when
-    the writer's connection closes."""
-    transport = reader._transport  # type: ignore[attr-defined]
-    out = writer.transport
+async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fwd: Forward, drain, prefix: bytes = b"") -> None:
+    """Copy ``reader``'s next ``fwd.left`` bytes (None: until EOF) to ``writer``, after
+    ``prefix``: what the reader holds at once, the rest handed over as the connection
+    reads it (``fwd``, :meth:`Forward.of` the two, in place of the reader's protocol
+    until then; its ``total``, ``left``, ``eof`` and ``lost`` tell how it went).
+    ``drain(writer)`` waits for the writer (and enforces its deadline).  Raises
+    ConnectionResetError when the writer's connection closes first."""
+    transport, inner, out, wake, n, tee = fwd.source, fwd.inner, fwd.sink, fwd.wake, fwd.left, fwd.tee
     buf = reader._buffer  # type: ignore[attr-defined]  # what the reader has already
     if buf:
-        take = min(len(buf), n)
+        take = len(buf) if n is None else min(len(buf), n)
         with memoryview(buf) as view:
             chunk = view[:take].tobytes()
         del buf[:take]
-        n -= take
+        fwd.total = take
+        if n is not None:
+            fwd.left = n - take
+            fwd.done = not fwd.left
         if tee is not None:
             tee(chunk)
         prefix = prefix + chunk if prefix else chunk
     if prefix:
         out.write(prefix)
-    if n:
-        inner = transport.get_protocol()
-        wake = asyncio.Event()
-        fwd = Forward(inner, out, wake, n, tee, transport)
-        transport.set_protocol(fwd)
-        reader._paused = False  # type: ignore[attr-defined]
-        transport.resume_reading()  # the StreamReader may have paused it
-        # a writer whose connection ends wakes the relay even while the reader gets nothing
-        gone = asyncio.ensure_future(writer.wait_closed())
-        gone.add_done_callback(lambda f: (f.cancelled() or f.exception(), wake.set()))
-        try:
-            while not (fwd.done or fwd.eof or fwd.lost):
-                await wake.wait()
-                wake.clear()
-                if out.is_closing():
-                    raise ConnectionResetError("the writer's connection is closed")
-                if fwd.paused and not (fwd.done or fwd.eof or fwd.lost):
-                    await drain(writer)
-                    fwd.paused = False
-                    transport.resume_reading()
-        finally:
-            gone.cancel()
-            if not fwd.lost:
-                if transport.get_protocol() is fwd:
-                    transport.set_protocol(inner)
-                if fwd.paused and not transport.is_closing():
-                    transport.resume_reading()
-        n = fwd.left or 0
-        if n and reader.exception() is not None:
-            raise reader.exception()
-    else:
+    if fwd.done or reader._eof or reader.exception() is not None:  # type: ignore[attr-defined]
+        fwd.eof = reader._eof  # type: ignore[attr-defined]
         reader._maybe_resume_transport()  # type: ignore[attr-defined]
+        return
+    transport.set_protocol(fwd)
+    reader._paused = False  # type: ignore[attr-defined]
+    transport.resume_reading()  # the StreamReader may have paused it
+    # a writer whose connection ends wakes the relay even while the reader gets nothing
+    gone = asyncio.ensure_future(writer.wait_closed())
+    gone.add_done_callback(lambda f: (f.cancelled() or f.exception(), wake.set()))
+    try:
+        while not (fwd.done or fwd.eof or fwd.lost):
+            await wake.wait()
+            wake.clear()
+            if out.is_closing():
+                raise ConnectionResetError("the writer's connection is closed")
+            if fwd.paused and not (fwd.done or fwd.eof or fwd.lost):
+                await drain(writer)
+                fwd.paused = False
+                transport.resume_reading()
+    finally:
+        gone.cancel()
+        if not fwd.lost:
+            if transport.get_protocol() is fwd:
+                transport.set_protocol(inner)
+            if fwd.paused and not transport.is_closing():
+                transport.resume_reading()
+
+
+async def body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int, prefix: bytes, tee, drain) -> int:
+    """:func:`forward` of a message body of ``n`` bytes: returns the bytes that did not
+    come (the connection ended first); raises what a read would."""
+    fwd = Forward.of(reader, writer, n, tee)
+    await forward(reader, writer, fwd, drain, prefix)
+    missing = fwd.left or 0
+    if missing and reader.exception() is not None:
+        raise reader.exception()
     await drain(writer)
-    return n
+    return missing

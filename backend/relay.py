@@ -74,38 +74,15 @@ async def _direct_pipe(
     """:func:`pipe` with the socket's protocol swapped for :class:`direct.Forward` (an SDK
     session's TCP upload spent a fifth of the edge's loop in the StreamReader's copies
     and the copying task)."""
-    transport = reader._transport  # type: ignore[attr-defined]
-    inner = transport.get_protocol()
-    wake = asyncio.Event()
-    fwd = direct.Forward(inner, writer.transport, wake)
-    total = 0
+    fwd = direct.Forward.of(reader, writer)
     try:
-        held = reader._buffer  # type: ignore[attr-defined]  # what the reader has already
-        if held:
-            total += len(held)
-            writer.write(bytes(held))
-            held.clear()
-        if reader.at_eof():
-            return total
-        transport.set_protocol(fwd)
-        transport.resume_reading()  # the StreamReader may have paused it
-        while not (fwd.eof or fwd.lost):
-            await wake.wait()
-            wake.clear()
-            if writer.transport.get_write_buffer_size() > BLOCK and not (fwd.eof or fwd.lost):
-                transport.pause_reading()
-                await drain(writer, stall_timeout)
-                if not (fwd.eof or fwd.lost):
-                    transport.resume_reading()
+        await direct.forward(reader, writer, fwd, lambda w: drain(w, stall_timeout))
         await drain(writer, stall_timeout)
     except (ConnectionError, OSError):  # WriteTimeout is an OSError
         pass
     finally:
-        total += fwd.total
-        if not fwd.lost and transport.get_protocol() is fwd:
-            transport.set_protocol(inner)
         _half_close(writer)
-    return total
+    return fwd.total
 
 
 async def relay(
