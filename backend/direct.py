@@ -40,13 +40,17 @@ class Forward(asyncio.Protocol):
         left: int | None = None,
         tee=None,
         source: asyncio.ReadTransport | None = None,
+        pause_at_once: bool = True,
     ) -> None:
         self.inner = inner
         self.sink = sink
         self.wake = wake
         self.left = left
         self.tee = tee
-        self.source = source  # paused here at once when the sink backs up (else by the relay)
+        self.source = source
+        # the source is paused in the read that backs the sink up (else by the relay, after
+        # the reads the loop delivers meanwhile: more in flight, for a raw pipe's upload)
+        self.pause_at_once = pause_at_once
         self.paused = False
         self.total = 0
         self.done = False  # ``left`` bytes forwarded
@@ -54,10 +58,10 @@ class Forward(asyncio.Protocol):
         self.lost = False
 
     @classmethod
-    def of(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, left: int | None = None, tee=None) -> Forward:
+    def of(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, left: int | None = None, tee=None, pause_at_once: bool = True) -> Forward:
         """A Forward standing in for ``reader``'s protocol, towards ``writer``."""
         transport = reader._transport  # type: ignore[attr-defined]
-        return cls(transport.get_protocol(), writer.transport, asyncio.Event(), left, tee, transport)
+        return cls(transport.get_protocol(), writer.transport, asyncio.Event(), left, tee, transport, pause_at_once)
 
     def data_received(self, data) -> None:
         if self.done:  # read after the body, before the relay gave the connection back
@@ -88,7 +92,7 @@ class Forward(asyncio.Protocol):
         elif self.sink.get_write_buffer_size() > BLOCK or self.sink.is_closing():
             # the connection waits until the writer drains: the event loop may deliver
             # several reads before the relay runs again
-            if self.source is not None and not self.paused:
+            if self.pause_at_once and self.source is not None and not self.paused:
                 self.source.pause_reading()
                 self.paused = True
             self.wake.set()
@@ -170,7 +174,11 @@ async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fw
             wake.clear()
             if out.is_closing():
                 raise ConnectionResetError("the writer's connection is closed")
-            if fwd.paused and not (fwd.done or fwd.eof or fwd.lost):
+            ended = fwd.done or fwd.eof or fwd.lost
+            if not fwd.paused and not ended and out.get_write_buffer_size() > BLOCK:
+                transport.pause_reading()
+                fwd.paused = True
+            if fwd.paused and not ended:
                 await drain(writer)
                 fwd.paused = False
                 transport.resume_reading()
