@@ -716,6 +716,12 @@ class MuxSession:
         reader.feed_data = self._feed  # type: ignore[method-assign]
         reader.feed_eof = self._feed_eof  # type: ignore[method-assign]
         reader.set_exception = self._feed_error  # type: ignore[method-assign]
+        transport = reader._transport  # type: ignore[attr-defined]
+        inner = transport.get_protocol() if transport is not None else None
+        if isinstance(inner, asyncio.StreamReaderProtocol):
+            # reads land in the session's own buffers (see _Intake); the reader's
+            # protocol still sees the connection's end and its write flow control
+            transport.set_protocol(_Intake(self, inner))
         reader._maybe_resume_transport()  # the reader may have paused the connection
         try:
             if held:
@@ -734,22 +740,34 @@ class MuxSession:
             self.close(NO_ERROR)
 
     def _feed(self, chunk: bytes) -> None:
+        """A read delivered as bytes (what the reader held; a connection without
+        :class:`_Intake`)."""
         if self._ended is None or self._ended.done() or self.closed:
             return
+        pending = self._pending
+        if pending:
+            pending += chunk
+            # (views of ``pending``, which the next read changes, may not be kept)
+            self._take(pending, False)
+        else:
+            self._take(chunk, isinstance(chunk, bytes))
+
+    def _feed_read(self, buf: bytearray, end: int) -> None:
+        """A read :class:`_Intake` put in ``buf[:end]`` (after the partial frame the
+        last one left): nothing changes ``buf`` afterwards, so views of it may be kept."""
+        if self._ended is None or self._ended.done() or self.closed:
+            return
+        self._take(memoryview(buf)[:end], True)
+
+    def _take(self, data: bytes | bytearray | memoryview, stable: bool) -> None:
+        """Dispatch the frames in ``data`` (the partial frame read before it included),
+        keep the partial frame at its end, write what body relays were given."""
         try:
-            pending = self._pending
-            if pending:
-                pending += chunk
-                data: bytes | bytearray = pending
+            used = self._frames(data, stable)
+            if data is self._pending:
+                del self._pending[:used]
             else:
-                data = chunk
-            # (views of a read may be kept by a body relay; views of ``pending``,
-            # which the next read changes, may not)
-            used = self._frames(data, data is not pending and isinstance(data, bytes))
-            if data is pending:
-                del pending[:used]
-            elif used < len(data):
-                self._pending = bytearray(memoryview(data)[used:])
+                self._pending = bytearray(data[used:]) if used < len(data) else bytearray()
             if self._sinks:
                 sinks, self._sinks = self._sinks, {}
                 for k in sinks:
@@ -768,7 +786,7 @@ class MuxSession:
         if self._ended is not None and not self._ended.done():
             self._ended.set_exception(exc)
 
-    def _frames(self, data: bytes | bytearray, stable: bool) -> int:
+    def _frames(self, data: bytes | bytearray | memoryview, stable: bool) -> int:
         """Dispatch the complete frames at the start of ``data``; return the bytes used
         (``stable``: ``data`` is immutable, so views of it may be kept).
 
@@ -888,3 +906,49 @@ class MuxSession:
     def _reset(self, t: _StreamTransport, code: int) -> None:
         self.send_frame(RST, 0, t.id, U32.pack(code))
         t._lost(ConnectionResetError(f"stream reset (code {code})"))
+
+
+class _Intake(asyncio.BufferedProtocol):
+    """A session's connection's protocol while it runs: each read goes into a fresh
+    buffer of the session's, after a copy of the partial frame the last read left.
+    uvloop's TLS decrypts straight into it (an ``asyncio.Protocol`` would get each
+    TLS record in a bytes object of its own, and the records of a read joined into one
+    more), and since nothing writes to the buffer afterwards, DATA bodies are kept
+    as views of it, also when a frame began in the last read.  The rest (the
+    connection's end, flow control of the session's writes) goes to the reader's
+    protocol, as before."""
+
+    __slots__ = ("buf", "head", "inner", "session")
+
+    def __init__(self, session: MuxSession, inner: asyncio.StreamReaderProtocol) -> None:
+        self.session = session
+        self.inner = inner
+        self.buf: bytearray | None = None
+        self.head = 0
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # uvloop's TLS hints at the bytes it holds (+256), libuv at 64 KiB, asyncio -1
+        size = READ_CHUNK if sizehint <= 0 else min(max(sizehint, 4096), READ_CHUNK)
+        pending = self.session._pending
+        head = self.head = len(pending)
+        buf = self.buf = bytearray(head + size)
+        if head:
+            buf[:head] = pending
+        return memoryview(buf)[head:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buf, self.buf = self.buf, None
+        if buf is not None:
+            self.session._feed_read(buf, self.head + nbytes)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()

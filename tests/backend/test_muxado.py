@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 
@@ -333,3 +334,72 @@ async def test_a_body_relay_takes_its_bytes_from_split_frames_and_leaves_the_res
     assert await asyncio.wait_for(got.get(), 5) == b"HEAD" + body
     assert await asyncio.wait_for(st5.reader.readexactly(5 + len(others)), 5) == b"other" + others
     server.close()
+
+
+def test_a_tls_session_reads_into_its_own_buffers_and_relays_split_frames_intact(tmp_path):
+    """On uvloop over TLS, as the edge serves ngrok's SDK: the session's connection
+    reads through ``_Intake`` (its TLS decrypts into the session's buffers), and a
+    body relayed from 8 KiB frames (the SDK's size), cut anywhere, mixed with another
+    stream's frames, reaches the relay's connection whole, as does the other stream."""
+    import hashlib
+
+    import uvloop
+
+    from backend.tls import LocalCA, client_context
+
+    host = "mux.burrow.localhost"
+    ca = LocalCA.load_or_create(tmp_path / "ca")
+    body = os.urandom(200 * 1024)  # inside one window
+
+    async def main() -> None:
+        sessions: list[m.MuxSession] = []
+        held: list[m.Stream] = []
+
+        async def conn(r, w):
+            s = m.MuxSession(r, w, held.append, max_buffered=1 << 20)
+            sessions.append(s)
+            await s.run()
+
+        server = await asyncio.start_server(conn, "127.0.0.1", 0, ssl=ca.server_context([host]))
+        port = server.sockets[0].getsockname()[1]
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(ca.ca_file), server_hostname=host)
+        peer = Peer(r, w)
+        got: asyncio.Queue = asyncio.Queue()
+
+        async def client(cr, _cw):
+            data = b""
+            while chunk := await cr.read(65536):
+                data += chunk
+            await got.put(data)
+
+        sink_server = await asyncio.start_server(client, "127.0.0.1", 0)
+        _, cw = await asyncio.open_connection("127.0.0.1", sink_server.sockets[0].getsockname()[1])
+        peer.send(m.DATA, m.SYN, 3, b"start")
+        peer.send(m.DATA, m.SYN, 5, b"other")
+        await w.drain()
+        for _ in range(200):
+            if len(held) == 2:
+                break
+            await asyncio.sleep(0.01)
+        st3, st5 = held
+        assert await asyncio.wait_for(st3.reader.readexactly(5), 5) == b"start"
+        assert type(sessions[0].reader._transport.get_protocol()) is m._Intake
+        relay = asyncio.ensure_future(st3.reader.relay_to(cw, len(body), b"", lambda x: x.drain()))
+        await asyncio.sleep(0)
+        blob, others = b"", b""
+        for i in range(0, len(body), 8192):
+            blob += m.header(m.DATA, 0, 3, 8192) + body[i : i + 8192]
+            if i % 3 == 0:
+                blob += m.header(m.DATA, 0, 5, 7) + b"%07d" % i
+                others += b"%07d" % i
+        blob += m.header(m.DATA, m.FIN, 3, 0)
+        await peer.send_cut(blob, [1000, 7, 8191, 3, 20000, 8, 16384, 65536])
+        assert await asyncio.wait_for(relay, 5) == 0
+        cw.close()
+        assert hashlib.sha256(await asyncio.wait_for(got.get(), 5)).hexdigest() == hashlib.sha256(body).hexdigest()
+        assert await asyncio.wait_for(st5.reader.readexactly(5 + len(others)), 5) == b"other" + others
+        w.close()
+        server.close()
+        sink_server.close()
+
+    uvloop.run(asyncio.wait_for(main(), 30))
