@@ -799,6 +799,8 @@ class MuxSession:
         unpack = HEADER.unpack_from
         run: list = []  # bodies (views) of the current run of DATA frames
         run_sid = -1
+        streams = self.streams
+        credit: dict[_StreamTransport, int] = {}  # WNDINC frames, summed per stream
         with memoryview(data) as view:
             try:
                 while end - pos >= 8 and not self.closed:
@@ -811,6 +813,14 @@ class MuxSession:
                     start = pos + 8
                     pos = start + length
                     sid &= 0x7FFFFFFF
+                    if ftype == WNDINC and length == 4:
+                        # the SDK credits every read of 8 KiB: a read brings dozens,
+                        # applied together once it is parsed (they only add to a window
+                        # that is used when the stream is flushed, after the read anyway)
+                        t = streams.get(sid)
+                        if t is not None:
+                            credit[t] = credit.get(t, 0) + U32.unpack_from(data, start)[0]
+                        continue
                     if ftype == DATA and not word & 0xF and length:
                         if sid != run_sid and run:
                             self._data_run(run_sid, run, stable)
@@ -827,6 +837,12 @@ class MuxSession:
                     self._data_run(run_sid, run, stable)
             finally:
                 run = []  # no view may outlive the with block
+        for t, inc in credit.items():
+            if not t._gone:
+                try:
+                    t._on_window(inc)
+                except MuxError as exc:
+                    self._reset(t, exc.code)
         return pos
 
     def _data_run(self, sid: int, parts: list, stable: bool) -> None:

@@ -403,3 +403,29 @@ def test_a_tls_session_reads_into_its_own_buffers_and_relays_split_frames_intact
         sink_server.close()
 
     uvloop.run(asyncio.wait_for(main(), 30))
+
+
+async def test_window_updates_read_together_add_up_and_an_overflow_resets_only_its_stream(mux):
+    """WNDINC frames arriving in one read (ngrok's SDK credits every 8 KiB read) are
+    summed per stream: the stream may send exactly what they add up to, and a sum past
+    2^31 resets that stream alone (FLOW_CONTROL_ERROR), as one such frame does."""
+    peer = await mux["connect"](mode="hold")
+    peer.send(m.DATA, m.SYN, 3, b"hello")  # any stream, so that the session exists
+    await asyncio.sleep(0.05)
+    s = mux["sessions"][-1]
+    st = s.open_stream()
+    st.writer.write(b"a" * (3 * m.WINDOW))
+    assert len(await peer.read_stream(2, m.WINDOW)) == m.WINDOW  # the first window
+    blob = b"".join(m.header(m.WNDINC, 0, 2, 4) + U32.pack(8192) for _ in range(16))
+    peer.w.write(blob + m.header(m.WNDINC, 0, 99, 4) + U32.pack(1))  # and an unknown stream
+    assert await peer.read_stream(2, 16 * 8192) == b"a" * (16 * 8192)
+    with pytest.raises(TimeoutError):  # nothing past the credit
+        await peer.frame_of(m.DATA, 2, timeout=0.3)
+    st2 = s.open_stream()
+    st2.writer.write(b"b" * 10)
+    assert await peer.read_stream(4, 10) == b"b" * 10
+    peer.w.write((m.header(m.WNDINC, 0, 4, 4) + U32.pack(2**30)) * 2)  # past 2^31 together
+    _, _, sid, body = await peer.frame_of(m.RST)
+    assert (sid, U32.unpack(body)[0]) == (4, m.FLOW_CONTROL_ERROR)
+    peer.send(m.WNDINC, 0, 2, U32.pack(100))  # the session and stream 2 go on
+    assert await peer.read_stream(2, 100) == b"a" * 100
