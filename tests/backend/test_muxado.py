@@ -58,6 +58,36 @@ class Peer:
         return got
 
 
+async def _collector() -> tuple[asyncio.Queue, asyncio.StreamWriter, asyncio.Server]:
+    """(queue, writer, server): a connection whose far end puts on the queue all that
+    was written to it, once the writer closes."""
+    got: asyncio.Queue = asyncio.Queue()
+
+    async def client(r, _w):
+        data = b""
+        while chunk := await r.read(65536):
+            data += chunk
+        await got.put(data)
+
+    server = await asyncio.start_server(client, "127.0.0.1", 0)
+    _, cw = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    return got, cw, server
+
+
+async def _two_streams(peer: Peer, held: list) -> tuple[m.Stream, m.Stream]:
+    """Streams 3 and 5, opened by the peer with "start" and "other"; 3's "start" read."""
+    peer.send(m.DATA, m.SYN, 3, b"start")
+    peer.send(m.DATA, m.SYN, 5, b"other")
+    await peer.w.drain()
+    for _ in range(200):
+        if len(held) == 2:
+            break
+        await asyncio.sleep(0.01)
+    st3, st5 = held
+    assert await asyncio.wait_for(st3.reader.readexactly(5), 5) == b"start"
+    return st3, st5
+
+
 @pytest.fixture
 async def mux():
     """A MuxSession on a real socket whose streams echo (``echo``) or are kept (``held``)."""
@@ -295,25 +325,8 @@ async def test_a_body_relay_takes_its_bytes_from_split_frames_and_leaves_the_res
     it is given); the stream's bytes past the body stay for its reader, and the other
     stream gets all of its own."""
     peer = await mux["connect"](mode="hold")
-    got: asyncio.Queue = asyncio.Queue()
-
-    async def client(r, w):
-        data = b""
-        while chunk := await r.read(65536):
-            data += chunk
-        await got.put(data)
-
-    server = await asyncio.start_server(client, "127.0.0.1", 0)
-    _, cw = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-    peer.send(m.DATA, m.SYN, 3, b"start")
-    peer.send(m.DATA, m.SYN, 5, b"other")
-    await peer.w.drain()
-    for _ in range(100):
-        if len(mux["held"]) == 2:
-            break
-        await asyncio.sleep(0.01)
-    st3, st5 = mux["held"]
-    assert await asyncio.wait_for(st3.reader.readexactly(5), 5) == b"start"
+    got, cw, server = await _collector()
+    st3, st5 = await _two_streams(peer, mux["held"])
     body = bytes(range(256)) * 800  # 200 KiB: with what follows, inside one window
     relay = asyncio.ensure_future(st3.reader.relay_to(cw, len(body), b"HEAD", lambda w: w.drain()))
     await asyncio.sleep(0)
@@ -364,25 +377,8 @@ def test_a_tls_session_reads_into_its_own_buffers_and_relays_split_frames_intact
         port = server.sockets[0].getsockname()[1]
         r, w = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(ca.ca_file), server_hostname=host)
         peer = Peer(r, w)
-        got: asyncio.Queue = asyncio.Queue()
-
-        async def client(cr, _cw):
-            data = b""
-            while chunk := await cr.read(65536):
-                data += chunk
-            await got.put(data)
-
-        sink_server = await asyncio.start_server(client, "127.0.0.1", 0)
-        _, cw = await asyncio.open_connection("127.0.0.1", sink_server.sockets[0].getsockname()[1])
-        peer.send(m.DATA, m.SYN, 3, b"start")
-        peer.send(m.DATA, m.SYN, 5, b"other")
-        await w.drain()
-        for _ in range(200):
-            if len(held) == 2:
-                break
-            await asyncio.sleep(0.01)
-        st3, st5 = held
-        assert await asyncio.wait_for(st3.reader.readexactly(5), 5) == b"start"
+        got, cw, sink_server = await _collector()
+        st3, st5 = await _two_streams(peer, held)
         assert type(sessions[0].reader._transport.get_protocol()) is m._Intake
         relay = asyncio.ensure_future(st3.reader.relay_to(cw, len(body), b"", lambda x: x.drain()))
         await asyncio.sleep(0)
