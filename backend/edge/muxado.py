@@ -748,26 +748,24 @@ class MuxSession:
         if pending:
             pending += chunk
             # (views of ``pending``, which the next read changes, may not be kept)
-            self._take(pending, False)
+            del pending[: self._take(pending, False)]
         else:
-            self._take(chunk, isinstance(chunk, bytes))
+            used = self._take(chunk, isinstance(chunk, bytes))
+            if used < len(chunk):
+                self._pending = bytearray(memoryview(chunk)[used:])
 
-    def _feed_read(self, buf: bytearray, end: int) -> None:
-        """A read :class:`_Intake` put in ``buf[:end]`` (after the partial frame the
-        last one left): nothing changes ``buf`` afterwards, so views of it may be kept."""
+    def _feed_read(self, data: memoryview) -> int:
+        """What :class:`_Intake` has read and not parsed yet (in a buffer whose bytes
+        never change once read, so views of them may be kept); returns the bytes used."""
         if self._ended is None or self._ended.done() or self.closed:
-            return
-        self._take(memoryview(buf)[:end], True)
+            return len(data)
+        return self._take(data, True)
 
-    def _take(self, data: bytes | bytearray | memoryview, stable: bool) -> None:
-        """Dispatch the frames in ``data`` (the partial frame read before it included),
-        keep the partial frame at its end, write what body relays were given."""
+    def _take(self, data: bytes | bytearray | memoryview, stable: bool) -> int:
+        """Dispatch the complete frames at the start of ``data`` and write what body
+        relays were given; returns the bytes used (all of them once the session broke)."""
         try:
             used = self._frames(data, stable)
-            if data is self._pending:
-                del self._pending[:used]
-            else:
-                self._pending = bytearray(data[used:]) if used < len(data) else bytearray()
             if self._sinks:
                 sinks, self._sinks = self._sinks, {}
                 for k in sinks:
@@ -775,8 +773,10 @@ class MuxSession:
             if used:
                 self._quickack()
                 self.last_frame = asyncio.get_running_loop().time()
+            return used
         except Exception as exc:  # a bad frame (MuxError) or a bug: the session ends
             self._feed_error(exc)
+            return len(data)
 
     def _feed_eof(self) -> None:
         if self._ended is not None and not self._ended.done():
@@ -925,37 +925,66 @@ class MuxSession:
 
 
 class _Intake(asyncio.BufferedProtocol):
-    """A session's connection's protocol while it runs: each read goes into a fresh
-    buffer of the session's, after a copy of the partial frame the last read left.
-    uvloop's TLS decrypts straight into it (an ``asyncio.Protocol`` would get each
-    TLS record in a bytes object of its own, and the records of a read joined into one
-    more), and since nothing writes to the buffer afterwards, DATA bodies are kept
-    as views of it, also when a frame began in the last read.  The rest (the
-    connection's end, flow control of the session's writes) goes to the reader's
-    protocol, as before."""
+    """A session's connection's protocol while it runs: reads go into buffers of the
+    session's, one after another, and no byte in them changes once read.  uvloop's TLS
+    decrypts straight into them (an ``asyncio.Protocol`` would get each TLS record in
+    a bytes object of its own, and the records of a read joined into one more), and
+    DATA bodies are kept as views of them, also when a frame began in an earlier read.
+    A new buffer starts with a copy of the partial frame the last one ended with and has
+    room for all of that frame, so a frame is copied at most once, however thinly it
+    comes.  The rest (the connection's end, flow control of the session's writes) goes
+    to the reader's protocol, as before."""
 
-    __slots__ = ("buf", "head", "inner", "session")
+    __slots__ = ("buf", "end", "inner", "session", "start")
 
     def __init__(self, session: MuxSession, inner: asyncio.StreamReaderProtocol) -> None:
         self.session = session
         self.inner = inner
         self.buf: bytearray | None = None
-        self.head = 0
+        self.start = 0  # the first byte not parsed yet
+        self.end = 0  # the end of what was read
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # uvloop's TLS hints at the bytes it holds (+256), libuv at 64 KiB, asyncio -1
-        size = READ_CHUNK if sizehint <= 0 else min(max(sizehint, 4096), READ_CHUNK)
-        pending = self.session._pending
-        head = self.head = len(pending)
-        buf = self.buf = bytearray(head + size)
-        if head:
-            buf[:head] = pending
-        return memoryview(buf)[head:]
+        want = READ_CHUNK if sizehint <= 0 else min(max(sizehint, 4096), READ_CHUNK)
+        buf = self.buf
+        if buf is None:  # the first read: after what the session had read before it
+            buf, self.session._pending = self.session._pending, bytearray()
+            self.buf, self.start, self.end = buf, 0, len(buf)
+        free = len(buf) - self.end
+        if free < want:
+            keep = self.end - self.start
+            # (a partial frame that fits stays: moving it on every read of a frame
+            # that comes in small pieces would copy it over and over)
+            if not keep or free < self._rest(buf, keep):
+                buf = self._renew(want)
+        return memoryview(buf)[self.end :]
+
+    def _rest(self, buf: bytearray, keep: int) -> int:
+        """The bytes that the partial frame of ``keep`` bytes at ``start`` still lacks
+        (its header's, while that is not whole)."""
+        if keep < 8:
+            return 8 - keep
+        # its length was checked when its header was parsed
+        return 8 + (HEADER.unpack_from(buf, self.start)[0] >> 8) - keep
+
+    def _renew(self, want: int) -> bytearray:
+        """A new buffer: the bytes not parsed yet (part of a frame), then room for
+        ``want`` more and for the rest of that frame."""
+        old, keep = self.buf, self.end - self.start
+        assert old is not None
+        room = max(want, self._rest(old, keep)) if keep else want
+        buf = bytearray(keep + room)
+        if keep:
+            buf[:keep] = memoryview(old)[self.start : self.end]
+        self.buf, self.start, self.end = buf, 0, keep
+        return buf
 
     def buffer_updated(self, nbytes: int) -> None:
-        buf, self.buf = self.buf, None
-        if buf is not None:
-            self.session._feed_read(buf, self.head + nbytes)
+        buf = self.buf
+        assert buf is not None
+        self.end += nbytes
+        self.start += self.session._feed_read(memoryview(buf)[self.start : self.end])
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received()

@@ -349,20 +349,16 @@ async def test_a_body_relay_takes_its_bytes_from_split_frames_and_leaves_the_res
     server.close()
 
 
-def test_a_tls_session_reads_into_its_own_buffers_and_relays_split_frames_intact(tmp_path):
-    """On uvloop over TLS, as the edge serves ngrok's SDK: the session's connection
-    reads through ``_Intake`` (its TLS decrypts into the session's buffers), and a
-    body relayed from 8 KiB frames (the SDK's size), cut anywhere, mixed with another
-    stream's frames, reaches the relay's connection whole, as does the other stream."""
-    import hashlib
-
+def _on_tls(tmp_path, test) -> None:
+    """Run ``await test(peer, sessions, held)`` on uvloop, with ``peer`` a TLS client of
+    a MuxSession server (as the edge serves ngrok's SDK), whose sessions and
+    peer-opened streams are listed in ``sessions`` and ``held``."""
     import uvloop
 
     from backend.tls import LocalCA, client_context
 
     host = "mux.burrow.localhost"
     ca = LocalCA.load_or_create(tmp_path / "ca")
-    body = os.urandom(200 * 1024)  # inside one window
 
     async def main() -> None:
         sessions: list[m.MuxSession] = []
@@ -376,7 +372,25 @@ def test_a_tls_session_reads_into_its_own_buffers_and_relays_split_frames_intact
         server = await asyncio.start_server(conn, "127.0.0.1", 0, ssl=ca.server_context([host]))
         port = server.sockets[0].getsockname()[1]
         r, w = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(ca.ca_file), server_hostname=host)
-        peer = Peer(r, w)
+        try:
+            await test(Peer(r, w), sessions, held)
+        finally:
+            w.close()
+            server.close()
+
+    uvloop.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_tls_session_reads_into_its_own_buffers_and_relays_split_frames_intact(tmp_path):
+    """On uvloop over TLS: the session's connection reads through ``_Intake`` (its TLS
+    decrypts into the session's buffers), and a body relayed from 8 KiB frames (the
+    SDK's size), cut anywhere, mixed with another stream's frames, reaches the relay's
+    connection whole, as does the other stream."""
+    import hashlib
+
+    body = os.urandom(200 * 1024)  # inside one window
+
+    async def test(peer: Peer, sessions: list, held: list) -> None:
         got, cw, sink_server = await _collector()
         st3, st5 = await _two_streams(peer, held)
         assert type(sessions[0].reader._transport.get_protocol()) is m._Intake
@@ -394,34 +408,34 @@ def test_a_tls_session_reads_into_its_own_buffers_and_relays_split_frames_intact
         cw.close()
         assert hashlib.sha256(await asyncio.wait_for(got.get(), 5)).hexdigest() == hashlib.sha256(body).hexdigest()
         assert await asyncio.wait_for(st5.reader.readexactly(5 + len(others)), 5) == b"other" + others
-        w.close()
-        server.close()
         sink_server.close()
 
-    uvloop.run(asyncio.wait_for(main(), 30))
+    _on_tls(tmp_path, test)
 
 
-async def test_window_updates_read_together_add_up_and_an_overflow_resets_only_its_stream(mux):
-    """WNDINC frames arriving in one read (ngrok's SDK credits every 8 KiB read) are
-    summed per stream: the stream may send exactly what they add up to, and a sum past
-    2^31 resets that stream alone (FLOW_CONTROL_ERROR), as one such frame does."""
-    peer = await mux["connect"](mode="hold")
-    peer.send(m.DATA, m.SYN, 3, b"hello")  # any stream, so that the session exists
-    await asyncio.sleep(0.05)
-    s = mux["sessions"][-1]
-    st = s.open_stream()
-    st.writer.write(b"a" * (3 * m.WINDOW))
-    assert len(await peer.read_stream(2, m.WINDOW)) == m.WINDOW  # the first window
-    blob = b"".join(m.header(m.WNDINC, 0, 2, 4) + U32.pack(8192) for _ in range(16))
-    peer.w.write(blob + m.header(m.WNDINC, 0, 99, 4) + U32.pack(1))  # and an unknown stream
-    assert await peer.read_stream(2, 16 * 8192) == b"a" * (16 * 8192)
-    with pytest.raises(TimeoutError):  # nothing past the credit
-        await peer.frame_of(m.DATA, 2, timeout=0.3)
-    st2 = s.open_stream()
-    st2.writer.write(b"b" * 10)
-    assert await peer.read_stream(4, 10) == b"b" * 10
-    peer.w.write((m.header(m.WNDINC, 0, 4, 4) + U32.pack(2**30)) * 2)  # past 2^31 together
-    _, _, sid, body = await peer.frame_of(m.RST)
-    assert (sid, U32.unpack(body)[0]) == (4, m.FLOW_CONTROL_ERROR)
-    peer.send(m.WNDINC, 0, 2, U32.pack(100))  # the session and stream 2 go on
-    assert await peer.read_stream(2, 100) == b"a" * 100
+def test_a_frame_that_comes_in_small_pieces_is_copied_at_most_once(tmp_path, monkeypatch):
+    """A peer that sends a large frame a TLS record of 1,000 bytes at a time (each
+    read by the edge on its own) costs the session one copy of that frame, not one
+    copy of all of it so far per read."""
+    copied: list[int] = []
+    renew = m._Intake._renew
+
+    def counting(self, want):
+        copied.append(self.end - self.start)
+        return renew(self, want)
+
+    monkeypatch.setattr(m._Intake, "_renew", counting)
+    body = os.urandom(m.WINDOW - 8)
+
+    async def test(peer: Peer, sessions: list, held: list) -> None:
+        peer.send(m.DATA, m.SYN, 3, b"start")
+        await peer.w.drain()
+        for _ in range(200):
+            if held:
+                break
+            await asyncio.sleep(0.01)
+        await peer.send_cut(m.header(m.DATA, 0, 3, len(body)) + body, [1000])
+        assert await asyncio.wait_for(held[0].reader.readexactly(5 + len(body)), 5) == b"start" + body
+
+    _on_tls(tmp_path, test)
+    assert sum(copied) <= len(body) + 8, copied
