@@ -956,7 +956,7 @@ class _Intake(asyncio.BufferedProtocol):
             keep = self.end - self.start
             # (a partial frame that fits stays: moving it on every read of a frame
             # that comes in small pieces would copy it over and over)
-            if not keep or free < self._rest(buf, keep):
+            if not keep or not free or free < self._rest(buf, keep):
                 buf = self._renew(want)
         return memoryview(buf)[self.end :]
 
