@@ -116,10 +116,10 @@ class Forward(asyncio.Protocol):
         self.inner.resume_writing()
 
 
-def body_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    """Whether :func:`body` can relay from ``reader`` to ``writer``: a plain StreamReader
-    of an open connection (any transport with ``set_protocol``, TLS included), and a
-    writer with a live transport."""
+def can_forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Whether :func:`forward` can relay from ``reader`` to ``writer``: a plain
+    StreamReader of an open connection (any transport with ``set_protocol``, TLS
+    included), and a writer with a live transport."""
     transport = getattr(reader, "_transport", None)
     out = getattr(writer, "transport", None)
     return (

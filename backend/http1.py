@@ -630,7 +630,7 @@ async def relay_body(
             writer.write(prefix + chunk if prefix else chunk)
             await drain(writer, write_timeout)
             return left
-        if read_timeout is None and left >= DIRECT_MIN and direct.body_ok(reader, writer):
+        if read_timeout is None and left >= DIRECT_MIN and direct.can_forward(reader, writer):
             # e.g. a response from a TLS data connection: handed to the writer as the
             # connection decrypts it (one copy instead of two, no task step per read)
             missing = await direct.body(reader, writer, left, prefix, tee, lambda w: drain(w, write_timeout))

@@ -53,18 +53,14 @@ def _half_close(writer: asyncio.StreamWriter) -> None:
 
 
 def _direct_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    """Whether ``reader``'s socket can hand its reads straight to ``writer``: a plain
-    StreamReader on a plain socket transport, and a writer whose transport keeps the
-    bytes it is given without copying them (a muxado stream's)."""
-    transport = getattr(reader, "_transport", None)
+    """Whether ``reader``'s socket can hand its reads straight to ``writer``: what
+    :func:`direct.can_forward` asks, on a plain socket transport, and a writer whose
+    transport keeps the bytes it is given without copying them (a muxado stream's)."""
     return (
-        type(reader) is asyncio.StreamReader
-        and getattr(writer.transport, "keeps_written_bytes", False)
-        and transport is not None
-        and transport.get_extra_info("ssl_object") is None
-        and transport.get_extra_info("socket") is not None
-        and isinstance(transport.get_protocol(), asyncio.StreamReaderProtocol)
-        and reader.exception() is None
+        getattr(writer.transport, "keeps_written_bytes", False)
+        and direct.can_forward(reader, writer)
+        and reader._transport.get_extra_info("ssl_object") is None  # type: ignore[attr-defined]
+        and reader._transport.get_extra_info("socket") is not None  # type: ignore[attr-defined]
     )
 
 

@@ -716,16 +716,17 @@ class MuxSession:
         reader.feed_data = self._feed  # type: ignore[method-assign]
         reader.feed_eof = self._feed_eof  # type: ignore[method-assign]
         reader.set_exception = self._feed_error  # type: ignore[method-assign]
+        if held:
+            self._feed(held)
         transport = reader._transport  # type: ignore[attr-defined]
         inner = transport.get_protocol() if transport is not None else None
         if isinstance(inner, asyncio.StreamReaderProtocol):
-            # reads land in the session's own buffers (see _Intake); the reader's
-            # protocol still sees the connection's end and its write flow control
+            # reads land in the session's own buffers (see _Intake), after the partial
+            # frame ``held`` may have left; the reader's protocol still sees the
+            # connection's end and its write flow control
             transport.set_protocol(_Intake(self, inner))
         reader._maybe_resume_transport()  # the reader may have paused the connection
         try:
-            if held:
-                self._feed(held)
             if reader._exception is not None:
                 self._feed_error(reader._exception)
             if reader._eof:
@@ -940,17 +941,15 @@ class _Intake(asyncio.BufferedProtocol):
     def __init__(self, session: MuxSession, inner: asyncio.StreamReaderProtocol) -> None:
         self.session = session
         self.inner = inner
-        self.buf: bytearray | None = None
+        # the first buffer: the partial frame the session read before (its own from now on)
+        self.buf, session._pending = session._pending, bytearray()
         self.start = 0  # the first byte not parsed yet
-        self.end = 0  # the end of what was read
+        self.end = len(self.buf)  # the end of what was read
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # uvloop's TLS hints at the bytes it holds (+256), libuv at 64 KiB, asyncio -1
         want = READ_CHUNK if sizehint <= 0 else min(max(sizehint, 4096), READ_CHUNK)
         buf = self.buf
-        if buf is None:  # the first read: after what the session had read before it
-            buf, self.session._pending = self.session._pending, bytearray()
-            self.buf, self.start, self.end = buf, 0, len(buf)
         free = len(buf) - self.end
         if free < want:
             keep = self.end - self.start
@@ -972,7 +971,6 @@ class _Intake(asyncio.BufferedProtocol):
         """A new buffer: the bytes not parsed yet (part of a frame), then room for
         ``want`` more and for the rest of that frame."""
         old, keep = self.buf, self.end - self.start
-        assert old is not None
         room = max(want, self._rest(old, keep)) if keep else want
         buf = bytearray(keep + room)
         if keep:
@@ -981,10 +979,8 @@ class _Intake(asyncio.BufferedProtocol):
         return buf
 
     def buffer_updated(self, nbytes: int) -> None:
-        buf = self.buf
-        assert buf is not None
         self.end += nbytes
-        self.start += self.session._feed_read(memoryview(buf)[self.start : self.end])
+        self.start += self.session._feed_read(memoryview(self.buf)[self.start : self.end])
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received()
