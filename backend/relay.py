@@ -10,6 +10,9 @@ from backend import direct, splice, tlsrelay
 from backend.http1 import drain, read_some
 
 BLOCK = 256 * 1024
+# how a copy learns that one of its connections is gone: WriteTimeout is an OSError, and
+# uvloop's write() to a closed connection raises RuntimeError ("the handler is closed")
+_GONE = (ConnectionError, OSError, RuntimeError)
 
 
 def tune(writer: asyncio.StreamWriter) -> None:
@@ -34,7 +37,7 @@ async def pipe(
             total += len(chunk)
             writer.write(chunk)
             await drain(writer, stall_timeout)
-    except (ConnectionError, OSError):  # WriteTimeout is an OSError
+    except _GONE:
         pass
     finally:
         _half_close(writer)
@@ -76,7 +79,7 @@ async def _direct_pipe(
     try:
         await direct.forward(reader, writer, fwd, lambda w: drain(w, stall_timeout))
         await drain(writer, stall_timeout)
-    except (ConnectionError, OSError):  # WriteTimeout is an OSError
+    except _GONE:
         pass
     finally:
         _half_close(writer)

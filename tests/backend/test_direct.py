@@ -234,3 +234,23 @@ def test_a_writer_that_leaves_ends_the_relay_while_the_source_is_silent(used: li
 
     _run(main)
     assert used == [1 << 20]
+
+
+def test_a_pipe_whose_writer_is_gone_ends_quietly() -> None:
+    """``relay.pipe`` (the StreamReader loop, as for an agent's answer to a public TCP
+    client) into a connection that is already closed: uvloop's ``write()`` raises
+    RuntimeError there, and the copy ends like for any other lost connection, instead
+    of failing its task (a public client that resets mid-upload, then the app's answer)."""
+    from backend import relay
+
+    async def main() -> None:
+        src, far_w = await _pair(None)
+        sink, _far = await _sink()
+        sink.close()
+        await sink.wait_closed()
+        far_w.write(b"answer" * 1000)
+        await far_w.drain()
+        far_w.close()
+        assert await asyncio.wait_for(relay.pipe(src, sink), 10) == 6000
+
+    _run(main)
