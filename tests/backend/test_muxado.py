@@ -439,3 +439,45 @@ def test_a_frame_that_comes_in_small_pieces_is_copied_at_most_once(tmp_path, mon
 
     _on_tls(tmp_path, test)
     assert sum(copied) <= len(body) + 8, copied
+
+
+@pytest.mark.skipif(not m.QUICKACK, reason="TCP_QUICKACK is Linux's")
+async def test_quickack_only_for_reads_that_nothing_answers_in_the_same_pass(mux):
+    """A read is acknowledged at once (TCP_QUICKACK: the SDK's small writes would wait
+    out the delayed ACK) unless the edge writes in the same loop pass, whose segments
+    carry the ACK: the SDK's credits during an upload, answered with DATA, cost no
+    setsockopt each."""
+    peer = await mux["connect"](mode="hold")
+    peer.send(m.DATA, m.SYN, 3, b"start")
+    await peer.w.drain()
+    for _ in range(200):
+        if mux["held"]:
+            break
+        await asyncio.sleep(0.01)
+    st = mux["held"][0]
+    assert await asyncio.wait_for(st.reader.readexactly(5), 5) == b"start"
+    session = mux["sessions"][0]
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        def setsockopt(self, *args) -> None:
+            self.calls.append(args)
+
+        def close(self) -> None:
+            pass
+
+    rec = Recorder()
+    session._sock = rec
+    st.writer.write(os.urandom(m.WINDOW + 1000))  # the window takes all but 1000 bytes
+    assert len(await peer.read_stream(3, m.WINDOW)) == m.WINDOW
+    rec.calls.clear()
+    peer.send(m.WNDINC, 0, 3, U32.pack(1000))  # answered with the last 1000 bytes
+    await peer.w.drain()
+    assert len(await peer.read_stream(3, 1000)) == 1000
+    assert rec.calls == []
+    peer.send(m.DATA, 0, 3, b"ping")  # nothing answers it
+    await peer.w.drain()
+    assert await asyncio.wait_for(st.reader.readexactly(4), 5) == b"ping"
+    assert rec.calls == [(socket.IPPROTO_TCP, m.QUICKACK, 1)]
