@@ -330,6 +330,38 @@ def setup_splice2(reg: Registry, nginx: int, iperf: int) -> Route:
     )
 
 
+def setup_socat2(reg: Registry, nginx: int, iperf: int, tls: bool) -> Route:
+    """Two chained socat relays (C, a process per connection): client -> hop 1 ->
+    hop 2 -> upstream, the shape of client -> edge -> agent -> upstream with no HTTP
+    and no capture; with ``tls``, the middle leg is TLS (OpenSSL, as burrow's
+    ``--data-tls``): the floors of the two data paths for a two-hop relay in C."""
+    pem = reg.tmp / "socat-tls.pem"
+    if tls and not pem.exists():
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=127.0.0.1", "-keyout", str(pem), "-out", str(pem)],
+            check=True, capture_output=True,
+        )
+    key = "socat2-tls" if tls else "socat2"
+
+    def chain(target: int, name: str) -> int:
+        first, middle = bl.free_port(), bl.free_port()
+        if tls:
+            listen2 = f"OPENSSL-LISTEN:{middle},bind={LOCAL},cert={pem},verify=0,reuseaddr,fork,backlog=1024,nodelay"
+            connect1 = f"OPENSSL:{LOCAL}:{middle},verify=0,nodelay"
+        else:
+            listen2 = f"TCP4-LISTEN:{middle},bind={LOCAL},reuseaddr,fork,backlog=1024,nodelay"
+            connect1 = f"TCP4:{LOCAL}:{middle},nodelay"
+        second = reg.popen(["socat", "-b65536", listen2, f"TCP4:{LOCAL}:{target},nodelay"], f"{key}-{name}-2")
+        bl.wait_port(middle, second)
+        listen1 = f"TCP4-LISTEN:{first},bind={LOCAL},reuseaddr,fork,backlog=1024,nodelay"
+        bl.wait_port(first, reg.popen(["socat", "-b65536", listen1, connect1], f"{key}-{name}-1"))
+        return first
+
+    label = "two chained socat relays" + (", TLS between them" if tls else "") + " (two hops, bytes only)"
+    return Route(key, label, chain(nginx, "http"), None, chain(iperf, "tcp"))
+
+
 def setup_burrow(
     reg: Registry, nginx: int, iperf: int, which: list[str], base: Path | None = None
 ) -> list[Route]:
@@ -452,6 +484,8 @@ ALL_PATHS = [
     "socat",
     "relay",
     "splice2",
+    "socat2",  # two chained socat relays: the two-hop floor in C
+    "socat2-tls",  # the same with TLS between the hops (as --data-tls)
     "burrow",
     "burrow-nocap",
     "burrow-tls",
@@ -675,6 +709,27 @@ def goals18(stats: dict[str, Stats]) -> str:
                 f"- --data-tls added latency at one connection ≤ 150 µs: "
                 f"**{'met' if added <= 150 else 'NOT met'}** ({added:,.0f} µs)"
             )
+    floors = []
+    s2, s2t = stats.get("socat2"), stats.get("socat2-tls")
+
+    def floor(text: str, v: float | None, ref: float | None) -> None:
+        if v is not None and ref:
+            floors.append(f"- {text}: {v:,.0f} / {ref:,.0f} = {v / ref:.2f}×")
+
+    if s2 is not None and ssh is not None:
+        floor("socat2 small req/s vs ssh -R (goal for burrow: 1.3×)", med(s2.small_rps), med(ssh.small_rps))
+    if s2 is not None and b is not None:
+        floor("burrow small req/s vs socat2", med(b.small_rps), med(s2.small_rps))
+    if s2t is not None and b is not None:
+        floor("socat2-tls 1 MiB GET vs burrow's plain path (goal for burrow-tls: 0.8×)", med(s2t.big_mbps), med(b.big_mbps))
+    if s2t is not None and s2 is not None:
+        floor("socat2-tls small req/s vs socat2", med(s2t.small_rps), med(s2.small_rps))
+        floor("socat2-tls 1 MiB GET vs socat2", med(s2t.big_mbps), med(s2.big_mbps))
+    if s2t is not None and tls is not None:
+        floor("burrow-tls 1 MiB GET vs socat2-tls", med(tls.big_mbps), med(s2t.big_mbps))
+        floor("burrow-tls TCP vs socat2-tls", med(tls.tcp_mbps), med(s2t.tcp_mbps))
+    if floors:
+        out += ["", "The same shapes in C (two chained socat relays, plain and with TLS between them; no HTTP, no capture):", "", *floors]
     return "\n".join(["Goals of issue 18 (capture on):", "", *out]) if out else ""
 
 
@@ -891,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
     mitmdump = None
     if not args.no_install:
         need = ["nginx", "wrk", "iperf3"]
-        if "socat" in paths:
+        if any(p.startswith("socat") for p in paths):
             need.append("socat")
         if "ssh" in paths:
             need += ["sshd", "ssh", "ssh-keygen"]
@@ -913,6 +968,8 @@ def main(argv: list[str] | None = None) -> int:
             "mitm": lambda: [setup_mitm(reg, nginx, mitmdump)],
             "relay": lambda: [setup_relay(reg, nginx, iperf)],
             "splice2": lambda: [setup_splice2(reg, nginx, iperf)],
+            "socat2": lambda: [setup_socat2(reg, nginx, iperf, tls=False)],
+            "socat2-tls": lambda: [setup_socat2(reg, nginx, iperf, tls=True)],
         }
         for p in paths:
             if p in setups:
