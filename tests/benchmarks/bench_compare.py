@@ -335,13 +335,7 @@ def setup_socat2(reg: Registry, nginx: int, iperf: int, tls: bool) -> Route:
     hop 2 -> upstream, the shape of client -> edge -> agent -> upstream with no HTTP
     and no capture; with ``tls``, the middle leg is TLS (OpenSSL, as burrow's
     ``--data-tls``): the floors of the two data paths for a two-hop relay in C."""
-    pem = reg.tmp / "socat-tls.pem"
-    if tls and not pem.exists():
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=127.0.0.1", "-keyout", str(pem), "-out", str(pem)],
-            check=True, capture_output=True,
-        )
+    pem = _self_signed(reg) if tls else None
     key = "socat2-tls" if tls else "socat2"
 
     def chain(target: int, name: str) -> int:
@@ -360,6 +354,67 @@ def setup_socat2(reg: Registry, nginx: int, iperf: int, tls: bool) -> Route:
 
     label = "two chained socat relays" + (", TLS between them" if tls else "") + " (two hops, bytes only)"
     return Route(key, label, chain(nginx, "http"), None, chain(iperf, "tcp"))
+
+
+NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")  # Debian's
+NGINX_STREAM_CONF = """\
+load_module {module};
+daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 16384;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}-error.log warn;
+events {{ worker_connections 8192; multi_accept on; }}
+stream {{
+{servers}
+}}
+"""
+
+
+def _self_signed(reg: Registry) -> Path:
+    """A self-signed certificate and key for 127.0.0.1, in one PEM file."""
+    pem = reg.tmp / "relay-tls.pem"
+    if not pem.exists():
+        cmd = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1"
+        subprocess.run([*cmd.split(), "-keyout", str(pem), "-out", str(pem)], check=True, capture_output=True)
+    return pem
+
+
+def setup_nginx2(reg: Registry, nginx: int, iperf: int, tls: bool) -> Route:
+    """Two chained nginx ``stream`` proxies, each one process (``master_process off``,
+    one worker), as burrow's edge and agent are; with ``tls``, the middle leg is TLS
+    (``proxy_ssl``, sessions reused).  Event-driven C: the floor the socat chain gives
+    with a process per connection, without forks."""
+    module = NGINX_STREAM_MODULE
+    if not module.exists():
+        raise SystemExit("the nginx2 paths need nginx's stream module (apt-get install libnginx-mod-stream)")
+    pem = _self_signed(reg) if tls else None
+    key = "nginx2-tls" if tls else "nginx2"
+    first = {"http": bl.free_port(), "tcp": bl.free_port()}
+    middle = {"http": bl.free_port(), "tcp": bl.free_port()}
+    target = {"http": nginx, "tcp": iperf}
+    opts = "proxy_buffer_size 64k; tcp_nodelay on;"
+    hop2 = "\n".join(
+        f"  server {{ listen {LOCAL}:{middle[k]}{' ssl' if tls else ''} backlog=1024; {opts}"
+        + (f" ssl_certificate {pem}; ssl_certificate_key {pem};" if tls else "")
+        + f" proxy_pass {LOCAL}:{target[k]}; }}"
+        for k in first
+    )
+    hop1 = "\n".join(
+        f"  server {{ listen {LOCAL}:{first[k]} backlog=1024; {opts}"
+        + (" proxy_ssl on; proxy_ssl_session_reuse on;" if tls else "")
+        + f" proxy_pass {LOCAL}:{middle[k]}; }}"
+        for k in first
+    )
+    for name, servers, ports in ((f"{key}-2", hop2, middle), (f"{key}-1", hop1, first)):
+        conf = reg.tmp / f"{name}.conf"
+        conf.write_text(NGINX_STREAM_CONF.format(module=module, tmp=reg.tmp, name=name, servers=servers))
+        proc = reg.popen(["nginx", "-c", str(conf), "-p", str(reg.tmp), "-e", str(reg.tmp / f"{name}-error.log")], name)
+        for port in ports.values():
+            bl.wait_port(port, proc)
+    label = "two chained nginx stream proxies" + (", TLS between them" if tls else "") + " (two hops, bytes only)"
+    return Route(key, label, first["http"], None, first["tcp"])
 
 
 def setup_burrow(
@@ -486,6 +541,8 @@ ALL_PATHS = [
     "splice2",
     "socat2",  # two chained socat relays: the two-hop floor in C
     "socat2-tls",  # the same with TLS between the hops (as --data-tls)
+    "nginx2",  # two chained nginx stream proxies: the two-hop floor in event-driven C
+    "nginx2-tls",  # the same with TLS between them
     "burrow",
     "burrow-nocap",
     "burrow-tls",
@@ -710,26 +767,27 @@ def goals18(stats: dict[str, Stats]) -> str:
                 f"**{'met' if added <= 150 else 'NOT met'}** ({added:,.0f} µs)"
             )
     floors = []
-    s2, s2t = stats.get("socat2"), stats.get("socat2-tls")
 
     def floor(text: str, v: float | None, ref: float | None) -> None:
         if v is not None and ref:
             floors.append(f"- {text}: {v:,.0f} / {ref:,.0f} = {v / ref:.2f}×")
 
-    if s2 is not None and ssh is not None:
-        floor("socat2 small req/s vs ssh -R (goal for burrow: 1.3×)", med(s2.small_rps), med(ssh.small_rps))
-    if s2 is not None and b is not None:
-        floor("burrow small req/s vs socat2", med(b.small_rps), med(s2.small_rps))
-    if s2t is not None and b is not None:
-        floor("socat2-tls 1 MiB GET vs burrow's plain path (goal for burrow-tls: 0.8×)", med(s2t.big_mbps), med(b.big_mbps))
-    if s2t is not None and s2 is not None:
-        floor("socat2-tls small req/s vs socat2", med(s2t.small_rps), med(s2.small_rps))
-        floor("socat2-tls 1 MiB GET vs socat2", med(s2t.big_mbps), med(s2.big_mbps))
-    if s2t is not None and tls is not None:
-        floor("burrow-tls 1 MiB GET vs socat2-tls", med(tls.big_mbps), med(s2t.big_mbps))
-        floor("burrow-tls TCP vs socat2-tls", med(tls.tcp_mbps), med(s2t.tcp_mbps))
+    for plain_key in ("socat2", "nginx2"):
+        c, ct, tk = stats.get(plain_key), stats.get(f"{plain_key}-tls"), f"{plain_key}-tls"
+        if c is not None and ssh is not None:
+            floor(f"{plain_key} small req/s vs ssh -R (goal for burrow: 1.3×)", med(c.small_rps), med(ssh.small_rps))
+        if c is not None and b is not None:
+            floor(f"burrow small req/s vs {plain_key}", med(b.small_rps), med(c.small_rps))
+        if ct is not None and b is not None:
+            floor(f"{tk} 1 MiB GET vs burrow's plain path (goal for burrow-tls: 0.8×)", med(ct.big_mbps), med(b.big_mbps))
+        if ct is not None and c is not None:
+            floor(f"{tk} small req/s vs {plain_key} (goal for burrow-tls vs burrow: 0.9×)", med(ct.small_rps), med(c.small_rps))
+            floor(f"{tk} 1 MiB GET vs {plain_key}", med(ct.big_mbps), med(c.big_mbps))
+        if ct is not None and tls is not None:
+            floor(f"burrow-tls 1 MiB GET vs {tk}", med(tls.big_mbps), med(ct.big_mbps))
+            floor(f"burrow-tls TCP vs {tk}", med(tls.tcp_mbps), med(ct.tcp_mbps))
     if floors:
-        out += ["", "The same shapes in C (two chained socat relays, plain and with TLS between them; no HTTP, no capture):", "", *floors]
+        out += ["", "The same shape in C (two chained relays, plain and with TLS between them; bytes only, no HTTP, no capture):", "", *floors]
     return "\n".join(["Goals of issue 18 (capture on):", "", *out]) if out else ""
 
 
@@ -951,6 +1009,8 @@ def main(argv: list[str] | None = None) -> int:
         if "ssh" in paths:
             need += ["sshd", "ssh", "ssh-keygen"]
         bl.ensure_debian(need)
+        if any(p.startswith("nginx2") for p in paths) and not NGINX_STREAM_MODULE.exists():
+            bl._apt_install(["libnginx-mod-stream"])
         if "mitm" in paths:
             mitmdump = bl.ensure_mitmproxy()
     elif "mitm" in paths:
@@ -970,6 +1030,8 @@ def main(argv: list[str] | None = None) -> int:
             "splice2": lambda: [setup_splice2(reg, nginx, iperf)],
             "socat2": lambda: [setup_socat2(reg, nginx, iperf, tls=False)],
             "socat2-tls": lambda: [setup_socat2(reg, nginx, iperf, tls=True)],
+            "nginx2": lambda: [setup_nginx2(reg, nginx, iperf, tls=False)],
+            "nginx2-tls": lambda: [setup_nginx2(reg, nginx, iperf, tls=True)],
         }
         for p in paths:
             if p in setups:
