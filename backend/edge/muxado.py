@@ -534,7 +534,9 @@ class MuxSession:
         self._out: list[bytes | memoryview] = []  # frames to write at the end of this loop pass
         self._out_size = 0
         self._tick_handle: asyncio.Handle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the session runs on
+        # the loop the session runs on (asyncio.get_running_loop() makes a getpid()
+        # syscall on every call)
+        self._loop = asyncio.get_running_loop()
         self._to_flush: dict[_StreamTransport, None] = {}  # credited since the last tick
         self._sinks: dict[_Sink, None] = {}  # body relays given bytes by the current read
         self._waiting: dict[_StreamTransport, None] = {}  # held back by a full connection
@@ -577,11 +579,7 @@ class MuxSession:
 
     def _schedule(self) -> None:
         """Run :meth:`_tick` at the end of this loop pass."""
-        loop = self._loop
-        if loop is None:
-            # (kept: asyncio.get_running_loop() makes a getpid() syscall every call)
-            loop = self._loop = asyncio.get_running_loop()
-        self._tick_handle = loop.call_soon(self._tick)
+        self._tick_handle = self._loop.call_soon(self._tick)
 
     def sink_later(self, k: _Sink) -> None:
         """Write ``k``'s bytes once the current read is parsed."""
@@ -715,7 +713,7 @@ class MuxSession:
         dispatched at once; a partial frame waits for the next chunk.  The connection is
         never paused for reading: streams are bounded by their windows and the session
         by ``max_buffered``."""
-        loop = self._loop = asyncio.get_running_loop()
+        loop = self._loop
         self.last_frame = loop.time()
         self._pending = bytearray(first)
         self._ended = loop.create_future()
@@ -782,7 +780,7 @@ class MuxSession:
                     k.flush()
             if used:
                 self._quickack()
-                self.last_frame = self._loop.time()  # type: ignore[union-attr]
+                self.last_frame = self._loop.time()
             return used
         except Exception as exc:  # a bad frame (MuxError) or a bug: the session ends
             self._feed_error(exc)

@@ -441,7 +441,6 @@ def test_a_frame_that_comes_in_small_pieces_is_copied_at_most_once(tmp_path, mon
     assert sum(copied) <= len(body) + 8, copied
 
 
-@pytest.mark.skipif(not m.QUICKACK, reason="TCP_QUICKACK is Linux's")
 async def test_quickack_only_for_reads_that_nothing_answers_in_the_same_pass(mux):
     """A read is acknowledged at once (TCP_QUICKACK: the SDK's small writes would wait
     out the delayed ACK) unless the edge writes in the same loop pass, whose segments
